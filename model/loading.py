@@ -1,0 +1,154 @@
+"""Loading an IDEFICS v1 checkpoint (model + processor) from the hub or a directory, with readable errors."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from model.service import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT = "HuggingFaceM4/idefics-9b-instruct"
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+
+_TRY_LOCALLY = (
+    "To try the bot without the real weights, write a tiny random checkpoint and use it: "
+    "`idefics-bot tiny-checkpoint ./tiny-idefics && idefics-bot chat --model ./tiny-idefics`."
+)
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """Where the weights come from and how they are laid out in memory."""
+
+    checkpoint: str = DEFAULT_CHECKPOINT
+    dtype: str = "auto"  # auto: bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU
+    quantization: str = "none"  # 8bit / 4bit through bitsandbytes
+    device_map: str | None = None  # None: "auto" with a GPU, the CPU otherwise
+
+
+def resolve_dtype(name: str):
+    """The torch dtype for a config name; "auto" picks what the device runs well."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _check_available(checkpoint: str) -> None:
+    """Fail fast, before transformers spends half a minute retrying an unreachable hub."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"The model directory {path} has no config.json, so it is not a saved checkpoint. "
+                "Point [model] checkpoint (or --model) at a directory written by save_pretrained, or at a hub id "
+                f"such as {DEFAULT_CHECKPOINT}. {_TRY_LOCALLY}"
+            )
+        return
+    if checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") > 1:  # hub ids are "name" or "org/name"
+        raise ModelLoadError(
+            f"The model directory {checkpoint} does not exist. Check [model] checkpoint (or --model). {_TRY_LOCALLY}"
+        )
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(checkpoint, "config.json")
+    if isinstance(cached, str):
+        return
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"Could not load the model {checkpoint}: it is not in the local Hugging Face cache and the hub cannot be "
+            "reached from here (no network, or HF_HUB_OFFLINE is set). Download it where there is network "
+            f"(`huggingface-cli download {checkpoint}`) and copy the cache, or point [model] checkpoint at a local "
+            f"directory. {_TRY_LOCALLY}"
+        )
+
+
+def _quantization_config(quantization: str, dtype):
+    if quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"quantization = \"{quantization}\" needs the bitsandbytes package, which is not installed "
+            "(pip install bitsandbytes), or set [model] quantization = \"none\"."
+        ) from exc
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+
+
+def load_checkpoint(settings: CheckpointSettings):
+    """Load `(model, processor)` or raise `ModelLoadError` explaining what failed and what to do."""
+    import torch
+    from transformers import AutoConfig, AutoProcessor, IdeficsForVisionText2Text
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # our logs are one line per event
+    checkpoint = settings.checkpoint
+    _check_available(checkpoint)
+    try:
+        config = AutoConfig.from_pretrained(checkpoint)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"Could not read the configuration of {checkpoint}: {_first_line(exc)}. Check the hub id or directory "
+            f"in [model] checkpoint. {_TRY_LOCALLY}"
+        ) from exc
+    if config.model_type != "idefics":
+        raise ModelLoadError(
+            f"{checkpoint} is a '{config.model_type}' model, not IDEFICS v1. idefics-bot runs IDEFICS checkpoints "
+            f"such as {DEFAULT_CHECKPOINT} or HuggingFaceM4/idefics-80b-instruct."
+        )
+    dtype = resolve_dtype(settings.dtype)
+    device_map = settings.device_map or ("auto" if torch.cuda.is_available() else "cpu")
+    kwargs = {"dtype": dtype, "device_map": device_map}
+    quantization = _quantization_config(settings.quantization, dtype)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    try:
+        processor = AutoProcessor.from_pretrained(checkpoint)
+        model = IdeficsForVisionText2Text.from_pretrained(checkpoint, **kwargs)
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:
+        raise ModelLoadError(
+            f"Loading {checkpoint} (dtype {str(dtype).removeprefix('torch.')}, quantization {settings.quantization}, "
+            f"device_map {device_map}) failed: {_first_line(exc)}. Check that the checkpoint is complete and that "
+            "the device has room for it (4-bit quantization needs about 7 GB for the 9B model)."
+        ) from exc
+    if processor.tokenizer.padding_side != "left":
+        processor.tokenizer.padding_side = "left"  # batched generation is only correct with left padding
+    model.eval()
+    log.info(
+        "model.loaded",
+        extra={"checkpoint": checkpoint, "dtype": str(dtype), "quantization": settings.quantization, "device": str(model.device)},
+    )
+    return model, processor
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0].rstrip(".")

@@ -1,0 +1,172 @@
+"""The model service interface: what the bot asks of any backend, in platform- and library-free types.
+
+A backend takes a `GenerationRequest` (an interleaved prompt of text and images plus generation
+settings) and streams `Queued`, `Started`, `TextDelta` and finally `Finished` events back. Nothing in
+here knows about transformers, so the bot runs unchanged on the local backend or a remote server.
+"""
+
+from __future__ import annotations
+
+import abc
+import io
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+END_OF_UTTERANCE = "<end_of_utterance>"
+IMAGE_TOKEN = "<image>"
+FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
+SPECIAL_TOKENS = (FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE)
+
+# The reference chat demo stops here too: the model starting the user's next turn by itself.
+USER_TURN_STOP = "\nUser:"
+
+
+@dataclass(frozen=True, eq=False)
+class ModelImage:
+    """An image ready for the model: PNG bytes of an RGB picture, known by its content hash."""
+
+    digest: str
+    data: bytes
+    name: str = "image.png"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ModelImage) and other.digest == self.digest
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def open(self) -> Image.Image:
+        """Decode to a PIL image (RGB)."""
+        image = Image.open(io.BytesIO(self.data))
+        image.load()
+        return image.convert("RGB")
+
+
+PromptItem = str | ModelImage
+Prompt = Sequence[PromptItem]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Decoding settings; the defaults are those of the IDEFICS reference chat demo."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 0.4
+    top_p: float = 0.8
+    repetition_penalty: float = 1.0
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one `generate` call (max_new_tokens may differ per row)."""
+        if not self.do_sample:
+            return (False, self.repetition_penalty)
+        return (True, self.temperature, self.top_p, self.repetition_penalty)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to complete. Time limits are in seconds; None means no limit."""
+
+    prompt: Prompt
+    params: GenerationParams = field(default_factory=GenerationParams)
+    stop_strings: tuple[str, ...] = (USER_TURN_STOP,)
+    queue_timeout: float | None = None
+    timeout: float | None = None
+    label: str = ""  # for logs only: which conversation asked
+
+
+@dataclass(frozen=True)
+class Queued:
+    """The request waits; `position` 1 means it goes into the next batch."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class Started:
+    """The request is in a batch that is generating now."""
+
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New reply text; the deltas of a request add up to its `Finished.text`."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The reply is complete. `reason` is "stop" (end of utterance or stop string) or "length"."""
+
+    text: str
+    reason: str
+    tokens: int
+
+
+StreamEvent = Queued | Started | TextDelta | Finished
+
+
+class ModelError(Exception):
+    """A request could not be answered; `str(error)` is fit to show to the person who asked."""
+
+
+class ModelBusy(ModelError):
+    """The queue is full; try again in a moment."""
+
+
+class ModelTimeout(ModelError):
+    """The request ran past its queue or generation time limit."""
+
+
+class GenerationFailed(ModelError):
+    """The model raised while working on this request (the other requests of its batch go on)."""
+
+
+class ModelUnavailable(ModelError):
+    """The service is not running (not started, or shutting down)."""
+
+
+class ModelLoadError(Exception):
+    """The checkpoint could not be loaded; the message is one paragraph saying what failed and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the bot needs to know about the model behind a service."""
+
+    name: str
+    context_tokens: int = 2048
+
+
+class ModelService(abc.ABC):
+    """An async model service. Implementations: `model.local.LocalBackend` (in-process IDEFICS)."""
+
+    info: ModelInfo
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load or connect; raises `ModelLoadError` with a readable message when that fails."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop taking requests, end the ones in flight, release the model."""
+
+    @abc.abstractmethod
+    async def count_tokens(self, prompt: Prompt) -> int:
+        """How many tokens `prompt` takes in the model's context, counted with the real tokenizer."""
+
+    @abc.abstractmethod
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """Submit `request` and yield its events. Leaving the iteration early (or cancelling the task
+        that iterates) cancels the request and frees its place. Raises a `ModelError` on failure."""
+
+    async def generate(self, request: GenerationRequest) -> Finished:
+        """Run `request` to the end and return the finished reply."""
+        async for event in self.stream(request):
+            if isinstance(event, Finished):
+                return event
+        raise GenerationFailed("The model ended without a reply.")
