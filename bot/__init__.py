@@ -1,0 +1,1 @@
+"""The platform-free core of idefics-bot: configuration, conversations, images, state, the engine, the CLI."""

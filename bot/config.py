@@ -1,0 +1,243 @@
+"""Configuration: one TOML file (see config.example.toml), validated at start-up.
+
+Every section is a pydantic model that forbids unknown keys, so a typo is reported with the key's
+name instead of being ignored. Secrets may come from the environment and are kept as `SecretStr`,
+which never prints its value.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from model.loading import DEFAULT_CHECKPOINT
+
+DEFAULT_CONFIG_PATH = Path("config.toml")
+
+# The opening of the IDEFICS reference chat demo's system prompt (without its example turns, whose
+# images live on the web).
+DEFAULT_SYSTEM_PROMPT = (
+    "The following is a conversation between a highly knowledgeable and intelligent visual AI assistant, called "
+    "Assistant, and a human user, called User. In the following interactions, User and Assistant will converse in "
+    "natural language, and Assistant will do its best to answer User’s questions. Assistant has the ability to "
+    "perceive images and reason about the content of visual inputs. Assistant was built to be respectful, polite "
+    "and inclusive. It knows a lot, and always tells the truth. When prompted with an image, it does not make up "
+    "facts.\nThe conversation begins:"
+)
+
+MiB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """The configuration can't be used; the message names the file, the key and the problem."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    backend: Literal["local"] = "local"
+    checkpoint: str = DEFAULT_CHECKPOINT
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    device_map: str | None = None
+    max_batch_size: int = Field(8, ge=1, le=128)
+    max_wait_ms: float = Field(20.0, ge=0, le=5000)
+    max_queue: int = Field(64, ge=1)
+    queue_timeout_s: float = Field(120.0, gt=0)
+    generation_timeout_s: float = Field(300.0, gt=0)
+
+
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(512, ge=1, le=2000)
+    do_sample: bool = False
+    temperature: float = Field(0.4, gt=0, le=5)
+    top_p: float = Field(0.8, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+
+
+class ConversationConfig(Section):
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_images: int = Field(8, ge=1, le=64)  # images in one model input, history included
+
+
+class FewShotExample(Section):
+    image: Path
+    text: str
+
+
+TaskName = Literal["caption", "prompted_caption", "vqa", "classify", "story", "few_shot", "chat"]
+
+
+class TasksConfig(Section):
+    few_shot: list[FewShotExample] = []
+    max_new_tokens: dict[TaskName, int] = {}
+
+
+class ImagesConfig(Section):
+    max_bytes: int = Field(20 * MiB, ge=1024)
+    max_pixels: int = Field(25_000_000, ge=10_000)
+    max_per_turn: int = Field(4, ge=1, le=32)
+    max_aspect_ratio: float = Field(20.0, ge=1)
+    fetch_links: bool = True  # treat image links in a message's text as images of the turn
+    connect_timeout_s: float = Field(5.0, gt=0)
+    fetch_timeout_s: float = Field(20.0, gt=0)
+    allow_private_addresses: bool = False
+    allowed_hosts: list[str] = []  # addresses or names fetched even when private (e.g. "127.0.0.1" in tests)
+
+
+class StateConfig(Section):
+    path: Path = Path("state/idefics-bot.sqlite3")
+
+
+class LoggingConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_lines: bool = Field(False, alias="json")
+
+
+class AccessConfig(Section):
+    """Who may talk to the bot; empty allow lists allow everyone, block lists always win."""
+
+    allowed_users: list[str] = []
+    blocked_users: list[str] = []
+    allowed_channels: list[str] = []
+    blocked_channels: list[str] = []
+    allow_dms: bool = True
+    ignore_bots: bool = True
+
+
+class DiscordConfig(AccessConfig):
+    enabled: bool  # left out of the file: on when a token is configured
+    token: SecretStr | None = None
+    allowed_guilds: list[str] = []
+    blocked_guilds: list[str] = []
+    allowed_roles: list[str] = []
+    blocked_roles: list[str] = []
+    reply_in_thread: bool = True
+    refusal_notice: bool = False  # tell refused users so (ephemerally) instead of ignoring them
+    command_guild_ids: list[str] = []
+    api_base_url: str | None = None
+    gateway_url: str | None = None
+
+
+class SlackConfig(AccessConfig):
+    enabled: bool  # left out of the file: on when the tokens its mode needs are configured
+    bot_token: SecretStr | None = None
+    app_token: SecretStr | None = None
+    signing_secret: SecretStr | None = None
+    mode: Literal["socket", "http"] = "socket"
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(3000, ge=1, le=65535)
+    events_path: str = "/slack/events"
+    command: str = "/idefics"
+    api_base_url: str | None = None
+
+
+class TerminalConfig(Section):
+    user_name: str = "you"
+
+
+class BotConfig(Section):
+    shutdown_grace_s: float = Field(30.0, ge=0)  # on SIGTERM, in-flight replies get this long to finish
+
+
+def _slack_secrets(section: dict) -> list[str]:
+    """The secrets Slack needs: the bot token, plus the app token (Socket Mode) or signing secret (HTTP)."""
+    return ["bot_token", "signing_secret" if section.get("mode") == "http" else "app_token"]
+
+
+_SECRETS_FROM_ENV = {
+    ("discord", "token"): "DISCORD_TOKEN",
+    ("slack", "bot_token"): "SLACK_BOT_TOKEN",
+    ("slack", "app_token"): "SLACK_APP_TOKEN",
+    ("slack", "signing_secret"): "SLACK_SIGNING_SECRET",
+}
+
+
+class Config(Section):
+    bot: BotConfig = BotConfig()
+    model: ModelConfig = ModelConfig()
+    generation: GenerationConfig = GenerationConfig()
+    conversation: ConversationConfig = ConversationConfig()
+    tasks: TasksConfig = TasksConfig()
+    images: ImagesConfig = ImagesConfig()
+    state: StateConfig = StateConfig()
+    logging: LoggingConfig = LoggingConfig()
+    discord: DiscordConfig = DiscordConfig(enabled=False)
+    slack: SlackConfig = SlackConfig(enabled=False)
+    terminal: TerminalConfig = TerminalConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _enable_configured_platforms(cls, data: dict) -> dict:
+        """A platform whose `enabled` is not written is on exactly when its secrets are there."""
+        if not isinstance(data, dict):
+            return data
+        for name, needs in (("discord", lambda s: ["token"]), ("slack", _slack_secrets)):
+            section = data.get(name, {})
+            if isinstance(section, dict) and "enabled" not in section:
+                data[name] = {**section, "enabled": all(section.get(key) for key in needs(section))}
+        return data
+
+    @model_validator(mode="after")
+    def _enabled_platforms_have_secrets(self) -> Config:
+        if self.discord.enabled and self.discord.token is None:
+            raise ValueError("[discord] is enabled but has no token: set [discord] token or DISCORD_TOKEN")
+        if self.slack.enabled:
+            for key in _slack_secrets({"mode": self.slack.mode}):
+                if getattr(self.slack, key) is None:
+                    env = _SECRETS_FROM_ENV[("slack", key)]
+                    raise ValueError(f"[slack] is enabled in {self.slack.mode} mode but has no {key}: set [slack] {key} or {env}")
+        return self
+
+    def with_checkpoint(self, checkpoint: str | None) -> Config:
+        """This configuration with `[model] checkpoint` replaced (the CLI's --model)."""
+        if not checkpoint:
+            return self
+        return self.model_copy(update={"model": self.model.model_copy(update={"checkpoint": checkpoint})})
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Read `path` (default: ./config.toml if present, else built-in defaults) and the environment."""
+    environ = os.environ if environ is None else environ
+    if path is None:
+        path = DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+    data: dict = {}
+    source = "built-in defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file. Copy config.example.toml to start one, or leave out --config.") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: can't be read ({exc.strerror}).") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}.") from None
+    for (section, key), env in _SECRETS_FROM_ENV.items():
+        if environ.get(env) and isinstance(data.get(section, {}), dict) and not data.get(section, {}).get(key):
+            data.setdefault(section, {})[key] = environ[env]
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(error) for error in exc.errors())) from None
+
+
+def _describe(error: dict) -> str:
+    location = [str(part) for part in error["loc"]]
+    message = error["msg"].removeprefix("Value error, ")
+    if not location:
+        return message
+    key = f"[{location[0]}] {'.'.join(location[1:])}" if len(location) > 1 else f"[{location[0]}]"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (check its spelling against config.example.toml)"
+    secret = location[-1] in {key for _, key in _SECRETS_FROM_ENV}
+    if "input" in error and error["type"] != "missing" and not isinstance(error["input"], dict) and not secret:
+        return f"{key}: {message} (got {error['input']!r})"
+    return f"{key}: {message}"

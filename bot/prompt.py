@@ -1,0 +1,136 @@
+"""Turning a conversation into the model's input, in IDEFICS' instruct format, within its context.
+
+    User: What is in this image?  <image>  <end_of_utterance>
+    \\nAssistant: A dog running.<end_of_utterance>
+    \\nUser:  <image>  And who is that?<end_of_utterance>
+    \\nAssistant:
+
+Anything a person typed is cleaned first, so it can neither inject image markers nor forge turns.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from bot.conversation import ImageRef, Turn
+from model.service import END_OF_UTTERANCE, SPECIAL_TOKENS
+
+PromptItems = list[str | ImageRef]
+
+_SPECIAL = re.compile("|".join(re.escape(token) for token in SPECIAL_TOKENS))
+# A line that starts like a turn ("Assistant:", "User:") would let a user write the model's lines.
+_FORGED_TURN = re.compile(r"(?im)^([ \t]*)(user|assistant)([ \t]*):")
+_CONTROL = {"Cc", "Cs", "Co"}
+
+
+def clean_text(text: str) -> str:
+    """User text made safe for the prompt: special tokens removed (repeatedly, so that removing one
+    can't assemble another), turn prefixes at line starts defused, control characters dropped."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in _CONTROL)
+    while True:
+        cleaned = _SPECIAL.sub("", text)
+        if cleaned == text:
+            break
+        text = cleaned
+    return _FORGED_TURN.sub(r"\1\2\3 :", text).strip()
+
+
+def clean_name(name: str) -> str:
+    """A display name fit to stand in a user turn: one line, no brackets, at most 40 characters."""
+    name = " ".join(clean_text(name).replace("[", "(").replace("]", ")").split())
+    return name[:40] or "someone"
+
+
+def render(turns: Sequence[Turn], system_prompt: str = "", shared: bool = False) -> PromptItems:
+    """The instruct-format items for `turns`, ending with the cue for the assistant's next reply.
+
+    Text in turns is expected to be cleaned already. In `shared` conversations each user turn
+    starts with the speaker's name in brackets, so the model can tell people apart.
+    """
+    items: PromptItems = []
+    if system_prompt.strip():
+        items.append(system_prompt.strip())
+    for turn in turns:
+        newline = "\n" if items else ""
+        if turn.role == "assistant":
+            items.append(f"{newline}Assistant: {turn.text.strip()}{END_OF_UTTERANCE}")
+            continue
+        label = f"{newline}User:"
+        if shared and turn.author is not None:
+            label += f" [{clean_name(turn.author.name)}]"
+        text = label
+        for part in turn.parts:
+            if isinstance(part, ImageRef):
+                if text:
+                    items.append(text)
+                items.append(part)
+                text = ""
+            elif part.strip():
+                text = f"{text} {part.strip()}" if text else part.strip()
+        items.append(text + END_OF_UTTERANCE)
+    items.append(f"{chr(10) if items else ''}Assistant:")
+    return items
+
+
+class PromptTooLong(Exception):
+    """Even the newest message alone does not fit; the message says so to the person who wrote it."""
+
+
+@dataclass(frozen=True)
+class FittedPrompt:
+    items: PromptItems
+    dropped: int  # oldest turns left out
+    tokens: int
+
+
+async def fit(
+    turns: Sequence[Turn],
+    count_tokens: Callable[[PromptItems], Awaitable[int]],
+    *,
+    context_tokens: int,
+    reserve_tokens: int,
+    max_images: int,
+    system_prompt: str = "",
+    shared: bool = False,
+) -> FittedPrompt:
+    """Render the longest suffix of `turns` that starts at a user turn and fits: at most
+    `context_tokens - reserve_tokens` tokens (the reserve is for the reply) and `max_images` images.
+    Oldest turns go first."""
+    budget = context_tokens - reserve_tokens
+    starts = [i for i, turn in enumerate(turns) if turn.role == "user"]
+    if not starts:
+        raise ValueError("a prompt needs at least one user turn")
+    images_from = [sum(len(turn.images) for turn in turns[i:]) for i in starts]
+    candidates = [i for i, images in zip(starts, images_from) if images <= max_images]
+    if not candidates:
+        raise PromptTooLong(
+            f"Your message has {len(turns[starts[-1]].images)} images; I can look at {max_images} at most. "
+            "Please send fewer."
+        )
+
+    async def measure(start: int) -> tuple[PromptItems, int]:
+        items = render(turns[start:], system_prompt, shared)
+        return items, await count_tokens(items)
+
+    # Dropping more turns never makes the prompt longer, so the first fitting start can be bisected.
+    low, high = 0, len(candidates) - 1
+    items, tokens = await measure(candidates[high])
+    if tokens > budget:
+        raise PromptTooLong(
+            f"Your message is too long for me: it takes about {tokens} tokens and I can read about {budget}. "
+            "Please shorten it."
+        )
+    best = (candidates[high], items, tokens)
+    while low < high:
+        middle = (low + high) // 2
+        items, tokens = await measure(candidates[middle])
+        if tokens <= budget:
+            best, high = (candidates[middle], items, tokens), middle
+        else:
+            low = middle + 1
+    start, items, tokens = best
+    return FittedPrompt(items=items, dropped=start, tokens=tokens)

@@ -1,0 +1,367 @@
+"""Where conversations live between messages and across restarts.
+
+`Store` is the interface; `SQLiteStore` is the default: one SQLite file (WAL, one transaction per
+change, a versioned schema) and the images beside it as PNG files named by their content hash.
+All SQLite and file work runs on one dedicated thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import os
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bot.conversation import Author, ConversationKey, ImageRef, Part, Turn
+from model.service import ModelImage
+
+
+class StoreError(Exception):
+    """The state can't be opened or used; the message names the file and what to do."""
+
+
+class Store(abc.ABC):
+    """Conversations, their turns and images, and the small memories the adapters need."""
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def load_turns(self, key: ConversationKey, limit: int = 200) -> list[Turn]:
+        """The newest `limit` turns of the conversation, oldest first."""
+
+    @abc.abstractmethod
+    async def add_turn(self, key: ConversationKey, turn: Turn) -> Turn:
+        """Append a turn; returns it with its `id`."""
+
+    @abc.abstractmethod
+    async def remove_turn(self, turn_id: int) -> None:
+        """Take back a turn (its message was deleted, or it was never answered)."""
+
+    @abc.abstractmethod
+    async def reset(self, key: ConversationKey) -> int:
+        """Forget a conversation; returns how many turns it had."""
+
+    @abc.abstractmethod
+    async def has_conversation(self, key: ConversationKey) -> bool:
+        """Whether anything was said in this conversation (and not reset)."""
+
+    @abc.abstractmethod
+    async def put_image(self, image: ModelImage) -> ImageRef: ...
+
+    @abc.abstractmethod
+    async def get_image(self, ref: ImageRef) -> ModelImage: ...
+
+    @abc.abstractmethod
+    async def link_message(self, platform: str, message_id: str, key: ConversationKey) -> None:
+        """Remember that a platform message belongs to a conversation (for reply chains)."""
+
+    @abc.abstractmethod
+    async def conversation_of(self, platform: str, message_id: str) -> ConversationKey | None: ...
+
+    @abc.abstractmethod
+    async def claim_event(self, platform: str, event_id: str) -> bool:
+        """True the first time an event id is seen, False for every re-delivery."""
+
+    @abc.abstractmethod
+    async def remember_image(self, platform: str, channel: str, ref: ImageRef) -> None:
+        """Note the latest image seen in a channel."""
+
+    @abc.abstractmethod
+    async def last_image(self, platform: str, channel: str) -> ImageRef | None: ...
+
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE conversations (
+        id INTEGER PRIMARY KEY,
+        platform TEXT NOT NULL, channel TEXT NOT NULL, thread TEXT NOT NULL,
+        created REAL NOT NULL,
+        UNIQUE (platform, channel, thread)
+    );
+    CREATE TABLE turns (
+        id INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+        author_id TEXT, author_name TEXT,
+        parts TEXT NOT NULL,
+        message_id TEXT NOT NULL DEFAULT '',
+        dropped INTEGER NOT NULL DEFAULT 0,
+        created REAL NOT NULL
+    );
+    CREATE INDEX turns_by_conversation ON turns (conversation_id, id);
+    CREATE TABLE messages (
+        platform TEXT NOT NULL, message_id TEXT NOT NULL,
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        PRIMARY KEY (platform, message_id)
+    );
+    CREATE TABLE events (
+        platform TEXT NOT NULL, event_id TEXT NOT NULL, seen REAL NOT NULL,
+        PRIMARY KEY (platform, event_id)
+    );
+    CREATE TABLE channel_images (
+        platform TEXT NOT NULL, channel TEXT NOT NULL,
+        digest TEXT NOT NULL, name TEXT NOT NULL, seen REAL NOT NULL,
+        PRIMARY KEY (platform, channel)
+    );
+    """,
+]
+SCHEMA_VERSION = len(_MIGRATIONS)
+# Platforms re-deliver an event for minutes at most; a week of event ids is plenty.
+EVENT_MEMORY_S = 7 * 24 * 3600
+
+
+def encode_parts(parts: tuple[Part, ...]) -> str:
+    return json.dumps([part if isinstance(part, str) else {"image": part.digest, "name": part.name} for part in parts])
+
+
+def decode_parts(text: str) -> tuple[Part, ...]:
+    return tuple(part if isinstance(part, str) else ImageRef(part["image"], part["name"]) for part in json.loads(text))
+
+
+class SQLiteStore(Store):
+    """The default store: a SQLite file at `path`, images in `images/` next to it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.images_dir = self.path.parent / "images"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.images_dir.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"The state file {self.path} can't be opened ({exc}). Check [state] path and its permissions.") from None
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # with WAL: a killed process loses no committed change
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=5000")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"The state file {self.path} was written by a newer idefics-bot (schema {version}, this one knows "
+                    f"{SCHEMA_VERSION}). Upgrade idefics-bot or point [state] path elsewhere."
+                )
+            for number in range(version, SCHEMA_VERSION):
+                try:  # executescript commits first and runs in autocommit, so the script is its own transaction
+                    db.executescript(f"BEGIN IMMEDIATE; {_MIGRATIONS[number]}; PRAGMA user_version={number + 1}; COMMIT;")
+                except sqlite3.Error:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            db.execute("DELETE FROM events WHERE seen < ?", (time.time() - EVENT_MEMORY_S,))
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise StoreError(
+                f"The state file {self.path} is not a readable idefics-bot database ({exc}). Move it aside to start with "
+                "empty state, or restore it from a backup."
+            ) from None
+        except StoreError:
+            db.close()
+            raise
+        self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+    # -- conversations -----------------------------------------------------------------------
+
+    def _conversation_id(self, key: ConversationKey, create: bool) -> int | None:
+        row = self._db.execute(
+            "SELECT id FROM conversations WHERE platform=? AND channel=? AND thread=?", (key.platform, key.channel, key.thread)
+        ).fetchone()
+        if row is not None or not create:
+            return row[0] if row else None
+        return self._db.execute(
+            "INSERT INTO conversations (platform, channel, thread, created) VALUES (?, ?, ?, ?)",
+            (key.platform, key.channel, key.thread, time.time()),
+        ).lastrowid
+
+    async def load_turns(self, key: ConversationKey, limit: int = 200) -> list[Turn]:
+        def load() -> list[Turn]:
+            rows = self._db.execute(
+                """SELECT t.id, t.role, t.author_id, t.author_name, t.parts, t.message_id, t.dropped
+                   FROM turns t JOIN conversations c ON c.id = t.conversation_id
+                   WHERE c.platform=? AND c.channel=? AND c.thread=? ORDER BY t.id DESC LIMIT ?""",
+                (key.platform, key.channel, key.thread, limit),
+            ).fetchall()
+            return [
+                Turn(role, decode_parts(parts), Author(author_id, author_name) if author_id is not None else None, message_id, dropped, id=id_)
+                for id_, role, author_id, author_name, parts, message_id, dropped in reversed(rows)
+            ]
+
+        return await self._run(load)
+
+    async def add_turn(self, key: ConversationKey, turn: Turn) -> Turn:
+        def add() -> Turn:
+            with self._transaction():
+                conversation = self._conversation_id(key, create=True)
+                author = turn.author
+                turn_id = self._db.execute(
+                    "INSERT INTO turns (conversation_id, role, author_id, author_name, parts, message_id, dropped, created)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        conversation,
+                        turn.role,
+                        author.id if author else None,
+                        author.name if author else None,
+                        encode_parts(turn.parts),
+                        turn.message_id,
+                        turn.dropped,
+                        time.time(),
+                    ),
+                ).lastrowid
+            return Turn(turn.role, turn.parts, turn.author, turn.message_id, turn.dropped, id=turn_id)
+
+        return await self._run(add)
+
+    async def remove_turn(self, turn_id: int) -> None:
+        await self._run(self._write, "DELETE FROM turns WHERE id=?", (turn_id,))
+
+    async def reset(self, key: ConversationKey) -> int:
+        def reset() -> int:
+            with self._transaction():
+                conversation = self._conversation_id(key, create=False)
+                if conversation is None:
+                    return 0
+                count = self._db.execute("SELECT count(*) FROM turns WHERE conversation_id=?", (conversation,)).fetchone()[0]
+                self._db.execute("DELETE FROM turns WHERE conversation_id=?", (conversation,))
+                return count
+
+        return await self._run(reset)
+
+    async def has_conversation(self, key: ConversationKey) -> bool:
+        def has() -> bool:
+            return (
+                self._db.execute(
+                    "SELECT 1 FROM turns t JOIN conversations c ON c.id = t.conversation_id"
+                    " WHERE c.platform=? AND c.channel=? AND c.thread=? LIMIT 1",
+                    (key.platform, key.channel, key.thread),
+                ).fetchone()
+                is not None
+            )
+
+        return await self._run(has)
+
+    # -- images ------------------------------------------------------------------------------
+
+    def _image_path(self, digest: str) -> Path:
+        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            raise StoreError(f"Not an image digest: {digest!r}")
+        return self.images_dir / digest[:2] / f"{digest}.png"
+
+    async def put_image(self, image: ModelImage) -> ImageRef:
+        def put() -> None:
+            path = self._image_path(image.digest)
+            if path.exists():
+                return
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.partial")
+            partial.write_bytes(image.data)
+            os.replace(partial, path)  # a reader never sees half an image
+
+        await self._run(put)
+        return ImageRef(image.digest, image.name)
+
+    async def get_image(self, ref: ImageRef) -> ModelImage:
+        def get() -> ModelImage:
+            try:
+                data = self._image_path(ref.digest).read_bytes()
+            except FileNotFoundError:
+                raise StoreError(f"The image {ref.name} ({ref.digest[:12]}) is missing from {self.images_dir}.") from None
+            return ModelImage(ref.digest, data, ref.name)
+
+        return await self._run(get)
+
+    # -- adapter memories --------------------------------------------------------------------
+
+    async def link_message(self, platform: str, message_id: str, key: ConversationKey) -> None:
+        def link() -> None:
+            with self._transaction():
+                conversation = self._conversation_id(key, create=True)
+                self._db.execute(
+                    "INSERT OR REPLACE INTO messages (platform, message_id, conversation_id) VALUES (?, ?, ?)",
+                    (platform, message_id, conversation),
+                )
+
+        await self._run(link)
+
+    async def conversation_of(self, platform: str, message_id: str) -> ConversationKey | None:
+        def find() -> ConversationKey | None:
+            row = self._db.execute(
+                "SELECT c.platform, c.channel, c.thread FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+                " WHERE m.platform=? AND m.message_id=?",
+                (platform, message_id),
+            ).fetchone()
+            return ConversationKey(*row) if row else None
+
+        return await self._run(find)
+
+    async def claim_event(self, platform: str, event_id: str) -> bool:
+        def claim() -> bool:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO events (platform, event_id, seen) VALUES (?, ?, ?)", (platform, event_id, time.time())
+            )
+            return cursor.rowcount == 1
+
+        return await self._run(claim)
+
+    async def remember_image(self, platform: str, channel: str, ref: ImageRef) -> None:
+        await self._run(
+            self._write,
+            "INSERT OR REPLACE INTO channel_images (platform, channel, digest, name, seen) VALUES (?, ?, ?, ?, ?)",
+            (platform, channel, ref.digest, ref.name, time.time()),
+        )
+
+    async def last_image(self, platform: str, channel: str) -> ImageRef | None:
+        def last() -> ImageRef | None:
+            row = self._db.execute(
+                "SELECT digest, name FROM channel_images WHERE platform=? AND channel=?", (platform, channel)
+            ).fetchone()
+            return ImageRef(*row) if row else None
+
+        return await self._run(last)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _write(self, sql: str, args: tuple) -> None:
+        self._db.execute(sql, args)
+
+    def _transaction(self):
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error (the connection is in autocommit mode)."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind, value, traceback):
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        return False

@@ -1,0 +1,103 @@
+"""One-off image tasks, as the IDEFICS guide prompts them, each reachable by name.
+
+`chat` is the instruct conversation format with a single user turn; the others are the guide's
+templates (captioning, prompted captioning, visual question answering, classification, image-guided
+story, few-shot) with its reply lengths as defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bot.conversation import Author, ImageRef, Turn
+from bot.prompt import PromptItems, clean_text, render
+
+TASKS = ("chat", "caption", "prompted_caption", "vqa", "classify", "story", "few_shot")
+
+DEFAULT_MAX_NEW_TOKENS = {
+    "chat": 512,
+    "caption": 20,
+    "prompted_caption": 20,
+    "vqa": 20,
+    "classify": 6,
+    "story": 200,
+    "few_shot": 30,
+}
+
+
+class TaskError(ValueError):
+    """The task can't be built from what was given; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class FewShotPair:
+    """An example for the few-shot task: an image and the description it should get."""
+
+    image: ImageRef
+    text: str
+
+
+@dataclass(frozen=True)
+class TaskPrompt:
+    items: PromptItems
+    max_new_tokens: int
+
+
+def parse_labels(labels: str | Sequence[str]) -> list[str]:
+    """Labels from "cat, dog, bird" or a list, cleaned, empty ones dropped."""
+    if isinstance(labels, str):
+        labels = labels.split(",")
+    return [label for label in (clean_text(label) for label in labels) if label]
+
+
+def build_task(
+    task: str,
+    images: Sequence[ImageRef],
+    *,
+    question: str = "",
+    labels: Sequence[str] = (),
+    examples: Sequence[FewShotPair] = (),
+    system_prompt: str = "",
+    max_new_tokens: dict[str, int] | None = None,
+) -> TaskPrompt:
+    """The prompt for `task` on `images` (the guide's tasks take exactly one image; chat takes any)."""
+    if task not in TASKS:
+        raise TaskError(f"Unknown task '{task}'. Choose one of: {', '.join(TASKS)}.")
+    question = clean_text(question)
+    lengths = {**DEFAULT_MAX_NEW_TOKENS, **(max_new_tokens or {})}
+    if task == "chat":
+        if not question and not images:
+            raise TaskError("Ask a question or give an image.")
+        turn = Turn("user", (*((question,) if question else ()), *images), Author("user", "user"))
+        return TaskPrompt(render([turn], system_prompt), lengths[task])
+    if len(images) != 1:
+        raise TaskError(f"The {task} task takes exactly one image ({len(images)} given).")
+    image = images[0]
+    if task == "caption":
+        items: PromptItems = [image]
+    elif task == "prompted_caption":
+        items = [image, "This is an image of "]
+    elif task == "vqa":
+        if not question:
+            raise TaskError("The vqa task needs a question.")
+        items = ["Instruction: Provide an answer to the question. Use the image to answer.\n", image, f"Question: {question} Answer:"]
+    elif task == "classify":
+        labels = parse_labels(labels)
+        if len(labels) < 2:
+            raise TaskError('The classify task needs at least two labels, e.g. "cat, dog, bird".')
+        items = [
+            f"Instruction: Classify the following image into a single category from the following list: {labels}.\n",
+            image,
+            "Category: ",
+        ]
+    elif task == "story":
+        items = ["Instruction: Use the image to write a story. \n", image, "Story: \n"]
+    else:
+        if not examples:
+            raise TaskError("The few_shot task needs examples: add [[tasks.few_shot]] entries (image, text) to the config.")
+        items = []
+        for example in examples:
+            items += ["User:", example.image, f"Describe this image.\nAssistant: {example.text}\n"]
+        items += ["User:", image, "Describe this image.\nAssistant:"]
+    return TaskPrompt(items, lengths[task])
