@@ -1,0 +1,58 @@
+"""Assembling one bot process from its configuration: store, model service, engine, adapters."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AsyncExitStack
+
+from bot.config import Config
+from bot.engine import Engine
+from bot.store import SQLiteStore, Store
+from model.loading import CheckpointSettings
+from model.service import ModelService
+
+log = logging.getLogger(__name__)
+
+
+def create_model(config: Config) -> ModelService:
+    """The model service the config asks for (not started yet)."""
+    from model.local import BatchSettings, LocalBackend
+
+    settings = config.model
+    return LocalBackend(
+        CheckpointSettings(settings.checkpoint, settings.dtype, settings.quantization, settings.device_map),
+        BatchSettings(max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue),
+    )
+
+
+def create_store(config: Config) -> Store:
+    """The state store the config asks for (not opened yet)."""
+    return SQLiteStore(config.state.path)
+
+
+class Runtime:
+    """The shared services of a process, opened on enter and closed on exit (model last in, first out)."""
+
+    def __init__(self, config: Config, store: Store | None = None, model: ModelService | None = None):
+        self.config = config
+        self.store = store or create_store(config)
+        self.model = model or create_model(config)
+        self.engine = Engine(config, self.model, self.store)
+        self._stack = AsyncExitStack()
+
+    async def __aenter__(self) -> Runtime:
+        await self.store.open()
+        self._stack.push_async_callback(self.store.close)
+        await self.model.start()
+        self._stack.push_async_callback(self.model.close)
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self._stack.aclose()
+
+    async def shutdown(self, grace: float) -> None:
+        """Finish what is in flight within `grace` seconds; what is left is told the bot is stopping."""
+        if not await self.engine.drain(grace):
+            log.warning("shutdown.cancelling", extra={"grace_s": grace})
+        await self.model.close()  # anything still waiting gets a "shutting down" answer
+        await self.engine.drain(5.0)  # let adapters post those answers

@@ -1,0 +1,236 @@
+"""The `idefics-bot` command: run, chat, ask, render, tiny-checkpoint.
+
+Every failure a person can cause (a bad config, a missing model, a bad image) ends with a short
+message on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from bot.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from bot.conversation import Author, ConversationKey, ImageRef, Turn
+from bot.logs import setup_logging
+from bot.prompt import clean_text, render
+from bot.store import StoreError
+from bot.tasks import TASKS
+from model.service import ModelImage, ModelLoadError
+
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """Ends the command with this message on stderr."""
+
+
+def _nothing_enabled(source: str) -> str:
+    return f"""No chat platform is enabled ({source}), so there is nothing to run yet.
+
+To put the bot into Discord: set DISCORD_TOKEN (or [discord] token in config.toml).
+  The README's "Discord" section lists the intents, permissions and invite link.
+To put it into Slack (Socket Mode): set SLACK_BOT_TOKEN and SLACK_APP_TOKEN
+  (or [slack] bot_token and app_token). The README's "Slack" section has an app manifest.
+Then run `idefics-bot run` again.
+
+To chat with the model in this terminal instead:
+  idefics-bot chat            (downloads HuggingFaceM4/idefics-9b-instruct, about 20 GB)
+  idefics-bot tiny-checkpoint ./tiny-idefics && idefics-bot chat --model ./tiny-idefics
+                              (offline, a tiny random model: it answers gibberish)"""
+
+
+def _config(args: argparse.Namespace) -> Config:
+    config = load_config(args.config).with_checkpoint(getattr(args, "model", None))
+    # In the terminal commands, INFO lines would interleave with the conversation.
+    level = config.logging.level if args.command == "run" else "WARNING"
+    setup_logging(level, config.logging.json_lines)
+    return config
+
+
+# -- run -------------------------------------------------------------------------------------
+
+
+async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None) -> None:
+    """Start every enabled adapter on one shared model service; stop on SIGINT/SIGTERM (or `stop`)."""
+    from bot.adapter import installed_adapters
+    from bot.app import Runtime
+
+    factories = [factory for name, factory in installed_adapters().items() if name != "terminal" and factory.enabled(config)]
+    if not factories:
+        raise CommandError(_nothing_enabled(source))
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with Runtime(config) as runtime:
+        adapters = [factory(config, runtime.engine) for factory in factories]
+        started = []
+        try:
+            for adapter in adapters:
+                await adapter.start()
+                started.append(adapter)
+            await stop.wait()
+            await runtime.shutdown(config.bot.shutdown_grace_s)
+        finally:
+            for adapter in reversed(started):
+                await adapter.stop()
+
+
+# -- chat ------------------------------------------------------------------------------------
+
+
+async def chat(config: Config) -> int:
+    """The terminal chat: the terminal adapter on this process's engine."""
+    from bot.adapter import installed_adapters
+    from bot.app import Runtime
+
+    print(f"Loading {config.model.checkpoint} ...", file=sys.stderr)
+    async with Runtime(config) as runtime:
+        session = installed_adapters()["terminal"](config, runtime.engine)
+        await session.start()
+        try:
+            await session.wait_closed()
+        finally:
+            await session.stop()
+    return 0
+
+
+# -- ask -------------------------------------------------------------------------------------
+
+
+async def ask(config: Config, images: list[str], question: str, task: str, labels: str) -> int:
+    from bot.app import Runtime
+    from bot.engine import Final, TaskRequest
+    from bot.store import SQLiteStore
+
+    with tempfile.TemporaryDirectory(prefix="idefics-ask-") as scratch:
+        # One-off questions leave no state behind.
+        async with Runtime(config, store=SQLiteStore(Path(scratch) / "state.sqlite3")) as runtime:
+            engine = runtime.engine
+            request = TaskRequest(
+                task=task,
+                key=ConversationKey("cli", "ask"),
+                author=Author("cli", "you"),
+                attachments=tuple(engine.attachment_for(source) for source in images),
+                question=question,
+                labels=labels,
+            )
+            final = Final("", ("No reply.",))
+            async for event in engine.run_task(request):
+                if isinstance(event, Final):
+                    final = event
+    for note in final.notes:
+        print(note, file=sys.stderr)
+    if not final.text:
+        return 1
+    print(final.text)
+    return 0
+
+
+# -- render ----------------------------------------------------------------------------------
+
+
+def load_conversation(path: Path) -> tuple[list[Turn], bool, str | None]:
+    """Turns from a conversation JSON file:
+    {"shared": false, "system_prompt": "...", "turns": [
+        {"role": "user", "name": "Ann", "parts": ["What is this?", {"image": "dog.png"}]},
+        {"role": "assistant", "text": "A dog."}]}"""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CommandError(f"{path} can't be read: {exc.strerror}.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CommandError(f"{path} is not valid JSON: {exc}.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("turns"), list):
+        raise CommandError(f'{path}: expected an object with a "turns" list.')
+    turns = []
+    for number, raw in enumerate(data["turns"], start=1):
+        where = f"{path}: turn {number}"
+        if not isinstance(raw, dict) or raw.get("role") not in ("user", "assistant"):
+            raise CommandError(f'{where}: needs "role": "user" or "assistant".')
+        if raw["role"] == "assistant":
+            turns.append(Turn("assistant", (str(raw.get("text", "")),)))
+            continue
+        parts = raw.get("parts", [raw["text"]] if "text" in raw else [])
+        if not isinstance(parts, list):
+            raise CommandError(f'{where}: "parts" must be a list of texts and {{"image": "file name"}} objects.')
+        converted: list = []
+        for part in parts:
+            if isinstance(part, str):
+                converted.append(clean_text(part))
+            elif isinstance(part, dict) and isinstance(part.get("image"), str):
+                converted.append(ImageRef(digest="", name=part["image"]))
+            else:
+                raise CommandError(f'{where}: each part is a text or {{"image": "file name"}}, not {part!r}.')
+        name = str(raw.get("name", "user"))
+        turns.append(Turn("user", tuple(converted), Author(name, name)))
+    system_prompt = data.get("system_prompt")
+    return turns, bool(data.get("shared", False)), system_prompt if isinstance(system_prompt, str) else None
+
+
+def render_lines(config: Config, path: Path) -> list[str]:
+    turns, shared, system_prompt = load_conversation(path)
+    prompt = system_prompt if system_prompt is not None else config.conversation.system_prompt
+    return [f"<image {item.name}>" if isinstance(item, (ImageRef, ModelImage)) else json.dumps(item, ensure_ascii=False) for item in render(turns, prompt, shared)]
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="idefics-bot", description="IDEFICS, the vision-language model, in Discord, Slack and your terminal.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str, model: bool = True) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("--config", type=Path, help="TOML config (default: ./config.toml if present, else built-in defaults)")
+        if model:
+            command.add_argument("--model", metavar="PATH_OR_ID", help="checkpoint to load instead of [model] checkpoint")
+        return command
+
+    add("run", "Run the bot on every chat platform enabled in the config.")
+    add("chat", "Chat with the model in this terminal (/image PATH_OR_URL, /reset, /quit).")
+    ask_command = add("ask", "Ask one question about one or more images and print the answer.")
+    ask_command.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL", help="an image file or http(s) link (repeatable)")
+    ask_command.add_argument("--task", choices=TASKS, default="chat", help="prompt template (default: chat)")
+    ask_command.add_argument("--labels", default="", help='labels for --task classify, e.g. "cat, dog, bird"')
+    ask_command.add_argument("question", nargs="?", default="", help="the question (optional for caption, classify and story)")
+    render_command = add("render", "Print the exact model input for a conversation given as JSON.", model=False)
+    render_command.add_argument("--conversation", type=Path, required=True, metavar="FILE.json")
+    tiny = commands.add_parser("tiny-checkpoint", help="Write a tiny random IDEFICS checkpoint (for trying the bot offline and for tests).")
+    tiny.add_argument("directory", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "tiny-checkpoint":
+            from model.tiny import write_tiny_checkpoint
+
+            path = write_tiny_checkpoint(args.directory)
+            print(f"Wrote a tiny random IDEFICS checkpoint to {path}. Try: idefics-bot chat --model {path}")
+            return 0
+        config = _config(args)
+        if args.command == "render":
+            print("\n".join(render_lines(config, args.conversation)))
+            return 0
+        if args.command == "ask":
+            if args.task == "classify" and not args.labels:
+                raise CommandError('--task classify needs --labels, e.g. --labels "cat, dog, bird".')
+            return asyncio.run(ask(config, args.image, args.question, args.task, args.labels))
+        if args.command == "chat":
+            return asyncio.run(chat(config))
+        source = args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else "built-in defaults")
+        asyncio.run(run_bot(config, str(source)))
+        return 0
+    except (CommandError, ConfigError, ModelLoadError, StoreError) as error:
+        print(f"idefics-bot: {error}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(error, ConfigError) else 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,390 @@
+"""The engine: from an incoming message (text + attachments) to a streamed reply.
+
+    adapter -> IncomingMessage -> Engine.reply() -> Waiting / Partial / Final -> adapter
+
+It takes the images in, keeps one request at a time per conversation (in arrival order), renders the
+conversation within the model's context, streams the model's answer, and stores both turns. Every
+problem a person can cause or meet ends as a `Final` whose notes say, in plain words, what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from bot.config import Config
+from bot.conversation import Author, ConversationKey, ImageRef, Turn
+from bot.fetch import FetchLimits, FetchRefused, fetch, file_name
+from bot.images import ACCEPTED, ImageLimits, ImageRejected, prepare_image
+from bot.prompt import PromptItems, PromptTooLong, clean_text, fit
+from bot.store import Store
+from bot.tasks import FewShotPair, TaskError, build_task
+from model.service import (
+    Finished,
+    GenerationParams,
+    GenerationRequest,
+    ModelError,
+    ModelService,
+    Queued,
+    TextDelta,
+)
+
+log = logging.getLogger(__name__)
+
+_IMAGE_LINK = re.compile(r"https?://[^\s<>\"')]+?\.(?:png|jpe?g|gif|webp|bmp)(?:\?[^\s<>\"')]*)?(?=[\s<>\"')]|$)", re.IGNORECASE)
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp"}
+_RESTARTING = "I'm shutting down for a moment; please send that again in a minute."
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A file that came with a message. `read(max_bytes)` fetches it (lazily: ignored files never are)."""
+
+    name: str
+    read: Callable[[int], Awaitable[bytes]]
+    size: int | None = None
+    content_type: str | None = None
+
+    def looks_like_image(self) -> bool:
+        """False only when both the type and the name say it is something else."""
+        if self.content_type is None or self.content_type.startswith("image/"):
+            return True
+        return Path(self.name).suffix.lower() in _IMAGE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    """A message for the bot, free of any platform's types. `shared`: several people talk here."""
+
+    key: ConversationKey
+    author: Author
+    text: str = ""
+    attachments: tuple[Attachment, ...] = ()
+    message_id: str = ""
+    shared: bool = False
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """A one-off image task (a slash command). Without images, the channel's last image is used."""
+
+    task: str
+    key: ConversationKey
+    author: Author
+    attachments: tuple[Attachment, ...] = ()
+    question: str = ""
+    labels: str = ""
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """The request waits for the model; `position` 1 is next."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class Partial:
+    """The reply so far (the whole text, not a delta)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Final:
+    """The end of a reply: the model's text ("" when there is none) and notes for the asker."""
+
+    text: str
+    notes: tuple[str, ...] = ()
+
+
+ReplyEvent = Waiting | Partial | Final
+
+
+class _Refusal(Exception):
+    """Input that ends the request with a message to the asker and no model call."""
+
+
+class _ConversationLocks:
+    """One request at a time per conversation; waiting requests go in arrival order."""
+
+    def __init__(self) -> None:
+        self._locks: dict[ConversationKey, asyncio.Lock] = {}
+        self._holders: Counter[ConversationKey] = Counter()
+
+    @asynccontextmanager
+    async def hold(self, key: ConversationKey):
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        self._holders[key] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._holders[key] -= 1
+            if not self._holders[key]:
+                del self._holders[key], self._locks[key]
+
+
+class Engine:
+    """Ties turns to replies; shared by every adapter in the process."""
+
+    def __init__(self, config: Config, model: ModelService, store: Store):
+        self.config = config
+        self.model = model
+        self.store = store
+        images = config.images
+        self.image_limits = ImageLimits(images.max_bytes, images.max_pixels, images.max_aspect_ratio)
+        self.fetch_limits = FetchLimits(
+            max_bytes=images.max_bytes,
+            connect_timeout=images.connect_timeout_s,
+            total_timeout=images.fetch_timeout_s,
+            allow_private=images.allow_private_addresses,
+            allowed_hosts=frozenset(images.allowed_hosts),
+        )
+        generation = config.generation
+        self.params = GenerationParams(
+            max_new_tokens=generation.max_new_tokens,
+            do_sample=generation.do_sample,
+            temperature=generation.temperature,
+            top_p=generation.top_p,
+            repetition_penalty=generation.repetition_penalty,
+        )
+        self._locks = _ConversationLocks()
+        self._few_shot: list[FewShotPair] | None = None
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.closing = False
+
+    @asynccontextmanager
+    async def _tracked(self):
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking requests and wait up to `timeout` s for those in flight; True if all finished."""
+        self.closing = True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    # -- conversations -----------------------------------------------------------------------
+
+    async def reply(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
+        """Answer one message in its conversation, streaming the reply."""
+        if self.closing:
+            yield Final("", (_RESTARTING,))
+            return
+        async with self._tracked():
+            async for event in self._reply(message):
+                yield event
+
+    async def _reply(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
+        started = time.perf_counter()
+        try:
+            refs, notes = await self._take_in(message.key, message.attachments, message.text)
+        except _Refusal as refusal:
+            yield Final("", (str(refusal),))
+            return
+        text = clean_text(message.text)
+        if not text and not refs:
+            yield Final("", (*notes, "Send me a question, an image, or both, and I'll answer."))
+            return
+        user_turn = Turn("user", (*((text,) if text else ()), *refs), message.author, message.message_id)
+        async with self._locks.hold(message.key):
+            history = await self.store.load_turns(message.key)
+            turns = [*history, user_turn]
+            try:
+                fitted = await fit(
+                    turns,
+                    self.model.count_tokens,
+                    context_tokens=self.model.info.context_tokens,
+                    reserve_tokens=self.params.max_new_tokens,
+                    max_images=self.config.conversation.max_images,
+                    system_prompt=self.config.conversation.system_prompt,
+                    shared=message.shared,
+                )
+            except PromptTooLong as too_long:
+                yield Final("", (*notes, str(too_long)))
+                return
+            stored = await self.store.add_turn(message.key, user_turn)
+            answer: str | None = None
+            try:
+                async for event in self._generate(fitted.items, self.params.max_new_tokens, str(message.key)):
+                    if isinstance(event, Final):
+                        answer, notes = event.text, [*notes, *event.notes]
+                        break
+                    yield event
+            finally:
+                if answer is None or not answer:
+                    # Cancelled (message deleted, shutdown) or failed: the turn was never answered.
+                    await asyncio.shield(self.store.remove_turn(stored.id))
+            if not answer:
+                yield Final("", tuple(notes) or ("The model gave an empty reply; try asking differently.",))
+                return
+            previous = next((turn for turn in reversed(history) if turn.role == "assistant"), None)
+            if fitted.dropped and (previous is None or not previous.dropped):
+                notes.append("This conversation is now longer than I can read at once, so I no longer see its oldest messages.")
+            await self.store.add_turn(message.key, Turn("assistant", (answer,), dropped=fitted.dropped))
+        log.info(
+            "turn.answered",
+            extra={"conversation": str(message.key), "images": len(refs), "dropped": fitted.dropped, "seconds": round(time.perf_counter() - started, 3)},
+        )
+        yield Final(answer, tuple(notes))
+
+    async def reset(self, key: ConversationKey) -> int:
+        """Forget a conversation (waits for a reply in progress there to finish first)."""
+        async with self._locks.hold(key):
+            return await self.store.reset(key)
+
+    # -- one-off tasks -----------------------------------------------------------------------
+
+    async def run_task(self, request: TaskRequest) -> AsyncIterator[ReplyEvent]:
+        """Run a task on the given image (or the channel's last one); nothing is added to the conversation."""
+        if self.closing:
+            yield Final("", (_RESTARTING,))
+            return
+        async with self._tracked():
+            async for event in self._run_task(request):
+                yield event
+
+    async def _run_task(self, request: TaskRequest) -> AsyncIterator[ReplyEvent]:
+        notes: list[str] = []
+        try:
+            refs, notes = await self._take_in(request.key, request.attachments, "")
+            if not refs and request.task != "chat":
+                last = await self.store.last_image(request.key.platform, request.key.channel)
+                if last is None:
+                    raise _Refusal("Give me an image (attach one or paste a link): I haven't seen one in this channel yet.")
+                refs, notes = [last], [*notes, f"I used the last image I saw in this channel ({last.name})."]
+            prompt = build_task(
+                request.task,
+                refs,
+                question=request.question,
+                labels=request.labels,
+                examples=await self._few_shot_examples() if request.task == "few_shot" else (),
+                system_prompt=self.config.conversation.system_prompt,
+                max_new_tokens=dict(self.config.tasks.max_new_tokens),
+            )
+        except (_Refusal, TaskError) as refusal:
+            yield Final("", (*notes, str(refusal)))
+            return
+        async for event in self._generate(prompt.items, prompt.max_new_tokens, f"{request.key} task={request.task}"):
+            if isinstance(event, Final):
+                event = Final(event.text, (*notes, *event.notes))
+                if not event.text and not event.notes:
+                    event = Final("", ("The model gave an empty reply.",))
+            yield event
+
+    async def _few_shot_examples(self) -> list[FewShotPair]:
+        if self._few_shot is None:
+            pairs = []
+            for example in self.config.tasks.few_shot:
+                try:
+                    data = await asyncio.to_thread(example.image.read_bytes)
+                except OSError as exc:
+                    raise _Refusal(f"The few-shot example image {example.image} can't be read ({exc.strerror}); fix [[tasks.few_shot]].") from None
+                image = await self._prepare(data, example.image.name)
+                pairs.append(FewShotPair(await self.store.put_image(image), example.text))
+            self._few_shot = pairs
+        return self._few_shot
+
+    # -- shared steps ------------------------------------------------------------------------
+
+    def link(self, url: str) -> Attachment:
+        """An attachment for an image link somebody gave, fetched under the link rules."""
+
+        async def read(max_bytes: int) -> bytes:
+            return await fetch(url, replace(self.fetch_limits, max_bytes=max_bytes))
+
+        return Attachment(name=file_name(url), read=read)
+
+    def attachment_for(self, source: str) -> Attachment:
+        """An attachment for a file path or an http(s) link typed by the person at the keyboard."""
+        if "://" in source:
+            return self.link(source)
+        path = Path(source).expanduser()
+
+        async def read(max_bytes: int) -> bytes:
+            try:
+                size = path.stat().st_size
+                if size > max_bytes:
+                    raise ImageRejected(f"{path.name} is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.1f} MB per image.")
+                return await asyncio.to_thread(path.read_bytes)
+            except OSError as exc:
+                raise ImageRejected(f"{source} can't be read: {exc.strerror or exc}.") from None
+
+        return Attachment(name=path.name, read=read)
+
+    async def _take_in(self, key: ConversationKey, attachments: Sequence[Attachment], text: str) -> tuple[list[ImageRef], list[str]]:
+        """Fetch and check the images of a message. Raises `_Refusal` if one can't be used: the
+        asker meant to show it, so answering without it would mislead."""
+        notes: list[str] = []
+        wanted = [a for a in attachments if a.looks_like_image()]
+        for ignored in (a for a in attachments if not a.looks_like_image()):
+            notes.append(f"{ignored.name} isn't an image, so I left it out. I can read {ACCEPTED}.")
+        if self.config.images.fetch_links:
+            wanted += [self.link(url) for url in dict.fromkeys(_IMAGE_LINK.findall(text))]
+        limit = self.config.images.max_per_turn
+        if len(wanted) > limit:
+            raise _Refusal(f"That's {len(wanted)} images; I can take {limit} per message. Please send fewer.")
+        results = await asyncio.gather(*(self._take_one(a) for a in wanted), return_exceptions=True)
+        refusals = [str(r) for r in results if isinstance(r, (ImageRejected, FetchRefused))]
+        for failure in (r for r in results if isinstance(r, BaseException) and not isinstance(r, (ImageRejected, FetchRefused))):
+            raise failure
+        if refusals:
+            raise _Refusal(" ".join(refusals))
+        refs = [await self.store.put_image(image) for image in results]
+        if refs:
+            await self.store.remember_image(key.platform, key.channel, refs[-1])
+        return refs, notes
+
+    async def _take_one(self, attachment: Attachment):
+        limit = self.config.images.max_bytes
+        if attachment.size is not None and attachment.size > limit:
+            raise ImageRejected(f"{attachment.name} is {attachment.size / 2**20:.1f} MB; the limit is {limit / 2**20:.1f} MB per image.")
+        return await self._prepare(await attachment.read(limit), attachment.name)
+
+    async def _prepare(self, data: bytes, name: str):
+        return await asyncio.to_thread(prepare_image, data, name, self.image_limits)
+
+    async def _generate(self, items: PromptItems, max_new_tokens: int, label: str) -> AsyncIterator[ReplyEvent]:
+        """Stream the model's answer to `items`: Waiting and Partial events, then a Final."""
+        prompt = [await self.store.get_image(item) if isinstance(item, ImageRef) else item for item in items]
+        request = GenerationRequest(
+            prompt=prompt,
+            params=replace(self.params, max_new_tokens=max_new_tokens),
+            queue_timeout=self.config.model.queue_timeout_s,
+            timeout=self.config.model.generation_timeout_s,
+            label=label,
+        )
+        text = ""
+        try:
+            async for event in self.model.stream(request):
+                if isinstance(event, Queued):
+                    yield Waiting(event.position)
+                elif isinstance(event, TextDelta):
+                    text += event.text
+                    yield Partial(text)
+                elif isinstance(event, Finished):
+                    yield Final(event.text)
+                    return
+        except ModelError as error:
+            log.warning("request.failed", extra={"request": label, "error": type(error).__name__})
+            yield Final("", (str(error),))
