@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny random IDEFICS checkpoint (written once per run), a backend on it, images.
+
+Nothing here reaches beyond loopback: the hub is switched off before transformers is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+import io  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bot.config import Config, load_config  # noqa: E402
+from model.loading import CheckpointSettings  # noqa: E402
+from model.local import BatchSettings, LocalBackend  # noqa: E402
+from model.tiny import write_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-idefics"))
+
+
+@pytest.fixture
+async def backend(tiny_checkpoint):
+    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(max_batch_size=8, max_wait_ms=20))
+    await service.start()
+    yield service
+    await service.close()
+
+
+def image_bytes(color=(200, 30, 30), size=(64, 48), kind="PNG", **save) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, kind, **save)
+    return buffer.getvalue()
+
+
+def write_config(path: Path, text: str) -> Config:
+    path.write_text(text, encoding="utf-8")
+    return load_config(path, environ={})
+
+
+@pytest.fixture
+def config(tmp_path, tiny_checkpoint) -> Config:
+    """Defaults, on the tiny checkpoint, with state in a temporary directory."""
+    return write_config(
+        tmp_path / "config.toml",
+        f"""
+[model]
+checkpoint = "{tiny_checkpoint}"
+[generation]
+max_new_tokens = 24
+[state]
+path = "{tmp_path / 'state' / 'bot.sqlite3'}"
+""",
+    )

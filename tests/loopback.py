@@ -1,0 +1,41 @@
+"""A small HTTP server on 127.0.0.x for tests, which records every request it gets."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class LoopbackServer:
+    def __init__(self, routes: dict[str, Handler], host: str = "127.0.0.1"):
+        self.routes = routes
+        self.host = host
+        self.requests: list[str] = []
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> LoopbackServer:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self._runner.cleanup()
+
+    def url(self, path: str = "/") -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(request.path)
+        handler = self.routes.get(request.path)
+        if handler is None:
+            return web.Response(status=404, text="not found")
+        return await handler(request)

@@ -1,0 +1,124 @@
+"""The `idefics-bot` command, run as a person would run it (a subprocess, in an empty directory)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import image_bytes
+
+COMMAND = [sys.executable, "-m", "bot"]
+
+
+def idefics_bot(*args: str, cwd: Path, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    for secret in ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET"):
+        environment.pop(secret, None)
+    return subprocess.run([*COMMAND, *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=300, env=environment)
+
+
+def assert_no_traceback(result: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr
+
+
+def test_tiny_checkpoint_then_ask_prints_a_reply(tmp_path):
+    (tmp_path / "photo.jpg").write_bytes(image_bytes(size=(640, 480), kind="JPEG"))
+    written = idefics_bot("tiny-checkpoint", "tiny", cwd=tmp_path)
+    assert written.returncode == 0, written.stderr
+    asked = idefics_bot("ask", "--model", "tiny", "--image", "photo.jpg", "What is in this image?", cwd=tmp_path)
+    assert asked.returncode == 0, asked.stderr
+    assert asked.stdout.strip()
+    assert_no_traceback(asked)
+    assert not (tmp_path / "state").exists()  # one-off questions leave no state behind
+
+
+def test_ask_with_a_bad_image_says_why(tmp_path, tiny_checkpoint):
+    (tmp_path / "scan.png").write_bytes(b"%PDF-1.5 not an image")
+    result = idefics_bot("ask", "--model", str(tiny_checkpoint), "--image", "scan.png", "What?", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "scan.png is a PDF document, not an image" in result.stderr
+    missing = idefics_bot("ask", "--model", str(tiny_checkpoint), "--image", "nowhere.png", "What?", cwd=tmp_path)
+    assert missing.returncode == 1 and "nowhere.png can't be read: No such file or directory" in missing.stderr
+    assert_no_traceback(result)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("HuggingFaceM4/idefics-9b-instruct", "not in the local Hugging Face cache and the hub cannot be reached"),
+        ("./no-such-dir", "The model directory ./no-such-dir does not exist"),
+    ],
+)
+def test_a_checkpoint_that_cannot_be_had_is_one_paragraph(tmp_path, model, message):
+    result = idefics_bot("ask", "--model", model, "hello", cwd=tmp_path)
+    assert result.returncode == 1
+    assert message in result.stderr and "idefics-bot tiny-checkpoint" in result.stderr
+    assert_no_traceback(result)
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    result = idefics_bot("ask", "--model", "bert", "hello", cwd=tmp_path)
+    assert result.returncode == 1 and "is a 'bert' model, not IDEFICS v1" in result.stderr
+
+
+def test_run_without_any_platform_says_what_to_configure(tmp_path):
+    result = idefics_bot("run", cwd=tmp_path)
+    assert result.returncode == 1
+    for needed in ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "idefics-bot chat", "tiny-checkpoint"):
+        assert needed in result.stderr
+    assert_no_traceback(result)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    (tmp_path / "config.toml").write_text('[model]\nquantization = "3bit"\n[discord]\nenabled = true\n')
+    result = idefics_bot("run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "config.toml: [model] quantization: Input should be 'none', '8bit' or '4bit' (got '3bit')" in result.stderr
+    assert "[discord] is enabled but has no token" in result.stderr or "quantization" in result.stderr
+    assert_no_traceback(result)
+
+
+def test_render_prints_the_exact_model_input(tmp_path):
+    conversation = {
+        "system_prompt": "",
+        "turns": [
+            {"role": "user", "parts": ["What is in this image?", {"image": "idefix.png"}]},
+            {"role": "assistant", "text": "This picture depicts Idefix, the dog of Obelix in Asterix and Obelix. Idefix is running on the ground."},
+            {"role": "user", "parts": [{"image": "obelix.png"}, "And who is that?<image>"]},
+        ],
+    }
+    (tmp_path / "idefix.json").write_text(json.dumps(conversation))
+    result = idefics_bot("render", "--conversation", "idefix.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        '"User: What is in this image?"',
+        "<image idefix.png>",
+        '"<end_of_utterance>"',
+        '"\\nAssistant: This picture depicts Idefix, the dog of Obelix in Asterix and Obelix. Idefix is running on the ground.<end_of_utterance>"',
+        '"\\nUser:"',
+        "<image obelix.png>",
+        '"And who is that?<end_of_utterance>"',
+        '"\\nAssistant:"',
+    ]
+    (tmp_path / "bad.json").write_text('{"turns": [{"role": "robot"}]}')
+    bad = idefics_bot("render", "--conversation", "bad.json", cwd=tmp_path)
+    assert bad.returncode == 1 and 'bad.json: turn 1: needs "role": "user" or "assistant".' in bad.stderr
+
+
+def test_terminal_chat_streams_and_remembers(tmp_path, tiny_checkpoint):
+    (tmp_path / "red.png").write_bytes(image_bytes())
+    script = "/image red.png\nWhat is this?\n/image missing.png\nand this?\n/reset\n/quit\n"
+    result = idefics_bot("chat", "--model", str(tiny_checkpoint), cwd=tmp_path, stdin=script)
+    assert result.returncode == 0, result.stderr
+    assert "(Attached red.png; it goes with your next message.)" in result.stdout
+    assert result.stdout.count("bot> ") == 2
+    assert "(missing.png can't be read: No such file or directory.)" in result.stdout
+    assert "(Forgot this conversation: 2 turns.)" in result.stdout
+    assert_no_traceback(result)

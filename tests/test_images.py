@@ -1,0 +1,105 @@
+"""Image intake: every kind of bad image gets a refusal that names it; good ones come out small and RGB."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import pytest
+from PIL import Image, ImageFile
+
+from bot.images import MAX_SIDE, ImageLimits, ImageRejected, prepare_image
+from tests.conftest import image_bytes
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims huge dimensions in a few bytes: a decompression bomb's header."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def truncated_jpeg() -> bytes:
+    data = image_bytes(size=(300, 200), kind="JPEG", quality=90)
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        ("huge.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 3000, r"huge.png is 0.0 MB; the limit is 0.0 MB per image"),
+        ("report.pdf", b"%PDF-1.7\n1 0 obj\n<<>>\nendobj\n", r"report.pdf is a PDF document, not an image"),
+        ("login.png", b"<!DOCTYPE html><html><body>Sign in</body></html>", r"login.png is a web page \(HTML\), not an image"),
+        ("notes.txt", b"just some words", r"notes.txt is not in an image format I can read"),
+        ("empty.jpg", b"", r"empty.jpg is empty"),
+        ("half.jpg", truncated_jpeg(), r"half.jpg is cut off: the JPEG file is incomplete"),
+        ("broken.png", b"\x89PNG\r\n\x1a\n" + b"garbage" * 20, r"broken.png could not be read: the PNG file is damaged"),
+        ("bomb.png", png_header_only(100_000, 100_000), r"bomb.png has too many pixels to be decoded safely; the limit is 25 megapixels"),
+        ("thirty.png", png_header_only(6000, 5000), r"thirty.png is 6000x5000 pixels \(30.0 megapixels\); the limit is 25 megapixels"),
+        ("strip.png", image_bytes(size=(2100, 50)), r"strip.png is 2100x50 pixels, too long and thin to read \(the limit is 20:1\)"),
+    ],
+)
+def test_bad_images_are_refused_by_name(name, data, message):
+    limits = ImageLimits(max_bytes=2048) if name == "huge.png" else ImageLimits()
+    with pytest.raises(ImageRejected, match=message):
+        prepare_image(data, name, limits)
+
+
+def test_a_real_thirty_megapixel_png_is_refused_before_decoding():
+    buffer = io.BytesIO()
+    Image.new("L", (6000, 5000)).save(buffer, "PNG")
+    with pytest.raises(ImageRejected, match="30.0 megapixels"):
+        prepare_image(buffer.getvalue(), "big.png")
+
+
+@pytest.mark.parametrize("kind", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+def test_accepted_formats_become_small_rgb_pngs(kind):
+    image = prepare_image(image_bytes(size=(1200, 900), kind=kind), f"photo.{kind.lower()}")
+    decoded = image.open()
+    assert decoded.mode == "RGB" and max(decoded.size) == MAX_SIDE
+    assert image.data.startswith(b"\x89PNG") and len(image.digest) == 64
+
+
+def test_same_picture_same_digest_and_names_do_not_matter():
+    data = image_bytes()
+    assert prepare_image(data, "a.png").digest == prepare_image(data, "b.jpg").digest
+
+
+def test_exif_orientation_is_applied():
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.new("RGB", (80, 40), (0, 255, 0)).save(buffer, "JPEG", exif=exif)
+    assert prepare_image(buffer.getvalue(), "phone.jpg").open().size == (40, 80)
+
+
+def test_transparency_goes_on_white():
+    buffer = io.BytesIO()
+    Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(buffer, "PNG")
+    assert prepare_image(buffer.getvalue(), "clear.png").open().getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_animated_gif_uses_the_first_frame():
+    frames = [Image.new("RGB", (30, 30), color) for color in [(255, 0, 0)] + [(0, 0, 255)] * 300]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=10)
+    red, _, blue = prepare_image(buffer.getvalue(), "anim.gif").open().getpixel((10, 10))
+    assert red > 200 and blue < 50
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale(monkeypatch):
+    photo = image_bytes(size=(4000, 3000), kind="JPEG", quality=85)
+    decoded_sizes = []
+    original_load = ImageFile.ImageFile.load
+
+    def recording_load(self):
+        decoded_sizes.append(self.size)
+        return original_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
+    assert prepare_image(photo, "photo.jpg").open().size == (448, 336)
+    assert decoded_sizes[0] == (1000, 750)  # decoded at 1/4 scale: a sixteenth of the pixels

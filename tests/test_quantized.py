@@ -1,0 +1,23 @@
+"""4-bit and 8-bit loading through bitsandbytes, on the CPU, with the same service code."""
+
+from __future__ import annotations
+
+import pytest
+
+from model.loading import CheckpointSettings
+from model.local import LocalBackend
+from model.service import GenerationParams, GenerationRequest
+
+
+@pytest.mark.parametrize("quantization, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+async def test_quantized_checkpoint_generates_on_cpu(tiny_checkpoint, quantization, layer):
+    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint), dtype="float32", quantization=quantization))
+    await service.start()
+    try:
+        assert type(service._model.model.layers[0].mlp.down_proj).__name__ == layer
+        finished = await service.generate(
+            GenerationRequest(["User: What is this?<end_of_utterance>", "\nAssistant:"], GenerationParams(max_new_tokens=6))
+        )
+    finally:
+        await service.close()
+    assert finished.tokens > 0
