@@ -24,10 +24,6 @@ class TerminalChat:
     name = "terminal"
     key = ConversationKey("terminal", "local")
 
-    @staticmethod
-    def enabled(config: Config) -> bool:
-        return False  # only `idefics-bot chat` starts it
-
     def __init__(self, config: Config, engine: Engine, stdin: TextIO | None = None, stdout: TextIO | None = None):
         self.engine = engine
         self.author = Author("terminal", config.terminal.user_name)

@@ -1,7 +1,7 @@
 """What a chat platform adapter is to the bot, and how the bot finds the installed ones.
 
 Adapters live in the `adapters` package and depend on `bot`, never the other way round: the bot finds
-them through the `idefics_bot.adapters` entry points declared in pyproject.toml.
+them by name through the `idefics_bot.adapters` entry points declared in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ from bot.config import Config
 from bot.engine import Engine
 
 ENTRY_POINT_GROUP = "idefics_bot.adapters"
+
+# Chat platforms `idefics-bot run` starts when their config section is enabled.
+PLATFORMS = ("discord", "slack")
 
 
 class Adapter(Protocol):
@@ -28,16 +31,22 @@ class Adapter(Protocol):
 
 
 class AdapterFactory(Protocol):
-    """An adapter class: says whether the config turns it on, and builds it."""
-
-    name: str
-
-    @staticmethod
-    def enabled(config: Config) -> bool: ...
+    """An adapter class, built from the whole config and the process's engine."""
 
     def __call__(self, config: Config, engine: Engine) -> Adapter: ...
 
 
-def installed_adapters() -> dict[str, AdapterFactory]:
-    """Every adapter registered in the `idefics_bot.adapters` entry point group, by name."""
-    return {point.name: point.load() for point in entry_points(group=ENTRY_POINT_GROUP)}
+class AdapterMissing(Exception):
+    """No adapter of that name is installed."""
+
+
+def load_adapter(name: str) -> AdapterFactory:
+    """The adapter class registered under `name` in the `idefics_bot.adapters` entry points."""
+    found = entry_points(group=ENTRY_POINT_GROUP, name=name)
+    if not found:
+        raise AdapterMissing(f"The {name} adapter is not installed; reinstall idefics-bot (make run does it).")
+    return next(iter(found)).load()
+
+
+def enabled_platforms(config: Config) -> list[str]:
+    return [name for name in PLATFORMS if getattr(config, name).enabled]

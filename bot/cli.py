@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bot.adapter import AdapterMissing
 from bot.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from bot.conversation import Author, ConversationKey, ImageRef, Turn
 from bot.logs import setup_logging
@@ -56,17 +57,20 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None) -> None:
-    """Start every enabled adapter on one shared model service; stop on SIGINT/SIGTERM (or `stop`)."""
-    from bot.adapter import installed_adapters
+    """Start every enabled platform's adapter on one shared model service and run until SIGINT or
+    SIGTERM (or until `stop` is set, for callers that manage their own signals, such as tests)."""
+    from bot.adapter import enabled_platforms, load_adapter
     from bot.app import Runtime
 
-    factories = [factory for name, factory in installed_adapters().items() if name != "terminal" and factory.enabled(config)]
-    if not factories:
+    platforms = enabled_platforms(config)
+    if not platforms:
         raise CommandError(_nothing_enabled(source))
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    factories = [load_adapter(name) for name in platforms]
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
     async with Runtime(config) as runtime:
         adapters = [factory(config, runtime.engine) for factory in factories]
         started = []
@@ -86,12 +90,12 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
 
 async def chat(config: Config) -> int:
     """The terminal chat: the terminal adapter on this process's engine."""
-    from bot.adapter import installed_adapters
+    from bot.adapter import load_adapter
     from bot.app import Runtime
 
     print(f"Loading {config.model.checkpoint} ...", file=sys.stderr)
     async with Runtime(config) as runtime:
-        session = installed_adapters()["terminal"](config, runtime.engine)
+        session = load_adapter("terminal")(config, runtime.engine)
         await session.start()
         try:
             await session.wait_closed()
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         source = args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else "built-in defaults")
         asyncio.run(run_bot(config, str(source)))
         return 0
-    except (CommandError, ConfigError, ModelLoadError, StoreError) as error:
+    except (CommandError, ConfigError, ModelLoadError, StoreError, AdapterMissing) as error:
         print(f"idefics-bot: {error}", file=sys.stderr)
         return EXIT_USAGE if isinstance(error, ConfigError) else 1
     except KeyboardInterrupt:

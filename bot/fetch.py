@@ -134,7 +134,7 @@ async def fetch(url: str, limits: FetchLimits) -> bytes:
                         continue
                     if response.status != 200:
                         raise FetchRefused(f"I couldn't fetch {short(original)}: the server answered {response.status} {response.reason or ''}".rstrip() + ".")
-                    return await _read_limited(original, response, limits.max_bytes)
+                    return await read_body(original, response, limits.max_bytes)
             raise FetchRefused(f"I couldn't fetch {short(original)}: it redirects more than {MAX_REDIRECTS} times.")
         except TimeoutError:
             raise FetchRefused(f"I couldn't fetch {short(original)}: it took longer than {limits.total_timeout:g} s.") from None
@@ -154,7 +154,8 @@ def _check_url(original: str, url: str, policy: AddressPolicy) -> None:
         policy.check(original, parts.hostname, address)
 
 
-async def _read_limited(url: str, response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+async def read_body(url: str, response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    """The response body, refused (naming `url`) as soon as it passes `max_bytes`."""
     too_big = FetchRefused(f"I won't fetch {short(url)}: it is larger than the {max_bytes / (1024 * 1024):.1f} MB limit.")
     if response.content_length is not None and response.content_length > max_bytes:
         raise too_big

@@ -1,7 +1,7 @@
 """Where conversations live between messages and across restarts.
 
 `Store` is the interface; `SQLiteStore` is the default: one SQLite file (WAL, one transaction per
-change, a versioned schema) and the images beside it as PNG files named by their content hash.
+change, a versioned schema) and the images beside it as JPEG files named by their content hash.
 All SQLite and file work runs on one dedicated thread, never on the event loop.
 """
 
@@ -270,7 +270,7 @@ class SQLiteStore(Store):
     def _image_path(self, digest: str) -> Path:
         if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
             raise StoreError(f"Not an image digest: {digest!r}")
-        return self.images_dir / digest[:2] / f"{digest}.png"
+        return self.images_dir / digest[:2] / f"{digest}.jpg"
 
     async def put_image(self, image: ModelImage) -> ImageRef:
         def put() -> None:

@@ -25,11 +25,11 @@ USER_TURN_STOP = "\nUser:"
 
 @dataclass(frozen=True, eq=False)
 class ModelImage:
-    """An image ready for the model: PNG bytes of an RGB picture, known by its content hash."""
+    """An image ready for the model: the encoded bytes of an RGB picture, known by their content hash."""
 
     digest: str
     data: bytes
-    name: str = "image.png"
+    name: str = "image"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ModelImage) and other.digest == self.digest
