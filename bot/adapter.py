@@ -22,6 +22,7 @@ class Adapter(Protocol):
     """A running connection to one chat platform."""
 
     name: str
+    connected: bool  # for /healthz: False while the platform connection is down
 
     async def start(self) -> None:
         """Connect and begin handling messages; returns once connected."""

@@ -7,7 +7,9 @@ from contextlib import AsyncExitStack
 
 from bot.config import Config
 from bot.engine import Engine
+from bot.metrics import Metrics
 from bot.store import SQLiteStore, Store
+from bot.store_postgres import PostgresStore
 from model.loading import CheckpointSettings
 from model.service import ModelService
 
@@ -21,13 +23,21 @@ def create_model(config: Config) -> ModelService:
     settings = config.model
     return LocalBackend(
         CheckpointSettings(settings.checkpoint, settings.dtype, settings.quantization, settings.device_map),
-        BatchSettings(max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue),
+        BatchSettings(
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            stall_timeout_s=settings.stall_timeout_s,
+        ),
     )
 
 
 def create_store(config: Config) -> Store:
-    """The state store the config asks for (not opened yet)."""
-    return SQLiteStore(config.state.path)
+    """The state store the config asks for (not opened yet): PostgreSQL if `[state] url` is set."""
+    state = config.state
+    if state.url is not None:
+        return PostgresStore(state.url.get_secret_value(), max_connections=state.max_connections)
+    return SQLiteStore(state.path)
 
 
 class Runtime:
@@ -37,7 +47,8 @@ class Runtime:
         self.config = config
         self.store = store or create_store(config)
         self.model = model or create_model(config)
-        self.engine = Engine(config, self.model, self.store)
+        self.metrics = Metrics()
+        self.engine = Engine(config, self.model, self.store, self.metrics)
         self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> Runtime:

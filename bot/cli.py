@@ -61,6 +61,7 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
     SIGTERM (or until `stop` is set, for callers that manage their own signals, such as tests)."""
     from bot.adapter import enabled_platforms, load_adapter
     from bot.app import Runtime
+    from bot.health import HealthServer
 
     platforms = enabled_platforms(config)
     if not platforms:
@@ -74,7 +75,17 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
     async with Runtime(config) as runtime:
         adapters = [factory(config, runtime.engine) for factory in factories]
         started = []
+        health = None
         try:
+            if config.health.enabled:
+                health = HealthServer(
+                    config.health.host,
+                    config.health.port,
+                    runtime.model,
+                    runtime.metrics,
+                    lambda: {adapter.name: getattr(adapter, "connected", True) for adapter in adapters},
+                )
+                await health.start()
             for adapter in adapters:
                 await adapter.start()
                 started.append(adapter)
@@ -83,6 +94,8 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
         finally:
             for adapter in reversed(started):
                 await adapter.stop()
+            if health is not None:
+                await health.stop()
 
 
 # -- chat ------------------------------------------------------------------------------------

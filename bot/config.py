@@ -51,6 +51,7 @@ class ModelConfig(Section):
     max_queue: int = Field(64, ge=1)
     queue_timeout_s: float = Field(120.0, gt=0)
     generation_timeout_s: float = Field(300.0, gt=0)
+    stall_timeout_s: float = Field(120.0, gt=0)  # no new token for this long: the worker is replaced
 
 
 class GenerationConfig(Section):
@@ -91,8 +92,29 @@ class ImagesConfig(Section):
     allowed_hosts: list[str] = []  # addresses or names fetched even when private (e.g. "127.0.0.1" in tests)
 
 
+class LimitsConfig(Section):
+    """Fair sharing: a token bucket per user (0 per minute turns it off), and what happens to messages
+    that arrive while their conversation is being answered: "queue" answers each in order, "latest"
+    answers only the newest of those waiting (the others still join the conversation)."""
+
+    per_user_per_minute: float = Field(10.0, ge=0)
+    per_user_burst: int = Field(5, ge=1)
+    conversation_mode: Literal["queue", "latest"] = "queue"
+
+
 class StateConfig(Section):
+    """Where conversations live: the SQLite file at `path`, or, when `url` is set, a PostgreSQL
+    database that several bot processes can share."""
+
     path: Path = Path("state/idefics-bot.sqlite3")
+    url: SecretStr | None = None  # postgresql://user:password@host:port/database; may carry a password
+    max_connections: int = Field(20, ge=5, le=1000)  # to PostgreSQL, per process
+
+    @model_validator(mode="after")
+    def _url_is_postgresql(self) -> StateConfig:
+        if self.url is not None and not self.url.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("url must be a postgresql:// URL, like postgresql://idefics:secret@db.example:5432/idefics")
+        return self
 
 
 class LoggingConfig(Section):
@@ -146,6 +168,12 @@ class BotConfig(Section):
     shutdown_grace_s: float = Field(30.0, ge=0)  # on SIGTERM, in-flight replies get this long to finish
 
 
+class HealthConfig(Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(9090, ge=0, le=65535)
+
+
 def _slack_secrets(section: dict) -> list[str]:
     """The secrets Slack needs: the bot token, plus the app token (Socket Mode) or signing secret (HTTP)."""
     return ["bot_token", "signing_secret" if section.get("mode") == "http" else "app_token"]
@@ -156,16 +184,19 @@ _SECRETS_FROM_ENV = {
     ("slack", "bot_token"): "SLACK_BOT_TOKEN",
     ("slack", "app_token"): "SLACK_APP_TOKEN",
     ("slack", "signing_secret"): "SLACK_SIGNING_SECRET",
+    ("state", "url"): "DATABASE_URL",
 }
 
 
 class Config(Section):
     bot: BotConfig = BotConfig()
+    health: HealthConfig = HealthConfig()
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
     conversation: ConversationConfig = ConversationConfig()
     tasks: TasksConfig = TasksConfig()
     images: ImagesConfig = ImagesConfig()
+    limits: LimitsConfig = LimitsConfig()
     state: StateConfig = StateConfig()
     logging: LoggingConfig = LoggingConfig()
     discord: DiscordConfig = DiscordConfig(enabled=False)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -21,13 +21,16 @@ from pathlib import Path
 
 from bot.config import Config
 from bot.conversation import Author, ConversationKey, ImageRef, Turn
+from bot.fairness import ConversationTurns, RateLimiter
 from bot.fetch import FetchLimits, FetchRefused, fetch, file_name
 from bot.images import ACCEPTED, ImageLimits, ImageRejected, prepare_image
+from bot.metrics import Metrics
 from bot.prompt import PromptItems, PromptTooLong, clean_text, fit
 from bot.store import Store
 from bot.tasks import FewShotPair, TaskError, build_task
 from model.service import (
     Finished,
+    Started,
     GenerationParams,
     GenerationRequest,
     ModelError,
@@ -112,33 +115,14 @@ class _Refusal(Exception):
     """Input that ends the request with a message to the asker and no model call."""
 
 
-class _ConversationLocks:
-    """One request at a time per conversation; waiting requests go in arrival order."""
-
-    def __init__(self) -> None:
-        self._locks: dict[ConversationKey, asyncio.Lock] = {}
-        self._holders: Counter[ConversationKey] = Counter()
-
-    @asynccontextmanager
-    async def hold(self, key: ConversationKey):
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        self._holders[key] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._holders[key] -= 1
-            if not self._holders[key]:
-                del self._holders[key], self._locks[key]
-
-
 class Engine:
     """Ties turns to replies; shared by every adapter in the process."""
 
-    def __init__(self, config: Config, model: ModelService, store: Store):
+    def __init__(self, config: Config, model: ModelService, store: Store, metrics: Metrics | None = None):
         self.config = config
         self.model = model
         self.store = store
+        self.metrics = metrics or Metrics()
         images = config.images
         self.image_limits = ImageLimits(images.max_bytes, images.max_pixels, images.max_aspect_ratio)
         self.fetch_limits = FetchLimits(
@@ -156,7 +140,9 @@ class Engine:
             top_p=generation.top_p,
             repetition_penalty=generation.repetition_penalty,
         )
-        self._locks = _ConversationLocks()
+        limits = config.limits
+        self._rates = RateLimiter(limits.per_user_per_minute, limits.per_user_burst) if limits.per_user_per_minute else None
+        self._turns = ConversationTurns(latest_wins=limits.conversation_mode == "latest")
         self._few_shot: list[FewShotPair] | None = None
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -167,12 +153,21 @@ class Engine:
     async def _tracked(self):
         self._in_flight += 1
         self._idle.clear()
+        self.metrics.in_flight.inc()
         try:
             yield
         finally:
+            self.metrics.in_flight.dec()
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
+
+    @asynccontextmanager
+    async def _conversation_turn(self, key: ConversationKey, message: bool = True):
+        """This process's turn in the conversation, then the store's hold on it, which the other
+        processes sharing the state respect too. Yields whether a newer message overtook this one."""
+        async with self._turns.turn(key, message) as overtaken, self.store.hold_conversation(key):
+            yield overtaken
 
     async def drain(self, timeout: float) -> bool:
         """Stop taking requests and wait up to `timeout` s for those in flight; True if all finished."""
@@ -188,18 +183,31 @@ class Engine:
 
     async def reply(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
         """Answer one message in its conversation, streaming the reply."""
-        if self.closing:
-            yield Final("", (_RESTARTING,))
+        refusal = self._admit(message.key.platform, message.author)
+        if refusal:
+            yield Final("", (refusal,))
             return
         async with self._tracked():
             async for event in self._reply(message):
                 yield event
+
+    def _admit(self, platform: str, author: Author) -> str | None:
+        """Why a new request can't be taken now (shutting down, too many from this person), or None."""
+        if self.closing:
+            self.metrics.error("shutting_down")
+            return _RESTARTING
+        wait = self._rates.acquire((platform, author.id)) if self._rates else 0
+        if wait:
+            self.metrics.error("rate_limited")
+            return f"You're sending requests faster than I can answer. Please try again in {math.ceil(wait)} s."
+        return None
 
     async def _reply(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
         started = time.perf_counter()
         try:
             refs, notes = await self._take_in(message.key, message.attachments, message.text)
         except _Refusal as refusal:
+            self.metrics.error("input_refused")
             yield Final("", (str(refusal),))
             return
         text = clean_text(message.text)
@@ -207,7 +215,12 @@ class Engine:
             yield Final("", (*notes, "Send me a question, an image, or both, and I'll answer."))
             return
         user_turn = Turn("user", (*((text,) if text else ()), *refs), message.author, message.message_id)
-        async with self._locks.hold(message.key):
+        async with self._conversation_turn(message.key) as overtaken:
+            if overtaken:
+                # "latest" mode: a newer message is waiting; this one joins the history unanswered.
+                await self.store.add_turn(message.key, user_turn)
+                yield Final("", (*notes, "A newer message arrived while this one waited, so I'll answer that one with this in mind."))
+                return
             history = await self.store.load_turns(message.key)
             turns = [*history, user_turn]
             try:
@@ -221,6 +234,7 @@ class Engine:
                     shared=message.shared,
                 )
             except PromptTooLong as too_long:
+                self.metrics.error("too_long")
                 yield Final("", (*notes, str(too_long)))
                 return
             stored = await self.store.add_turn(message.key, user_turn)
@@ -250,15 +264,16 @@ class Engine:
 
     async def reset(self, key: ConversationKey) -> int:
         """Forget a conversation (waits for a reply in progress there to finish first)."""
-        async with self._locks.hold(key):
+        async with self._conversation_turn(key, message=False):
             return await self.store.reset(key)
 
     # -- one-off tasks -----------------------------------------------------------------------
 
     async def run_task(self, request: TaskRequest) -> AsyncIterator[ReplyEvent]:
         """Run a task on the given image (or the channel's last one); nothing is added to the conversation."""
-        if self.closing:
-            yield Final("", (_RESTARTING,))
+        refusal = self._admit(request.key.platform, request.author)
+        if refusal:
+            yield Final("", (refusal,))
             return
         async with self._tracked():
             async for event in self._run_task(request):
@@ -283,6 +298,7 @@ class Engine:
                 max_new_tokens=dict(self.config.tasks.max_new_tokens),
             )
         except (_Refusal, TaskError) as refusal:
+            self.metrics.error("input_refused")
             yield Final("", (*notes, str(refusal)))
             return
         async for event in self._generate(prompt.items, prompt.max_new_tokens, f"{request.key} task={request.task}"):
@@ -375,16 +391,36 @@ class Engine:
             label=label,
         )
         text = ""
+        metrics, clock = self.metrics, time.perf_counter
+        waiting_since = generating_since = None
         try:
             async for event in self.model.stream(request):
                 if isinstance(event, Queued):
+                    if waiting_since is None:
+                        waiting_since = clock()
+                        metrics.queue_depth.inc()
                     yield Waiting(event.position)
+                elif isinstance(event, Started):
+                    if waiting_since is not None:
+                        metrics.queue_depth.dec()
+                        metrics.queue_wait.observe(clock() - waiting_since)
+                        waiting_since = None
+                    metrics.batch_size.observe(event.batch_size)
+                    generating_since = clock()
                 elif isinstance(event, TextDelta):
                     text += event.text
                     yield Partial(text)
                 elif isinstance(event, Finished):
+                    if generating_since is not None:
+                        metrics.generation.observe(clock() - generating_since)
+                    metrics.tokens.inc(event.tokens)
+                    metrics.replies.labels(outcome=event.reason).inc()
                     yield Final(event.text)
                     return
         except ModelError as error:
+            metrics.error(type(error).__name__)
             log.warning("request.failed", extra={"request": label, "error": type(error).__name__})
             yield Final("", (str(error),))
+        finally:
+            if waiting_since is not None:  # left the queue without starting (cancelled, timed out)
+                metrics.queue_depth.dec()

@@ -48,6 +48,9 @@ class BatchSettings:
     max_queue: int = 64
     # After an out-of-memory error the batch size is halved; this many good batches later it doubles back.
     recover_after: int = 16
+    # A batch that makes no progress (no new token) for this long is declared stuck: its requests
+    # are answered with an error and a fresh worker thread takes over.
+    stall_timeout_s: float = 120.0
 
 
 @dataclass(eq=False)
@@ -86,6 +89,7 @@ class LocalBackend(ModelService):
         self._running: list[_Job] = []
         self._batch_limit = self.batching.max_batch_size
         self._good_batches = 0
+        self._last_progress = time.monotonic()  # written by the worker at every generation step
         self._closed = False
         self.batch_sizes: list[int] = []  # every batch run, in order; for tests and benchmarks
 
@@ -114,10 +118,19 @@ class LocalBackend(ModelService):
             job.cancelled = True
             job.emit(gone)
         self._pending.clear()
-        await asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)  # let the batch end
-        self._executor.shutdown(wait=True)
+        # Let the running batch end (its rows stop at the next step); a stuck worker is left behind.
+        ended = asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)
+        await asyncio.wait({ended}, timeout=self.batching.stall_timeout_s)
+        self._executor.shutdown(wait=False)
 
     # -- the interface -----------------------------------------------------------------------
+
+    def health(self) -> dict[str, bool]:
+        stalled = bool(self._running) and time.monotonic() - self._last_progress > self.batching.stall_timeout_s
+        return {
+            "loaded": hasattr(self, "_model") and not self._closed,
+            "worker_alive": self._dispatcher is not None and not self._dispatcher.done() and not stalled,
+        }
 
     async def count_tokens(self, prompt: Prompt) -> int:
         # The same text the processor builds: <s>, stripped text items, and image markers where
@@ -143,7 +156,7 @@ class LocalBackend(ModelService):
                     async with asyncio.timeout_at(deadline):
                         event = await job.events.get()
                 except TimeoutError:
-                    raise self._timeout(request, started) from None
+                    raise ModelTimeout.after(request, started) from None
                 if isinstance(event, BaseException):
                     raise event
                 if isinstance(event, Started):
@@ -179,27 +192,47 @@ class LocalBackend(ModelService):
         for position, job in enumerate(self._pending, start=1):
             job.events.put_nowait(Queued(position=position))
 
-    @staticmethod
-    def _timeout(request: GenerationRequest, started: bool) -> ModelTimeout:
-        if started:
-            return ModelTimeout(f"The reply took longer than {request.timeout:g} s, so I stopped it. Please try a shorter question.")
-        return ModelTimeout(
-            f"The model was busy and your request waited more than {request.queue_timeout:g} s in the queue. Please try again."
-        )
-
     async def _dispatch(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            await self._gather_companions(loop)
+            await self._gather_companions(asyncio.get_running_loop())
             batch = self._take_batch()
             if not batch:
                 continue
             self._running = batch
             self._announce_positions()
             try:
-                await loop.run_in_executor(self._executor, self._run_batch, batch)
+                await self._supervise(batch)
+            except Exception:  # the batcher must outlive any one batch
+                log.exception("batch.crashed", extra={"size": len(batch)})
+                self._fail(batch, GenerationFailed("Sorry, something went wrong while answering. Please try again."))
             finally:
                 self._running = []
+
+    async def _supervise(self, batch: list[_Job]) -> None:
+        """Run `batch` on the worker thread; if it stops making progress, answer its requests and
+        replace the worker (a thread stuck in native code can't be killed, only abandoned)."""
+        self._last_progress = time.monotonic()
+        work = asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, batch)
+        check_every = min(1.0, self.batching.stall_timeout_s / 4)
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=check_every)
+            if done:
+                work.result()
+                return
+            stalled = time.monotonic() - self._last_progress
+            if stalled > self.batching.stall_timeout_s:
+                log.error("worker.stuck", extra={"size": len(batch), "stalled_s": round(stalled, 1)})
+                self._fail(batch, GenerationFailed("Sorry, the model stopped responding, so I gave up on this request. Please try again."))
+                self._executor.shutdown(wait=False)
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idefics-generate")
+                return
+
+    @staticmethod
+    def _fail(batch: list[_Job], error: Exception) -> None:
+        for job in batch:
+            if not job.cancelled and not (job.sink and job.sink.finished):
+                job.cancelled = True
+                job.emit(error)
 
     async def _gather_companions(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait for work, then briefly for more requests to share the batch with."""
@@ -273,7 +306,7 @@ class LocalBackend(ModelService):
             add_end_of_utterance_token=False,
         ).to(self._model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
-        rows = BatchRows([job.sink for job in jobs], self._decode, self._end_ids, self._byte_ids)
+        rows = BatchRows([job.sink for job in jobs], self._decode, self._end_ids, self._byte_ids, on_step=self._progressed)
         params = jobs[0].request.params
         settings = {
             "max_new_tokens": max(job.request.params.max_new_tokens for job in jobs),
@@ -290,6 +323,9 @@ class LocalBackend(ModelService):
             settings.update(temperature=params.temperature, top_p=params.top_p)
         with torch.inference_mode():
             self._model.generate(**inputs, **settings)
+
+    def _progressed(self) -> None:
+        self._last_progress = time.monotonic()
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)

@@ -121,6 +121,13 @@ class ModelBusy(ModelError):
 class ModelTimeout(ModelError):
     """The request ran past its queue or generation time limit."""
 
+    @classmethod
+    def after(cls, request: GenerationRequest, started: bool) -> ModelTimeout:
+        """The error for `request` running out of time: waiting for the model, or (once `started`) generating."""
+        if started:
+            return cls(f"The reply took longer than {request.timeout:g} s, so I stopped it. Please try a shorter question.")
+        return cls(f"The model was busy and your request waited more than {request.queue_timeout:g} s in the queue. Please try again.")
+
 
 class GenerationFailed(ModelError):
     """The model raised while working on this request (the other requests of its batch go on)."""
@@ -163,6 +170,10 @@ class ModelService(abc.ABC):
     def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         """Submit `request` and yield its events. Leaving the iteration early (or cancelling the task
         that iterates) cancels the request and frees its place. Raises a `ModelError` on failure."""
+
+    def health(self) -> dict[str, bool]:
+        """Named checks for /healthz, each True when fine (e.g. "loaded", "worker_alive")."""
+        return {"started": True}
 
     async def generate(self, request: GenerationRequest) -> Finished:
         """Run `request` to the end and return the finished reply."""

@@ -15,10 +15,8 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from model.service import USER_TURN_STOP, Finished, TextDelta
-
-# The reference demo hides a trailing "\nUser" (the model opening the next turn without the colon).
-_TRAILING_USER = USER_TURN_STOP.rstrip(":")
+from model.reply_text import visible_text
+from model.service import Finished, TextDelta
 
 
 @dataclass(eq=False)
@@ -37,27 +35,6 @@ class RowSink:
     finished: bool = False
 
 
-def visible_text(text: str, stop_strings: Sequence[str], final: bool) -> tuple[str, bool]:
-    """What of the decoded `text` may be shown, and whether a stop string ended it.
-
-    While the row runs, anything that might still turn into a stop string and trailing blanks are
-    held back, so the shown text only ever grows.
-    """
-    stopped = False
-    for stop in stop_strings:
-        at = text.find(stop)
-        if at != -1:
-            text, stopped = text[:at], True
-    if final or stopped:
-        text = text.rstrip()
-        if text.endswith(_TRAILING_USER):
-            text = text[: -len(_TRAILING_USER)]
-        return text.strip(), stopped
-    held = max((n for stop in (*stop_strings, _TRAILING_USER) for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
-    text = text[: len(text) - held].rstrip()
-    return text.lstrip(), False
-
-
 @dataclass(eq=False)
 class _Row:
     sink: RowSink
@@ -74,14 +51,17 @@ class BatchRows(BaseStreamer, StoppingCriteria):
         decode: Callable[[list[int]], str],
         end_ids: Sequence[int],
         byte_ids: frozenset[int] = frozenset(),
+        on_step: Callable[[], None] = lambda: None,
     ):
         self._rows = [_Row(sink) for sink in sinks]
+        self._on_step = on_step
         self._decode = decode
         self._end_ids = frozenset(end_ids)
         self._byte_ids = byte_ids
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
+        self._on_step()
         if not self._prompt_seen:  # the first call carries the prompts, not new tokens
             self._prompt_seen = True
             return

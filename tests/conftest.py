@@ -56,6 +56,8 @@ def config(tmp_path, tiny_checkpoint) -> Config:
 checkpoint = "{tiny_checkpoint}"
 [generation]
 max_new_tokens = 24
+[limits]
+per_user_burst = 1000  # tests send bursts from one user; tests/test_fairness.py covers the limiter
 [state]
 path = "{tmp_path / 'state' / 'bot.sqlite3'}"
 """,

@@ -225,3 +225,40 @@ async def test_text_that_looks_like_a_url_is_never_fetched(backend):
     items = LocalBackend._processor_items(prompt)
     assert all(isinstance(item, str) and len(item) == 1 for item in items[2:-1])
     assert "".join(items[2:-1]) == f"{link}<end_of_utterance>"
+
+
+class Hang(LogitsProcessor):
+    """Blocks the first generate call at its third step, as a wedged GPU kernel would."""
+
+    def __init__(self):
+        import threading
+
+        self.release = threading.Event()
+        self.calls = 0
+        self._last_length = None
+
+    def __call__(self, input_ids, scores):
+        length = input_ids.shape[1]
+        if self._last_length is None or length != self._last_length + 1:
+            self.calls += 1
+            self._step = 0
+        self._last_length = length
+        self._step += 1
+        if self.calls == 1 and self._step == 3:
+            self.release.wait(timeout=60)
+        return scores
+
+
+async def test_a_stuck_worker_is_replaced_and_its_requests_answered(tiny_checkpoint):
+    hang = Hang()
+    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(stall_timeout_s=0.5), logits_processors=[hang])
+    await service.start()
+    try:
+        stuck = asyncio.create_task(collect(service, request(PROMPTS["one image"], 20)))
+        with pytest.raises(GenerationFailed, match="stopped responding"):
+            await stuck
+        _, finished = await collect(service, request(PROMPTS["no image"], 5))
+        assert finished.tokens == 5
+    finally:
+        hang.release.set()
+        await service.close()

@@ -103,3 +103,53 @@ async def test_a_newer_schema_is_refused(tmp_path):
     sqlite3.connect(path).execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     with pytest.raises(StoreError, match="newer idefics-bot"):
         await SQLiteStore(path).open()
+
+
+WRITER = """
+import asyncio, sys
+from bot.conversation import Author, ConversationKey, Turn
+from bot.images import prepare_image
+from bot.store import SQLiteStore
+from tests.conftest import image_bytes
+
+async def main():
+    store = SQLiteStore(sys.argv[1])
+    await store.open()
+    key = ConversationKey("test", "kill")
+    for n in range(100000):
+        image = await store.put_image(prepare_image(image_bytes((n % 256, 0, 0)), f"{n}.png"))
+        await store.add_turn(key, Turn("user", (f"turn {n}", image), Author("u", "U")))
+        print(n, flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_killing_the_process_mid_write_leaves_a_consistent_store(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "bot.sqlite3"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent
+    )
+    last = -1
+    for line in writer.stdout:
+        last = int(line)
+        if last >= 40:
+            break
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    reopened = SQLiteStore(path)
+    await reopened.open()
+    try:
+        turns = await reopened.load_turns(ConversationKey("test", "kill"), limit=100000)
+        assert last + 1 <= len(turns) <= last + 2  # every acknowledged write is there, at most one more
+        assert [turn.text for turn in turns] == [f"turn {n}" for n in range(len(turns))]
+        for turn in turns:
+            assert (await reopened.get_image(turn.images[0])).data  # every image a turn names is on disk
+    finally:
+        await reopened.close()
