@@ -183,24 +183,25 @@ class Engine:
 
     async def reply(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
         """Answer one message in its conversation, streaming the reply."""
-        refusal = self._admit(message.key.platform, message.author)
+        async for event in self._admitted(message.key.platform, message.author, self._reply(message)):
+            yield event
+
+    async def _admitted(self, platform: str, author: Author, work: AsyncIterator[ReplyEvent]) -> AsyncIterator[ReplyEvent]:
+        """`work`'s events if a new request can be taken now; else why not (shutting down, or too
+        many requests from this person)."""
+        refusal = None
+        if self.closing:
+            self.metrics.error("shutting_down")
+            refusal = _RESTARTING
+        elif wait := (self._rates.acquire((platform, author.id)) if self._rates else 0):
+            self.metrics.error("rate_limited")
+            refusal = f"You're sending requests faster than I can answer. Please try again in {math.ceil(wait)} s."
         if refusal:
             yield Final("", (refusal,))
             return
         async with self._tracked():
-            async for event in self._reply(message):
+            async for event in work:
                 yield event
-
-    def _admit(self, platform: str, author: Author) -> str | None:
-        """Why a new request can't be taken now (shutting down, too many from this person), or None."""
-        if self.closing:
-            self.metrics.error("shutting_down")
-            return _RESTARTING
-        wait = self._rates.acquire((platform, author.id)) if self._rates else 0
-        if wait:
-            self.metrics.error("rate_limited")
-            return f"You're sending requests faster than I can answer. Please try again in {math.ceil(wait)} s."
-        return None
 
     async def _reply(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
         started = time.perf_counter()
@@ -271,13 +272,8 @@ class Engine:
 
     async def run_task(self, request: TaskRequest) -> AsyncIterator[ReplyEvent]:
         """Run a task on the given image (or the channel's last one); nothing is added to the conversation."""
-        refusal = self._admit(request.key.platform, request.author)
-        if refusal:
-            yield Final("", (refusal,))
-            return
-        async with self._tracked():
-            async for event in self._run_task(request):
-                yield event
+        async for event in self._admitted(request.key.platform, request.author, self._run_task(request)):
+            yield event
 
     async def _run_task(self, request: TaskRequest) -> AsyncIterator[ReplyEvent]:
         notes: list[str] = []
