@@ -2,7 +2,8 @@
 
 `Store` is the interface; `SQLiteStore` is the default: one SQLite file (WAL, one transaction per
 change, a versioned schema) and the images beside it as JPEG files named by their content hash.
-All SQLite and file work runs on one dedicated thread, never on the event loop.
+All SQLite and file work runs on one dedicated thread, never on the event loop. SQLite state belongs
+to one process; state that several processes share lives in PostgreSQL (`bot.store_postgres`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 from bot.conversation import Author, ConversationKey, ImageRef, Part, Turn
+from bot.fairness import ConversationTurns
 from model.service import ModelImage
 
 
@@ -32,6 +36,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def hold_conversation(self, key: ConversationKey) -> AbstractAsyncContextManager[None]:
+        """`async with store.hold_conversation(key):` one holder at a time per conversation, among all
+        the processes that use this state; waiters get their turn in arrival order."""
 
     @abc.abstractmethod
     async def load_turns(self, key: ConversationKey, limit: int = 200) -> list[Turn]:
@@ -134,6 +143,7 @@ class SQLiteStore(Store):
         self.images_dir = self.path.parent / "images"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._db: sqlite3.Connection | None = None
+        self._turns = ConversationTurns()
 
     async def _run(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
@@ -187,6 +197,12 @@ class SQLiteStore(Store):
         self._executor.shutdown(wait=True)
 
     # -- conversations -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def hold_conversation(self, key: ConversationKey) -> AsyncIterator[None]:
+        """A SQLite file has one process, so turns taken within this process are enough."""
+        async with self._turns.turn(key, message=False):
+            yield
 
     def _conversation_id(self, key: ConversationKey, create: bool) -> int | None:
         row = self._db.execute(

@@ -20,6 +20,7 @@ from bot.config import Config, load_config  # noqa: E402
 from model.loading import CheckpointSettings  # noqa: E402
 from model.local import BatchSettings, LocalBackend  # noqa: E402
 from model.tiny import write_tiny_checkpoint  # noqa: E402
+from tests.postgres import postgres_server, postgres_url  # noqa: E402, F401 (fixtures: a real PostgreSQL)
 
 
 @pytest.fixture(scope="session")

@@ -1,40 +1,53 @@
-"""The SQLite store: conversations survive a restart, reset forgets, bad files give clear errors."""
+"""Both stores, SQLite and PostgreSQL (a real server): conversations survive a restart, reset forgets,
+events are claimed once, one holder at a time per conversation, bad state gives clear errors."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from collections.abc import Callable
 
 import pytest
 
 from bot.conversation import Author, ConversationKey, ImageRef, Turn
 from bot.images import prepare_image
-from bot.store import SCHEMA_VERSION, SQLiteStore, StoreError
+from bot.store import SCHEMA_VERSION, SQLiteStore, Store, StoreError
+from bot.store_postgres import PostgresStore
 from tests.conftest import image_bytes
 
 KEY = ConversationKey("discord", "c1", "t1")
 OTHER = ConversationKey("discord", "c1", "t2")
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_store(request, tmp_path) -> Callable[[], Store]:
+    """Makes store objects on one and the same state, as a restart (or another process) would."""
+    if request.param == "sqlite":
+        return lambda: SQLiteStore(tmp_path / "state" / "bot.sqlite3")
+    url = request.getfixturevalue("postgres_url")
+    return lambda: PostgresStore(url)
+
+
 @pytest.fixture
-async def store(tmp_path):
-    opened = SQLiteStore(tmp_path / "state" / "bot.sqlite3")
+async def store(new_store):
+    opened = new_store()
     await opened.open()
     yield opened
     await opened.close()
 
 
-async def test_turns_and_images_survive_a_restart(tmp_path):
-    path = tmp_path / "bot.sqlite3"
-    first = SQLiteStore(path)
+async def test_turns_and_images_survive_a_restart(new_store):
+    first = new_store()
     await first.open()
     image = prepare_image(image_bytes(), "cat.png")
     ref = await first.put_image(image)
+    assert await first.put_image(image) == ref  # stored once per content
     await first.add_turn(KEY, Turn("user", ("What is this?", ref), Author("u1", "Ann"), message_id="m1"))
     await first.add_turn(KEY, Turn("assistant", ("A cat.",), dropped=2))
     await first.link_message("discord", "m2", KEY)
     await first.close()
 
-    second = SQLiteStore(path)
+    second = new_store()
     await second.open()
     try:
         turns = await second.load_turns(KEY)
@@ -45,9 +58,17 @@ async def test_turns_and_images_survive_a_restart(tmp_path):
         assert all(turn.id is not None for turn in turns)
         assert (await second.get_image(ref)).data == image.data
         assert await second.conversation_of("discord", "m2") == KEY
+        assert await second.conversation_of("discord", "m3") is None
         assert await second.load_turns(OTHER) == []
     finally:
         await second.close()
+
+
+async def test_a_new_state_file_gets_the_current_schema(tmp_path):
+    path = tmp_path / "bot.sqlite3"
+    opened = SQLiteStore(path)
+    await opened.open()
+    await opened.close()
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
@@ -73,6 +94,12 @@ async def test_remove_turn(store):
     assert await store.load_turns(KEY) == [kept]
 
 
+async def test_a_message_can_be_linked_again(store):
+    await store.link_message("slack", "m1", KEY)
+    await store.link_message("slack", "m1", OTHER)
+    assert await store.conversation_of("slack", "m1") == OTHER
+
+
 async def test_events_are_claimed_once(store):
     assert await store.claim_event("slack", "Ev1")
     assert not await store.claim_event("slack", "Ev1")
@@ -84,11 +111,52 @@ async def test_last_image_of_a_channel(store):
     await store.remember_image("slack", "C1", ImageRef("a" * 64, "one.png"))
     await store.remember_image("slack", "C1", ImageRef("b" * 64, "two.png"))
     assert await store.last_image("slack", "C1") == ImageRef("b" * 64, "two.png")
+    assert await store.last_image("slack", "C2") is None
 
 
-async def test_a_missing_image_file_is_a_clear_error(store):
-    with pytest.raises(StoreError, match="missing"):
+async def test_a_missing_image_is_a_clear_error(store):
+    with pytest.raises(StoreError, match=r"The image lost.png \(cccccccccccc\) is missing from"):
         await store.get_image(ImageRef("c" * 64, "lost.png"))
+
+
+async def test_holders_of_a_conversation_take_turns_in_arrival_order(store):
+    entered: list[int] = []
+    first_in, let_go = asyncio.Event(), asyncio.Event()
+
+    async def hold(n: int) -> None:
+        async with store.hold_conversation(KEY):
+            entered.append(n)
+            if n == 0:
+                first_in.set()
+                await let_go.wait()
+            assert entered[-1] == n  # nobody else got in meanwhile
+
+    holders = [asyncio.create_task(hold(0))]
+    await first_in.wait()
+    holders += [asyncio.create_task(hold(n)) for n in (1, 2, 3)]
+    async with asyncio.timeout(10):
+        async with store.hold_conversation(OTHER):  # another conversation doesn't wait
+            assert entered == [0]
+    let_go.set()
+    async with asyncio.timeout(10):
+        await asyncio.gather(*holders)
+    assert entered == [0, 1, 2, 3]
+
+
+async def test_a_cancelled_holder_lets_the_next_one_in(store):
+    inside = asyncio.Event()
+
+    async def hold_forever() -> None:
+        async with store.hold_conversation(KEY):
+            inside.set()
+            await asyncio.Event().wait()
+
+    holder = asyncio.create_task(hold_forever())
+    await inside.wait()
+    holder.cancel()
+    async with asyncio.timeout(10):
+        async with store.hold_conversation(KEY):
+            pass
 
 
 async def test_a_corrupt_state_file_is_a_clear_start_up_error(tmp_path):
@@ -103,53 +171,3 @@ async def test_a_newer_schema_is_refused(tmp_path):
     sqlite3.connect(path).execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     with pytest.raises(StoreError, match="newer idefics-bot"):
         await SQLiteStore(path).open()
-
-
-WRITER = """
-import asyncio, sys
-from bot.conversation import Author, ConversationKey, Turn
-from bot.images import prepare_image
-from bot.store import SQLiteStore
-from tests.conftest import image_bytes
-
-async def main():
-    store = SQLiteStore(sys.argv[1])
-    await store.open()
-    key = ConversationKey("test", "kill")
-    for n in range(100000):
-        image = await store.put_image(prepare_image(image_bytes((n % 256, 0, 0)), f"{n}.png"))
-        await store.add_turn(key, Turn("user", (f"turn {n}", image), Author("u", "U")))
-        print(n, flush=True)
-
-asyncio.run(main())
-"""
-
-
-async def test_killing_the_process_mid_write_leaves_a_consistent_store(tmp_path):
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    path = tmp_path / "bot.sqlite3"
-    writer = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent
-    )
-    last = -1
-    for line in writer.stdout:
-        last = int(line)
-        if last >= 40:
-            break
-    writer.send_signal(signal.SIGKILL)
-    writer.wait()
-    assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    reopened = SQLiteStore(path)
-    await reopened.open()
-    try:
-        turns = await reopened.load_turns(ConversationKey("test", "kill"), limit=100000)
-        assert last + 1 <= len(turns) <= last + 2  # every acknowledged write is there, at most one more
-        assert [turn.text for turn in turns] == [f"turn {n}" for n in range(len(turns))]
-        for turn in turns:
-            assert (await reopened.get_image(turn.images[0])).data  # every image a turn names is on disk
-    finally:
-        await reopened.close()

@@ -1,0 +1,397 @@
+"""The state in PostgreSQL, shared by several bot processes (on one machine or many).
+
+`[state] url = "postgresql://..."` selects this store. It keeps what `SQLiteStore` keeps, and is
+safe when several processes use one database at once:
+
+- Slack event ids are claimed with one INSERT ... ON CONFLICT DO NOTHING, so of two processes that
+  receive the same event (HTTP mode behind a load balancer), exactly one gets `True` and answers.
+- `hold_conversation` takes a PostgreSQL advisory lock per conversation, so two messages of one
+  conversation handled by two processes are answered one after the other, the second seeing the
+  first's turns. See `hold_conversation` for the order waiters are served in.
+- Images live in the database (bytea, keyed by content hash), not in files: every process, on any
+  machine, then reads the same images without a shared disk, and one backup holds the turns with
+  the images they name. They are small (JPEG within the `[images]` limits), stored once per
+  content, and read only to build a prompt.
+- The schema is versioned (table `schema_version`); missing migrations are applied at start-up in
+  one transaction under an advisory lock, so two processes starting together don't race.
+
+Connections: queries share a small pool; each conversation being answered holds one more
+connection (that is where its advisory lock lives) from a second pool, so a holder always finds
+a connection for its queries. `max_connections` bounds both together, per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import asyncpg
+
+from bot.conversation import Author, ConversationKey, ImageRef, Turn
+from bot.fairness import ConversationTurns
+from bot.store import EVENT_MEMORY_S, Store, StoreError, decode_parts, encode_parts
+from model.service import ModelImage
+
+log = logging.getLogger(__name__)
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE conversations (
+        id BIGSERIAL PRIMARY KEY,
+        platform TEXT NOT NULL, channel TEXT NOT NULL, thread TEXT NOT NULL,
+        created TIMESTAMPTZ NOT NULL DEFAULT now(),
+        UNIQUE (platform, channel, thread)
+    );
+    CREATE TABLE turns (
+        id BIGSERIAL PRIMARY KEY,
+        conversation_id BIGINT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+        author_id TEXT, author_name TEXT,
+        parts JSONB NOT NULL,
+        message_id TEXT NOT NULL DEFAULT '',
+        dropped INTEGER NOT NULL DEFAULT 0,
+        created TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    CREATE INDEX turns_by_conversation ON turns (conversation_id, id);
+    CREATE TABLE messages (
+        platform TEXT NOT NULL, message_id TEXT NOT NULL,
+        conversation_id BIGINT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        PRIMARY KEY (platform, message_id)
+    );
+    CREATE TABLE events (
+        platform TEXT NOT NULL, event_id TEXT NOT NULL, seen TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (platform, event_id)
+    );
+    CREATE TABLE channel_images (
+        platform TEXT NOT NULL, channel TEXT NOT NULL,
+        digest TEXT NOT NULL, name TEXT NOT NULL, seen TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (platform, channel)
+    );
+    CREATE TABLE images (
+        digest TEXT PRIMARY KEY,
+        data BYTEA NOT NULL,
+        created TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    """,
+]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+# Advisory locks of idefics-bot use the two-int4 key space (apart from single-bigint keys), with
+# these first halves: one for the schema, one for conversations (the second half hashes the key).
+_SCHEMA_LOCK = (0x1DEF1C50, 0)
+_CONVERSATION_LOCKS = 0x1DEF1C51
+QUERY_CONNECTIONS = 4
+_CONNECT_TIMEOUT_S = 10.0
+_QUERY_TIMEOUT_S = 60.0
+_CLOSE_TIMEOUT_S = 10.0
+
+
+def conversation_lock(key: ConversationKey) -> tuple[int, int]:
+    """The advisory lock of a conversation: the same in every process. Two conversations that share
+    one (a 1 in 4 billion chance) only wait for each other."""
+    digest = hashlib.blake2b(json.dumps([key.platform, key.channel, key.thread]).encode(), digest_size=4).digest()
+    return _CONVERSATION_LOCKS, int.from_bytes(digest, "big", signed=True)
+
+
+def _url_parts(url: str) -> tuple[str, str, str]:
+    """The user, host(s) and database a PostgreSQL URL names (never its password)."""
+    parts = urlsplit(url)
+    query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    user = query.get("user") or unquote(credentials.partition(":")[0]) or "the default user"
+    host = query.get("host") or hosts or "the default host"
+    database = query.get("dbname") or query.get("database") or unquote(parts.path.lstrip("/")) or "the default database"
+    return user, host, database
+
+
+def describe_url(url: str) -> str:
+    """Where a PostgreSQL URL points, without its password: 'database D on H as U'."""
+    user, host, database = _url_parts(url)
+    return f"database {database} on {host} as {user}"
+
+
+def _start_up_error(url: str, error: BaseException) -> StoreError:
+    """One readable sentence for a failure to connect: what is wrong and what to do."""
+    where = describe_url(url)
+    if isinstance(error, asyncpg.InvalidPasswordError):
+        return StoreError(f"PostgreSQL refused the password for the {where}. Fix the password in [state] url (or DATABASE_URL).")
+    if isinstance(error, asyncpg.InvalidAuthorizationSpecificationError):
+        return StoreError(
+            f"PostgreSQL refused the login to the {where} ({error}). Fix the user in [state] url, or the server's pg_hba.conf."
+        )
+    if isinstance(error, asyncpg.InvalidCatalogNameError):
+        _, host, database = _url_parts(url)
+        return StoreError(
+            f"PostgreSQL on {host} has no database {database}. Create it (createdb {database}), or fix the database name in [state] url."
+        )
+    if isinstance(error, asyncpg.InsufficientPrivilegeError):
+        return StoreError(
+            f"PostgreSQL doesn't let idefics-bot create its tables in the {where} ({error}). Grant that user CREATE on the database, or use a database it owns."
+        )
+    if isinstance(error, asyncpg.PostgresError):
+        return StoreError(f"PostgreSQL refused the {where} ({error}). Check the server's log and [state] url.")
+    if isinstance(error, ValueError):
+        return StoreError(
+            "[state] url is not a usable PostgreSQL URL; write it as postgresql://user:password@host:port/database."
+        )
+    reason = "no answer in time" if isinstance(error, TimeoutError) else str(error) or type(error).__name__
+    return StoreError(
+        f"PostgreSQL can't be reached for the {where} ({reason}). Check that the server is running and that [state] url names it."
+    )
+
+
+class PostgresStore(Store):
+    """The shared store: all state in one PostgreSQL database. `url` is a postgresql:// URL."""
+
+    def __init__(self, url: str, max_connections: int = 20):
+        if max_connections <= QUERY_CONNECTIONS:
+            raise ValueError(f"max_connections must be more than {QUERY_CONNECTIONS}")
+        self._url = url
+        self._max_connections = max_connections
+        self._pool: asyncpg.Pool | None = None  # queries
+        self._lock_pool: asyncpg.Pool | None = None  # one connection per conversation being answered
+        self._turns = ConversationTurns()
+        self.where = describe_url(url)
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.where})"
+
+    def _create_pool(self, min_size: int, max_size: int, command_timeout: float | None) -> asyncpg.Pool:
+        return asyncpg.create_pool(
+            self._url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=_CONNECT_TIMEOUT_S,
+            command_timeout=command_timeout,
+            server_settings={"application_name": "idefics-bot"},
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            pool = await self._create_pool(1, QUERY_CONNECTIONS, _QUERY_TIMEOUT_S)
+        except (OSError, TimeoutError, ValueError, asyncpg.PostgresError) as error:
+            raise _start_up_error(self._url, error) from None
+        try:
+            async with pool.acquire() as connection:
+                await self._migrate(connection)
+                await connection.execute(
+                    "DELETE FROM events WHERE seen < now() - make_interval(secs => $1)", float(EVENT_MEMORY_S)
+                )
+        except BaseException as error:
+            pool.terminate()
+            if isinstance(error, asyncpg.PostgresConnectionError | asyncpg.InsufficientPrivilegeError | OSError | TimeoutError):
+                raise _start_up_error(self._url, error) from None
+            if isinstance(error, asyncpg.PostgresError):
+                raise StoreError(
+                    f"The {self.where} can't be set up for idefics-bot ({error}). Give idefics-bot a database of its own, "
+                    "or check the server's log."
+                ) from None
+            raise
+        # Lock connections wait on the server for as long as a conversation is busy: no command timeout.
+        self._lock_pool = await self._create_pool(0, self._max_connections - QUERY_CONNECTIONS, None)
+        self._pool = pool
+        log.info("store.opened", extra={"store": "postgresql", "where": self.where, "schema": SCHEMA_VERSION})
+
+    async def _migrate(self, connection: asyncpg.Connection) -> None:
+        async with connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock($1, $2)", *_SCHEMA_LOCK)
+            await connection.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            version = await connection.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"The {self.where} was written by a newer idefics-bot (schema {version}, this one knows {SCHEMA_VERSION}). "
+                    "Upgrade idefics-bot or point [state] url elsewhere."
+                )
+            for number in range(version, SCHEMA_VERSION):
+                await connection.execute(_MIGRATIONS[number])
+                await connection.execute("INSERT INTO schema_version (version) VALUES ($1)", number + 1)
+                log.info("store.migrated", extra={"where": self.where, "schema": number + 1})
+
+    async def close(self) -> None:
+        for pool in (self._lock_pool, self._pool):
+            if pool is None:
+                continue
+            try:  # a graceful close waits for connections in use; a stuck holder mustn't stop a shutdown
+                async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                    await pool.close()
+            except TimeoutError:
+                pool.terminate()
+        self._pool = self._lock_pool = None
+
+    # -- one conversation at a time --------------------------------------------------------
+
+    @asynccontextmanager
+    async def hold_conversation(self, key: ConversationKey) -> AsyncIterator[None]:
+        """Serialise work on a conversation across every process that uses this database.
+
+        Within a process, waiters take turns in arrival order, and only the first of them waits on
+        the server (so a process needs one connection per busy conversation, not per message).
+        Between processes, PostgreSQL's lock queue is first come, first served: a conversation's
+        messages are answered in the order their processes asked the database for it. A process
+        asks for its next message once its previous one is done, so another process's message
+        may come in between, but each process's own messages keep their arrival order.
+
+        The lock belongs to the session of a connection held for the purpose: if the connection or
+        the whole process dies, the server frees the lock, and the next waiter goes on.
+        """
+        async with self._turns.turn(key, message=False), self._lock_pool.acquire() as connection:
+            lock = conversation_lock(key)
+            # Cancelled while waiting for the lock or in it: releasing the connection to the pool
+            # resets it with pg_advisory_unlock_all() (or, failing that, closes it).
+            await connection.execute("SELECT pg_advisory_lock($1, $2)", *lock)
+            try:
+                yield
+            finally:
+                try:
+                    await connection.execute("SELECT pg_advisory_unlock($1, $2)", *lock)
+                except Exception as error:  # noqa: BLE001 (however it broke, releasing it below frees the lock)
+                    # The connection broke, and with its session the lock ended, perhaps earlier
+                    # than this holder thought: another process may have been in the conversation.
+                    log.warning("store.conversation_lock_lost", extra={"conversation": str(key), "error": type(error).__name__})
+
+    # -- conversations -----------------------------------------------------------------------
+
+    @staticmethod
+    async def _conversation_id(connection: asyncpg.Connection, key: ConversationKey) -> int:
+        """The conversation's id, created if new. Rows are never deleted, so once found it stays."""
+        select = "SELECT id FROM conversations WHERE platform=$1 AND channel=$2 AND thread=$3"
+        found = await connection.fetchval(select, key.platform, key.channel, key.thread)
+        if found is None:
+            found = await connection.fetchval(
+                "INSERT INTO conversations (platform, channel, thread) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING id",
+                key.platform,
+                key.channel,
+                key.thread,
+            )
+        if found is None:  # another process created it meanwhile; this new statement sees its row
+            found = await connection.fetchval(select, key.platform, key.channel, key.thread)
+        return found
+
+    async def load_turns(self, key: ConversationKey, limit: int = 200) -> list[Turn]:
+        rows = await self._pool.fetch(
+            """SELECT t.id, t.role, t.author_id, t.author_name, t.parts, t.message_id, t.dropped
+               FROM turns t JOIN conversations c ON c.id = t.conversation_id
+               WHERE c.platform=$1 AND c.channel=$2 AND c.thread=$3 ORDER BY t.id DESC LIMIT $4""",
+            key.platform,
+            key.channel,
+            key.thread,
+            limit,
+        )
+        return [
+            Turn(
+                row["role"],
+                decode_parts(row["parts"]),
+                Author(row["author_id"], row["author_name"]) if row["author_id"] is not None else None,
+                row["message_id"],
+                row["dropped"],
+                id=row["id"],
+            )
+            for row in reversed(rows)
+        ]
+
+    async def add_turn(self, key: ConversationKey, turn: Turn) -> Turn:
+        async with self._pool.acquire() as connection:
+            conversation = await self._conversation_id(connection, key)
+            author = turn.author
+            turn_id = await connection.fetchval(
+                "INSERT INTO turns (conversation_id, role, author_id, author_name, parts, message_id, dropped)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                conversation,
+                turn.role,
+                author.id if author else None,
+                author.name if author else None,
+                encode_parts(turn.parts),
+                turn.message_id,
+                turn.dropped,
+            )
+        return Turn(turn.role, turn.parts, turn.author, turn.message_id, turn.dropped, id=turn_id)
+
+    async def remove_turn(self, turn_id: int) -> None:
+        await self._pool.execute("DELETE FROM turns WHERE id=$1", turn_id)
+
+    async def reset(self, key: ConversationKey) -> int:
+        return await self._pool.fetchval(
+            """WITH gone AS (
+                   DELETE FROM turns t USING conversations c
+                   WHERE c.id = t.conversation_id AND c.platform=$1 AND c.channel=$2 AND c.thread=$3 RETURNING 1
+               ) SELECT count(*) FROM gone""",
+            key.platform,
+            key.channel,
+            key.thread,
+        )
+
+    async def has_conversation(self, key: ConversationKey) -> bool:
+        return await self._pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM turns t JOIN conversations c ON c.id = t.conversation_id"
+            " WHERE c.platform=$1 AND c.channel=$2 AND c.thread=$3)",
+            key.platform,
+            key.channel,
+            key.thread,
+        )
+
+    # -- images ------------------------------------------------------------------------------
+
+    async def put_image(self, image: ModelImage) -> ImageRef:
+        await self._pool.execute(
+            "INSERT INTO images (digest, data) VALUES ($1, $2) ON CONFLICT DO NOTHING", image.digest, image.data
+        )
+        return ImageRef(image.digest, image.name)
+
+    async def get_image(self, ref: ImageRef) -> ModelImage:
+        data = await self._pool.fetchval("SELECT data FROM images WHERE digest=$1", ref.digest)
+        if data is None:
+            raise StoreError(f"The image {ref.name} ({ref.digest[:12]}) is missing from the {self.where}.")
+        return ModelImage(ref.digest, data, ref.name)
+
+    # -- adapter memories --------------------------------------------------------------------
+
+    async def link_message(self, platform: str, message_id: str, key: ConversationKey) -> None:
+        async with self._pool.acquire() as connection:
+            conversation = await self._conversation_id(connection, key)
+            await connection.execute(
+                "INSERT INTO messages (platform, message_id, conversation_id) VALUES ($1, $2, $3)"
+                " ON CONFLICT (platform, message_id) DO UPDATE SET conversation_id = EXCLUDED.conversation_id",
+                platform,
+                message_id,
+                conversation,
+            )
+
+    async def conversation_of(self, platform: str, message_id: str) -> ConversationKey | None:
+        row = await self._pool.fetchrow(
+            "SELECT c.platform, c.channel, c.thread FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+            " WHERE m.platform=$1 AND m.message_id=$2",
+            platform,
+            message_id,
+        )
+        return ConversationKey(*row) if row else None
+
+    async def claim_event(self, platform: str, event_id: str) -> bool:
+        claimed = await self._pool.fetchval(
+            "INSERT INTO events (platform, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true", platform, event_id
+        )
+        return bool(claimed)
+
+    async def remember_image(self, platform: str, channel: str, ref: ImageRef) -> None:
+        await self._pool.execute(
+            "INSERT INTO channel_images (platform, channel, digest, name) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (platform, channel) DO UPDATE SET digest = EXCLUDED.digest, name = EXCLUDED.name, seen = now()",
+            platform,
+            channel,
+            ref.digest,
+            ref.name,
+        )
+
+    async def last_image(self, platform: str, channel: str) -> ImageRef | None:
+        row = await self._pool.fetchrow(
+            "SELECT digest, name FROM channel_images WHERE platform=$1 AND channel=$2", platform, channel
+        )
+        return ImageRef(*row) if row else None
