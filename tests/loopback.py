@@ -10,9 +10,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class LoopbackServer:
-    def __init__(self, routes: dict[str, Handler], host: str = "127.0.0.1"):
+    def __init__(self, routes: dict[str, Handler], host: str = "127.0.0.1", cancel_on_disconnect: bool = False):
+        """`cancel_on_disconnect`: a handler is cancelled when its client hangs up (to notice it)."""
         self.routes = routes
         self.host = host
+        self.cancel_on_disconnect = cancel_on_disconnect
         self.requests: list[str] = []
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -20,7 +22,7 @@ class LoopbackServer:
     async def __aenter__(self) -> LoopbackServer:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=self.cancel_on_disconnect)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, 0)
         await site.start()

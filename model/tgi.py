@@ -1,0 +1,573 @@
+"""The remote backend: IDEFICS served by text-generation-inference (TGI), over HTTP.
+
+The prompt goes to TGI as one string, each image inline as a markdown data URI
+(`![](data:image/jpeg;base64,...)`); the reply streams back from `POST /generate_stream` as
+server-sent events, one per token. The server batches requests from every bot process itself; this
+backend keeps at most `max_concurrency` of this process's requests there at once, and the rest wait
+here in arrival order (with their position reported). Retries happen only where nothing can be
+shown twice: the server couldn't be reached, or said it was overloaded, before sending any token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, aclosing
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import TypeVar
+
+import aiohttp
+from PIL import Image, UnidentifiedImageError
+
+from model.reply_text import visible_text
+from model.service import (
+    END_OF_UTTERANCE,
+    FAKE_IMAGE_TOKEN,
+    IMAGE_TOKEN,
+    Finished,
+    GenerationFailed,
+    GenerationRequest,
+    ModelBusy,
+    ModelError,
+    ModelImage,
+    ModelInfo,
+    ModelLoadError,
+    ModelService,
+    ModelTimeout,
+    ModelUnavailable,
+    Prompt,
+    Queued,
+    Started,
+    StreamEvent,
+    TextDelta,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# TGI reads `![](...)` in the prompt as an image to fetch; in text people typed it is written apart.
+_IMAGE_MARKUP, _INERT_MARKUP = "![](", "![ ]("
+_QUICK_CALL_S = 30.0  # /info and /tokenize answer at once on a healthy server
+_ERROR_BODY_BYTES = 64 * 1024
+
+_BUSY = "The model server is busy right now; please try again in a moment."
+_UNREACHABLE = "I can't reach the model server right now; please try again in a few minutes."
+_AUTH_REFUSED = "The model server refused my credentials, so I can't answer right now. Please tell whoever runs this bot."
+_TOO_LONG = "Your message is too long for the model server to read. Please shorten it."
+_SERVER_FAILED = "Sorry, the model server hit an error while answering this one. Please try again."
+_SHUTTING_DOWN = "The bot is shutting down; your request was not answered."
+
+
+@dataclass(frozen=True)
+class TGISettings:
+    """Where the server is and how this process uses it."""
+
+    url: str
+    token: str | None = field(default=None, repr=False)  # sent as "Authorization: Bearer ..."
+    max_concurrency: int = 16  # requests at the server at once; the rest wait here
+    max_queue: int = 64  # requests waiting here beyond this many are told "busy" at once
+    max_retries: int = 3
+    retry_backoff_s: float = 0.5  # before the first retry; doubles each time. The server's Retry-After wins.
+    connect_timeout_s: float = 10.0
+    # What the engine reserves for a reply ([generation] max_new_tokens): with it, the context the
+    # engine fits conversations into keeps prompts within the server's max_input_tokens too.
+    reply_tokens: int = 512
+
+
+# -- the prompt, as TGI takes it -------------------------------------------------------------
+
+
+def _parts(prompt: Prompt) -> list[str | ModelImage]:
+    """Runs of text and the images between them. Text items are stripped of spaces and joined as
+    IDEFICS' processor does, and image markup in them is disarmed. (Anything that isn't text is
+    an image: the engine counts tokens with references to stored images in their place.)"""
+    parts: list[str | ModelImage] = []
+    text = ""
+    for item in prompt:
+        if isinstance(item, str):
+            text += item.strip(" ")
+            continue
+        if text:
+            parts.append(text.replace(_IMAGE_MARKUP, _INERT_MARKUP))
+            text = ""
+        parts.append(item)
+    if text:
+        parts.append(text.replace(_IMAGE_MARKUP, _INERT_MARKUP))
+    return parts
+
+
+def data_uri(image: ModelImage) -> str:
+    """The image as a data URI, its type read from its bytes."""
+    try:
+        with Image.open(io.BytesIO(image.data)) as picture:
+            kind = Image.MIME.get(picture.format or "", "application/octet-stream")
+    except UnidentifiedImageError:
+        kind = "application/octet-stream"  # TGI then guesses from the bytes itself
+    return f"data:{kind};base64,{base64.b64encode(image.data).decode('ascii')}"
+
+
+def render_inputs(prompt: Prompt) -> str:
+    """The `inputs` string for TGI: the text, with every image inline as `![](data:...)`."""
+    return "".join(part if isinstance(part, str) else f"![]({data_uri(part)})" for part in _parts(prompt))
+
+
+def counted_text(prompt: Prompt) -> str:
+    """The text IDEFICS' processor tokenizes for `prompt`, minus the <s> that /tokenize adds: each
+    image as its marker tokens, consecutive images sharing the <fake_token_around_image> between them."""
+    pieces: list[str] = []
+    last_was_image = False
+    for part in _parts(prompt):
+        if isinstance(part, str):
+            pieces.append(part)
+        else:
+            pieces.append(IMAGE_TOKEN + FAKE_IMAGE_TOKEN if last_was_image else FAKE_IMAGE_TOKEN + IMAGE_TOKEN + FAKE_IMAGE_TOKEN)
+        last_was_image = not isinstance(part, str)
+    return "".join(pieces)
+
+
+# -- talking to the server -------------------------------------------------------------------
+
+
+class _Retry(Exception):
+    """An answer that is safe to retry; `failure` is what the asker gets when retries run out."""
+
+    def __init__(self, failure: ModelError, wait: float | None = None):
+        super().__init__(str(failure))
+        self.failure = failure
+        self.wait = wait
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delay in seconds, or an HTTP date), if it has one."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def server_error(error_type: str, message: str, status: int | None = None) -> ModelError:
+    """The asker's error for an error TGI reported, as an HTTP status or as an event in the stream.
+
+    TGI answers overload with 429 ("overloaded"), bad input with 422 ("validation"), a failure in
+    the model with 424 ("generation") and a stream that ended early with "incomplete_generation"."""
+    if status in (401, 403):
+        return ModelUnavailable(_AUTH_REFUSED)
+    if status in (429, 503) or error_type == "overloaded":
+        return ModelBusy(_BUSY)
+    if status == 422 or error_type == "validation":
+        if "inputs" in message and "tokens" in message:
+            return GenerationFailed(_TOO_LONG)
+        return GenerationFailed(f"The model server could not take this request: {message or 'it gave no reason'}.")
+    if status == 424 or error_type == "generation":
+        return GenerationFailed(_SERVER_FAILED)
+    if error_type == "incomplete_generation":
+        return GenerationFailed("The model server stopped in the middle of the reply. Please send your message again.")
+    code = f" (HTTP {status})" if status else ""
+    return GenerationFailed(f"The model server answered with an error{code}. Please try again later.")
+
+
+async def _check_status(response: aiohttp.ClientResponse) -> None:
+    """Raise for a response that isn't 200: `_Retry` when trying again is safe (429, 503), else the error."""
+    if response.status == 200:
+        return
+    body = await response.content.read(_ERROR_BODY_BYTES)
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        payload = {}
+    if not isinstance(payload, dict):
+        payload = {}
+    error_type, message = str(payload.get("error_type", "")), str(payload.get("error", ""))
+    log.warning("tgi.refused", extra={"status": response.status, "error_type": error_type})
+    log.debug("tgi.refused_detail", extra={"status": response.status, "error": message})
+    failure = server_error(error_type, message, response.status)
+    if response.status in (429, 503):
+        raise _Retry(failure, retry_after(response.headers.get("Retry-After")))
+    raise failure
+
+
+async def server_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+    """The JSON payloads of a server-sent event stream, in order. Keep-alive comments and other
+    fields are skipped; a connection that breaks just ends the stream (the caller sees no final event)."""
+    data: list[str] = []
+    try:
+        async for raw in response.content:
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            if line:
+                if line.startswith("data:"):
+                    data.append(line[5:].removeprefix(" "))
+                continue
+            if not data:
+                continue
+            text, data = "\n".join(data), []
+            try:
+                payload = json.loads(text)
+            except ValueError:
+                payload = None
+            if not isinstance(payload, dict):
+                log.warning("tgi.unreadable_event", extra={"bytes": len(text)})
+                raise GenerationFailed("The model server sent a reply I couldn't read. Please try again.")
+            yield payload
+    except aiohttp.ClientError as exc:
+        log.warning("tgi.stream_broken", extra={"error": type(exc).__name__})
+
+
+# -- waiting for a place at the server -------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Place:
+    position: int = 0  # 0 once admitted
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _Line:
+    """At most `limit` requests at the server at once; the others wait their turn in arrival order.
+    A place that is given up passes straight to the first in line."""
+
+    def __init__(self, limit: int, max_waiting: int):
+        self.limit = limit
+        self.max_waiting = max_waiting
+        self.admitted = 0
+        self._waiting: deque[_Place] = deque()
+
+    def join(self) -> _Place:
+        place = _Place()
+        if self.admitted < self.limit and not self._waiting:
+            self.admitted += 1
+            return place
+        if len(self._waiting) >= self.max_waiting:
+            raise ModelBusy("I'm busy with other requests right now; please try again in a moment.")
+        self._waiting.append(place)
+        place.position = len(self._waiting)
+        return place
+
+    def leave(self, place: _Place) -> None:
+        if place in self._waiting:
+            self._waiting.remove(place)
+        elif self._waiting:
+            first = self._waiting.popleft()
+            first.position = 0
+            first.changed.set()
+        else:
+            self.admitted -= 1
+        for position, waiting in enumerate(self._waiting, start=1):
+            if waiting.position != position:
+                waiting.position = position
+                waiting.changed.set()
+
+    def wake_all(self) -> None:
+        for place in self._waiting:
+            place.changed.set()
+
+
+# -- the backend -----------------------------------------------------------------------------
+
+
+class TGIBackend(ModelService):
+    """IDEFICS on a text-generation-inference server, behind the same interface as the local backend."""
+
+    def __init__(self, settings: TGISettings):
+        self.settings = settings
+        self.info = ModelInfo(name=settings.url)
+        self._base = settings.url.rstrip("/")
+        self._line = _Line(settings.max_concurrency, settings.max_queue)
+        self._tokenizing = asyncio.Semaphore(settings.max_concurrency)
+        self._max_stops = 4  # TGI's default max_stop_sequences, until /info says otherwise
+        self._session: aiohttp.ClientSession | None = None
+        self._reachable = False
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        headers = {"Authorization": f"Bearer {self.settings.token}"} if self.settings.token else {}
+        self._session = aiohttp.ClientSession(
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout_s),
+            connector=aiohttp.TCPConnector(limit=self.settings.max_concurrency * 2),  # streams, and token counts
+        )
+        try:
+            info = await self._server_info()
+            await self._check_tokenizer(info)
+        except BaseException:
+            await self._session.close()
+            self._session = None
+            raise
+        self._reachable = True
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._line.wake_all()  # those waiting for a place hear that the bot stops
+        if self._session is not None:
+            await self._session.close()  # breaks the streams in flight; their askers are told why
+
+    def health(self) -> dict[str, bool]:
+        return {"connected": self._session is not None and not self._closed, "server_reachable": self._reachable}
+
+    async def _startup_call(self, method: str, path: str, payload: dict | None, purpose: str) -> object:
+        """One start-up call, its JSON answer (None if it isn't JSON). What can go wrong becomes a
+        `ModelLoadError` that says what to do; `purpose` says why the bot needs this endpoint."""
+        try:
+            async with self._session.request(method, f"{self._base}{path}", json=payload, timeout=self._quick_timeout()) as response:
+                if response.status in (401, 403):
+                    raise ModelLoadError(self._auth_refused(response.status))
+                if response.status != 200:
+                    raise ModelLoadError(f"The server at {self._base} answered {method} {path} with HTTP {response.status}. {purpose}")
+                return await response.json(content_type=None)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise ModelLoadError(self._unreachable(exc)) from None
+        except ValueError:
+            return None
+
+    async def _server_info(self) -> dict:
+        not_tgi = (
+            "It isn't a text-generation-inference server, or not at that address. Check [model] url: it is the "
+            "server's root address, e.g. http://127.0.0.1:8080."
+        )
+        info = await self._startup_call("GET", "/info", None, not_tgi)
+        if not isinstance(info, dict) or not isinstance(info.get("model_id"), str) or not isinstance(info.get("max_total_tokens"), int):
+            raise ModelLoadError(f"The server at {self._base} answered GET /info without a model_id and max_total_tokens. {not_tgi}")
+        return info
+
+    async def _check_tokenizer(self, info: dict) -> None:
+        """Refuse anything but IDEFICS (v1): its tokenizer has the image and end-of-utterance tokens,
+        and Idefics2/3, which share them, are named as such."""
+        model_id, url = info["model_id"], self._base
+        serve_idefics = (
+            "Launch TGI with --model-id HuggingFaceM4/idefics-9b-instruct or HuggingFaceM4/idefics-80b-instruct "
+            '(see "Scaling out" in the README), or set [model] backend = "local".'
+        )
+        if any(later in model_id.lower() for later in ("idefics2", "idefics3")):
+            raise ModelLoadError(
+                f"The TGI server at {url} serves {model_id}, a later Idefics model: this bot is built for IDEFICS, whose "
+                f"prompt format and image tokens differ. {serve_idefics}"
+            )
+        tokens = await self._startup_call(
+            "POST",
+            "/tokenize",
+            {"inputs": FAKE_IMAGE_TOKEN + IMAGE_TOKEN + END_OF_UTTERANCE},
+            "The bot needs POST /tokenize to fit conversations into the model's context: use a recent TGI release, "
+            "as in the README, with the model's fast tokenizer.",
+        )
+        texts = {token.get("text") for token in tokens if isinstance(token, dict)} if isinstance(tokens, list) else set()
+        if not {FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE} <= texts:
+            raise ModelLoadError(
+                f"The TGI server at {url} serves {model_id}, which is not an IDEFICS model (its tokenizer has no "
+                f"{IMAGE_TOKEN} and {END_OF_UTTERANCE} tokens). {serve_idefics}"
+            )
+        max_total = info["max_total_tokens"]
+        max_input = info.get("max_input_tokens", info.get("max_input_length", max_total - 1))
+        self.info = ModelInfo(name=model_id, context_tokens=min(max_total, max_input + self.settings.reply_tokens))
+        self._max_stops = info.get("max_stop_sequences", self._max_stops)
+        server_limit = info.get("max_concurrent_requests")
+        if isinstance(server_limit, int) and 0 < server_limit < self._line.limit:
+            # More would only be refused with 429; waiting here keeps the arrival order and positions.
+            self._line.limit = server_limit
+        log.info(
+            "tgi.connected",
+            extra={"model": model_id, "context_tokens": self.info.context_tokens, "max_concurrency": self._line.limit, "version": info.get("version")},
+        )
+
+    def _unreachable(self, exc: BaseException | None) -> str:
+        reason = f" ({type(exc).__name__}: {exc})" if exc is not None and str(exc) else ""
+        return (
+            f"Can't reach the TGI server at {self._base}{reason}. Check [model] url, that the server is running and has "
+            f"finished loading the model (GET {self._base}/info answers once it has), and that this machine can reach it."
+        )
+
+    def _auth_refused(self, status: int) -> str:
+        return (
+            f"The TGI server at {self._base} refused the bot's credentials (HTTP {status}). Set [model] token (or the "
+            "TGI_TOKEN environment variable) to the key the server was started with (text-generation-launcher --api-key)."
+        )
+
+    def _quick_timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=_QUICK_CALL_S, sock_connect=self.settings.connect_timeout_s)
+
+    # -- the interface -----------------------------------------------------------------------
+
+    async def count_tokens(self, prompt: Prompt) -> int:
+        # The text the model sees, images as their marker tokens: counted by the server's own
+        # tokenizer without sending any image. A fit measures a different suffix of the
+        # conversation each time, so there is nothing worth caching.
+        self._check_open()
+
+        async def read(response: aiohttp.ClientResponse) -> int:
+            async with response:
+                await _check_status(response)
+                tokens = await response.json(content_type=None)
+            if not isinstance(tokens, list):
+                raise GenerationFailed("The model server's tokenizer gave an answer I couldn't read. Please try again.")
+            return len(tokens)
+
+        async with self._tokenizing:
+            return await self._call("/tokenize", {"inputs": counted_text(prompt)}, read, deadline=None, timeout=self._quick_timeout())
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        deadline = None if request.queue_timeout is None else loop.time() + request.queue_timeout
+        started = False
+        place = self._line.join()
+        try:
+            # Position 1 is at the server, waiting for its first token; the line here comes after it.
+            while place.position:
+                place.changed.clear()
+                yield Queued(place.position + 1)
+                await self._within(place.changed.wait(), deadline, request, started)
+                self._check_open()
+            yield Queued(1)
+            async with AsyncExitStack() as stack:  # however the iteration ends, the HTTP stream is closed
+                body = {"inputs": render_inputs(request.prompt), "parameters": self._parameters(request)}
+
+                async def opened(response: aiohttp.ClientResponse) -> tuple[AsyncIterator[dict], dict | None]:
+                    await _check_status(response)
+                    events = server_events(response)
+                    first = await anext(events, None)
+                    if first is not None and first.get("error_type") == "overloaded":
+                        raise _Retry(ModelBusy(_BUSY))
+                    stack.callback(response.close)
+                    await stack.enter_async_context(aclosing(events))
+                    return events, first
+
+                events, payload = await self._within(self._call("/generate_stream", body, opened, deadline), deadline, request, started)
+                raw, shown, count = "", "", 0
+                stops = (END_OF_UTTERANCE, *request.stop_strings)
+                while True:
+                    if payload is None:
+                        raise self._broken_off(shown)
+                    if "error" in payload:
+                        log.warning("tgi.stream_error", extra={"request": request.label, "error_type": payload.get("error_type")})
+                        raise server_error(str(payload.get("error_type", "")), str(payload["error"]))
+                    if not started:
+                        started = True
+                        deadline = None if request.timeout is None else loop.time() + request.timeout
+                        yield Started(batch_size=self._line.admitted)
+                    count += 1
+                    token = payload.get("token") or {}
+                    if not token.get("special"):
+                        raw += str(token.get("text", ""))
+                    final = payload.get("generated_text") is not None
+                    text, stopped = visible_text(raw, stops, final=final)
+                    if len(text) > len(shown) and text.startswith(shown):
+                        yield TextDelta(text[len(shown) :])
+                        shown = text
+                    if final or stopped:
+                        details = payload.get("details") or {}
+                        reason = "length" if final and details.get("finish_reason") == "length" else "stop"
+                        yield Finished(text=text, reason=reason, tokens=int(details.get("generated_tokens", count)))
+                        return
+                    self._check_open()  # aiohttp can't read a connection that close() already shut
+                    payload = await self._within(anext(events, None), deadline, request, started)
+        finally:
+            self._line.leave(place)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ModelUnavailable(_SHUTTING_DOWN)
+        if self._session is None:
+            raise ModelUnavailable("The model server is not connected right now; please try again shortly.")
+
+    def _broken_off(self, shown: str) -> ModelError:
+        if self._closed:
+            return ModelUnavailable(_SHUTTING_DOWN)
+        if shown:
+            return GenerationFailed("The connection to the model server broke off in the middle of the reply. Please send your message again.")
+        return GenerationFailed("The model server closed the connection before answering. Please try again.")
+
+    def _parameters(self, request: GenerationRequest) -> dict:
+        params = request.params
+        stops = list(dict.fromkeys((END_OF_UTTERANCE, *request.stop_strings)))
+        parameters = {
+            "max_new_tokens": params.max_new_tokens,
+            "stop": stops[: self._max_stops],  # the rest are still caught here, as the text streams
+            "repetition_penalty": params.repetition_penalty,
+            "details": True,
+            "return_full_text": False,
+        }
+        # TGI samples as soon as temperature or top_p is given, so greedy requests leave them out;
+        # it refuses top_p = 1, which means "no nucleus filtering" anyway.
+        if params.do_sample:
+            parameters.update(do_sample=True, temperature=params.temperature)
+            if params.top_p < 1:
+                parameters["top_p"] = params.top_p
+        return parameters
+
+    @staticmethod
+    async def _within(awaitable: Awaitable[T], deadline: float | None, request: GenerationRequest, started: bool) -> T:
+        """Await under the request's current time limit (a timeout spanning a `yield` would fire in the asker's task)."""
+        if deadline is None:
+            return await awaitable
+        limit = asyncio.timeout_at(deadline)
+        try:
+            async with limit:
+                return await awaitable
+        except TimeoutError:
+            if limit.expired():
+                raise ModelTimeout.after(request, started) from None
+            raise
+
+    async def _call(
+        self,
+        path: str,
+        payload: dict,
+        opened: Callable[[aiohttp.ClientResponse], Awaitable[T]],
+        deadline: float | None,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> T:
+        """POST `payload` and hand the response to `opened`, retrying what is safe to retry: no
+        answer at all, or an overloaded server (`_Retry`), with exponential backoff or the server's
+        Retry-After, as long as the retries and the asker's `deadline` allow."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            self._check_open()
+            try:
+                response = await self._session.post(f"{self._base}{path}", json=payload, **({"timeout": timeout} if timeout else {}))
+            except aiohttp.ClientConnectionError as exc:
+                # Refused, timed out, or dropped before any answer (a stale pooled connection to a
+                # restarted server): nothing was generated for anyone to see.
+                self._reachable = False
+                log.warning("tgi.unreachable", extra={"error": type(exc).__name__, "attempt": attempt})
+                retry = _Retry(ModelUnavailable(_UNREACHABLE))
+            except aiohttp.ClientError:
+                raise self._broken_off("") from None
+            else:
+                self._reachable = True
+                try:
+                    return await opened(response)
+                except _Retry as refused:
+                    response.close()
+                    retry = refused
+                except BaseException:
+                    response.close()
+                    raise
+            delay = retry.wait if retry.wait is not None else self.settings.retry_backoff_s * 2**attempt * random.uniform(1, 1.5)
+            if attempt == self.settings.max_retries or (deadline is not None and loop.time() + delay > deadline):
+                raise retry.failure
+            attempt += 1
+            log.info("tgi.retry", extra={"path": path, "attempt": attempt, "delay_s": round(delay, 2)})
+            await asyncio.sleep(delay)

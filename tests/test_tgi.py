@@ -1,0 +1,396 @@
+"""The TGI backend against a fake TGI server on 127.0.0.1: prompt form, streaming, stopping, errors,
+retries, bounded concurrency, cancellation, start-up checks, and the engine running on it unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+from contextlib import aclosing
+
+import pytest
+
+from bot.app import Runtime
+from bot.config import ConfigError, load_config
+from bot.conversation import Author, ConversationKey
+from bot.engine import Attachment, Final, IncomingMessage, Partial
+from model.service import (
+    Finished,
+    GenerationFailed,
+    GenerationParams,
+    GenerationRequest,
+    ModelBusy,
+    ModelImage,
+    ModelLoadError,
+    ModelTimeout,
+    ModelUnavailable,
+    Queued,
+    Started,
+    TextDelta,
+)
+from model.tgi import TGIBackend, TGISettings
+from tests.conftest import image_bytes, write_config
+from tests.fake_tgi import FakeTGI, Failure, Reply
+
+
+def model_image(color, kind="PNG") -> ModelImage:
+    data = image_bytes(color, kind=kind)
+    return ModelImage(hashlib.sha256(data).hexdigest(), data, f"{color}.{kind.lower()}")
+
+
+RED, BLUE = model_image((220, 20, 20)), model_image((20, 20, 220), kind="JPEG")
+ONE_IMAGE = ["User: What is in this image?", RED, "<end_of_utterance>", "\nAssistant:"]
+
+
+def request(prompt=ONE_IMAGE, **changes) -> GenerationRequest:
+    params = changes.pop("params", GenerationParams(max_new_tokens=40))
+    return GenerationRequest(prompt=prompt, params=params, **changes)
+
+
+async def events_of(service: TGIBackend, req: GenerationRequest) -> list:
+    return [event async for event in service.stream(req)]
+
+
+def deltas(events: list) -> str:
+    return "".join(event.text for event in events if isinstance(event, TextDelta))
+
+
+def uri(image: ModelImage, kind: str) -> str:
+    return f"![](data:{kind};base64,{base64.b64encode(image.data).decode()})"
+
+
+@pytest.fixture
+async def fake():
+    async with FakeTGI() as server:
+        yield server
+
+
+async def connected(fake: FakeTGI, **settings) -> TGIBackend:
+    service = TGIBackend(TGISettings(url=fake.url, retry_backoff_s=0.01, **settings))
+    await service.start()
+    return service
+
+
+@pytest.fixture
+async def service(fake):
+    backend = await connected(fake)
+    yield backend
+    await backend.close()
+
+
+# -- the prompt and the stream ---------------------------------------------------------------
+
+
+async def test_a_reply_streams_with_images_inline_as_data_uris_and_the_reference_settings(fake):
+    service = await connected(fake, token="s3cret")
+    fake.api_key = "s3cret"
+    try:
+        prompt = ["User:", RED, BLUE, "And who is that?<end_of_utterance>", "\nAssistant:"]
+        events = await events_of(service, request(prompt))
+    finally:
+        await service.close()
+    assert isinstance(events[0], Queued) and isinstance(events[1], Started)
+    finished = events[-1]
+    assert finished == Finished(text="A red square.", reason="stop", tokens=5)
+    assert deltas(events) == finished.text
+    sent = fake.generate_requests[0]
+    assert sent["inputs"] == f"User:{uri(RED, 'image/png')}{uri(BLUE, 'image/jpeg')}And who is that?<end_of_utterance>\nAssistant:"
+    assert sent["parameters"] == {
+        "max_new_tokens": 40,
+        "stop": ["<end_of_utterance>", "\nUser:"],
+        "repetition_penalty": 1.0,
+        "details": True,
+        "return_full_text": False,
+    }
+    assert [kind for kind, _ in fake.images_seen] == ["image/png", "image/jpeg"]
+    assert fake.generate_headers[0]["Authorization"] == "Bearer s3cret"
+
+
+async def test_sampling_settings_reach_the_server_and_top_p_1_is_left_out(fake, service):
+    await events_of(service, request(params=GenerationParams(max_new_tokens=9, do_sample=True, temperature=0.4, top_p=0.8)))
+    await events_of(service, request(params=GenerationParams(max_new_tokens=9, do_sample=True, temperature=0.7, top_p=1.0)))
+    first, second = (sent["parameters"] for sent in fake.generate_requests)
+    assert (first["do_sample"], first["temperature"], first["top_p"]) == (True, 0.4, 0.8)
+    assert second["temperature"] == 0.7 and "top_p" not in second
+
+
+async def test_image_markup_typed_by_a_person_is_not_an_image(fake, service):
+    prompt = ["User: look ![](http://10.0.0.1/secret.png) and", RED, "<end_of_utterance>", "\nAssistant:"]
+    await events_of(service, request(prompt))
+    assert len(fake.images_seen) == 1
+    assert "![ ](http://10.0.0.1/secret.png)" in fake.generate_requests[0]["inputs"]
+
+
+async def test_the_user_turn_stop_ends_the_reply_and_is_never_shown(fake, service):
+    fake.replies.append(Reply(["Sure", ".", "\n", "User", ":", " and", " more"]))
+    events = await events_of(service, request())
+    assert events[-1] == Finished(text="Sure.", reason="stop", tokens=5)
+    assert deltas(events) == "Sure."
+
+
+async def test_stops_beyond_the_servers_limit_are_caught_here_and_the_stream_closed(fake):
+    fake.max_stop_sequences = 1
+    fake.replies.append(Reply(["Yes", ".", "\n", "User", ":", " again"], hold_after=5))
+    service = await connected(fake)
+    try:
+        events = await events_of(service, request())
+        assert fake.generate_requests[0]["parameters"]["stop"] == ["<end_of_utterance>"]
+        assert events[-1] == Finished(text="Yes.", reason="stop", tokens=5)
+        assert deltas(events) == "Yes."
+        await fake.wait_for(lambda: fake.disconnects == 1)
+    finally:
+        await service.close()
+
+
+async def test_a_reply_that_reaches_max_new_tokens_finishes_with_length(fake, service):
+    fake.replies.append(Reply(["one", " two", " three", " four", " five"]))
+    events = await events_of(service, request(params=GenerationParams(max_new_tokens=3)))
+    assert events[-1] == Finished(text="one two three", reason="length", tokens=3)
+    assert deltas(events) == "one two three"
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_stream", [False, True], ids=["http-422", "error-event"])
+async def test_input_too_long_is_explained(fake, service, in_stream):
+    if in_stream:
+        fake.max_input_tokens = 5  # the fake router refuses it inside the stream, as TGI does
+    else:
+        fake.failures.append(Failure(422, "Input validation error: `inputs` must have less than 5 tokens. Given: 9", "validation"))
+    with pytest.raises(GenerationFailed, match="too long for the model server"):
+        await events_of(service, request())
+    assert len(fake.generate_requests) == 1
+
+
+async def test_a_generation_error_is_explained_and_not_retried(fake, service):
+    fake.failures.append(Failure(424, "Request failed during generation: CUDA error", "generation"))
+    with pytest.raises(GenerationFailed, match="hit an error while answering"):
+        await events_of(service, request())
+    assert len(fake.generate_requests) == 1
+
+
+@pytest.mark.parametrize("in_stream", [False, True], ids=["http-503", "overloaded-event"])
+async def test_a_503_burst_is_retried_and_the_reply_arrives_once(fake, service, in_stream):
+    for _ in range(2):
+        fake.failures.append(Failure(503, headers={"Retry-After": "0"}, in_stream=in_stream))
+    events = await events_of(service, request())
+    assert len(fake.generate_requests) == 3
+    assert deltas(events) == events[-1].text == "A red square."
+
+
+async def test_a_longer_overload_becomes_a_busy_message(fake, service):
+    for _ in range(5):
+        fake.failures.append(Failure(429))
+    with pytest.raises(ModelBusy, match="model server is busy"):
+        await events_of(service, request())
+    assert len(fake.generate_requests) == 1 + service.settings.max_retries
+
+
+async def test_retry_after_beyond_the_queue_timeout_gives_up_at_once(fake, service):
+    fake.failures.append(Failure(503, headers={"Retry-After": "3600"}))
+    with pytest.raises(ModelBusy):
+        await events_of(service, request(queue_timeout=30))
+    assert len(fake.generate_requests) == 1
+
+
+async def test_a_stream_cut_mid_answer_fails_clearly_and_is_never_resent(fake, service):
+    fake.replies.append(Reply(["Once", " upon", " a", " time"], cut_after=2))
+    seen = []
+    with pytest.raises(GenerationFailed, match="broke off in the middle of the reply"):
+        async for event in service.stream(request()):
+            seen.append(event)
+    assert deltas(seen) == "Once upon"
+    assert len(fake.generate_requests) == 1
+
+
+async def test_an_unreachable_server_is_retried_then_explained(fake):
+    service = await connected(fake)
+    try:
+        await fake.server.__aexit__(None, None, None)  # the server goes away
+        with pytest.raises(ModelUnavailable, match="can't reach the model server"):
+            await events_of(service, request())
+        assert service.health() == {"connected": True, "server_reachable": False}
+    finally:
+        await service.close()
+
+
+async def test_a_token_count_that_fails_is_a_model_error(fake):
+    service = await connected(fake)
+    try:
+        await fake.server.__aexit__(None, None, None)
+        with pytest.raises(ModelUnavailable):
+            await service.count_tokens(ONE_IMAGE)
+    finally:
+        await service.close()
+
+
+# -- time limits, cancellation, concurrency --------------------------------------------------
+
+
+async def test_leaving_the_iteration_closes_the_http_stream(fake, service):
+    fake.replies.append(Reply(["Hello", " there", " friend"], hold_after=1))
+    async with aclosing(service.stream(request())) as stream:
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                break
+    await fake.wait_for(lambda: fake.disconnects == 1 and fake.streaming == 0)
+
+
+async def test_a_reply_past_its_time_limit_stops_with_a_timeout(fake, service):
+    fake.replies.append(Reply(["Hello", " there"], hold_after=1))
+    with pytest.raises(ModelTimeout, match="took longer than 0.2 s"):
+        await events_of(service, request(timeout=0.2))
+    await fake.wait_for(lambda: fake.disconnects == 1)
+
+
+async def test_requests_beyond_max_concurrency_wait_here_in_order_with_their_position(fake):
+    service = await connected(fake, max_concurrency=1, max_queue=2)
+    fake.replies.extend([Reply(["first", " reply"], hold_after=1), Reply(["second"]), Reply(["third"])])
+    try:
+        first = service.stream(request(label="first"))
+        while not isinstance(await anext(first), TextDelta):
+            pass
+        second, third = service.stream(request(label="second")), service.stream(request(label="third"))
+        assert await anext(second) == Queued(2)
+        assert await anext(third) == Queued(3)
+        with pytest.raises(ModelBusy):
+            await anext(service.stream(request(label="fourth")))
+        await second.aclose()  # the second one gives up; the third moves up
+        assert await anext(third) == Queued(2)
+        fake.release.set()
+        assert [event async for event in first][-1].text == "first reply"
+        rest = [event async for event in third]
+        assert rest[0] == Queued(1) and rest[-1].text == "second"
+        assert len(fake.generate_requests) == 2 and fake.most_streaming == 1
+    finally:
+        await service.close()
+
+
+async def test_waiting_in_line_past_the_queue_timeout_is_a_timeout(fake):
+    service = await connected(fake, max_concurrency=1)
+    fake.replies.append(Reply(["slow"], hold_after=0))
+    holder = asyncio.create_task(events_of(service, request()))
+    try:
+        await fake.wait_for(lambda: fake.streaming == 1)
+        with pytest.raises(ModelTimeout, match="waited more than 0.2 s"):
+            await events_of(service, request(queue_timeout=0.2))
+        assert len(fake.generate_requests) == 1
+    finally:
+        holder.cancel()
+        await service.close()
+
+
+async def test_closing_answers_the_requests_in_flight_and_in_line(fake):
+    service = await connected(fake, max_concurrency=1)
+    fake.replies.append(Reply(["Hello", " there"], hold_after=1))
+    streaming, waiting = service.stream(request()), service.stream(request())
+    while not isinstance(await anext(streaming), TextDelta):
+        pass
+    assert await anext(waiting) == Queued(2)
+    await service.close()
+    for stream in (streaming, waiting):
+        with pytest.raises(ModelUnavailable, match="shutting down"):
+            async for _ in stream:
+                pass
+    with pytest.raises(ModelUnavailable, match="shutting down"):
+        await events_of(service, request())
+
+
+# -- counting tokens, start-up ---------------------------------------------------------------
+
+
+async def test_tokens_are_counted_by_the_server_with_images_as_their_marker_tokens(fake, service):
+    text_only = await service.count_tokens(["User: What is in this image?", "<end_of_utterance>", "\nAssistant:"])
+    one_image = await service.count_tokens(ONE_IMAGE)
+    two_images = await service.count_tokens(["User: What is in this image?", RED, BLUE, "<end_of_utterance>", "\nAssistant:"])
+    # <fake><image><fake> for an image; a second one right after it adds <image><fake>.
+    assert (one_image - text_only, two_images - one_image) == (3, 2)
+    assert all("base64" not in sent["inputs"] for sent in fake.tokenize_requests)
+    assert service.info.name == "HuggingFaceM4/idefics-9b-instruct"
+
+
+@pytest.mark.parametrize(
+    "max_input, max_total, context",
+    [(2047, 2048, 2048), (1024, 2048, 1024 + 512)],
+    ids=["tgi-defaults", "short-inputs"],
+)
+async def test_the_context_keeps_prompts_within_the_servers_limits(max_input, max_total, context):
+    async with FakeTGI(max_input_tokens=max_input, max_total_tokens=max_total) as fake:
+        service = await connected(fake, reply_tokens=512)
+        await service.close()
+    assert service.info.context_tokens == context
+
+
+@pytest.mark.parametrize(
+    "fake_settings, backend_settings, message",
+    [
+        ({"model_id": "meta-llama/Llama-2-7b-chat-hf", "special_tokens": False}, {}, "not an IDEFICS model"),
+        ({"model_id": "HuggingFaceM4/idefics2-8b"}, {}, "a later Idefics model"),
+        ({"api_key": "right"}, {"token": "wrong"}, "refused the bot's credentials .* TGI_TOKEN"),
+    ],
+    ids=["llama", "idefics2", "bad-token"],
+)
+async def test_start_up_refuses_what_it_cannot_serve(fake_settings, backend_settings, message):
+    async with FakeTGI(**fake_settings) as fake:
+        service = TGIBackend(TGISettings(url=fake.url, **backend_settings))
+        with pytest.raises(ModelLoadError, match=message):
+            await service.start()
+
+
+async def test_start_up_explains_an_unreachable_server_and_a_wrong_address(fake):
+    url = fake.url
+    with pytest.raises(ModelLoadError, match="answered GET /info with HTTP 404.*root address"):
+        await TGIBackend(TGISettings(url=f"{url}/v1")).start()
+    await fake.server.__aexit__(None, None, None)
+    with pytest.raises(ModelLoadError, match=f"Can't reach the TGI server at {url}.*Check \\[model\\] url"):
+        await TGIBackend(TGISettings(url=url)).start()
+
+
+# -- configuration and the engine ------------------------------------------------------------
+
+
+def test_the_tgi_backend_needs_a_url_and_takes_its_token_from_the_environment(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('[model]\nbackend = "tgi"\n')
+    with pytest.raises(ConfigError, match=r'\[model\]: backend = "tgi" needs url'):
+        load_config(path, environ={})
+    path.write_text('[model]\nbackend = "tgi"\nurl = "127.0.0.1:8080"\n')
+    with pytest.raises(ConfigError, match=r"url must be an http:// or https:// address"):
+        load_config(path, environ={})
+    path.write_text('[model]\nbackend = "tgi"\nurl = "http://127.0.0.1:8080"\n')
+    config = load_config(path, environ={"TGI_TOKEN": "hunter2"})
+    assert config.model.token.get_secret_value() == "hunter2" and "hunter2" not in repr(config)
+
+
+async def test_the_engine_runs_unchanged_on_the_tgi_backend(fake, tmp_path):
+    fake.replies.append(Reply(["It", " is", " a", " red", " picture", ".", "<end_of_utterance>"]))
+    config = write_config(
+        tmp_path / "config.toml",
+        f"""
+[model]
+backend = "tgi"
+url = "{fake.url}"
+[state]
+path = "{tmp_path / 'state' / 'bot.sqlite3'}"
+""",
+    )
+    png = image_bytes((220, 20, 20))
+
+    async def read(max_bytes: int) -> bytes:
+        return png
+
+    message = IncomingMessage(
+        key=ConversationKey("test", "channel"),
+        author=Author("u1", "Ann"),
+        text="What is in this image?",
+        attachments=(Attachment("red.png", read, len(png), "image/png"),),
+    )
+    async with Runtime(config) as runtime:
+        events = [event async for event in runtime.engine.reply(message)]
+    assert isinstance(events[-1], Final) and events[-1].text == "It is a red picture."
+    assert [event.text for event in events if isinstance(event, Partial)][-1] == "It is a red picture."
+    inputs = fake.generate_requests[0]["inputs"]
+    assert inputs.startswith(config.conversation.system_prompt) and inputs.endswith("<end_of_utterance>\nAssistant:")
+    assert "User: What is in this image?![](data:image/jpeg;base64," in inputs
+    assert fake.tokenize_requests, "the engine fitted the conversation with the server's tokenizer"
