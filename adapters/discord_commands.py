@@ -1,0 +1,147 @@
+"""Slash commands and the "Describe image" message command.
+
+    /ask question:<text> [image:<file>] [link:<url>]   a question about an image
+    /caption [image] [link]        a short caption
+    /classify labels:<"cat, dog, bird"> [image] [link]
+    /story [image] [link]          a short story the image inspires
+    /reset                         forget the conversation of this thread, DM or channel
+    Describe image                 (message menu) describe the images of a message
+
+Without an image, the commands use the last image seen in the channel (and say so). Each command is
+deferred at once (Discord wants an answer within 3 seconds) and answered by editing that response.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import discord
+from discord import app_commands
+
+from adapters.discord_delivery import NO_PINGS, answer_interaction, note
+from adapters.discord_input import PLATFORM, attachment_of, attachments_of, refusal_notice, requester
+from bot.access import refusal_reason
+from bot.config import DiscordConfig
+from bot.conversation import Author, ConversationKey
+from bot.engine import Attachment, Engine, TaskRequest
+
+log = logging.getLogger(__name__)
+
+DESCRIBE = "Describe this image in detail."
+_NOTHING_TO_FORGET = "There was nothing to forget here."
+_THREADS_HINT = " Conversations in a channel live in their threads: run /reset inside one."
+
+
+def conversation_here(interaction: discord.Interaction) -> ConversationKey:
+    """The conversation of the place a command was run in: a thread, a DM or a channel."""
+    channel = interaction.channel
+    if isinstance(channel, discord.Thread):
+        return ConversationKey(PLATFORM, str(channel.parent_id), str(channel.id))
+    return ConversationKey(PLATFORM, str(interaction.channel_id))
+
+
+class BotCommands(app_commands.CommandTree):
+    """The bot's application commands, checked against the access rules before anything runs."""
+
+    def __init__(self, client: discord.Client, engine: Engine, settings: DiscordConfig):
+        super().__init__(client)
+        self.engine = engine
+        self.settings = settings
+        self._add_commands()
+
+    async def register(self) -> None:
+        """Publish the commands: to the configured guilds (available at once), or globally."""
+        try:
+            if not self.settings.command_guild_ids:
+                await self.sync()
+            for guild_id in self.settings.command_guild_ids:
+                guild = discord.Object(int(guild_id))
+                self.copy_global_to(guild=guild)
+                await self.sync(guild=guild)
+        except discord.HTTPException as error:
+            # The bot can still chat; only the commands are missing.
+            log.warning(
+                "discord.commands_not_registered",
+                extra={"status": error.status, "hint": "invite the bot with the applications.commands scope"},
+            )
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        reason = refusal_reason(self.settings, requester(interaction.user, interaction.channel, self.client.user))
+        if reason is None:
+            return True
+        log.info("discord.refused", extra={"reason": reason, "user": interaction.user.id, "command": interaction.command and interaction.command.name})
+        notice = refusal_notice(reason) if self.settings.refusal_notice else None
+        if notice:
+            await interaction.response.send_message(notice, ephemeral=True, allowed_mentions=NO_PINGS)
+        return False
+
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        log.error("discord.command_failed", extra={"command": interaction.command and interaction.command.name}, exc_info=error)
+        sorry = note("Something went wrong on my side; please try again.")
+        try:
+            if interaction.response.is_done():
+                await interaction.edit_original_response(content=sorry, allowed_mentions=NO_PINGS)
+            else:
+                await interaction.response.send_message(sorry, ephemeral=True, allowed_mentions=NO_PINGS)
+        except discord.HTTPException:
+            pass  # the interaction has expired; the log has the details
+
+    # -- the commands ------------------------------------------------------------------------
+
+    def _add_commands(self) -> None:
+        images = {"image": "An image to use (default: the last image in this channel)", "link": "…or a link to an image"}
+
+        @self.command(description="Ask a question about an image.")
+        @app_commands.describe(question="What you want to know", **images)
+        async def ask(interaction: discord.Interaction, question: str, image: discord.Attachment | None = None, link: str | None = None):
+            await self._run_task(interaction, "chat", self._images(image, link), question=question)
+
+        @self.command(description="Caption an image.")
+        @app_commands.describe(**images)
+        async def caption(interaction: discord.Interaction, image: discord.Attachment | None = None, link: str | None = None):
+            await self._run_task(interaction, "caption", self._images(image, link))
+
+        @self.command(description="Sort an image into one of your labels.")
+        @app_commands.describe(labels='Comma-separated labels, e.g. "cat, dog, bird"', **images)
+        async def classify(interaction: discord.Interaction, labels: str, image: discord.Attachment | None = None, link: str | None = None):
+            await self._run_task(interaction, "classify", self._images(image, link), labels=labels)
+
+        @self.command(description="Write a short story inspired by an image.")
+        @app_commands.describe(**images)
+        async def story(interaction: discord.Interaction, image: discord.Attachment | None = None, link: str | None = None):
+            await self._run_task(interaction, "story", self._images(image, link))
+
+        @self.command(description="Forget the conversation of this thread, DM or channel.")
+        async def reset(interaction: discord.Interaction):
+            await interaction.response.defer(thinking=True)
+            key = conversation_here(interaction)
+            forgotten = await self.engine.reset(key)
+            log.info("discord.reset", extra={"conversation": str(key), "turns": forgotten})
+            if forgotten:
+                text = f"Forgot this conversation ({forgotten} messages); the next message starts afresh."
+            else:
+                in_channel = interaction.guild is not None and not isinstance(interaction.channel, discord.Thread)
+                text = _NOTHING_TO_FORGET + (_THREADS_HINT if in_channel else "")
+            await interaction.edit_original_response(content=text, allowed_mentions=NO_PINGS)
+
+        async def describe(interaction: discord.Interaction, message: discord.Message):
+            files = [file for file in attachments_of(message.attachments) if file.looks_like_image()]
+            if not files:
+                await interaction.response.send_message(note("That message has no image attached."), ephemeral=True, allowed_mentions=NO_PINGS)
+                return
+            await self._run_task(interaction, "chat", files, question=DESCRIBE)
+
+        self.add_command(app_commands.ContextMenu(name="Describe image", callback=describe))
+
+    def _images(self, image: discord.Attachment | None, link: str | None) -> list[Attachment]:
+        files = [attachment_of(image)] if image is not None else []
+        if link:
+            files.append(self.engine.link(link.strip()))
+        return files
+
+    async def _run_task(self, interaction: discord.Interaction, task: str, files: Sequence[Attachment], *, question: str = "", labels: str = "") -> None:
+        await interaction.response.defer(thinking=True)
+        user = interaction.user
+        request = TaskRequest(task, conversation_here(interaction), Author(str(user.id), user.display_name), tuple(files), question, labels)
+        await answer_interaction(interaction, self.engine.run_task(request))

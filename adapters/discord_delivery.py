@@ -1,0 +1,110 @@
+"""Showing replies in Discord: a channel or thread, or a deferred command's response, as a
+`bot.delivery.Surface`, so `LiveReply` streams into it (edits at most once a second, 2,000 characters
+per message, notes in italics). Nothing the bot posts can ping anyone: every message carries
+`allowed_mentions` that allow none, whatever the model writes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+
+import discord
+from discord.utils import escape_markdown
+
+from bot.delivery import LiveReply, Surface
+from bot.engine import ReplyEvent
+
+log = logging.getLogger(__name__)
+
+MESSAGE_LIMIT = 2000
+NO_PINGS = discord.AllowedMentions.none()
+# Discord accepts follow-ups to a command for 15 minutes; past this the asker is told, while we still can.
+ANSWER_WINDOW = timedelta(minutes=15) - timedelta(seconds=10)
+TOO_SLOW = "The model took longer than Discord lets me answer a command (15 minutes). Please try again later, or mention me in a channel."
+
+
+def note(text: str) -> str:
+    """A note under a reply (an ignored file, a refused image...), in italics."""
+    return f"*{escape_markdown(text)}*"
+
+
+def live_reply(surface: Surface) -> LiveReply:
+    """A streamed reply the Discord way: 2,000 characters a message, notes in italics."""
+    return LiveReply(surface, limit=MESSAGE_LIMIT, note=note)
+
+
+class ChannelSurface:
+    """Messages in a channel, thread or DM. The first answers `reply_to` (when given); every message is
+    linked to the conversation through `on_post`, so replying to any of them continues it."""
+
+    def __init__(
+        self,
+        channel: discord.abc.Messageable,
+        reply_to: discord.Message | None = None,
+        on_post: Callable[[discord.Message], Awaitable[None]] | None = None,
+    ):
+        self.channel = channel
+        self.reply_to = reply_to
+        self.on_post = on_post
+        self.posted: list[discord.Message] = []
+
+    async def post(self, text: str) -> discord.Message:
+        reference = self.reply_to.to_reference(fail_if_not_exists=False) if self.reply_to and not self.posted else None
+        message = await self.channel.send(text, reference=reference, allowed_mentions=NO_PINGS)
+        self.posted.append(message)
+        if self.on_post is not None:
+            await self.on_post(message)
+        return message
+
+    async def edit(self, message: discord.Message, text: str) -> None:
+        await message.edit(content=text, allowed_mentions=NO_PINGS)
+
+    async def discard(self) -> None:
+        """Delete what was posted (the question was deleted, so its answer goes too)."""
+        for message in self.posted:
+            try:
+                await message.delete()
+            except discord.HTTPException:
+                pass  # already gone, or not ours to delete any more
+
+
+class InteractionSurface:
+    """A deferred command's answer: its original response first, then follow-up messages."""
+
+    _ORIGINAL = "@original"
+
+    def __init__(self, interaction: discord.Interaction):
+        self.interaction = interaction
+        self._shown_original = False
+
+    async def post(self, text: str):
+        if not self._shown_original:
+            await self.interaction.edit_original_response(content=text, allowed_mentions=NO_PINGS)
+            self._shown_original = True
+            return self._ORIGINAL
+        return await self.interaction.followup.send(text, wait=True, allowed_mentions=NO_PINGS)
+
+    async def edit(self, message, text: str) -> None:
+        if message == self._ORIGINAL:
+            await self.interaction.edit_original_response(content=text, allowed_mentions=NO_PINGS)
+        else:
+            await message.edit(content=text, allowed_mentions=NO_PINGS)
+
+
+async def answer_interaction(interaction: discord.Interaction, events: AsyncIterator[ReplyEvent]) -> None:
+    """Stream `events` into a deferred interaction; if it would outlast the interaction's 15 minutes,
+    stop the request and say so. The clock starts when Discord created the interaction (or now, if this
+    host's clock is behind Discord's)."""
+    now = discord.utils.utcnow()
+    remaining = (min(interaction.created_at, now) + ANSWER_WINDOW - now).total_seconds()
+    deadline = asyncio.timeout(max(remaining, 0.0))
+    try:
+        async with deadline:
+            await live_reply(InteractionSurface(interaction)).run(events)
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        log.warning("discord.command_too_slow", extra={"interaction": interaction.id})
+        await interaction.edit_original_response(content=note(TOO_SLOW), allowed_mentions=NO_PINGS)

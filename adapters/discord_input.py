@@ -1,0 +1,99 @@
+"""Discord things as the engine's inputs: who is asking (for the access rules), what they ask (without
+the bot's mention), their files as attachments read only when needed, and a thread's name."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import aiohttp
+import discord
+
+from bot.access import Requester
+from bot.engine import Attachment
+from bot.images import ImageRejected
+
+PLATFORM = "discord"  # the platform part of conversation keys and message links
+THREAD_NAME_LIMIT = 100
+_MENTION = re.compile(r"<@[!&]?\d+>|<#\d+>")
+
+# What a refused person is told when `refusal_notice` is on, by `bot.access.refusal_reason`.
+_REFUSAL_NOTICES = {
+    "dms disabled": "I don't answer direct messages; mention me in a server channel instead.",
+    "channel blocked": "I don't answer in this channel.",
+    "channel not allowed": "I don't answer in this channel.",
+}
+_REFUSAL_NOTICE = "Sorry, I'm not available to you here."
+
+
+def requester(user: discord.abc.User, channel: discord.abc.Messageable | discord.abc.GuildChannel | None, me: discord.ClientUser) -> Requester:
+    """The access rules' view of `user` writing in `channel` (a thread counts as its parent too)."""
+    guild = getattr(channel, "guild", None)
+    parent = channel.parent_id if isinstance(channel, discord.Thread) else None
+    return Requester(
+        user_id=str(user.id),
+        channel_id=str(channel.id) if channel is not None else "",
+        is_dm=guild is None,
+        is_bot=user.bot,
+        is_self=user.id == me.id,
+        guild_id=str(guild.id) if guild is not None else None,
+        role_ids=tuple(str(role.id) for role in getattr(user, "roles", ())),
+        parent_channel_id=str(parent) if parent else None,
+    )
+
+
+def refusal_notice(reason: str) -> str | None:
+    """The short note for a refused person, or None when the refusal is silent (bots, the bot itself)."""
+    if reason in ("own message", "bot"):
+        return None
+    return _REFUSAL_NOTICES.get(reason, _REFUSAL_NOTICE)
+
+
+def mentions_me(message: discord.Message, me: discord.ClientUser) -> bool:
+    """Whether the message mentions the bot or its role (a reply pinging the bot counts too)."""
+    if any(user.id == me.id for user in message.mentions):
+        return True
+    role = message.guild.self_role if message.guild is not None else None
+    return role is not None and role.id in message.raw_role_mentions
+
+
+def question_text(message: discord.Message, me: discord.ClientUser) -> str:
+    """The message's text without the bot's mention, other mentions shown as the names people see."""
+    names = {f"<@{me.id}>": "", f"<@!{me.id}>": ""}
+    if message.guild is not None and message.guild.self_role is not None:
+        names[f"<@&{message.guild.self_role.id}>"] = ""
+    for user in message.mentions:
+        names.setdefault(f"<@{user.id}>", f"@{user.display_name}")
+        names.setdefault(f"<@!{user.id}>", f"@{user.display_name}")
+    names.update({f"<@&{role.id}>": f"@{role.name}" for role in message.role_mentions if f"<@&{role.id}>" not in names})
+    for channel_id in message.raw_channel_mentions:
+        channel = message.guild.get_channel_or_thread(channel_id) if message.guild is not None else None
+        if channel is not None:
+            names[f"<#{channel_id}>"] = f"#{channel.name}"
+    text = _MENTION.sub(lambda match: names.get(match.group(0), match.group(0)), message.content)
+    return text.strip()
+
+
+def attachment_of(file: discord.Attachment) -> Attachment:
+    """A Discord attachment for the engine. The engine checks the size Discord reports before it reads."""
+
+    async def read(max_bytes: int) -> bytes:
+        try:
+            return await file.read()
+        except (discord.HTTPException, aiohttp.ClientError, TimeoutError):
+            raise ImageRejected(f"I couldn't download {file.filename} from Discord; please send it again.") from None
+
+    return Attachment(name=file.filename, read=read, size=file.size, content_type=file.content_type)
+
+
+def attachments_of(files: Iterable[discord.Attachment]) -> tuple[Attachment, ...]:
+    return tuple(attachment_of(file) for file in files)
+
+
+def thread_name(question: str, attachments: Iterable[Attachment] = ()) -> str:
+    """A thread's name (1-100 characters): the question's beginning, or the image's name."""
+    name = " ".join(question.split())
+    if not name:
+        first = next(iter(attachments), None)
+        name = f"About {first.name}" if first is not None else "A question for IDEFICS"
+    return name if len(name) <= THREAD_NAME_LIMIT else name[: THREAD_NAME_LIMIT - 1].rstrip() + "…"

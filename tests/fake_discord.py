@@ -1,0 +1,560 @@
+"""A fake Discord on 127.0.0.1: the gateway (a websocket) and the REST API v10, for a real discord.Client.
+
+The client reaches it through `[discord] api_base_url` and `gateway_url`. The fake keeps a small world
+(one guild with two text channels, a forum and a role; the people tests make; DMs, threads and
+messages), records every REST call, answers 404 to routes it does not know and remembers them so
+the test fails, and lets a test act as the people: post and delete messages, run slash commands and
+context-menu commands, or ask the gateway connection to reconnect. Threads survive a restart of the
+bot (they come back in GUILD_CREATE), as on Discord.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+INTENT_MESSAGE_CONTENT = 1 << 15
+DISCORD_EPOCH_MS = 1420070400000
+TIMESTAMP = "2025-01-01T00:00:00+00:00"
+
+
+def snowflake_at(seconds: float, counter: int) -> int:
+    """A Discord id created at `seconds` (Unix time)."""
+    return (int(seconds * 1000) - DISCORD_EPOCH_MS) << 22 | (counter & 0xFFF)
+
+
+@dataclass
+class Call:
+    """One REST request the bot made."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any
+
+
+@dataclass
+class Interaction:
+    """A slash or context-menu command a person ran, and what the bot showed for it."""
+
+    id: str
+    token: str
+    channel_id: str
+    responses: list[dict] = field(default_factory=list)  # interaction callbacks (defer, message)
+    original: str | None = None  # the original response's content after the last edit
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    # discord.py parses JSON only when the Content-Type is exactly application/json.
+    return web.Response(status=status, body=json.dumps(data).encode(), headers={"Content-Type": "application/json"})
+
+
+class FakeDiscord:
+    """The fake; `async with FakeDiscord() as discord:` runs it."""
+
+    def __init__(self, *, token: str = "fake-bot-token", message_content_enabled: bool = True):
+        self.token = token
+        self.message_content_enabled = message_content_enabled
+        self._ids = itertools.count(1)
+        self.bot = self.user("IDEFICS", bot=True)
+        self.application_id = self.new_id()
+        self.guild_id = self.new_id()
+        self.role = {"id": self.new_id(), "name": "members", "permissions": "0", "position": 1, "color": 0, "hoist": False, "managed": False, "mentionable": True, "flags": 0}
+        self.bot_role = {**self.role, "id": self.new_id(), "name": "IDEFICS", "managed": True, "tags": {"bot_id": self.bot["id"]}}
+        self.channels: dict[str, dict] = {}
+        self.text_channel = self._channel("general", 0)
+        self.other_channel = self._channel("off-topic", 0)
+        self.forum = self._channel("questions", 15)
+        self.messages: dict[str, dict] = {}
+        self.attachment_files: dict[str, tuple[bytes, str]] = {}
+        self.interactions: dict[str, Interaction] = {}
+        self.commands: dict[str, list[dict]] = {}  # "global" or a guild id -> registered commands
+        self.calls: list[Call] = []
+        self.unknown: list[str] = []
+        self.sessions: list[str] = []  # "identify" or "resume", in order
+        self.no_threads_in: set[str] = set()  # channels where the bot lacks Create Public Threads
+        self._changed = asyncio.Condition()
+        self._session_id = ""
+        self._ws: web.WebSocketResponse | None = None
+        self._sent: list[dict] = []  # dispatches of this session, for replay on RESUME
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> FakeDiscord:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/gateway", self._gateway)
+        app.router.add_get("/cdn/attachments/{id}/{name}", self._cdn)
+        routes = [
+            ("GET", "/users/@me", self._me),
+            ("GET", "/oauth2/applications/@me", self._application),
+            ("PUT", "/applications/{app}/commands", self._put_commands),
+            ("PUT", "/applications/{app}/guilds/{guild}/commands", self._put_commands),
+            ("GET", "/channels/{channel}", self._get_channel),
+            ("POST", "/channels/{channel}/typing", self._typing),
+            ("POST", "/channels/{channel}/messages", self._post_message),
+            ("PATCH", "/channels/{channel}/messages/{message}", self._edit_message),
+            ("DELETE", "/channels/{channel}/messages/{message}", self._delete_message),
+            ("POST", "/channels/{channel}/messages/{message}/threads", self._create_thread),
+            ("POST", "/interactions/{interaction}/{token}/callback", self._callback),
+            ("POST", "/webhooks/{app}/{token}", self._followup),
+            ("PATCH", "/webhooks/{app}/{token}/messages/{message}", self._edit_webhook_message),
+        ]
+        for method, path, handler in routes:
+            app.router.add_route(method, "/api/v10" + path, self._recorded(handler))
+        app.router.add_route("*", "/{tail:.*}", self._unknown)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+        await self._runner.cleanup()
+
+    @property
+    def api_base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v10"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/gateway"
+
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
+        """Wait until `predicate()` is truthy (checked whenever the fake's state changes) and return it."""
+        async with self._changed:
+            async with asyncio.timeout(timeout):
+                return await self._changed.wait_for(predicate)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    # -- the world ---------------------------------------------------------------------------
+
+    def new_id(self, at: float | None = None) -> str:
+        return str(snowflake_at(time.time() if at is None else at, next(self._ids)))
+
+    def user(self, name: str, *, bot: bool = False) -> dict:
+        return {"id": self.new_id(), "username": name.lower(), "global_name": name, "discriminator": "0", "avatar": None, "bot": bot}
+
+    def _channel(self, name: str, kind: int) -> dict:
+        channel = {"id": self.new_id(), "type": kind, "guild_id": self.guild_id, "name": name, "position": len(self.channels), "permission_overwrites": [], "nsfw": False, "parent_id": None}
+        if kind == 15:
+            channel.update(available_tags=[], default_reaction_emoji=None, flags=0)
+        self.channels[channel["id"]] = channel
+        return channel
+
+    def threads(self) -> list[dict]:
+        return [channel for channel in self.channels.values() if channel["type"] in (10, 11, 12)]
+
+    def _thread(self, parent: dict, name: str, owner_id: str, thread_id: str | None = None) -> dict:
+        thread = {
+            "id": thread_id or self.new_id(),
+            "type": 11,
+            "guild_id": self.guild_id,
+            "parent_id": parent["id"],
+            "owner_id": owner_id,
+            "name": name,
+            "last_message_id": None,
+            "rate_limit_per_user": 0,
+            "message_count": 0,
+            "member_count": 1,
+            "thread_metadata": {"archived": False, "auto_archive_duration": 1440, "archive_timestamp": TIMESTAMP, "locked": False},
+            "flags": 0,
+        }
+        self.channels[thread["id"]] = thread
+        return thread
+
+    def dm_channel(self, person: dict) -> dict:
+        """The DM channel between `person` and the bot."""
+        for channel in self.channels.values():
+            if channel["type"] == 1 and channel["recipients"][0]["id"] == person["id"]:
+                return channel
+        channel = {"id": self.new_id(), "type": 1, "recipients": [person], "last_message_id": None}
+        self.channels[channel["id"]] = channel
+        return channel
+
+    def _member(self, person: dict, roles: list[str]) -> dict:
+        return {"roles": roles, "joined_at": TIMESTAMP, "deaf": False, "mute": False, "flags": 0, "nick": None, "avatar": None, "pending": False}
+
+    def guild(self) -> dict:
+        return {
+            "id": self.guild_id,
+            "name": "Test guild",
+            "unavailable": False,
+            "owner_id": self.bot["id"],
+            "member_count": 3,
+            "roles": [
+                {**self.role, "id": self.guild_id, "name": "@everyone", "position": 0, "mentionable": False},
+                self.role,
+                self.bot_role,
+            ],
+            "channels": [c for c in self.channels.values() if c["type"] in (0, 15)],
+            "threads": self.threads(),
+            "members": [{**self._member(self.bot, [self.bot_role["id"]]), "user": self.bot}],
+            "emojis": [],
+            "stickers": [],
+            "features": [],
+            "voice_states": [],
+            "presences": [],
+            "stage_instances": [],
+            "guild_scheduled_events": [],
+            "soundboard_sounds": [],
+            "premium_tier": 0,
+            "preferred_locale": "en-US",
+            "joined_at": TIMESTAMP,
+        }
+
+    def upload(self, name: str, data: bytes, content_type: str | None) -> dict:
+        """An attachment as it appears in a message, served by the fake's CDN route."""
+        attachment_id = self.new_id()
+        self.attachment_files[attachment_id] = (data, content_type or "application/octet-stream")
+        url = f"http://127.0.0.1:{self.port}/cdn/attachments/{attachment_id}/{name}"
+        attachment = {"id": attachment_id, "filename": name, "size": len(data), "url": url, "proxy_url": url}
+        if content_type:
+            attachment["content_type"] = content_type
+        return attachment
+
+    def _message(self, channel_id: str, author: dict, content: str, keep: bool = True, **extra: Any) -> dict:
+        channel = self.channels[channel_id]
+        message = {
+            "id": self.new_id(),
+            "channel_id": channel_id,
+            "author": author,
+            "content": content,
+            "timestamp": TIMESTAMP,
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "attachments": [],
+            "embeds": [],
+            "pinned": False,
+            "type": 0,
+            "flags": 0,
+            **extra,
+        }
+        if channel["type"] != 1:
+            message["guild_id"] = self.guild_id
+        if keep:
+            self.messages[message["id"]] = message
+            channel["last_message_id"] = message["id"]
+        return message
+
+    def bot_messages(self, channel_id: str) -> list[dict]:
+        """What the bot has posted in a channel (as last edited), oldest first."""
+        return [m for m in self.messages.values() if m["channel_id"] == channel_id and m["author"]["id"] == self.bot["id"]]
+
+    def bot_texts(self, channel_id: str) -> list[str]:
+        return [m["content"] for m in self.bot_messages(channel_id)]
+
+    def writes(self) -> list[Call]:
+        """Every REST call that posted or edited a message."""
+        return [call for call in self.calls if call.method in ("POST", "PATCH") and isinstance(call.body, dict) and "content" in call.body]
+
+    # -- people act --------------------------------------------------------------------------
+
+    async def say(
+        self,
+        author: dict,
+        channel: dict,
+        content: str = "",
+        *,
+        mention: bool = False,
+        attachments: tuple[dict, ...] = (),
+        reply_to: dict | None = None,
+        roles: tuple[str, ...] = (),
+    ) -> dict:
+        """`author` posts a message (mentioning the bot first if `mention`); dispatches MESSAGE_CREATE."""
+        if mention:
+            content = f"<@{self.bot['id']}> {content}".strip()
+        mentions = [self.bot] if mention or (reply_to is not None and reply_to["author"]["id"] == self.bot["id"]) else []
+        extra: dict[str, Any] = {"mentions": mentions, "attachments": list(attachments)}
+        if reply_to is not None:
+            extra.update(type=19, message_reference={"type": 0, "message_id": reply_to["id"], "channel_id": channel["id"], "guild_id": self.guild_id}, referenced_message=reply_to)
+        if channel["type"] != 1:
+            extra["member"] = self._member(author, list(roles))
+        message = self._message(channel["id"], author, content, **extra)
+        await self.dispatch("MESSAGE_CREATE", message)
+        return message
+
+    async def delete(self, message: dict) -> None:
+        del self.messages[message["id"]]
+        payload = {"id": message["id"], "channel_id": message["channel_id"]}
+        if "guild_id" in message:
+            payload["guild_id"] = message["guild_id"]
+        await self.dispatch("MESSAGE_DELETE", payload)
+
+    async def start_forum_post(self, author: dict, title: str, content: str, **say: Any) -> tuple[dict, dict]:
+        """`author` opens a forum post (a thread whose first message has the thread's id)."""
+        thread = self._thread(self.forum, title, author["id"])
+        await self.dispatch("THREAD_CREATE", {**thread, "newly_created": True})
+        return thread, await self.say(author, thread, content, **say)
+
+    async def run_command(
+        self,
+        person: dict,
+        channel: dict,
+        name: str,
+        options: dict[str, Any] | None = None,
+        *,
+        attachments: dict[str, dict] | None = None,
+        target: dict | None = None,
+        roles: tuple[str, ...] = (),
+        created_at: float | None = None,
+    ) -> Interaction:
+        """`person` runs slash command `name` (or, with `target`, the message command `name` on it)."""
+        command = next(c for c in self.commands.get(self.guild_id, []) + self.commands.get("global", []) if c["name"] == name)
+        data: dict[str, Any] = {"id": command["id"], "name": name, "type": command["type"]}
+        resolved: dict[str, Any] = {}
+        if target is not None:
+            data["target_id"] = target["id"]
+            resolved["messages"] = {target["id"]: target}
+        else:
+            data["options"] = [
+                {"name": key, "type": next(o["type"] for o in command["options"] if o["name"] == key), "value": value}
+                for key, value in (options or {}).items()
+            ]
+        if attachments:
+            resolved["attachments"] = attachments
+        if resolved:
+            data["resolved"] = resolved
+        interaction_id = self.new_id(created_at)
+        interaction = Interaction(interaction_id, f"token-{interaction_id}", channel["id"])
+        self.interactions[interaction.token] = interaction
+        payload: dict[str, Any] = {
+            "id": interaction_id,
+            "application_id": self.application_id,
+            "type": 2,
+            "data": data,
+            "channel_id": channel["id"],
+            "channel": {k: v for k, v in channel.items() if k != "recipients"},
+            "token": interaction.token,
+            "version": 1,
+            "locale": "en-US",
+            "app_permissions": "2248473465835073",
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": self.guild_id} if channel["type"] != 1 else {"1": person["id"]},
+            "context": 1 if channel["type"] == 1 else 0,
+            "attachment_size_limit": 10 * 1024 * 1024,
+        }
+        if channel["type"] == 1:
+            payload["user"] = person
+        else:
+            payload.update(guild_id=self.guild_id, guild_locale="en-US", member={**self._member(person, list(roles)), "user": person, "permissions": "0"})
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return interaction
+
+    async def dispatch(self, event: str, data: dict) -> None:
+        """Send a gateway event (kept for replay if the bot is reconnecting)."""
+        payload = {"op": 0, "t": event, "s": len(self._sent) + 2, "d": data}  # READY was s=1
+        self._sent.append(payload)
+        if self._ws is not None and not self._ws.closed:
+            try:
+                await self._ws.send_str(json.dumps(payload))
+            except ConnectionError:
+                pass  # the bot is reconnecting: it gets the event when it resumes
+
+    async def reconnect(self) -> None:
+        """Ask the bot to reconnect (op 7), as Discord does when it moves a session."""
+        await self._ws.send_str(json.dumps({"op": 7, "d": None}))
+
+    # -- the gateway -------------------------------------------------------------------------
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": 41250}}))
+        async for frame in ws:
+            if frame.type != WSMsgType.TEXT:
+                continue
+            message = json.loads(frame.data)
+            op, data = message.get("op"), message.get("d")
+            if op == 1:
+                await ws.send_str(json.dumps({"op": 11}))
+            elif op == 2:
+                await self._identify(ws, data)
+            elif op == 6:
+                await self._resume(ws, data)
+        if self._ws is ws:
+            self._ws = None
+        return ws
+
+    async def _identify(self, ws: web.WebSocketResponse, data: dict) -> None:
+        if data.get("token") != self.token:
+            await ws.close(code=4004, message=b"Authentication failed.")
+            return
+        if data.get("intents", 0) & INTENT_MESSAGE_CONTENT and not self.message_content_enabled:
+            await ws.close(code=4014, message=b"Disallowed intent(s).")
+            return
+        self._session_id = self.new_id()
+        self._sent = []
+        self._ws = ws
+        ready = {
+            "v": 10,
+            "user": self.bot,
+            "guilds": [{"id": self.guild_id, "unavailable": True}],
+            "session_id": self._session_id,
+            "resume_gateway_url": self.gateway_url,
+            "application": {"id": self.application_id, "flags": 1 << 19 if self.message_content_enabled else 0},
+            "private_channels": [],
+        }
+        await ws.send_str(json.dumps({"op": 0, "t": "READY", "s": 1, "d": ready}))
+        await self.dispatch("GUILD_CREATE", self.guild())
+        self.sessions.append("identify")
+        await self._notify()
+
+    async def _resume(self, ws: web.WebSocketResponse, data: dict) -> None:
+        if data.get("session_id") != self._session_id or data.get("token") != self.token:
+            await ws.send_str(json.dumps({"op": 9, "d": False}))
+            return
+        self._ws = ws
+        for payload in self._sent:
+            if payload["s"] > (data.get("seq") or 0):
+                await ws.send_str(json.dumps(payload))
+        await ws.send_str(json.dumps({"op": 0, "t": "RESUMED", "s": None, "d": {}}))
+        self.sessions.append("resume")
+        await self._notify()
+
+    # -- REST --------------------------------------------------------------------------------
+
+    def _recorded(self, handler):
+        async def record(request: web.Request) -> web.StreamResponse:
+            body = await request.json() if request.can_read_body and request.content_type == "application/json" else None
+            self.calls.append(Call(request.method, request.path.removeprefix("/api/v10"), dict(request.query), body))
+            try:
+                if not self._authorised(request):
+                    return _json({"message": "401: Unauthorized", "code": 0}, 401)
+                return await handler(request, body)
+            finally:
+                await self._notify()
+
+        return record
+
+    def _authorised(self, request: web.Request) -> bool:
+        """The bot token on every call but interaction responses and follow-ups (their token is in the path)."""
+        sent = request.headers.get("Authorization")
+        if request.path.startswith(("/api/v10/interactions/", "/api/v10/webhooks/")):
+            return sent in (None, f"Bot {self.token}")
+        return sent == f"Bot {self.token}"
+
+    async def _unknown(self, request: web.Request) -> web.Response:
+        self.unknown.append(f"{request.method} {request.path}")
+        await self._notify()
+        return _json({"message": "404: Not Found", "code": 0}, 404)
+
+    async def _cdn(self, request: web.Request) -> web.Response:
+        data, content_type = self.attachment_files[request.match_info["id"]]
+        return web.Response(body=data, headers={"Content-Type": content_type})
+
+    async def _me(self, request, body) -> web.Response:
+        return _json(self.bot)
+
+    async def _application(self, request, body) -> web.Response:
+        owner = self.user("Owner")
+        return _json(
+            {
+                "id": self.application_id,
+                "name": "IDEFICS",
+                "icon": None,
+                "description": "",
+                "bot_public": True,
+                "bot_require_code_grant": False,
+                "owner": owner,
+                "verify_key": "0" * 64,
+                "flags": 1 << 19 if self.message_content_enabled else 0,
+            }
+        )
+
+    async def _put_commands(self, request, body) -> web.Response:
+        scope = request.match_info.get("guild", "global")
+        defaults = {"description": "", "options": [], "type": 1}
+        self.commands[scope] = [{**defaults, **command, "id": self.new_id(), "application_id": self.application_id, "version": "1"} for command in body]
+        if scope != "global":
+            for command in self.commands[scope]:
+                command["guild_id"] = scope
+        return _json(self.commands[scope])
+
+    async def _get_channel(self, request, body) -> web.Response:
+        channel = self.channels.get(request.match_info["channel"])
+        return _json(channel) if channel else _json({"message": "Unknown Channel", "code": 10003}, 404)
+
+    async def _typing(self, request, body) -> web.Response:
+        return web.Response(status=204)
+
+    async def _post_message(self, request, body) -> web.Response:
+        channel_id = request.match_info["channel"]
+        extra = {}
+        if body.get("message_reference"):
+            reference = body["message_reference"]
+            extra.update(type=19, message_reference=reference, referenced_message=self.messages.get(reference["message_id"]))
+        message = self._message(channel_id, self.bot, body.get("content", ""), **extra)
+        return _json(message)
+
+    async def _edit_message(self, request, body) -> web.Response:
+        message = self.messages.get(request.match_info["message"])
+        if message is None:
+            return _json({"message": "Unknown Message", "code": 10008}, 404)
+        message.update(content=body.get("content", message["content"]), edited_timestamp=TIMESTAMP)
+        return _json(message)
+
+    async def _delete_message(self, request, body) -> web.Response:
+        self.messages.pop(request.match_info["message"], None)
+        return web.Response(status=204)
+
+    async def _create_thread(self, request, body) -> web.Response:
+        parent = self.channels[request.match_info["channel"]]
+        if parent["id"] in self.no_threads_in:
+            return _json({"message": "Missing Permissions", "code": 50013}, 403)
+        if parent["type"] != 0:
+            return _json({"message": "Cannot execute action on this channel type", "code": 50024}, 400)
+        name = body.get("name", "")
+        if not 1 <= len(name) <= 100:
+            return _json({"message": "Invalid Form Body", "code": 50035, "errors": {"name": "length"}}, 400)
+        # A thread started from a message has the message's id.
+        thread = self._thread(parent, name, self.bot["id"], thread_id=request.match_info["message"])
+        await self.dispatch("THREAD_CREATE", {**thread, "newly_created": True})
+        return _json(thread)
+
+    async def _callback(self, request, body) -> web.Response:
+        interaction = self.interactions.get(request.match_info["token"])
+        if interaction is None:
+            return _json({"message": "Unknown interaction", "code": 10062}, 404)
+        interaction.responses.append(body)
+        if body["type"] == 4:
+            interaction.original = body["data"].get("content", "")
+        result = {"interaction": {"id": interaction.id, "type": 2, "response_message_loading": body["type"] == 5}}
+        if "with_response" in request.query:
+            result["resource"] = {"type": body["type"]}
+            return _json(result)
+        return web.Response(status=204)
+
+    async def _followup(self, request, body) -> web.Response:
+        interaction = self.interactions[request.match_info["token"]]
+        message = self._message(interaction.channel_id, self.bot, body.get("content", ""), application_id=self.application_id, webhook_id=self.application_id)
+        return _json(message)
+
+    async def _edit_webhook_message(self, request, body) -> web.Response:
+        interaction = self.interactions[request.match_info["token"]]
+        target = request.match_info["message"]
+        if target == "@original":
+            interaction.original = body.get("content", interaction.original)
+            message = self._message(interaction.channel_id, self.bot, interaction.original, keep=False, application_id=self.application_id, webhook_id=self.application_id)
+            message["id"] = interaction.id  # the original response is not kept with the channel's messages
+            return _json(message)
+        message = self.messages[target]
+        message.update(content=body.get("content", message["content"]))
+        return _json(message)
