@@ -1,0 +1,286 @@
+"""The Slack adapter: IDEFICS as a workspace assistant in threads and DMs, on slack-bolt's `AsyncApp`.
+
+    Slack event -> SlackAdapter._on_message -> _answer -> IncomingMessage -> engine.reply -> LiveReply -> thread
+
+- A mention in a channel is answered in that message's thread; later messages in a thread the bot
+  talks in continue the conversation without a mention. In DMs every message is a turn.
+- Bolt acknowledges each event before our listener runs; the work happens in a task of the adapter.
+  Retries and re-deliveries are recognised by `event_id` (and the message's own ts, because a mention
+  also arrives as a `message` event) in the store, so each message gets one answer, across restarts too.
+- The reply appears as a placeholder at once and is edited as the text streams in (`LiveReply`).
+- Socket Mode (default, needs the app token) or HTTP mode (Bolt checks signatures and answers
+  `url_verification`). The slash command lives in `slack_commands`, file downloads in `slack_files`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
+from slack_bolt.async_app import AsyncApp
+from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler, async_default_handlers
+from slack_sdk.web.async_client import AsyncWebClient
+
+from adapters.slack_commands import SlashCommands
+from adapters.slack_files import SlackFiles
+from adapters.slack_text import escape, plain_text
+from bot.access import Requester, refusal_reason
+from bot.config import Config, ConfigError
+from bot.conversation import Author, ConversationKey
+from bot.delivery import LiveReply
+from bot.engine import Engine, IncomingMessage
+
+log = logging.getLogger(__name__)
+
+MESSAGE_LIMIT = 3500  # Slack starts refusing messages (msg_too_long) around 4,000 characters
+PLACEHOLDER = "_Thinking…_"
+# The scopes the adapter relies on (see the README's manifest); a missing one gets a warning at start-up.
+SCOPES = frozenset({"app_mentions:read", "chat:write", "files:read", "im:history", "channels:history", "commands"})
+# Message subtypes that are somebody saying something (the others are edits, joins, deletions...).
+_SAID = {None, "file_share", "thread_broadcast"}
+_CONNECT_TIMEOUT_S = 30.0
+_STOP_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the bot is in the workspace, as `auth.test` says; `scopes` is None if Slack didn't list them."""
+
+    user_id: str
+    bot_id: str
+    team: str
+    scopes: frozenset[str] | None
+
+
+class SlackThread:
+    """Where one reply is shown (a thread, or a DM): the `Surface` that `LiveReply` drives.
+
+    Text is escaped, so the model can't ping anyone; a 429 on `chat.update` is waited out for its
+    Retry-After by the client's retry handler before the next edit."""
+
+    def __init__(self, client: AsyncWebClient, channel: str, thread_ts: str | None):
+        self.client = client
+        self.channel = channel
+        self.thread_ts = thread_ts
+
+    async def post(self, text: str) -> str:
+        response = await self.client.chat_postMessage(
+            channel=self.channel, thread_ts=self.thread_ts, text=escape(text), unfurl_links=False, unfurl_media=False
+        )
+        return response["ts"]
+
+    async def edit(self, message: str, text: str) -> None:
+        await self.client.chat_update(channel=self.channel, ts=message, text=escape(text))
+
+
+class SlackAdapter:
+    """The bot in one Slack workspace."""
+
+    name = "slack"
+
+    def __init__(self, config: Config, engine: Engine):
+        self.settings = settings = config.slack
+        self.images = config.images
+        self.engine = engine
+        base_url = settings.api_base_url or AsyncWebClient.BASE_URL
+        self.client = AsyncWebClient(
+            token=settings.bot_token.get_secret_value() if settings.bot_token else None,
+            base_url=base_url if base_url.endswith("/") else base_url + "/",  # method names are joined to it
+            retry_handlers=[*async_default_handlers(), AsyncRateLimitErrorRetryHandler(max_retry_count=3)],
+        )
+        http = settings.mode == "http"
+        self.app = AsyncApp(
+            client=self.client,
+            signing_secret=settings.signing_secret.get_secret_value() if http else "",
+            request_verification_enabled=http,  # Socket Mode messages come over our own authenticated socket
+        )
+        self.commands = SlashCommands(engine, settings, self._spawn, MESSAGE_LIMIT)
+        self.app.event("app_mention")(self._on_message)
+        self.app.event("message")(self._on_message)
+        self.app.command(settings.command)(self.commands.handle)
+        self.identity: Identity | None = None
+        self.files: SlackFiles | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._socket: AsyncSocketModeHandler | None = None
+        self._server: web.AppRunner | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check the bot token, then connect (Socket Mode) or listen (HTTP mode); returns when ready."""
+        self.identity = await self._identify()
+        self.files = SlackFiles(
+            self.client,
+            self.client.token,
+            connect_timeout=self.images.connect_timeout_s,
+            total_timeout=self.images.fetch_timeout_s,
+            scopes=self.identity.scopes,
+            extra_hosts=frozenset({(urlsplit(self.client.base_url).hostname or "").lower()}),  # a custom API root serves files too
+        )
+        if self.settings.mode == "http":
+            await self._listen()
+        else:
+            await self._connect()
+        log.info("slack.started", extra={"mode": self.settings.mode, "team": self.identity.team, "bot_user": self.identity.user_id})
+
+    async def stop(self) -> None:
+        """Stop taking events, give replies in flight a moment to be posted, cancel the rest."""
+        if self._socket is not None:
+            await self._socket.close_async()
+        if self._server is not None:
+            await self._server.cleanup()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=_STOP_GRACE_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        log.info("slack.stopped")
+
+    async def _identify(self) -> Identity:
+        try:
+            response = await self.client.auth_test()
+        except SlackApiError as error:
+            raise ConfigError(
+                f"Slack refused the bot token ({error.response.get('error')}): check [slack] bot_token or SLACK_BOT_TOKEN "
+                "(the Bot User OAuth Token, xoxb-...)."
+            ) from None
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise ConfigError(f"Slack can't be reached at {self.client.base_url} ({type(error).__name__}): check the network or [slack] api_base_url.") from None
+        listed = response.headers.get("x-oauth-scopes")
+        scopes = frozenset(scope.strip() for scope in listed.split(",")) if listed is not None else None
+        if scopes is not None and SCOPES - scopes:
+            log.warning("slack.missing_scopes", extra={"missing": ",".join(sorted(SCOPES - scopes))})
+        return Identity(response["user_id"], response.get("bot_id", ""), response.get("team_id", ""), scopes)
+
+    async def _listen(self) -> None:
+        host, port = self.settings.http_host, self.settings.http_port
+        runner = web.AppRunner(self.app.web_app(path=self.settings.events_path), access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as error:
+            await runner.cleanup()
+            raise ConfigError(f"Slack HTTP mode can't listen on {host}:{port} ({error.strerror}): free the port or change [slack] http_port.") from None
+        self._server = runner
+
+    async def _connect(self) -> None:
+        app_token = self.settings.app_token.get_secret_value()
+        try:
+            opened = await self.client.apps_connections_open(app_token=app_token)
+        except SlackApiError as error:
+            raise ConfigError(
+                f"Slack refused the app token ({error.response.get('error')}): check [slack] app_token or SLACK_APP_TOKEN "
+                "(xapp-..., with the connections:write scope) and that Socket Mode is on for the app."
+            ) from None
+        handler = AsyncSocketModeHandler(self.app, app_token)
+        handler.client.wss_uri = opened["url"]  # connect to this address rather than asking for another
+        try:
+            async with asyncio.timeout(_CONNECT_TIMEOUT_S):
+                await handler.connect_async()
+        except TimeoutError:
+            await handler.close_async()
+            raise ConfigError(f"Slack's Socket Mode connection did not open within {_CONNECT_TIMEOUT_S:g} s: check the network.") from None
+        self._socket = handler
+
+    def _spawn(self, work: Awaitable[None], name: str) -> None:
+        """Run `work` after the acknowledgement, as a task that `stop` waits for."""
+        task = asyncio.create_task(self._logged(work, name), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _logged(work: Awaitable[None], name: str) -> None:
+        try:
+            await work
+        except SlackApiError as error:
+            log.warning("slack.api_error", extra={"work": name, "error": error.response.get("error")})
+        except Exception:
+            log.exception("slack.work_failed", extra={"work": name})
+
+    # -- messages ----------------------------------------------------------------------------
+
+    async def _on_message(self, event: dict, body: dict, request: AsyncBoltRequest) -> None:
+        """Bolt's listener for `app_mention` and `message` events (already acknowledged)."""
+        retry = request.headers.get("x-slack-retry-num", ["0"])[0]
+        self._spawn(self._answer(event, body.get("event_id", ""), retry), f"slack-{event.get('type', 'event')}")
+
+    async def _answer(self, event: dict, event_id: str, retry: str) -> None:
+        """Where a Slack message becomes a turn of a conversation and its reply."""
+        route = await self._route(event, event_id)
+        if route is None:
+            return
+        key, reply_thread = route
+        if not await self._first_delivery(event, event_id):
+            log.info("slack.duplicate", extra={"event_id": event_id, "retry": retry})
+            return
+        message = IncomingMessage(
+            key=key,
+            author=_author(event),
+            text=plain_text(event.get("text", ""), self.identity.user_id),
+            attachments=tuple(self.files.attachment(file) for file in event.get("files", [])),
+            message_id=event["ts"],
+            shared=bool(key.thread),  # channels: several people talk; DMs: one
+        )
+        started = asyncio.get_running_loop().time()
+        live = LiveReply(SlackThread(self.client, event["channel"], reply_thread), limit=MESSAGE_LIMIT, placeholder=PLACEHOLDER)
+        final = await live.run(self.engine.reply(message))
+        log.info(
+            "slack.replied",
+            extra={
+                "conversation": str(key),
+                "event_id": event_id,
+                "answered": bool(final.text),
+                "messages": len(live.messages),
+                "seconds": round(asyncio.get_running_loop().time() - started, 3),
+            },
+        )
+
+    async def _route(self, event: dict, event_id: str) -> tuple[ConversationKey, str | None] | None:
+        """The conversation a message belongs to and the thread to answer in, or None if the bot
+        should stay out of it (not a message by a person allowed here, or not addressed to the bot)."""
+        if event.get("subtype") not in _SAID:
+            return None
+        channel, user = event.get("channel", ""), event.get("user", "")
+        is_dm = event.get("channel_type") == "im"
+        who = Requester(
+            user_id=user,
+            channel_id=channel,
+            is_dm=is_dm,
+            is_bot=bool(event.get("bot_id")),
+            is_self=user == self.identity.user_id or (bool(self.identity.bot_id) and event.get("bot_id") == self.identity.bot_id),
+        )
+        reason = refusal_reason(self.settings, who)
+        if reason is None:
+            if is_dm:
+                return ConversationKey("slack", channel), event.get("thread_ts")
+            root = event.get("thread_ts") or event["ts"]
+            key = ConversationKey("slack", channel, root)
+            mentioned = event.get("type") == "app_mention" or f"<@{self.identity.user_id}>" in event.get("text", "")
+            if mentioned or ("thread_ts" in event and await self.engine.store.has_conversation(key)):
+                return key, root
+            reason = "not addressed to the bot"
+        log.debug("slack.ignored", extra={"event_id": event_id, "reason": reason})
+        return None
+
+    async def _first_delivery(self, event: dict, event_id: str) -> bool:
+        """True once per message: a retry repeats the event_id, and a mention also arrives as a
+        `message` event with an id of its own but the same channel and ts."""
+        store = self.engine.store
+        if event_id and not await store.claim_event("slack", event_id):
+            return False
+        return await store.claim_event("slack", f"{event['channel']}/{event['ts']}")
+
+
+def _author(event: dict) -> Author:
+    """The speaker; the name comes from the profile Slack attaches to messages, else the user id."""
+    profile = event.get("user_profile") or {}
+    user = event.get("user", "")
+    return Author(user, profile.get("display_name") or profile.get("real_name") or profile.get("name") or user)

@@ -1,0 +1,151 @@
+"""The slash command (`/idefics` unless configured otherwise): one-off image tasks.
+
+    /idefics ask <image url> <question>          /idefics caption <image url>
+    /idefics classify <image url> <label, ...>   /idefics story <image url>
+    /idefics reset                               /idefics help
+
+The command is acknowledged at once (Slack waits 3 seconds at most) with an ephemeral "working" note;
+the answer goes to the command's `response_url`. Without an image URL the engine takes the last
+image the bot saw in the channel and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from adapters.slack_text import escape, plain_text
+from bot.access import Requester, refusal_reason
+from bot.config import SlackConfig
+from bot.conversation import Author, ConversationKey
+from bot.delivery import format_final, split_message
+from bot.engine import Engine, Final, TaskRequest
+
+log = logging.getLogger(__name__)
+
+# Subcommand -> the engine's task.
+TASKS = {"ask": "vqa", "caption": "caption", "classify": "classify", "story": "story"}
+WORKING = "⏳ Working on it…"
+_LINK = re.compile(r"https?://\S+", re.IGNORECASE)
+
+
+class UsageError(ValueError):
+    """The command's text can't be understood; the message shows how to write it."""
+
+
+@dataclass(frozen=True)
+class SlashCommand:
+    """What the person asked for: `action` is "help", "reset" or a key of `TASKS`."""
+
+    action: str
+    image_url: str | None = None
+    text: str = ""  # the question (ask) or the labels (classify)
+
+
+def help_text(command: str) -> str:
+    return (
+        f"*{command} ask <image url> <question>*: answer a question about an image\n"
+        f"*{command} caption <image url>*: describe an image in a few words\n"
+        f"*{command} classify <image url> <label, label, ...>*: pick the label that fits an image\n"
+        f"*{command} story <image url>*: write a short story about an image\n"
+        f"*{command} reset*: forget our conversation in this direct message\n"
+        "Without an image URL I use the last image I saw in this channel. "
+        "To chat, mention me with a question and an image; I answer in the thread."
+    )
+
+
+def parse_command(text: str, command: str = "/idefics") -> SlashCommand:
+    """The command in `text` (already plain text), or `UsageError`."""
+    action, _, rest = text.strip().partition(" ")
+    action = action.lower()
+    if action in ("", "help"):
+        return SlashCommand("help")
+    if action == "reset":
+        return SlashCommand("reset")
+    if action not in TASKS:
+        raise UsageError(f"I don't know “{action}”. Try:\n{help_text(command)}")
+    rest = rest.strip()
+    first, _, after = rest.partition(" ")
+    if _LINK.fullmatch(first):
+        return SlashCommand(action, first, after.strip())
+    return SlashCommand(action, None, rest)
+
+
+def _is_dm(payload: dict) -> bool:
+    return payload.get("channel_name") == "directmessage" or payload.get("channel_id", "").startswith("D")
+
+
+Respond = Callable[..., Awaitable[object]]
+Spawn = Callable[[Awaitable[None], str], None]
+
+
+class SlashCommands:
+    """Handles the slash command for the adapter: acknowledges, then answers via `response_url`."""
+
+    def __init__(self, engine: Engine, settings: SlackConfig, spawn: Spawn, message_limit: int):
+        """`spawn(coroutine, name)` runs the work in the adapter's own tasks (stopped with it)."""
+        self.engine = engine
+        self.settings = settings
+        self.spawn = spawn
+        self.message_limit = message_limit
+
+    async def handle(self, ack: Callable[..., Awaitable[None]], command: dict, respond: Respond) -> None:
+        """Bolt's listener for the command: answer within Slack's 3 seconds, work afterwards."""
+        who = Requester(user_id=command.get("user_id", ""), channel_id=command.get("channel_id", ""), is_dm=_is_dm(command))
+        reason = refusal_reason(self.settings, who)
+        if reason is not None:
+            log.info("slack.command_refused", extra={"reason": reason, "channel": who.channel_id})
+            await ack(text="Sorry, I'm not available to you here.")
+            return
+        try:
+            parsed = parse_command(plain_text(command.get("text", "")), self.settings.command)
+        except UsageError as error:
+            await ack(text=str(error))
+            return
+        if parsed.action == "help":
+            await ack(text=help_text(self.settings.command))
+            return
+        await ack(text=WORKING)
+        log.info("slack.command", extra={"action": parsed.action, "channel": who.channel_id, "image_url": parsed.image_url is not None})
+        self.spawn(self._answer(parsed, command, respond), f"slack-command-{parsed.action}")
+
+    async def _answer(self, parsed: SlashCommand, payload: dict, respond: Respond) -> None:
+        channel, user = payload["channel_id"], payload["user_id"]
+        if parsed.action == "reset":
+            await respond(text=await self._reset(channel, payload))
+            return
+        request = TaskRequest(
+            task=TASKS[parsed.action],
+            key=ConversationKey("slack", channel),
+            author=Author(user, payload.get("user_name") or user),
+            attachments=(self.engine.link(parsed.image_url),) if parsed.image_url else (),
+            question=parsed.text if parsed.action == "ask" else "",
+            labels=parsed.text if parsed.action == "classify" else "",
+        )
+        final = Final("", ("The reply ended unexpectedly; please try again.",))
+        async for event in self.engine.run_task(request):
+            if isinstance(event, Final):
+                final = event
+        if not final.text:  # nothing to show the channel: tell the asker only
+            await respond(text=escape(format_final(final, lambda note: note)))
+            return
+        answer = f"{self._heading(parsed, user)}\n{escape(format_final(final, lambda note: f'_{note}_'))}"
+        for part in split_message(answer, self.message_limit):
+            await respond(text=part, response_type="in_channel", unfurl_links=False, unfurl_media=False)
+
+    async def _reset(self, channel: str, payload: dict) -> str:
+        if not _is_dm(payload):
+            return "In channels every thread is its own conversation, so there is nothing to reset: mention me in a new message to start afresh."
+        count = await self.engine.reset(ConversationKey("slack", channel))
+        return f"Done: I forgot our conversation here ({count} messages)." if count else "There was nothing to forget: we haven't talked here yet."
+
+    @staticmethod
+    def _heading(parsed: SlashCommand, user: str) -> str:
+        """Whose request this answers, so the channel can follow (the user id is Slack's, the rest escaped)."""
+        if parsed.action == "ask":
+            return f"<@{user}> asked: {escape(parsed.text)}"
+        if parsed.action == "classify":
+            return f"<@{user}> asked which of these fits: {escape(parsed.text)}"
+        return f"{parsed.action.capitalize()} for <@{user}>:"

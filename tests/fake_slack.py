@@ -1,0 +1,349 @@
+"""A fake Slack on 127.0.0.1, for driving the real slack-bolt app of the bot.
+
+It serves what the bot reaches through `[slack] api_base_url`: the Web API methods it calls (recorded,
+with query, form and JSON parameters merged, as slack_sdk sends all three), a file host that wants the
+bot token and a token with `files:read` and otherwise answers 200 with an HTML login page (as Slack
+does), public images for links, `response_url` endpoints, and a Socket Mode websocket. A test acts as
+Slack itself: it builds events, signs them as Slack signs them and POSTs them to the bot's HTTP
+endpoint, or pushes them through the socket and waits for the acknowledgement. Unknown routes answer
+404 and are remembered, so a test can fail on them. Every record is a `Journal` a test can wait on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+BOT_TOKEN = "xoxb-test-bot-token"
+APP_TOKEN = "xapp-test-app-token"
+SIGNING_SECRET = "test-signing-secret"
+BOT_USER, BOT_ID, TEAM = "UBOT0001", "BBOT0001", "T0000001"
+ALL_SCOPES = ("app_mentions:read", "chat:write", "files:read", "im:history", "channels:history", "reactions:write", "commands")
+LOGIN_PAGE = "<!DOCTYPE html><html><head><title>Slack</title></head><body>Sign in to your workspace</body></html>"
+
+
+class Journal:
+    """A growing list of things that happened, which a test can wait on (instead of sleeping)."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self._changed = asyncio.Event()
+
+    def add(self, item: Any) -> None:
+        self.items.append(item)
+        self._changed.set()
+
+    async def wait_for(self, predicate: Callable[[list], Any], timeout: float = 60.0) -> Any:
+        """The first truthy value of `predicate(items)`, re-checked whenever an item arrives."""
+        async with asyncio.timeout(timeout):
+            while True:
+                found = predicate(self.items)
+                if found:
+                    return found
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@dataclass
+class Call:
+    """One Web API request of the bot."""
+
+    method: str
+    params: dict[str, Any]
+    token: str
+    at: float  # time.monotonic()
+
+
+@dataclass
+class Posted:
+    """A message the bot posted, with every text it had (the first, then each edit)."""
+
+    channel: str
+    ts: str
+    thread_ts: str | None
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return self.texts[-1]
+
+
+@dataclass
+class Delivery:
+    """The bot's HTTP answer to an event or command, and how long it took."""
+
+    status: int
+    body: str
+    seconds: float
+
+
+def sign(body: bytes, timestamp: str, secret: str = SIGNING_SECRET) -> str:
+    """Slack's request signature: v0=HMAC-SHA256(secret, "v0:{timestamp}:{body}")."""
+    return "v0=" + hmac.new(secret.encode(), b"v0:" + timestamp.encode() + b":" + body, hashlib.sha256).hexdigest()
+
+
+class FakeSlack:
+    """`async with FakeSlack() as slack:` runs it on 127.0.0.1."""
+
+    def __init__(self, scopes: tuple[str, ...] = ALL_SCOPES):
+        self.scopes = scopes
+        self.calls = Journal()  # Call
+        self.responses = Journal()  # (response_url id, JSON body) posted to a response_url
+        self.acks = Journal()  # Socket Mode acknowledgements, as sent
+        self.messages: dict[str, Posted] = {}
+        self.unexpected: list[str] = []
+        self.rate_limited_updates = 0  # answer this many coming chat.update calls with 429
+        self.retry_after = 1
+        self._files: dict[str, tuple[bytes, str]] = {}
+        self._file_objects: dict[str, dict] = {}
+        self._ids = itertools.count(1)
+        self._sockets: list[web.WebSocketResponse] = []
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> FakeSlack:
+        app = web.Application()
+        app.router.add_route("*", "/api/{method}", self._api)
+        app.router.add_get("/files/{name}", self._file)
+        app.router.add_get("/redirect/{name}", self._redirect)
+        app.router.add_get("/elsewhere/{name}", self._elsewhere)
+        app.router.add_get("/images/{name}", self._image)
+        app.router.add_post("/respond/{id}", self._respond)
+        app.router.add_get("/socket", self._socket)
+        app.router.add_route("*", "/{tail:.*}", self._unknown)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        for socket in self._sockets:
+            await socket.close()
+        await self._runner.cleanup()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    @property
+    def api_url(self) -> str:
+        return self.url("/api/")
+
+    # -- what the test sets up ---------------------------------------------------------------
+
+    def next_ts(self) -> str:
+        number = next(self._ids)
+        return f"{1700000000 + number}.{number:06d}"
+
+    def add_file(self, name: str, data: bytes, mimetype: str = "image/png", route: str = "files") -> dict:
+        """Host `data` and return the Slack file object a message would carry (`route`: "files",
+        "redirect" (same host) or "elsewhere" (redirects to another host name))."""
+        self._files[name] = (data, mimetype)
+        file = {
+            "id": f"F{next(self._ids):08d}",
+            "name": name,
+            "title": name,
+            "mimetype": mimetype,
+            "filetype": mimetype.rpartition("/")[2],
+            "size": len(data),
+            "mode": "hosted",
+            "url_private": self.url(f"/{route}/{name}"),
+        }
+        self._file_objects[file["id"]] = file
+        return file
+
+    def add_image(self, name: str, data: bytes, mimetype: str = "image/png") -> str:
+        """A public image link (for the slash command)."""
+        self._files[name] = (data, mimetype)
+        return self.url(f"/images/{name}")
+
+    def message(self, channel: str, user: str, text: str = "", *, files=(), thread_ts=None, channel_type="channel", name=None) -> dict:
+        """A `message` event as Slack sends it (subtype file_share when files come with it)."""
+        ts = self.next_ts()
+        event = {"type": "message", "channel": channel, "user": user, "text": text, "ts": ts, "event_ts": ts, "channel_type": channel_type, "team": TEAM}
+        if name:
+            event["user_profile"] = {"display_name": name, "real_name": name, "name": name.lower()}
+        if files:
+            event["subtype"], event["files"], event["upload"] = "file_share", list(files), False
+        if thread_ts:
+            event["thread_ts"] = thread_ts
+        return event
+
+    def mention(self, channel: str, user: str, text: str, **kwargs) -> dict:
+        """An `app_mention` event: a message that starts with the bot's mention."""
+        event = self.message(channel, user, f"<@{BOT_USER}> {text}", **kwargs)
+        event["type"] = "app_mention"
+        event.pop("channel_type")
+        event.pop("subtype", None)
+        return event
+
+    def envelope(self, event: dict, event_id: str | None = None) -> dict:
+        """The Events API body around `event`."""
+        return {
+            "token": "verification-token-unused",
+            "team_id": TEAM,
+            "api_app_id": "A0000001",
+            "event": event,
+            "type": "event_callback",
+            "event_id": event_id or f"Ev{next(self._ids):08d}",
+            "event_time": int(time.time()),
+            "authorizations": [{"team_id": TEAM, "user_id": BOT_USER, "is_bot": True, "is_enterprise_install": False}],
+            "is_ext_shared_channel": False,
+        }
+
+    # -- acting as Slack ---------------------------------------------------------------------
+
+    async def deliver(self, endpoint: str, body: dict, *, retry: int | None = None, secret: str = SIGNING_SECRET, age: float = 0.0) -> Delivery:
+        """POST an Events API body, signed (with `secret`, `age` seconds ago), as Slack does."""
+        raw = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if retry:
+            headers |= {"X-Slack-Retry-Num": str(retry), "X-Slack-Retry-Reason": "http_timeout"}
+        return await self._post(endpoint, raw, headers, secret, age)
+
+    async def command(self, endpoint: str, text: str, *, channel: str = "C0000001", user: str = "U0000001", command: str = "/idefics") -> tuple[Delivery, str]:
+        """Run a slash command; returns the bot's acknowledgement and the command's response_url id."""
+        response_id = f"R{next(self._ids):08d}"
+        form = self.command_payload(text, channel=channel, user=user, command=command, response_id=response_id)
+        raw = urlencode(form).encode()
+        delivery = await self._post(endpoint, raw, {"Content-Type": "application/x-www-form-urlencoded"}, SIGNING_SECRET, 0.0)
+        return delivery, response_id
+
+    def command_payload(self, text: str, *, channel: str, user: str, command: str, response_id: str) -> dict:
+        return {
+            "token": "verification-token-unused",
+            "team_id": TEAM,
+            "team_domain": "test",
+            "channel_id": channel,
+            "channel_name": "directmessage" if channel.startswith("D") else "general",
+            "user_id": user,
+            "user_name": user.lower(),
+            "command": command,
+            "text": text,
+            "api_app_id": "A0000001",
+            "response_url": self.url(f"/respond/{response_id}"),
+            "trigger_id": f"trigger-{response_id}",
+        }
+
+    async def _post(self, endpoint: str, raw: bytes, headers: dict, secret: str, age: float) -> Delivery:
+        timestamp = str(int(time.time() - age))
+        headers = {**headers, "X-Slack-Request-Timestamp": timestamp, "X-Slack-Signature": sign(raw, timestamp, secret)}
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as session:
+            async with session.post(endpoint, data=raw, headers=headers) as response:
+                return Delivery(response.status, await response.text(), time.monotonic() - started)
+
+    async def push(self, envelope_type: str, payload: dict, *, retry: int = 0) -> str:
+        """Send a Socket Mode envelope over the bot's socket; returns its envelope_id."""
+        envelope_id = f"env-{next(self._ids)}"
+        message = {"envelope_id": envelope_id, "type": envelope_type, "payload": payload, "accepts_response_payload": envelope_type != "events_api"}
+        if envelope_type == "events_api":
+            message |= {"retry_attempt": retry, "retry_reason": "timeout" if retry else ""}
+        await self._sockets[-1].send_str(json.dumps(message))
+        return envelope_id
+
+    # -- what the test reads -----------------------------------------------------------------
+
+    def thread(self, channel: str, thread_ts: str | None) -> list[Posted]:
+        """The bot's messages in a thread (or, with None, at the top level of a channel), oldest first."""
+        return [m for m in self.messages.values() if m.channel == channel and m.thread_ts == thread_ts]
+
+    def api(self, method: str) -> list[Call]:
+        return [call for call in self.calls.items if call.method == method]
+
+    # -- the server --------------------------------------------------------------------------
+
+    async def _api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        params: dict[str, Any] = dict(request.query)
+        if request.can_read_body:
+            if request.content_type == "application/json":
+                params |= await request.json()
+            else:
+                params |= dict(await request.post())
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        self.calls.add(Call(method, params, token, time.monotonic()))
+        handler = getattr(self, "_api_" + method.replace(".", "_"), None)
+        if handler is None:
+            self.unexpected.append(f"{request.method} {request.path}")
+            return web.json_response({"ok": False, "error": "unknown_method"}, status=404)
+        expected = APP_TOKEN if method == "apps.connections.open" else BOT_TOKEN
+        if token != expected:
+            return web.json_response({"ok": False, "error": "invalid_auth"})
+        return await handler(params)
+
+    async def _api_auth_test(self, params: dict) -> web.Response:
+        body = {"ok": True, "url": self.url("/"), "team": "Test", "user": "idefics", "team_id": TEAM, "user_id": BOT_USER, "bot_id": BOT_ID, "is_enterprise_install": False}
+        return web.json_response(body, headers={"x-oauth-scopes": ",".join(self.scopes)})
+
+    async def _api_chat_postMessage(self, params: dict) -> web.Response:
+        ts = self.next_ts()
+        posted = Posted(params["channel"], ts, params.get("thread_ts"), [params.get("text", "")])
+        self.messages[ts] = posted
+        return web.json_response({"ok": True, "channel": posted.channel, "ts": ts, "message": {"type": "message", "text": posted.text, "ts": ts, "bot_id": BOT_ID, "user": BOT_USER}})
+
+    async def _api_chat_update(self, params: dict) -> web.Response:
+        if self.rate_limited_updates:
+            self.rate_limited_updates -= 1
+            return web.json_response({"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": str(self.retry_after)})
+        posted = self.messages.get(params["ts"])
+        if posted is None or posted.channel != params["channel"]:
+            return web.json_response({"ok": False, "error": "message_not_found"})
+        posted.texts.append(params.get("text", ""))
+        return web.json_response({"ok": True, "channel": posted.channel, "ts": posted.ts, "text": posted.text})
+
+    async def _api_apps_connections_open(self, params: dict) -> web.Response:
+        return web.json_response({"ok": True, "url": f"ws://127.0.0.1:{self.port}/socket"})
+
+    async def _api_files_info(self, params: dict) -> web.Response:
+        file = self._file_objects.get(params.get("file", ""))
+        return web.json_response({"ok": True, "file": file} if file else {"ok": False, "error": "file_not_found"})
+
+    async def _file(self, request: web.Request) -> web.Response:
+        # Slack's file host: the file for a bot token with files:read, the login page for anything else.
+        name = request.match_info["name"]
+        authorized = request.headers.get("Authorization") == f"Bearer {BOT_TOKEN}" and "files:read" in self.scopes
+        if name not in self._files or not authorized:
+            return web.Response(text=LOGIN_PAGE, content_type="text/html")
+        data, mimetype = self._files[name]
+        return web.Response(body=data, content_type=mimetype)
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"/files/{request.match_info['name']}")
+
+    async def _elsewhere(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://localhost:{self.port}/files/{request.match_info['name']}")
+
+    async def _image(self, request: web.Request) -> web.Response:
+        data, mimetype = self._files[request.match_info["name"]]
+        return web.Response(body=data, content_type=mimetype)
+
+    async def _respond(self, request: web.Request) -> web.Response:
+        self.responses.add((request.match_info["id"], await request.json()))
+        return web.Response(text="ok")
+
+    async def _socket(self, request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        self._sockets.append(socket)
+        await socket.send_json({"type": "hello", "num_connections": 1, "connection_info": {"app_id": "A0000001"}})
+        async for message in socket:
+            if message.type == WSMsgType.TEXT:
+                self.acks.add(json.loads(message.data))
+        return socket
+
+    async def _unknown(self, request: web.Request) -> web.Response:
+        self.unexpected.append(f"{request.method} {request.path}")
+        return web.Response(status=404, text="not found")
