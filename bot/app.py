@@ -18,9 +18,23 @@ log = logging.getLogger(__name__)
 
 def create_model(config: Config) -> ModelService:
     """The model service the config asks for (not started yet)."""
+    settings = config.model
+    if settings.backend == "tgi":
+        from model.tgi import TGIBackend, TGISettings
+
+        return TGIBackend(
+            TGISettings(
+                url=settings.url,
+                token=settings.token.get_secret_value() if settings.token else None,
+                max_concurrency=settings.max_concurrency,
+                max_queue=settings.max_queue,
+                max_retries=settings.max_retries,
+                connect_timeout_s=settings.connect_timeout_s,
+                reply_tokens=config.generation.max_new_tokens,
+            )
+        )
     from model.local import BatchSettings, LocalBackend
 
-    settings = config.model
     return LocalBackend(
         CheckpointSettings(settings.checkpoint, settings.dtype, settings.quantization, settings.device_map),
         BatchSettings(

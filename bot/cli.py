@@ -106,7 +106,8 @@ async def chat(config: Config) -> int:
     from bot.adapter import load_adapter
     from bot.app import Runtime
 
-    print(f"Loading {config.model.checkpoint} ...", file=sys.stderr)
+    tgi = config.model.backend == "tgi"
+    print(f"Connecting to the TGI server at {config.model.url} ..." if tgi else f"Loading {config.model.checkpoint} ...", file=sys.stderr)
     async with Runtime(config) as runtime:
         session = load_adapter("terminal")(config, runtime.engine)
         await session.start()

@@ -11,6 +11,7 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
@@ -41,7 +42,7 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "tgi"] = "local"
     checkpoint: str = DEFAULT_CHECKPOINT
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     quantization: Literal["none", "8bit", "4bit"] = "none"
@@ -52,6 +53,22 @@ class ModelConfig(Section):
     queue_timeout_s: float = Field(120.0, gt=0)
     generation_timeout_s: float = Field(300.0, gt=0)
     stall_timeout_s: float = Field(120.0, gt=0)  # no new token for this long: the worker is replaced
+    # backend = "tgi": a text-generation-inference server serving IDEFICS.
+    url: str | None = None
+    token: SecretStr | None = None
+    max_concurrency: int = Field(16, ge=1, le=1024)
+    max_retries: int = Field(3, ge=0, le=10)
+    connect_timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _tgi_has_an_address(self) -> ModelConfig:
+        if self.backend == "tgi" and not self.url:
+            raise ValueError('backend = "tgi" needs url, the TGI server\'s address (e.g. url = "http://127.0.0.1:8080")')
+        if self.url is not None:
+            address = urlsplit(self.url)
+            if address.scheme not in ("http", "https") or not address.hostname:
+                raise ValueError('url must be an http:// or https:// address, e.g. "http://127.0.0.1:8080"')
+        return self
 
 
 class GenerationConfig(Section):
@@ -146,6 +163,17 @@ class DiscordConfig(AccessConfig):
     api_base_url: str | None = None
     gateway_url: str | None = None
 
+    @model_validator(mode="after")
+    def _ids_and_addresses(self) -> DiscordConfig:
+        for guild_id in self.command_guild_ids:
+            if not guild_id.isdigit():
+                raise ValueError(f"command_guild_ids holds server ids, numbers written as strings (got {guild_id!r}); Developer Mode → right-click the server → Copy Server ID")
+        if self.api_base_url and not self.api_base_url.startswith(("http://", "https://")):
+            raise ValueError('api_base_url must be an http:// or https:// address, e.g. "http://127.0.0.1:3001/api/v10"')
+        if self.gateway_url and not self.gateway_url.startswith(("ws://", "wss://")):
+            raise ValueError('gateway_url must be a ws:// or wss:// address, e.g. "ws://127.0.0.1:3001/gateway"')
+        return self
+
 
 class SlackConfig(AccessConfig):
     enabled: bool  # left out of the file: on when the tokens its mode needs are configured
@@ -181,6 +209,7 @@ def _slack_secrets(section: dict) -> list[str]:
 
 _SECRETS_FROM_ENV = {
     ("discord", "token"): "DISCORD_TOKEN",
+    ("model", "token"): "TGI_TOKEN",
     ("slack", "bot_token"): "SLACK_BOT_TOKEN",
     ("slack", "app_token"): "SLACK_APP_TOKEN",
     ("slack", "signing_secret"): "SLACK_SIGNING_SECRET",

@@ -238,6 +238,10 @@ class Engine:
                 self.metrics.error("too_long")
                 yield Final("", (*notes, str(too_long)))
                 return
+            except ModelError as error:  # a remote model counts tokens on its server, which can fail
+                self.metrics.error(type(error).__name__)
+                yield Final("", (*notes, str(error)))
+                return
             stored = await self.store.add_turn(message.key, user_turn)
             answer: str | None = None
             try:

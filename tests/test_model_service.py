@@ -251,7 +251,8 @@ class Hang(LogitsProcessor):
 
 async def test_a_stuck_worker_is_replaced_and_its_requests_answered(tiny_checkpoint):
     hang = Hang()
-    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(stall_timeout_s=0.5), logits_processors=[hang])
+    # Long enough that a healthy step on a busy machine never looks stuck, short enough for a test.
+    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(stall_timeout_s=3), logits_processors=[hang])
     await service.start()
     try:
         stuck = asyncio.create_task(collect(service, request(PROMPTS["one image"], 20)))
