@@ -20,6 +20,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from tests.loopback import serve
+
 INTENT_MESSAGE_CONTENT = 1 << 15
 DISCORD_EPOCH_MS = 1420070400000
 TIMESTAMP = "2025-01-01T00:00:00+00:00"
@@ -111,11 +113,7 @@ class FakeDiscord:
         for method, path, handler in routes:
             app.router.add_route(method, "/api/v10" + path, self._recorded(handler))
         app.router.add_route("*", "/{tail:.*}", self._unknown)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._runner, self.port = await serve(app)
         return self
 
     async def __aexit__(self, *exc_info) -> None:

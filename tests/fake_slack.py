@@ -25,6 +25,8 @@ from urllib.parse import urlencode
 import aiohttp
 from aiohttp import WSMsgType, web
 
+from tests.loopback import serve
+
 BOT_TOKEN = "xoxb-test-bot-token"
 APP_TOKEN = "xapp-test-app-token"
 SIGNING_SECRET = "test-signing-secret"
@@ -122,11 +124,7 @@ class FakeSlack:
         app.router.add_post("/respond/{id}", self._respond)
         app.router.add_get("/socket", self._socket)
         app.router.add_route("*", "/{tail:.*}", self._unknown)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._runner, self.port = await serve(app)
         return self
 
     async def __aexit__(self, *exc_info) -> None:

@@ -9,6 +9,15 @@ from aiohttp import web
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+async def serve(app: web.Application, host: str = "127.0.0.1", **runner_options) -> tuple[web.AppRunner, int]:
+    """Start `app` on `host` at a free port; returns the runner (to clean up) and the port."""
+    runner = web.AppRunner(app, access_log=None, **runner_options)
+    await runner.setup()
+    site = web.TCPSite(runner, host, 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
 class LoopbackServer:
     def __init__(self, routes: dict[str, Handler], host: str = "127.0.0.1", cancel_on_disconnect: bool = False):
         """`cancel_on_disconnect`: a handler is cancelled when its client hangs up (to notice it)."""
@@ -22,11 +31,7 @@ class LoopbackServer:
     async def __aenter__(self) -> LoopbackServer:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=self.cancel_on_disconnect)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._runner, self.port = await serve(app, self.host, handler_cancellation=self.cancel_on_disconnect)
         return self
 
     async def __aexit__(self, *exc_info) -> None:
