@@ -15,11 +15,16 @@ from tests.conftest import image_bytes
 COMMAND = [sys.executable, "-m", "bot"]
 
 
-def idefics_bot(*args: str, cwd: Path, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+def environment(env: dict | None = None) -> dict:
+    """The command's environment: offline, and without any chat platform's secrets."""
+    variables = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     for secret in ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET"):
-        environment.pop(secret, None)
-    return subprocess.run([*COMMAND, *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=300, env=environment)
+        variables.pop(secret, None)
+    return variables
+
+
+def idefics_bot(*args: str, cwd: Path, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*COMMAND, *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=300, env=environment(env))
 
 
 def assert_no_traceback(result: subprocess.CompletedProcess) -> None:

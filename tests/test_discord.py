@@ -1,29 +1,25 @@
 """The Discord adapter end to end: a real discord.Client, started by `idefics-bot run`'s own start-up
 path (`run_bot`), talks to a fake Discord on 127.0.0.1 (tests/fake_discord.py) and answers with the
 tiny IDEFICS checkpoint. What the model really received is read off the model itself, through a
-logits processor on the local backend (`ModelTap`)."""
+logits processor on the local backend (`tests.model_tap.ModelTap`)."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
-import threading
 import time
 
 import discord
 import pytest
-import torch
 from PIL import Image
-from transformers import LogitsProcessor
 
-import bot.app
-from bot.cli import run_bot
 from adapters.discord_input import thread_name
-from bot.config import Config, ConfigError, DiscordConfig
+from bot.config import Config, ConfigError
 from bot.engine import Attachment
+from tests.bots import BotRun, bot_says, command_answer, discord_connected, discord_section, thread_of
 from tests.conftest import image_bytes, write_config
 from tests.fake_discord import FakeDiscord
+from tests.model_tap import tap  # noqa: F401 (a fixture)
 from tests.test_images import truncated_jpeg
 
 
@@ -31,69 +27,6 @@ def pings_no_one(call) -> bool:
     """Whether a posted or edited message's `allowed_mentions` let nothing in it ping anybody."""
     allowed = call.body.get("allowed_mentions")
     return allowed is not None and allowed.get("parse") == [] and not allowed.get("users") and not allowed.get("roles") and not allowed.get("replied_user")
-
-
-class ModelTap(LogitsProcessor):
-    """Added to the real backend's `generate` calls: records each call's input ids, can force the next
-    reply's text, and can hold generation (a slow model) until released."""
-
-    def __init__(self):
-        self.inputs: list[torch.Tensor] = []
-        self.forced: list[list[int]] = []
-        self.released = threading.Event()
-        self.released.set()
-        self.holding = threading.Event()
-        self.backend = None
-        self._last: torch.Tensor | None = None
-        self._forcing: list[int] | None = None
-        self._step = 0
-
-    @property
-    def tokenizer(self):
-        return self.backend._tokenizer
-
-    def force_next(self, text: str) -> str:
-        """Make the next generate call answer `text`; returns the reply as the model will spell it."""
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        self.forced.append(ids)
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        last, self._last = self._last, input_ids.clone()
-        new_call = last is None or input_ids.shape[1] != last.shape[1] + 1 or not torch.equal(input_ids[:, :-1], last)
-        if new_call:
-            self.inputs.append(input_ids.clone())
-            self._forcing = self.forced.pop(0) if self.forced else None
-            self._step = 0
-        if not self.released.is_set():
-            self.holding.set()
-            self.released.wait(timeout=120)
-        if self._forcing is not None:
-            wanted = self._forcing[self._step] if self._step < len(self._forcing) else self.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
-            self._step += 1
-            scores = torch.full_like(scores, -torch.inf)
-            scores[:, wanted] = 0
-        return scores
-
-    def prompt(self, index: int = -1) -> str:
-        """The text of one generate call's input (first row), special tokens included."""
-        ids = [i for i in self.inputs[index][0].tolist() if i != self.tokenizer.pad_token_id]
-        return self.tokenizer.decode(ids)
-
-
-@pytest.fixture
-def tap(monkeypatch) -> ModelTap:
-    tap = ModelTap()
-    create_model = bot.app.create_model
-
-    def tapped(config):
-        tap.backend = create_model(config)
-        tap.backend.logits_processors.append(tap)
-        return tap.backend
-
-    monkeypatch.setattr(bot.app, "create_model", tapped)
-    yield tap
-    tap.released.set()
 
 
 @pytest.fixture
@@ -113,34 +46,20 @@ def no_errors(caplog):
 
 
 def discord_config(config: Config, fake: FakeDiscord, **settings) -> Config:
-    settings = {"token": fake.token, "command_guild_ids": [fake.guild_id], **settings}
-    section = DiscordConfig(enabled=True, api_base_url=fake.api_base_url, gateway_url=fake.gateway_url, **settings)
     # /ask link: the fake's images are on 127.0.0.1, which links may not reach by default.
     images = config.images.model_copy(update={"allowed_hosts": ["127.0.0.1"]})
-    return config.model_copy(update={"discord": section, "images": images})
+    return config.model_copy(update={"discord": discord_section(fake, **settings), "images": images})
 
 
-class RunningBot:
-    """`idefics-bot run` in this event loop, stopped by the test."""
+class RunningBot(BotRun):
+    """`idefics-bot run` in this event loop, connected to `fake`, stopped by the test."""
 
     def __init__(self, config: Config, fake: FakeDiscord):
-        self.config, self.fake = config, fake
-        self.stop_event = asyncio.Event()
-        self.task: asyncio.Task | None = None
+        super().__init__(config)
+        self.fake = fake
 
     async def start(self) -> RunningBot:
-        sessions = len(self.fake.sessions)
-        self.task = asyncio.create_task(run_bot(self.config, "test", self.stop_event))
-        connected = asyncio.create_task(self.fake.wait_for(lambda: len(self.fake.sessions) > sessions))
-        await asyncio.wait({self.task, connected}, return_when=asyncio.FIRST_COMPLETED)
-        if self.task.done():
-            connected.cancel()
-            await self.task  # raises what went wrong
-        return self
-
-    async def stop(self) -> None:
-        self.stop_event.set()
-        await self.task
+        return await super().start(discord_connected(self.fake))
 
 
 @pytest.fixture
@@ -154,38 +73,10 @@ async def start_bot(config, fake, tap):
         return started
 
     yield start
-    tap.released.set()
+    tap.gate.set()
     for started in running:
         if not started.task.done():
             await started.stop()
-
-
-async def bot_says(fake: FakeDiscord, channel: dict, text: str, *, exactly: bool = True) -> dict:
-    """Wait for the bot's message in `channel` that reads `text` (or starts with it)."""
-
-    def found():
-        return next((m for m in fake.bot_messages(channel["id"]) if (m["content"] == text if exactly else m["content"].startswith(text))), None)
-
-    try:
-        return await fake.wait_for(found)
-    except TimeoutError:
-        raise AssertionError(f"the bot never said {text!r} there; it said {fake.bot_texts(channel['id'])!r}") from None
-
-
-async def thread_of(fake: FakeDiscord, question: dict) -> dict:
-    """The thread the bot opens on `question` (it has the question's id)."""
-    return await fake.wait_for(lambda: fake.channels.get(question["id"]))
-
-
-async def command_answer(fake: FakeDiscord, interaction, text: str, *, exactly: bool = True) -> str:
-    def found():
-        shown = interaction.original or ""
-        return shown if (shown == text if exactly else text in shown) else None
-
-    try:
-        return await fake.wait_for(found)
-    except TimeoutError:
-        raise AssertionError(f"the command never showed {text!r}; it showed {interaction.original!r} after {interaction.responses!r}") from None
 
 
 def png(size: tuple[int, int]) -> bytes:
@@ -240,7 +131,7 @@ async def test_messages_that_are_not_for_the_bot_are_left_alone(fake, start_bot,
     await fake.say(ann, fake.text_channel, "just chatting with friends")
     answer = tap.force_next("hello ann")
     await bot_says(fake, await thread_of(fake, await fake.say(ann, fake.text_channel, "hello", mention=True)), answer)
-    assert len(tap.inputs) == 1 and "just chatting" not in tap.prompt() and "look at my cat" not in tap.prompt()
+    assert len(tap.prompts) == 1 and "just chatting" not in tap.prompt() and "look at my cat" not in tap.prompt()
     assert fake.bot_messages(people_thread["id"]) == []
 
 
@@ -344,9 +235,9 @@ async def test_bad_files_get_a_clear_answer_and_the_bot_keeps_answering(fake, st
     answer = await fake.wait_for(lambda: next((m["content"] for m in fake.bot_messages(thread["id"]) if expected in m["content"]), None))
     assert f"*{expected}" in answer  # a note, in italics
     if name == "report.pdf":
-        assert len(tap.inputs) == 1 and "<image>" not in tap.prompt()  # answered without the PDF
+        assert len(tap.prompts) == 1 and "<image>" not in tap.prompt()  # answered without the PDF
     else:
-        assert tap.inputs == []  # the asker meant to show an image: no answer without it
+        assert tap.prompts == []  # the asker meant to show an image: no answer without it
     after = tap.force_next("a red square")
     await fake.say(ann, thread, "and this one?", attachments=(fake.upload("ok.png", image_bytes(), "image/png"),))
     await bot_says(fake, thread, after)
@@ -358,20 +249,20 @@ async def test_bad_files_get_a_clear_answer_and_the_bot_keeps_answering(fake, st
 async def test_a_waiting_request_shows_its_place_and_deleting_the_question_cancels_it(fake, start_bot, tap):
     await start_bot()
     ann, bob = fake.user("Ann"), fake.user("Bob")
-    tap.released.clear()  # the model is busy with Ann's question until released
+    tap.gate.clear()  # the model is busy with Ann's question until released
     anns_thread = await thread_of(fake, await fake.say(ann, fake.text_channel, "first", mention=True))
-    await asyncio.to_thread(tap.holding.wait, 60)
+    await tap.wait_held()
     question = await fake.say(bob, fake.text_channel, "second", mention=True)
     bobs_thread = await thread_of(fake, question)
     status = await bot_says(fake, bobs_thread, "⏳ Waiting for the model: you're #1 in line.")
 
     await fake.delete(question)
     await fake.wait_for(lambda: status["id"] not in fake.messages)  # the status goes with the question
-    tap.released.set()
+    tap.gate.set()
     await fake.wait_for(lambda: fake.bot_texts(anns_thread["id"]) and not fake.bot_texts(anns_thread["id"])[0].startswith("⏳"))
     later = tap.force_next("still here")
     await bot_says(fake, await thread_of(fake, await fake.say(bob, fake.text_channel, "third", mention=True)), later)
-    assert len(tap.inputs) == 2 and all("second" not in tap.prompt(i) for i in range(2))  # Bob's deleted question never reached the model
+    assert len(tap.prompts) == 2 and all("second" not in tap.prompt(i) for i in range(2))  # Bob's deleted question never reached the model
     assert fake.bot_texts(bobs_thread["id"]) == []
 
 
@@ -447,7 +338,7 @@ async def test_the_message_command_describes_a_messages_image(fake, start_bot, t
     plain = await fake.say(ann, fake.other_channel, "no picture here")
     nothing = await fake.run_command(bob, fake.other_channel, "Describe image", target=plain)
     await fake.wait_for(lambda: nothing.responses)
-    assert ephemeral_note(nothing) == "*That message has no image attached.*" and len(tap.inputs) == 1
+    assert ephemeral_note(nothing) == "*That message has no image attached.*" and len(tap.prompts) == 1
 
 
 async def test_reset_forgets_the_threads_conversation(fake, start_bot, tap):
@@ -469,7 +360,7 @@ async def test_reset_forgets_the_threads_conversation(fake, start_bot, tap):
 
 async def test_a_command_slower_than_discord_allows_gets_a_clear_message(fake, start_bot, tap):
     await start_bot()
-    tap.released.clear()  # a model that doesn't answer in time
+    tap.gate.clear()  # a model that doesn't answer in time
     image = fake.upload("red.png", image_bytes(), "image/png")
     # Created 14 min 49 s ago: a second is left of the 15 minutes (less the adapter's safety margin).
     interaction = await fake.run_command(
@@ -477,7 +368,7 @@ async def test_a_command_slower_than_discord_allows_gets_a_clear_message(fake, s
     )
     await command_answer(fake, interaction, "longer than Discord lets me answer a command", exactly=False)
     assert deferred(interaction)
-    tap.released.set()
+    tap.gate.set()
     again = await fake.run_command(fake.user("Bob"), fake.text_channel, "caption", {"image": image["id"]}, attachments={image["id"]: image})
     await fake.wait_for(lambda: again.original)  # and the next command is answered
 
@@ -495,7 +386,7 @@ async def test_blocked_users_and_channels_get_a_short_note_and_no_model_call(fak
     refused = await fake.run_command(ann, fake.text_channel, "story")
     await fake.wait_for(lambda: refused.responses)
     assert ephemeral_note(refused) == "Sorry, I'm not available to you here."
-    assert tap.inputs == [] and fake.threads() == []
+    assert tap.prompts == [] and fake.threads() == []
     answer = tap.force_next("hello bob")
     await bot_says(fake, await thread_of(fake, await fake.say(bob, fake.text_channel, "hello", mention=True)), answer)
 
@@ -511,7 +402,7 @@ async def test_refusals_are_silent_by_default_and_other_bots_are_ignored(fake, s
     answer = tap.force_next("hello bob")
     await bot_says(fake, await thread_of(fake, await fake.say(fake.user("Bob"), fake.text_channel, "hello", mention=True)), answer)
     await fake.wait_for(lambda: len([r for r in caplog.records if r.getMessage() == "discord.refused"]) == 2)
-    assert len(tap.inputs) == 1 and len(fake.threads()) == 1
+    assert len(tap.prompts) == 1 and len(fake.threads()) == 1
     assert fake.bot_messages(fake.text_channel["id"]) == []
 
 
@@ -521,14 +412,14 @@ async def test_refusals_are_silent_by_default_and_other_bots_are_ignored(fake, s
 async def test_a_gateway_reconnect_mid_conversation_loses_nothing(fake, start_bot, tap):
     await start_bot()
     ann = fake.user("Ann")
-    tap.released.clear()
+    tap.gate.clear()
     first = tap.force_next("the first answer")
     thread = await thread_of(fake, await fake.say(ann, fake.text_channel, "remember the word banana", mention=True))
-    await asyncio.to_thread(tap.holding.wait, 60)
+    await tap.wait_held()
     await fake.reconnect()  # while the answer is being written
     second = tap.force_next("the second answer")
     await fake.say(ann, thread, "what was the word?")  # sent while the bot reconnects: replayed on RESUME
-    tap.released.set()
+    tap.gate.set()
     await fake.wait_for(lambda: fake.sessions[-1:] == ["resume"])
     await bot_says(fake, thread, first)
     await bot_says(fake, thread, second)

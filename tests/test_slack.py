@@ -1,148 +1,43 @@
 """The Slack adapter end to end: the real slack-bolt app, started through `idefics-bot run`'s start-up
 path (`run_bot`) on the tiny checkpoint, against the fake Slack of tests/fake_slack.py on 127.0.0.1.
 
-The model is the real local backend; a `Probe` (a transformers LogitsProcessor added to it) sees every
-prompt the model gets, can make a reply say a given text, and can hold generation on the model's worker
-thread until the test lets it go. Tests wait on what the fake Slack records and on the adapter's log
-events, never on sleeps.
+The model is the real local backend; a `ModelTap` (tests/model_tap.py) sees every prompt the model
+gets, can make a reply say a given text, and can hold generation on the model's worker thread until
+the test lets it go. Tests wait on what the fake Slack records and on the adapter's log events, never
+on sleeps.
+
+The tests marked `ALSO_TWO_PROCESSES` run twice: with one bot, and with two (each its own `run_bot`,
+Runtime, model and HTTP listener) on one PostgreSQL database behind a load balancer
+(tests/load_balancer.py), which hands Slack's requests to them in turn and retries to the other one.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import re
 import socket
-import threading
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from contextlib import AsyncExitStack
 
 import pytest
-import torch
-from transformers import LogitsProcessor
 
-import bot.app
-from bot.cli import run_bot
 from bot.config import Config, ConfigError
+from tests.bots import Harness, logged, running, slack_settings
 from tests.conftest import image_bytes, write_config
-from tests.fake_slack import ALL_SCOPES, APP_TOKEN, BOT_ID, BOT_TOKEN, SIGNING_SECRET, FakeSlack, Journal, Posted
+from tests.fake_slack import ALL_SCOPES, APP_TOKEN, BOT_ID, FakeSlack
+from tests.load_balancer import LoadBalancer
+from tests.model_tap import tap  # noqa: F401 (a fixture)
 
 CHANNEL, OTHER_CHANNEL, DM = "C0000001", "C0000002", "D0000001"
 ANN, BOB = "U0000001", "U0000002"
 PLACEHOLDER = "_Thinking…_"
-_FREE = -1  # in a Probe's plan: the model's own choice of token, but not the end
 
 
-class Probe(LogitsProcessor):
-    """Added to the bot's model: records every prompt (decoded), makes each reply start with `say`
-    (and end there if `finish`; without `say`, after `length` tokens of the model's own), and, while
-    `gate` is closed, holds generation right after `say`."""
-
-    def __init__(self) -> None:
-        self.backend = None
-        self.prompts: list[str] = []
-        self.say = ""
-        self.finish = True
-        self.length = 8
-        self.gate = threading.Event()
-        self.gate.set()
-        self.held = threading.Event()
-        self._last_length: int | None = None
-        self._plan: list[int] = []
-        self._ends: list[int] = []
-        self._hold_at = 0
-        self._step = 0
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        length = input_ids.shape[1]
-        if self._last_length is None or length != self._last_length + 1:  # a new generate call
-            tokenizer = self.backend._tokenizer
-            self.prompts.extend(tokenizer.decode(row) for row in input_ids)
-            said = tokenizer(self.say, add_special_tokens=False).input_ids if self.say else []
-            end = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
-            self._ends = [end, tokenizer.eos_token_id]
-            self._plan = said + [end] if self.say and self.finish else said if self.say else [_FREE] * self.length + [end]
-            self._hold_at = len(said)
-            self._step = 0
-        self._last_length = length
-        step, self._step = self._step, self._step + 1
-        if step == self._hold_at and not self.gate.is_set():
-            self.held.set()
-            self.gate.wait(60)
-        if step < len(self._plan):
-            if self._plan[step] == _FREE:
-                scores[:, self._ends] = -float("inf")
-            else:
-                scores[:, :] = -float("inf")
-                scores[:, self._plan[step]] = 0.0
-        return scores
-
-    async def wait_held(self) -> None:
-        assert await asyncio.to_thread(self.held.wait, 30), "generation never reached the hold point"
-
-
-class LogJournal(logging.Handler):
-    """The adapter's log records, as a Journal."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.journal = Journal()
-        self.loop = asyncio.get_running_loop()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.loop.call_soon_threadsafe(self.journal.add, record)
-
-
-def free_port() -> int:
-    with socket.socket() as probe_socket:
-        probe_socket.bind(("127.0.0.1", 0))
-        return probe_socket.getsockname()[1]
-
-
-@dataclass
-class Harness:
-    """A running bot and the fake Slack it talks to."""
-
-    slack: FakeSlack
-    config: Config
-    logs: Journal
-    probe: Probe
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.config.slack.http_port}{self.config.slack.events_path}"
-
-    async def send(self, event: dict, *, event_id: str | None = None, retry: int | None = None) -> str:
-        """Deliver `event` over HTTP as Slack does; returns its event_id."""
-        body = self.slack.envelope(event, event_id)
-        delivery = await self.slack.deliver(self.endpoint, body, retry=retry)
-        assert delivery.status == 200, delivery
-        return body["event_id"]
-
-    async def outcome(self, event_id: str, event: str = "slack.replied", timeout: float = 60.0) -> logging.LogRecord:
-        """Wait for the adapter's log record `event` about `event_id`."""
-        return await self.logs.wait_for(
-            lambda records: next((r for r in records if r.msg == event and getattr(r, "event_id", None) == event_id), None), timeout
-        )
-
-    async def answer(self, event: dict, timeout: float = 60.0) -> list[Posted]:
-        """Deliver `event`, wait until it is answered, and return the bot's messages in its thread."""
-        await self.outcome(await self.send(event), timeout=timeout)
-        in_dm = event.get("channel_type") == "im"
-        return self.slack.thread(event["channel"], event.get("thread_ts") or (None if in_dm else event["ts"]))
-
-
-def slack_config(tmp_path, checkpoint, slack: FakeSlack, *, max_new_tokens: int = 64, **settings) -> Config:
-    values = {
-        "mode": "http",
-        "bot_token": BOT_TOKEN,
-        "signing_secret": SIGNING_SECRET,
-        "http_host": "127.0.0.1",
-        "http_port": free_port(),
-        "api_base_url": slack.api_url,
-    } | settings
-    section = "\n".join(f"{key} = {json.dumps(value)}" for key, value in values.items())
+def slack_config(
+    tmp_path, checkpoint, slack: FakeSlack, *, max_new_tokens: int = 64, state_url: str | None = None, **settings
+) -> Config:
+    """[slack] `settings` on the fake; the state in a SQLite file, or in the PostgreSQL database `state_url`."""
+    section = "\n".join(f"{key} = {json.dumps(value)}" for key, value in slack_settings(slack, **settings).items())
+    state = f'url = "{state_url}"' if state_url else f'path = "{tmp_path / "state" / "bot.sqlite3"}"'
     return write_config(
         tmp_path / "slack.toml",
         f"""
@@ -157,34 +52,11 @@ allowed_hosts = ["127.0.0.1"]
 [limits]
 per_user_per_minute = 0
 [state]
-path = "{tmp_path / 'state' / 'bot.sqlite3'}"
+{state}
 [slack]
 {section}
 """,
     )
-
-
-@asynccontextmanager
-async def running(config: Config, logs: Journal, probe: Probe):
-    """`run_bot` in a task, until the adapter says it has started; stopped (as by SIGTERM) on exit."""
-    stop = asyncio.Event()
-    seen = len(logs.items)
-    runner = asyncio.create_task(run_bot(config, "the test config", stop))
-    started = asyncio.create_task(logs.wait_for(lambda records: any(r.msg == "slack.started" for r in records[seen:]), timeout=120))
-    await asyncio.wait({runner, started}, return_when=asyncio.FIRST_COMPLETED)
-    if runner.done():
-        started.cancel()
-        runner.result()  # raises what went wrong
-        raise AssertionError("run_bot returned before the Slack adapter started")
-    try:
-        started.result()  # raises if the adapter never said it started
-        yield
-    finally:
-        probe.gate.set()
-        stop.set()
-        await asyncio.wait_for(runner, 60)
-    failures = [r for r in logs.items[seen:] if r.levelno >= logging.ERROR or r.msg == "slack.api_error"]
-    assert not failures, [(r.msg, r.__dict__.get("error")) for r in failures]
 
 
 @pytest.fixture
@@ -195,39 +67,42 @@ async def slack():
 
 
 @pytest.fixture
-def probe(monkeypatch):
-    """The Probe, added to every model `run_bot` creates (through the real factory)."""
-    probe = Probe()
-    create_model = bot.app.create_model
-
-    def create_probed_model(config):
-        model = create_model(config)
-        model.logits_processors.append(probe)
-        probe.backend = model
-        return model
-
-    monkeypatch.setattr(bot.app, "create_model", create_probed_model)
-    yield probe
-    probe.gate.set()
-
-
-@pytest.fixture
 async def logs():
-    handler = LogJournal()
-    logger = logging.getLogger("adapters")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield handler.journal
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+    with logged("adapters") as journal:
+        yield journal
 
 
 @pytest.fixture
-async def harness(tmp_path, tiny_checkpoint, slack, logs, probe):
-    config = slack_config(tmp_path, tiny_checkpoint, slack)
-    async with running(config, logs, probe):
-        yield Harness(slack, config, logs, probe)
+def processes(request) -> int:
+    """How many bot processes serve the fake Slack: 1, unless a test is marked ALSO_TWO_PROCESSES."""
+    return getattr(request, "param", 1)
+
+
+ALSO_TWO_PROCESSES = pytest.mark.parametrize("processes", [1, 2], indirect=True, ids=["one process", "two processes"])
+
+
+@pytest.fixture
+async def start_bots(request, tmp_path, tiny_checkpoint, slack, logs, tap, processes):
+    """Starts the bot with [slack] settings (keywords) and returns its Harness: `processes` bots, on
+    one PostgreSQL database behind a load balancer when there are several. All stop at the end."""
+    state_url = request.getfixturevalue("postgres_url") if processes > 1 else None
+    async with AsyncExitStack() as stack:
+
+        async def start(**settings) -> Harness:
+            configs = [slack_config(tmp_path, tiny_checkpoint, slack, state_url=state_url, **settings) for _ in range(processes)]
+            for config in configs:
+                await stack.enter_async_context(running(config, logs, tap))
+            if processes == 1:
+                return Harness(slack, configs[0], logs, tap)
+            bots = [f"http://{config.slack.http_host}:{config.slack.http_port}" for config in configs]
+            return Harness(slack, configs[0], logs, tap, await stack.enter_async_context(LoadBalancer(bots)))
+
+        yield start
+
+
+@pytest.fixture
+async def harness(start_bots) -> Harness:
+    return await start_bots()
 
 
 def red_and_blue(slack: FakeSlack) -> tuple[dict, dict]:
@@ -237,31 +112,32 @@ def red_and_blue(slack: FakeSlack) -> tuple[dict, dict]:
 # -- conversations ---------------------------------------------------------------------------
 
 
-async def test_a_mention_is_answered_in_its_thread_as_the_text_streams_in(harness, slack, probe):
+async def test_a_mention_is_answered_in_its_thread_as_the_text_streams_in(harness, slack, tap):
     red, _ = red_and_blue(slack)
-    probe.say, probe.finish = "A red square on", False
-    probe.gate.clear()
+    tap.say, tap.finish = "A red square on", False
+    tap.gate.clear()
     mention = slack.mention(CHANNEL, ANN, "What is in this image?", files=[red], name="Ann")
     event_id = await harness.send(mention)
 
     placeholder = await slack.calls.wait_for(lambda calls: [c for c in calls if c.method == "chat.postMessage"])
     assert placeholder[0].params["thread_ts"] == mention["ts"] and placeholder[0].params["text"] == PLACEHOLDER
-    await probe.wait_held()
+    await tap.wait_held()
     # While the model is held, the streamed text so far replaces the placeholder (edits at most 1/s).
     await slack.calls.wait_for(lambda calls: any(c.method == "chat.update" and "A red square on" in c.params["text"] for c in calls))
-    probe.gate.set()
+    tap.gate.set()
     await harness.outcome(event_id)
 
     (reply,) = slack.thread(CHANNEL, mention["ts"])
     # (a busy machine may show the queue position in between)
     assert reply.texts[0] == PLACEHOLDER and any("A red square on" in text for text in reply.texts[1:-1])
     assert reply.text.startswith("A red square on") and len(reply.text) > len("A red square on")
-    (prompt,) = probe.prompts
+    (prompt,) = tap.prompts
     assert prompt.count("<image>") == 1 and "User: [Ann] What is in this image?" in prompt
     assert "<@" not in prompt  # the bot's own mention is not part of the question
 
 
-async def test_a_thread_continues_without_mentions_and_the_model_sees_both_images(harness, slack, probe):
+@ALSO_TWO_PROCESSES
+async def test_a_thread_continues_without_mentions_and_the_model_sees_both_images(harness, slack, tap):
     red, blue = red_and_blue(slack)
     mention = slack.mention(CHANNEL, ANN, "What is in this image?", files=[red], name="Ann")
     # Slack sends a mention twice: as app_mention and as a message event (ids differ, ts is the same).
@@ -272,7 +148,7 @@ async def test_a_thread_continues_without_mentions_and_the_model_sees_both_image
     follow_up = slack.message(CHANNEL, BOB, "And this one?", files=[blue], thread_ts=mention["ts"], name="Bob")
     thread = await harness.answer(follow_up)
     assert len(thread) == 2 and all(message.thread_ts == mention["ts"] for message in thread)
-    last = probe.prompts[-1]
+    last = tap.prompts[-1]
     assert last.count("<image>") == 2
     assert last.index("[Ann] What is in this image?") < last.index("[Bob] And this one?")
 
@@ -280,60 +156,63 @@ async def test_a_thread_continues_without_mentions_and_the_model_sees_both_image
     for event in (slack.message(CHANNEL, ANN, "lunch?"), slack.message(CHANNEL, ANN, "me too", thread_ts="1690000000.000001")):
         record = await harness.outcome(await harness.send(event), "slack.ignored")
         assert record.reason == "not addressed to the bot"
-    assert len(probe.prompts) == 2 and len(slack.api("chat.postMessage")) == 2
+    assert len(tap.prompts) == 2 and len(slack.api("chat.postMessage")) == 2
 
 
-async def test_in_a_dm_every_message_is_a_turn(harness, slack, probe):
+@ALSO_TWO_PROCESSES
+async def test_in_a_dm_every_message_is_a_turn(harness, slack, tap):
     _, blue = red_and_blue(slack)
     first = await harness.answer(slack.message(DM, ANN, "Hello there", channel_type="im", name="Ann"))
     assert len(first) == 1 and first[0].thread_ts is None  # answered in the DM itself
     second = await harness.answer(slack.message(DM, ANN, "", files=[blue], channel_type="im", name="Ann"))  # an image alone
     assert len(second) == 2
-    last = probe.prompts[-1]
+    last = tap.prompts[-1]
     assert "User: Hello there" in last and last.count("<image>") == 1
     assert "[Ann]" not in last  # one person: no speaker names
 
 
-async def test_each_message_gets_one_answer_however_often_slack_delivers_it(harness, slack, probe):
-    probe.gate.clear()
+@ALSO_TWO_PROCESSES
+async def test_each_message_gets_one_answer_however_often_slack_delivers_it(harness, slack, tap):
+    tap.gate.clear()
     mention = slack.mention(CHANNEL, ANN, "Count the dots")
     event_id = await harness.send(mention)
-    await probe.wait_held()
+    await tap.wait_held()
     await harness.send(mention, event_id=event_id, retry=1)  # Slack timed out waiting for us, in its view
     record = await harness.outcome(event_id, "slack.duplicate")
     assert record.retry == "1"
-    probe.gate.set()
+    tap.gate.set()
     await harness.outcome(event_id)
     await harness.send(mention, event_id=event_id, retry=2)
     await harness.logs.wait_for(lambda records: sum(r.msg == "slack.duplicate" for r in records) == 2)
 
-    assert len(probe.prompts) == 1
+    assert len(tap.prompts) == 1
     assert len(slack.thread(CHANNEL, mention["ts"])) == 1 and len(slack.api("chat.postMessage")) == 1
 
 
-async def test_events_are_acknowledged_at_once_while_the_model_is_busy(harness, slack, probe):
-    probe.gate.clear()
+async def test_events_are_acknowledged_at_once_while_the_model_is_busy(harness, slack, tap):
+    tap.gate.clear()
     first = slack.mention(CHANNEL, ANN, "Describe this slowly")
     first_id = await harness.send(first)
-    await probe.wait_held()  # the model's worker is now inside generate
+    await tap.wait_held()  # the model's worker is now inside generate
 
     second = slack.envelope(slack.mention(OTHER_CHANNEL, BOB, "Me next"))
     delivery = await slack.deliver(harness.endpoint, second)
     assert delivery.status == 200 and delivery.seconds < 3.0
     command, _ = await slack.command(harness.endpoint, "caption")
     assert command.status == 200 and command.seconds < 3.0 and command.body == "⏳ Working on it…"
-    assert not probe.gate.is_set()  # still generating the first reply all along
+    assert not tap.gate.is_set()  # still generating the first reply all along
     # The second request waits for the next batch; its placeholder soon shows its place in line.
     await slack.calls.wait_for(
         lambda calls: any(c.method == "chat.update" and c.params["channel"] == OTHER_CHANNEL and "#1 in line" in c.params["text"] for c in calls)
     )
 
-    probe.gate.set()
+    tap.gate.set()
     await harness.outcome(first_id)
     await harness.outcome(second["event_id"])
 
 
-async def test_bad_or_stale_signatures_are_refused_before_anything_runs(harness, slack, probe):
+@ALSO_TWO_PROCESSES
+async def test_bad_or_stale_signatures_are_refused_before_anything_runs(harness, slack, tap):
     challenge = await slack.deliver(harness.endpoint, {"token": "unused", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P", "type": "url_verification"})
     assert challenge.status == 200 and "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P" in challenge.body
 
@@ -344,21 +223,21 @@ async def test_bad_or_stale_signatures_are_refused_before_anything_runs(harness,
 
     genuine = slack.mention(CHANNEL, ANN, "genuine")
     await harness.answer(genuine)
-    assert len(probe.prompts) == 1 and "genuine" in probe.prompts[0]
+    assert len(tap.prompts) == 1 and "genuine" in tap.prompts[0]
     assert [call.params["thread_ts"] for call in slack.api("chat.postMessage")] == [genuine["ts"]]
 
 
-async def test_model_output_is_posted_escaped(harness, slack, probe):
-    probe.say = "<!channel> look at <@U0000123> & <https://x.org|this>"
+async def test_model_output_is_posted_escaped(harness, slack, tap):
+    tap.say = "<!channel> look at <@U0000123> & <https://x.org|this>"
     thread = await harness.answer(slack.mention(CHANNEL, ANN, "Say something"))
     posted = thread[0].text
     assert "&lt;!channel&gt; look at &lt;@U0000123&gt; &amp; &lt;https://x.org|this&gt;" in posted
     assert "<!channel>" not in posted and "<@" not in posted
 
 
-async def test_a_rate_limited_update_waits_for_retry_after(harness, slack, probe):
+async def test_a_rate_limited_update_waits_for_retry_after(harness, slack, tap):
     slack.rate_limited_updates, slack.retry_after = 1, 1
-    probe.say = "Patience is a virtue"
+    tap.say = "Patience is a virtue"
     mention = slack.mention(CHANNEL, ANN, "Quick one")
     (reply,) = await harness.answer(mention)
     limited, accepted = slack.api("chat.update")[:2]
@@ -369,95 +248,94 @@ async def test_a_rate_limited_update_waits_for_retry_after(harness, slack, probe
 # -- files -----------------------------------------------------------------------------------
 
 
-async def test_a_login_page_instead_of_the_image_is_explained(tmp_path, tiny_checkpoint, logs, probe):
+async def test_a_login_page_instead_of_the_image_is_explained(tmp_path, tiny_checkpoint, logs, tap):
     async with FakeSlack(scopes=tuple(s for s in ALL_SCOPES if s != "files:read")) as slack:
         config = slack_config(tmp_path, tiny_checkpoint, slack)
-        async with running(config, logs, probe):
-            harness = Harness(slack, config, logs, probe)
+        async with running(config, logs, tap):
+            harness = Harness(slack, config, logs, tap)
             photo = slack.add_file("photo.png", image_bytes())
             (reply,) = await harness.answer(slack.mention(CHANNEL, ANN, "What is this?", files=[photo]))
         assert not slack.unexpected
     assert "Slack sent its login page instead of the file because the app lacks the files:read scope" in reply.text
     assert "photo.png" in reply.text and "<html" not in reply.text.lower()
-    assert probe.prompts == []  # the page never reached the model
+    assert tap.prompts == []  # the page never reached the model
     assert any(r.msg == "slack.missing_scopes" and r.missing == "files:read" for r in logs.items)
 
 
 # -- the slash command -----------------------------------------------------------------------
 
 
-async def test_slash_command_subcommands_answer_through_response_url(tmp_path, tiny_checkpoint, slack, logs, probe):
-    config = slack_config(tmp_path, tiny_checkpoint, slack, command="/look")
+@ALSO_TWO_PROCESSES
+async def test_slash_command_subcommands_answer_through_response_url(start_bots, slack, tap):
+    harness = await start_bots(command="/look")
     red = slack.add_image("red.png", image_bytes((220, 20, 20)))
-    async with running(config, logs, probe):
-        harness = Harness(slack, config, logs, probe)
 
-        async def run(text: str, channel: str = CHANNEL) -> dict:
-            delivery, response_id = await slack.command(harness.endpoint, text, channel=channel, command="/look")
-            assert delivery.status == 200 and delivery.body == "⏳ Working on it…"
-            return await slack.responses.wait_for(lambda items: next((body for rid, body in items if rid == response_id), None))
+    async def run(text: str, channel: str = CHANNEL) -> dict:
+        delivery, response_id = await slack.command(harness.endpoint, text, channel=channel, command="/look")
+        assert delivery.status == 200 and delivery.body == "⏳ Working on it…"
+        return await slack.responses.wait_for(lambda items: next((body for rid, body in items if rid == response_id), None))
 
-        helped, _ = await slack.command(harness.endpoint, "help", command="/look")
-        assert "/look ask <image url> <question>" in helped.body
-        unknown, _ = await slack.command(harness.endpoint, "dance wildly", command="/look")
-        assert unknown.body.startswith("I don't know “dance”.")
+    helped, _ = await slack.command(harness.endpoint, "help", command="/look")
+    assert "/look ask <image url> <question>" in helped.body
+    unknown, _ = await slack.command(harness.endpoint, "dance wildly", command="/look")
+    assert unknown.body.startswith("I don't know “dance”.")
 
-        caption = await run(f"caption <{red}>")  # Slack may send links in angle brackets
-        assert caption["response_type"] == "in_channel" and caption["text"].startswith(f"Caption for <@{ANN}>:\n")
-        assert "<image>" in probe.prompts[-1] and "Instruction" not in probe.prompts[-1]
-        asked = await run("ask What colour is it?")  # no link: the last image seen in this channel
-        assert asked["text"].startswith(f"<@{ANN}> asked: What colour is it?")
-        assert "_I used the last image I saw in this channel (red.png)._" in asked["text"]
-        assert "Question: What colour is it? Answer:" in probe.prompts[-1]
-        classified = await run(f"classify {red} cat, dog, bird")
-        assert "asked which of these fits: cat, dog, bird" in classified["text"]
-        assert "['cat', 'dog', 'bird']" in probe.prompts[-1]
-        story = await run(f"story {red}")
-        assert story["text"].startswith(f"Story for <@{ANN}>:") and "Story:" in probe.prompts[-1]
-        too_few = await run(f"classify {red} cat")
-        assert "response_type" not in too_few and "at least two labels" in too_few["text"]  # only the asker sees it
-        nothing = await run("caption", channel=OTHER_CHANNEL)
-        assert "I haven't seen one in this channel yet" in nothing["text"]
+    caption = await run(f"caption <{red}>")  # Slack may send links in angle brackets
+    assert caption["response_type"] == "in_channel" and caption["text"].startswith(f"Caption for <@{ANN}>:\n")
+    assert "<image>" in tap.prompts[-1] and "Instruction" not in tap.prompts[-1]
+    asked = await run("ask What colour is it?")  # no link: the last image seen in this channel
+    assert asked["text"].startswith(f"<@{ANN}> asked: What colour is it?")
+    assert "_I used the last image I saw in this channel (red.png)._" in asked["text"]
+    assert "Question: What colour is it? Answer:" in tap.prompts[-1]
+    classified = await run(f"classify {red} cat, dog, bird")
+    assert "asked which of these fits: cat, dog, bird" in classified["text"]
+    assert "['cat', 'dog', 'bird']" in tap.prompts[-1]
+    story = await run(f"story {red}")
+    assert story["text"].startswith(f"Story for <@{ANN}>:") and "Story:" in tap.prompts[-1]
+    too_few = await run(f"classify {red} cat")
+    assert "response_type" not in too_few and "at least two labels" in too_few["text"]  # only the asker sees it
+    nothing = await run("caption", channel=OTHER_CHANNEL)
+    assert "I haven't seen one in this channel yet" in nothing["text"]
 
-        await harness.answer(slack.message(DM, ANN, "Hi", channel_type="im"))
-        assert (await run("reset", channel=DM))["text"] == "Done: I forgot our conversation here (2 messages)."
-        assert "every thread is its own conversation" in (await run("reset"))["text"]
+    await harness.answer(slack.message(DM, ANN, "Hi", channel_type="im"))
+    assert (await run("reset", channel=DM))["text"] == "Done: I forgot our conversation here (2 messages)."
+    assert "every thread is its own conversation" in (await run("reset"))["text"]
 
 
 # -- long replies, restarts, access, Socket Mode ---------------------------------------------
 
 
-async def test_a_long_reply_continues_in_further_thread_messages(tmp_path, tiny_checkpoint, slack, logs, probe):
+async def test_a_long_reply_continues_in_further_thread_messages(tmp_path, tiny_checkpoint, slack, logs, tap):
     config = slack_config(tmp_path, tiny_checkpoint, slack, max_new_tokens=700)
     words = "these assistant " * 640  # one token each pair: about 10,000 characters
-    probe.say = words
-    async with running(config, logs, probe):
+    tap.say = words
+    async with running(config, logs, tap):
         mention = slack.mention(CHANNEL, ANN, "Tell me everything")
-        thread = await Harness(slack, config, logs, probe).answer(mention, timeout=300)
+        thread = await Harness(slack, config, logs, tap).answer(mention, timeout=300)
     assert len(thread) == 3 and all(len(message.text) <= 3500 for message in thread)
     assert all(message.thread_ts == mention["ts"] for message in thread)
     assert " ".join(message.text for message in thread).split() == words.split()
 
 
-async def test_a_restart_keeps_the_thread_and_the_memory_of_delivered_events(tmp_path, tiny_checkpoint, slack, logs, probe):
+async def test_a_restart_keeps_the_thread_and_the_memory_of_delivered_events(tmp_path, tiny_checkpoint, slack, logs, tap):
     config = slack_config(tmp_path, tiny_checkpoint, slack)
     mention = slack.mention(CHANNEL, ANN, "Remember the red one", files=[red_and_blue(slack)[0]], name="Ann")
-    async with running(config, logs, probe):
-        harness = Harness(slack, config, logs, probe)
+    async with running(config, logs, tap):
+        harness = Harness(slack, config, logs, tap)
         event_id = await harness.send(mention)
         await harness.outcome(event_id)
-    async with running(config, logs, probe):
+    async with running(config, logs, tap):
         await harness.send(mention, event_id=event_id, retry=3)  # Slack's last retry, after the restart
         await harness.outcome(event_id, "slack.duplicate")
         thread = await harness.answer(slack.message(CHANNEL, ANN, "Still there?", thread_ts=mention["ts"], name="Ann"))
-    assert len(thread) == 2 and len(probe.prompts) == 2
-    assert "[Ann] Remember the red one" in probe.prompts[-1] and probe.prompts[-1].count("<image>") == 1
+    assert len(thread) == 2 and len(tap.prompts) == 2
+    assert "[Ann] Remember the red one" in tap.prompts[-1] and tap.prompts[-1].count("<image>") == 1
 
 
-async def test_access_rules_decide_who_is_answered(tmp_path, tiny_checkpoint, slack, logs, probe):
+async def test_access_rules_decide_who_is_answered(tmp_path, tiny_checkpoint, slack, logs, tap):
     config = slack_config(tmp_path, tiny_checkpoint, slack, allowed_channels=[CHANNEL], blocked_users=[BOB], allow_dms=False)
-    async with running(config, logs, probe):
-        harness = Harness(slack, config, logs, probe)
+    async with running(config, logs, tap):
+        harness = Harness(slack, config, logs, tap)
         bot_post = slack.mention(CHANNEL, "U0000099", "beep") | {"bot_id": "B0000099"}
         own_post = slack.message(CHANNEL, "U0000098", "my own", thread_ts="1690000000.000001") | {"bot_id": BOT_ID}
         for event, reason in [
@@ -473,14 +351,14 @@ async def test_access_rules_decide_who_is_answered(tmp_path, tiny_checkpoint, sl
         assert refused.body == "Sorry, I'm not available to you here."
         allowed = slack.mention(CHANNEL, ANN, "hello")
         await harness.answer(allowed)
-    assert len(probe.prompts) == 1
+    assert len(tap.prompts) == 1
     assert [call.params["thread_ts"] for call in slack.api("chat.postMessage")] == [allowed["ts"]]
 
 
-async def test_socket_mode_acknowledges_envelopes_and_answers(tmp_path, tiny_checkpoint, slack, logs, probe):
+async def test_socket_mode_acknowledges_envelopes_and_answers(tmp_path, tiny_checkpoint, slack, logs, tap):
     config = slack_config(tmp_path, tiny_checkpoint, slack, mode="socket", app_token=APP_TOKEN)
-    async with running(config, logs, probe):
-        harness = Harness(slack, config, logs, probe)
+    async with running(config, logs, tap):
+        harness = Harness(slack, config, logs, tap)
         mention = slack.mention(CHANNEL, ANN, "Over the socket")
         body = slack.envelope(mention)
 
@@ -495,7 +373,7 @@ async def test_socket_mode_acknowledges_envelopes_and_answers(tmp_path, tiny_che
         payload = slack.command_payload("help", channel=CHANNEL, user=ANN, command="/idefics", response_id="R1")
         ack = await acknowledged(await slack.push("slash_commands", payload))
         assert "/idefics caption <image url>" in ack["payload"]["text"]
-    assert len(slack.thread(CHANNEL, mention["ts"])) == 1 and len(probe.prompts) == 1
+    assert len(slack.thread(CHANNEL, mention["ts"])) == 1 and len(tap.prompts) == 1
 
 
 # -- start-up --------------------------------------------------------------------------------
@@ -508,18 +386,18 @@ async def test_socket_mode_acknowledges_envelopes_and_answers(tmp_path, tiny_che
         ({"mode": "socket", "app_token": "xapp-wrong"}, "Slack refused the app token (invalid_auth): check [slack] app_token or SLACK_APP_TOKEN"),
     ],
 )
-async def test_start_up_problems_are_explained(tmp_path, tiny_checkpoint, slack, logs, probe, settings, message):
+async def test_start_up_problems_are_explained(tmp_path, tiny_checkpoint, slack, logs, tap, settings, message):
     config = slack_config(tmp_path, tiny_checkpoint, slack, **settings)
     with pytest.raises(ConfigError, match=re.escape(message)):
-        async with running(config, logs, probe):
+        async with running(config, logs, tap):
             pass
 
 
-async def test_http_mode_says_when_its_port_is_taken(tmp_path, tiny_checkpoint, slack, logs, probe):
+async def test_http_mode_says_when_its_port_is_taken(tmp_path, tiny_checkpoint, slack, logs, tap):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         config = slack_config(tmp_path, tiny_checkpoint, slack, http_port=taken.getsockname()[1])
         with pytest.raises(ConfigError, match="Slack HTTP mode can't listen on 127.0.0.1:"):
-            async with running(config, logs, probe):
+            async with running(config, logs, tap):
                 pass

@@ -43,6 +43,7 @@ def test_escaped_text_cannot_mention_or_link():
         ("ask https://x.org/a.png What is it?", SlashCommand("ask", "https://x.org/a.png", "What is it?")),
         ("ask   What is it?", SlashCommand("ask", None, "What is it?")),
         ("caption http://x.org/a", SlashCommand("caption", "http://x.org/a")),
+        ("ask file:///etc/passwd What?", SlashCommand("ask", "file:///etc/passwd", "What?")),  # refused as a link later
         ("classify https://x.org/a.png cat, dog", SlashCommand("classify", "https://x.org/a.png", "cat, dog")),
         ("classify cat, dog", SlashCommand("classify", None, "cat, dog")),
         ("story", SlashCommand("story")),

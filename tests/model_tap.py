@@ -1,0 +1,138 @@
+"""A window on the real model for tests: a transformers LogitsProcessor added to the local backend that
+`run_bot` creates (through the real `bot.app.create_model`). It records what the model was given, makes
+replies say what a test wants, and can hold generation on the model's worker thread (a slow model)
+until the test lets it go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+from transformers import LogitsProcessor
+
+import bot.app
+
+_FREE = -1  # in a reply's plan: the model's own choice of token, but not the end
+
+
+class ModelTap(LogitsProcessor):
+    """Sees every `generate` call of the model it is added to.
+
+    - `prompts`: every row of every call, decoded with its special tokens (padding left out).
+    - Replies: `force_next(text)` makes the next call answer `text`; otherwise each reply says `say`
+      (a text, or a function of the row's prompt) and ends there, or goes on if `finish` is False;
+      with nothing to say, a reply is `length` tokens of the model's own choosing.
+    - While `gate` is clear, generation holds right after the said text (at the start when there is
+      none) and `held` is set; setting `gate` lets it go on.
+    """
+
+    def __init__(self) -> None:
+        self.backend = None
+        self._tokenizer = None
+        self.prompts: list[str] = []
+        self.say: str | Callable[[str], str] = ""
+        self.finish = True
+        self.length = 8
+        self.gate = threading.Event()
+        self.gate.set()
+        self.held = threading.Event()
+        self._forced: list[str] = []
+        self._last: torch.Tensor | None = None
+        self._plans: list[list[int]] = []
+        self._ends: list[int] = []
+        self._hold_at = 0
+        self._step = 0
+
+    @property
+    def tokenizer(self):
+        """A copy of the model's tokenizer: the test calls it while the model's worker tokenizes a
+        padded batch with the original, whose padding setting a call from here would change."""
+        if self._tokenizer is None:
+            self._tokenizer = copy.deepcopy(self.backend._tokenizer)
+        return self._tokenizer
+
+    def spelled(self, text: str) -> str:
+        """`text` as the model spells it when made to say it."""
+        return self.tokenizer.decode(self.tokenizer(text, add_special_tokens=False).input_ids, skip_special_tokens=True).strip()
+
+    def force_next(self, text: str) -> str:
+        """Make the next generate call answer `text`; returns the reply as the model will spell it."""
+        self._forced.append(text)
+        return self.spelled(text)
+
+    def prompt(self, index: int = -1) -> str:
+        """One row's prompt (by default the latest)."""
+        return self.prompts[index]
+
+    async def wait_held(self, timeout: float = 60) -> None:
+        assert await asyncio.to_thread(self.held.wait, timeout), "generation never reached the hold point"
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        last, self._last = self._last, input_ids.clone()
+        if last is None or input_ids.shape != (last.shape[0], last.shape[1] + 1) or not torch.equal(input_ids[:, :-1], last):
+            self._begin(input_ids)
+        step, self._step = self._step, self._step + 1
+        if step >= self._hold_at and not self.gate.is_set():
+            self.held.set()
+            self.gate.wait(120)
+        for row, plan in enumerate(self._plans):
+            if step < len(plan):
+                if plan[step] == _FREE:
+                    scores[row, self._ends] = -torch.inf
+                else:
+                    scores[row, :] = -torch.inf
+                    scores[row, plan[step]] = 0.0
+        return scores
+
+    def _begin(self, input_ids: torch.Tensor) -> None:
+        """A new generate call: record its prompts and plan each row's reply."""
+        tokenizer = self.tokenizer
+        end = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+        self._ends = [end, tokenizer.eos_token_id]
+        forced = self._forced.pop(0) if self._forced else None
+        self._plans, said_lengths = [], []
+        for row in input_ids.tolist():
+            prompt = tokenizer.decode([token for token in row if token != tokenizer.pad_token_id])
+            self.prompts.append(prompt)
+            text = forced if forced is not None else self.say(prompt) if callable(self.say) else self.say
+            said = tokenizer(text, add_special_tokens=False).input_ids if text else []
+            if not said:
+                plan = [_FREE] * self.length + [end]
+            else:
+                plan = said + [end] if self.finish or forced is not None else said
+            self._plans.append(plan)
+            said_lengths.append(len(said))
+        self._hold_at = min(said_lengths)
+        self._step = 0
+
+
+@contextmanager
+def tapping(tap: ModelTap) -> Iterator[ModelTap]:
+    """While inside, every model that `bot.app.create_model` makes (so every `run_bot` that starts)
+    gets `tap`; the tap stays on those models afterwards."""
+    create_model = bot.app.create_model
+
+    def tapped(config):
+        tap.backend = create_model(config)
+        tap.backend.logits_processors.append(tap)
+        return tap.backend
+
+    bot.app.create_model = tapped
+    try:
+        yield tap
+    finally:
+        bot.app.create_model = create_model
+
+
+@pytest.fixture
+def tap() -> Iterator[ModelTap]:
+    """One `ModelTap` on every model the test starts (a restarted bot keeps it)."""
+    with tapping(ModelTap()) as model_tap:
+        yield model_tap
+        model_tap.gate.set()  # a held model must not outlive the test
