@@ -23,6 +23,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/image_intake.py
+	$(BIN)/python benchmarks/load.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
