@@ -5,8 +5,12 @@ Where a Discord message becomes an engine call, in order:
     `_route`       whether the message is for the bot and which conversation it continues: a DM, a
                    thread the bot is in, a reply to one of its messages, or a new one opened by a mention;
     `_answer`      opens the thread if needed and streams `engine.reply(...)` into Discord.
-Deleting the question while it is answered cancels the request (`on_raw_message_delete`).
+Deleting the question while it is answered cancels the request (`on_raw_message_delete`). Each
+message is answered once, even if the gateway delivers it again. At start-up, the messages that a
+killed process stored but never answered are answered where they were asked (`_resume`).
 Slash commands: adapters/discord_commands.py. Showing replies: adapters/discord_delivery.py.
+With `[discord] shard_count`, the process runs the shards `shard_ids` of the bot (`_ShardedClient`);
+its other shards run in other processes that share the state ([state] url).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from adapters.discord_delivery import NO_PINGS, ChannelSurface, live_reply
 from adapters.discord_input import PLATFORM, attachments_of, mentions_me, question_text, refusal_notice, requester, thread_name
 from bot.access import refusal_reason
 from bot.config import Config, ConfigError
-from bot.conversation import Author, ConversationKey
+from bot.conversation import Author, ConversationKey, Unanswered
 from bot.engine import Engine, IncomingMessage
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,10 @@ BAD_TOKEN = f"[discord] token: Discord refused the token. Copy your bot's token 
 NO_MESSAGE_CONTENT = (
     "[discord]: Discord refused the Message Content intent, which the bot needs to read messages. Turn it on at "
     f"{PORTAL} → your application → Bot → Privileged Gateway Intents → MESSAGE CONTENT INTENT, save, and start the bot again."
+)
+SHARDING_REQUIRED = (
+    "[discord]: Discord requires this bot, in many guilds, to split them over shards. Set [discord] shard_count "
+    "(about one shard per 1,000 guilds), and shard_ids in each process if several share them."
 )
 CONNECT_TIMEOUT_S = 60.0
 _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
@@ -59,20 +67,19 @@ class _Route:
     reply: bool = False  # answer as a reply to the message
 
 
-class _Client(discord.Client):
-    """discord.py's client, handing its events to the adapter."""
+def _client_options() -> dict:
+    # The bot has no voice: discord.py's warnings about missing voice libraries would only puzzle admins.
+    discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
+    return {"intents": _intents(), "allowed_mentions": NO_PINGS, "chunk_guilds_at_startup": False}
 
-    def __init__(self, adapter: DiscordAdapter):
-        # The bot has no voice: discord.py's warnings about missing voice libraries would only puzzle admins.
-        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
-        super().__init__(intents=_intents(), allowed_mentions=NO_PINGS, chunk_guilds_at_startup=False)
-        self.adapter = adapter
+
+class _Handlers:
+    """discord.py's event handlers, handing the events to the adapter (for either kind of client)."""
+
+    adapter: DiscordAdapter
 
     async def setup_hook(self) -> None:
         await self.adapter.commands.register()
-
-    async def on_connect(self) -> None:
-        self.adapter.connected.set()
 
     async def on_resumed(self) -> None:
         log.info("discord.resumed")
@@ -87,6 +94,66 @@ class _Client(discord.Client):
         log.exception("discord.event_failed", extra={"event": event})
 
 
+class _Client(_Handlers, discord.Client):
+    """One gateway connection for all the bot's guilds."""
+
+    def __init__(self, adapter: DiscordAdapter):
+        super().__init__(**_client_options())
+        self.adapter = adapter
+
+    async def on_connect(self) -> None:
+        self.adapter.opened.set()
+
+
+class _ShardedClient(_Handlers, discord.AutoShardedClient):
+    """The shards `shard_ids` of the bot's `shard_count`, one gateway connection each. Discord sends
+    each guild's events to shard (guild id >> 22) % shard_count, and DMs to shard 0."""
+
+    def __init__(self, adapter: DiscordAdapter, shard_count: int, shard_ids: list[int]):
+        super().__init__(shard_count=shard_count, shard_ids=shard_ids, **_client_options())
+        self.adapter = adapter
+        self._not_connected = set(shard_ids)
+
+    async def on_shard_connect(self, shard_id: int) -> None:
+        self._not_connected.discard(shard_id)
+        if not self._not_connected:
+            self.adapter.opened.set()
+
+
+class _ProcessAddresses:
+    """discord.py reads the REST root and the gateway address from class attributes, so they hold
+    for the whole process. The first adapter that starts sets them, the last one that stops puts the
+    previous ones back, and adapters in between (two bots in one process, as in tests) must agree."""
+
+    def __init__(self) -> None:
+        self._users = 0
+        self._wanted: tuple[str | None, str | None] = (None, None)
+        self._previous: tuple[str, yarl.URL] | None = None
+
+    def use(self, api_base_url: str | None, gateway_url: str | None) -> None:
+        if self._users and (api_base_url, gateway_url) != self._wanted:
+            raise ConfigError(
+                "[discord]: another Discord bot in this process uses other api_base_url/gateway_url addresses; "
+                "discord.py keeps them process-wide, so run each in a process of its own."
+            )
+        if not self._users:
+            self._previous = (discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+            self._wanted = (api_base_url, gateway_url)
+            if api_base_url:
+                discord.http.Route.BASE = api_base_url.rstrip("/")
+            if gateway_url:
+                discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
+        self._users += 1
+
+    def release(self) -> None:
+        self._users -= 1
+        if not self._users:
+            discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = self._previous
+
+
+_ADDRESSES = _ProcessAddresses()
+
+
 class DiscordAdapter:
     """Connects one bot account to Discord and answers there."""
 
@@ -95,27 +162,33 @@ class DiscordAdapter:
     def __init__(self, config: Config, engine: Engine):
         self.settings = config.discord
         self.engine = engine
-        self.client: _Client | None = None
+        self.client: _Client | _ShardedClient | None = None
         self.commands: BotCommands | None = None
-        self.connected = asyncio.Event()
+        self.opened = asyncio.Event()  # set when the gateway first opens: `start` waits for it
         self._gateway: asyncio.Task | None = None
         self._answering: dict[int, asyncio.Task] = {}  # question message id -> the task answering it
         self._deleted: set[int] = set()
-        self._addresses: tuple[str, yarl.URL] | None = None
+        self._resuming: asyncio.Task | None = None
+        self._uses_addresses = False
 
     # -- connecting --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._use_addresses()
-        self.client = _Client(self)
+        settings = self.settings
+        _ADDRESSES.use(settings.api_base_url, settings.gateway_url)  # every REST and gateway call goes there
+        self._uses_addresses = True
+        if settings.shard_count is None:
+            self.client = _Client(self)
+        else:
+            self.client = _ShardedClient(self, settings.shard_count, settings.shard_ids or list(range(settings.shard_count)))
         self.commands = BotCommands(self.client, self.engine, self.settings)
         try:
             await self.client.login(self.settings.token.get_secret_value())
             self._gateway = asyncio.create_task(self.client.connect(), name="discord-gateway")
-            waiting = asyncio.create_task(self.connected.wait())
+            waiting = asyncio.create_task(self.opened.wait())
             await asyncio.wait({self._gateway, waiting}, timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
             waiting.cancel()
-            if not self.connected.is_set():
+            if not self.opened.is_set():
                 if not self._gateway.done():
                     raise TimeoutError("no answer from the gateway")
                 raise self._gateway.exception() or ConnectionError("the gateway closed the connection")
@@ -126,7 +199,19 @@ class DiscordAdapter:
                 raise
             raise failure from None
         self._gateway.add_done_callback(self._gateway_ended)
-        log.info("discord.connected", extra={"user": self.client.user.id, "guilds": len(self.client.guilds)})
+        shards = {"shards": ",".join(map(str, self.client.shard_ids)), "shard_count": settings.shard_count} if settings.shard_count else {}
+        log.info("discord.connected", extra={"user": self.client.user.id, "guilds": len(self.client.guilds), **shards})
+        self._resuming = asyncio.create_task(self._resume_unanswered(), name="discord-resume")
+
+    @property
+    def connected(self) -> bool:
+        """Whether the gateway connection is up now (every shard's, when sharded): for /healthz."""
+        client = self.client
+        if client is None or client.is_closed() or not self.opened.is_set():
+            return False
+        if isinstance(client, discord.AutoShardedClient):
+            return all(not shard.is_closed() for shard in client.shards.values())
+        return client.ws is not None and client.ws.open
 
     def _startup_error(self, error: BaseException) -> ConfigError | None:
         """What to tell the person starting the bot, for the failures they can fix."""
@@ -134,21 +219,13 @@ class DiscordAdapter:
             return ConfigError(BAD_TOKEN)
         if isinstance(error, discord.PrivilegedIntentsRequired):
             return ConfigError(NO_MESSAGE_CONTENT)
+        if isinstance(error, discord.ConnectionClosed) and error.code == 4011:
+            return ConfigError(SHARDING_REQUIRED)
         if isinstance(error, (OSError, aiohttp.ClientError, TimeoutError, discord.HTTPException, discord.ConnectionClosed)):
             where = self.settings.api_base_url or "discord.com"
             reason = str(error) or type(error).__name__
             return ConfigError(f"[discord]: couldn't connect to Discord ({where}): {reason}. Check the network, and api_base_url/gateway_url if set.")
         return None
-
-    def _use_addresses(self) -> None:
-        """Point discord.py at a Discord-compatible server, if configured. discord.py reads both addresses
-        from class attributes (every REST, webhook and interaction call builds its URL from Route.BASE),
-        so they hold for the whole process: set here, put back in `stop`."""
-        self._addresses = (discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
-        if self.settings.api_base_url:
-            discord.http.Route.BASE = self.settings.api_base_url.rstrip("/")
-        if self.settings.gateway_url:
-            discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(self.settings.gateway_url)
 
     def _gateway_ended(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -157,15 +234,15 @@ class DiscordAdapter:
             log.error("discord.disconnected", extra={"reason": reason})
 
     async def stop(self) -> None:
-        for task in list(self._answering.values()):
+        for task in [*self._answering.values(), *([self._resuming] if self._resuming else [])]:
             task.cancel()
         if self.client is not None:
             await self.client.close()
         if self._gateway is not None:
             await asyncio.gather(self._gateway, return_exceptions=True)
-        if self._addresses is not None:
-            discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = self._addresses
-            self._addresses = None
+        if self._uses_addresses:
+            _ADDRESSES.release()
+            self._uses_addresses = False
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -173,16 +250,21 @@ class DiscordAdapter:
         me = self.client.user
         if message.type not in _ANSWERED_TYPES or message.author.id == me.id:
             return  # joins, pins, "thread created" notices; and its own messages
+        metrics = self.engine.metrics
         channel = await self._channel_of(message)
         if channel is None:
+            metrics.adapter_event(self.name, "ignored")
             return
         reason = refusal_reason(self.settings, requester(message.author, channel, me))
         if reason is not None and refusal_notice(reason) is None:
+            metrics.adapter_event(self.name, "ignored")
             return  # another bot's message: ignored without a word, or a look-up
         route = await self._route(message, channel, me)
         if route is None:
+            metrics.adapter_event(self.name, "ignored")
             return
         if reason is not None:
+            metrics.adapter_event(self.name, "refused")
             log.info("discord.refused", extra={"reason": reason, "user": message.author.id, "channel": channel.id})
             if self.settings.refusal_notice:
                 try:
@@ -190,6 +272,11 @@ class DiscordAdapter:
                 except discord.HTTPException as error:
                     log.warning("discord.reply_failed", extra={"status": error.status, "code": error.code, "channel": channel.id})
             return
+        if not await self.engine.store.claim_event(PLATFORM, str(message.id)):
+            metrics.adapter_event(self.name, "duplicate")  # delivered again (a gateway replay, say)
+            log.info("discord.duplicate", extra={"message_id": message.id})
+            return
+        metrics.adapter_event(self.name, "message")
         await self._answer(message, route, me)
 
     async def _channel_of(self, message: discord.Message) -> discord.abc.Messageable | None:
@@ -239,23 +326,87 @@ class DiscordAdapter:
                     reply_to = message
             author = Author(str(message.author.id), message.author.display_name)
             incoming = IncomingMessage(key, author, text, files, str(message.id), route.shared)
-
-            async def link(posted: discord.Message) -> None:
-                await self.engine.store.link_message(PLATFORM, str(posted.id), key)
-
-            surface = ChannelSurface(channel, reply_to, on_post=link)
-            async with channel.typing():
+            surface = ChannelSurface(channel, reply_to, on_post=self._linker(key))
+            # "Typing…" is shown alongside, not awaited first: the reply takes the message's place in
+            # its conversation at once, so a later message of the thread can't go before it.
+            typing = asyncio.create_task(self._typing(channel))
+            try:
                 await live_reply(surface).run(self.engine.reply(incoming))
+            finally:
+                typing.cancel()
         except asyncio.CancelledError:
             if message.id in self._deleted and surface is not None:
-                log.info("discord.question_deleted", extra={"message": message.id})
+                log.info("discord.question_deleted", extra={"message_id": message.id})
                 await surface.discard()
             raise
-        except discord.HTTPException as error:
-            log.warning("discord.reply_failed", extra={"status": error.status, "code": error.code, "channel": channel.id})
+        except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as error:
+            self._reply_lost(key, error)
         finally:
             self._answering.pop(message.id, None)
             self._deleted.discard(message.id)
+
+    @staticmethod
+    async def _typing(channel: discord.abc.Messageable) -> None:
+        """Show that the bot is typing in `channel` until cancelled; if Discord won't, the reply goes on."""
+        try:
+            async with channel.typing():
+                await asyncio.Future()
+        except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as error:
+            log.warning("discord.typing_failed", extra={"channel": channel.id, "error": type(error).__name__})
+
+    def _linker(self, key: ConversationKey):
+        """What links each message the bot posts to `key`, so that replying to it continues the conversation."""
+
+        async def link(posted: discord.Message) -> None:
+            await self.engine.store.link_message(PLATFORM, str(posted.id), key)
+
+        return link
+
+    def _reply_lost(self, key: ConversationKey, error: BaseException) -> None:
+        """A reply Discord wouldn't take, after discord.py's own retries: logged with its conversation."""
+        self.engine.metrics.adapter_event(self.name, "reply_lost")
+        status = {"status": error.status, "code": error.code} if isinstance(error, discord.HTTPException) else {"error": type(error).__name__}
+        log.error("discord.reply_lost", extra={"conversation": str(key), **status})
+
+    async def _resume_unanswered(self) -> None:
+        """Answer the messages that a stopped process left unanswered, where they were asked."""
+        pending = await self.engine.unanswered(self.name)
+        if pending:
+            log.info("discord.resuming", extra={"conversations": len(pending)})
+        await asyncio.gather(*(self._resume(unanswered) for unanswered in pending))
+
+    async def _resume(self, pending: Unanswered) -> None:
+        key, question = pending.key, int(pending.turn.message_id or 0)
+        self._answering[question] = asyncio.current_task()  # deleting the question cancels this too
+        try:
+            channel, reply_to = await self._place_of(key, question)
+            if channel is None:
+                log.info("discord.resume_skipped", extra={"conversation": str(key), "reason": "channel gone"})
+                return
+            shared = not isinstance(channel, discord.DMChannel)
+            final = await live_reply(ChannelSurface(channel, reply_to, on_post=self._linker(key))).run(self.engine.resume(pending, shared))
+            self.engine.metrics.adapter_event(self.name, "resumed")
+            log.info("discord.resumed", extra={"conversation": str(key), "message_id": question, "answered": bool(final.text)})
+        except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as error:
+            self._reply_lost(key, error)
+        finally:
+            self._answering.pop(question, None)
+            self._deleted.discard(question)
+
+    async def _place_of(self, key: ConversationKey, question: int) -> tuple[discord.abc.Messageable | None, discord.PartialMessage | None]:
+        """Where a conversation's answers go: its thread, or else its channel (a DM, or a channel where
+        the bot answers inline, as a reply to the question)."""
+        for channel_id in filter(None, (key.thread, key.channel)):
+            try:
+                channel = self.client.get_channel(int(channel_id)) or await self.client.fetch_channel(int(channel_id))
+            except (discord.NotFound, discord.Forbidden):
+                continue  # gone, or no longer ours; an inline conversation's "thread" is its first message
+            if not isinstance(channel, discord.abc.Messageable):
+                continue  # a forum whose post is gone
+            if isinstance(channel, (discord.Thread, discord.DMChannel)):
+                return channel, None
+            return channel, channel.get_partial_message(question)
+        return None, None
 
     async def _open_thread(self, message: discord.Message, name: str) -> discord.Thread | None:
         """A thread on `message`, or None (answer inline then) if the bot may not open one there."""

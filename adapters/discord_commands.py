@@ -68,6 +68,7 @@ class BotCommands(app_commands.CommandTree):
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         reason = refusal_reason(self.settings, requester(interaction.user, interaction.channel, self.client.user))
+        self.engine.metrics.adapter_event(PLATFORM, "command" if reason is None else "refused")
         if reason is None:
             return True
         log.info("discord.refused", extra={"reason": reason, "user": interaction.user.id, "command": interaction.command and interaction.command.name})

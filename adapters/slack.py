@@ -7,7 +7,10 @@
 - Bolt acknowledges each event before our listener runs; the work happens in a task of the adapter.
   Retries and re-deliveries are recognised by `event_id` (and the message's own ts, because a mention
   also arrives as a `message` event) in the store, so each message gets one answer, across restarts too.
-- The reply appears as a placeholder at once and is edited as the text streams in (`LiveReply`).
+- The reply appears as a placeholder at once and is edited as the text streams in (`LiveReply`);
+  posts and edits go through Slack's failures as `slack_delivery` says, and a reply that can't be
+  posted in the end is logged with its conversation.
+- At start-up, messages that a killed process stored but never answered are answered in their threads.
 - Socket Mode (default, needs the app token) or HTTP mode (Bolt checks signatures and answers
   `url_verification`). The slash command lives in `slack_commands`, file downloads in `slack_files`.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -26,17 +29,17 @@ from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.errors import SlackApiError
-from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler, async_default_handlers
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.slack_commands import SlashCommands
+from adapters.slack_delivery import SlackThread, retry_handlers
 from adapters.slack_files import SlackFiles
-from adapters.slack_text import escape, plain_text
+from adapters.slack_text import plain_text
 from bot.access import Requester, refusal_reason
 from bot.config import Config, ConfigError
-from bot.conversation import Author, ConversationKey
+from bot.conversation import Author, ConversationKey, Unanswered
 from bot.delivery import LiveReply
-from bot.engine import Engine, IncomingMessage
+from bot.engine import Engine, Final, IncomingMessage, ReplyEvent
 
 log = logging.getLogger(__name__)
 
@@ -60,27 +63,6 @@ class Identity:
     scopes: frozenset[str] | None
 
 
-class SlackThread:
-    """Where one reply is shown (a thread, or a DM): the `Surface` that `LiveReply` drives.
-
-    Text is escaped, so the model can't ping anyone; a 429 on `chat.update` is waited out for its
-    Retry-After by the client's retry handler before the next edit."""
-
-    def __init__(self, client: AsyncWebClient, channel: str, thread_ts: str | None):
-        self.client = client
-        self.channel = channel
-        self.thread_ts = thread_ts
-
-    async def post(self, text: str) -> str:
-        response = await self.client.chat_postMessage(
-            channel=self.channel, thread_ts=self.thread_ts, text=escape(text), unfurl_links=False, unfurl_media=False
-        )
-        return response["ts"]
-
-    async def edit(self, message: str, text: str) -> None:
-        await self.client.chat_update(channel=self.channel, ts=message, text=escape(text))
-
-
 class SlackAdapter:
     """The bot in one Slack workspace."""
 
@@ -94,7 +76,7 @@ class SlackAdapter:
         self.client = AsyncWebClient(
             token=settings.bot_token.get_secret_value() if settings.bot_token else None,
             base_url=base_url if base_url.endswith("/") else base_url + "/",  # method names are joined to it
-            retry_handlers=[*async_default_handlers(), AsyncRateLimitErrorRetryHandler(max_retry_count=3)],
+            retry_handlers=retry_handlers(),
         )
         http = settings.mode == "http"
         self.app = AsyncApp(
@@ -129,14 +111,26 @@ class SlackAdapter:
             await self._listen()
         else:
             await self._connect()
+        self._spawn(self._resume_unanswered(), "slack-resume")
         log.info("slack.started", extra={"mode": self.settings.mode, "team": self.identity.team, "bot_user": self.identity.user_id})
+
+    @property
+    def connected(self) -> bool:
+        """Whether Slack can reach the bot (for /healthz): the HTTP endpoint is listening, or the
+        Socket Mode connection is open."""
+        if self._server is not None:
+            return True
+        socket = self._socket.client if self._socket is not None else None
+        return socket is not None and not socket.closed and socket.current_session is not None and not socket.current_session.closed
 
     async def stop(self) -> None:
         """Stop taking events, give replies in flight a moment to be posted, cancel the rest."""
         if self._socket is not None:
             await self._socket.close_async()
+            self._socket = None
         if self._server is not None:
             await self._server.cleanup()
+            self._server = None
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=_STOP_GRACE_S)
             for task in pending:
@@ -219,8 +213,10 @@ class SlackAdapter:
             return
         key, reply_thread = route
         if not await self._first_delivery(event, event_id):
+            self.engine.metrics.adapter_event(self.name, "duplicate")
             log.info("slack.duplicate", extra={"event_id": event_id, "retry": retry})
             return
+        self.engine.metrics.adapter_event(self.name, "message")
         message = IncomingMessage(
             key=key,
             author=_author(event),
@@ -231,7 +227,9 @@ class SlackAdapter:
         )
         started = asyncio.get_running_loop().time()
         live = LiveReply(SlackThread(self.client, event["channel"], reply_thread), limit=MESSAGE_LIMIT, placeholder=PLACEHOLDER)
-        final = await live.run(self.engine.reply(message))
+        final = await self._show(live, self.engine.reply(message), key, event_id=event_id)
+        if final is None:
+            return
         log.info(
             "slack.replied",
             extra={
@@ -243,10 +241,38 @@ class SlackAdapter:
             },
         )
 
+    async def _show(self, live: LiveReply, events: AsyncIterator[ReplyEvent], key: ConversationKey, **about: str) -> Final | None:
+        """`live.run(events)`; None when Slack wouldn't take the reply in the end, which is logged with
+        its conversation (and `about`)."""
+        try:
+            return await live.run(events)
+        except (SlackApiError, aiohttp.ClientError, TimeoutError) as error:
+            reason = error.response.get("error") if isinstance(error, SlackApiError) else type(error).__name__
+            self.engine.metrics.adapter_event(self.name, "reply_lost")
+            log.error("slack.reply_lost", extra={"conversation": str(key), **about, "error": reason, "shown_messages": len(live.messages)})
+            return None
+
+    async def _resume_unanswered(self) -> None:
+        """Answer, in their threads, the messages that a stopped process left unanswered."""
+        pending = await self.engine.unanswered(self.name)
+        if pending:
+            log.info("slack.resuming", extra={"conversations": len(pending)})
+        for unanswered in pending:
+            self._spawn(self._resume(unanswered), "slack-resume")
+
+    async def _resume(self, pending: Unanswered) -> None:
+        key = pending.key
+        live = LiveReply(SlackThread(self.client, key.channel, key.thread or None), limit=MESSAGE_LIMIT)
+        final = await self._show(live, self.engine.resume(pending, shared=bool(key.thread)), key, message_ts=pending.turn.message_id)
+        if final is not None:
+            self.engine.metrics.adapter_event(self.name, "resumed")
+            log.info("slack.resumed", extra={"conversation": str(key), "message_ts": pending.turn.message_id, "answered": bool(final.text), "messages": len(live.messages)})
+
     async def _route(self, event: dict, event_id: str) -> tuple[ConversationKey, str | None] | None:
         """The conversation a message belongs to and the thread to answer in, or None if the bot
         should stay out of it (not a message by a person allowed here, or not addressed to the bot)."""
         if event.get("subtype") not in _SAID:
+            self.engine.metrics.adapter_event(self.name, "ignored")
             return None
         channel, user = event.get("channel", ""), event.get("user", "")
         is_dm = event.get("channel_type") == "im"
@@ -264,9 +290,17 @@ class SlackAdapter:
             root = event.get("thread_ts") or event["ts"]
             key = ConversationKey("slack", channel, root)
             mentioned = event.get("type") == "app_mention" or f"<@{self.identity.user_id}>" in event.get("text", "")
-            if mentioned or ("thread_ts" in event and await self.engine.store.has_conversation(key)):
+            store, root_message = self.engine.store, f"{channel}/{root}"
+            if mentioned:
+                # The bot is in this thread from now on, before any turn is stored: follow-ups sent while
+                # the first message is taken in, or after it was refused, are for the bot too.
+                await store.link_message("slack", root_message, key)
+                return key, root
+            if "thread_ts" in event and (await store.conversation_of("slack", root_message) is not None or await store.has_conversation(key)):
                 return key, root
             reason = "not addressed to the bot"
+        refused = reason not in ("not addressed to the bot", "own message", "bot")  # a person the access rules keep out
+        self.engine.metrics.adapter_event(self.name, "refused" if refused else "ignored")
         log.debug("slack.ignored", extra={"event_id": event_id, "reason": reason})
         return None
 

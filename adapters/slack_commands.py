@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 # Subcommand -> the engine's task.
 TASKS = {"ask": "vqa", "caption": "caption", "classify": "classify", "story": "story"}
 WORKING = "⏳ Working on it…"
-_LINK = re.compile(r"https?://\S+", re.IGNORECASE)
+# Any scheme: a link the bot won't fetch (file://, gopher://) gets its reason, instead of being read as the question.
+_LINK = re.compile(r"[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
 
 
 class UsageError(ValueError):
@@ -95,6 +96,7 @@ class SlashCommands:
         """Bolt's listener for the command: answer within Slack's 3 seconds, work afterwards."""
         who = Requester(user_id=command.get("user_id", ""), channel_id=command.get("channel_id", ""), is_dm=_is_dm(command))
         reason = refusal_reason(self.settings, who)
+        self.engine.metrics.adapter_event("slack", "command" if reason is None else "refused")
         if reason is not None:
             log.info("slack.command_refused", extra={"reason": reason, "channel": who.channel_id})
             await ack(text="Sorry, I'm not available to you here.")

@@ -15,6 +15,9 @@ from model.service import ModelService
 
 log = logging.getLogger(__name__)
 
+# Of the shutdown grace, the part kept for telling the askers of unfinished replies that the bot stops.
+_NOTICE_S = 5.0
+
 
 def create_model(config: Config) -> ModelService:
     """The model service the config asks for (not started yet)."""
@@ -76,8 +79,11 @@ class Runtime:
         await self._stack.aclose()
 
     async def shutdown(self, grace: float) -> None:
-        """Finish what is in flight within `grace` seconds; what is left is told the bot is stopping."""
-        if not await self.engine.drain(grace):
+        """Stop taking requests and end the ones in flight within `grace` seconds: they finish if they
+        can by then; the rest are cancelled and their askers told the bot is stopping, in a part of
+        the grace kept for that."""
+        notice = min(_NOTICE_S, grace / 4)
+        if not await self.engine.drain(grace - notice):
             log.warning("shutdown.cancelling", extra={"grace_s": grace})
         await self.model.close()  # anything still waiting gets a "shutting down" answer
-        await self.engine.drain(5.0)  # let adapters post those answers
+        await self.engine.drain(notice)  # let adapters post those answers

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import sys
 import tempfile
@@ -24,6 +25,8 @@ from bot.tasks import TASKS
 from model.service import ModelImage, ModelLoadError
 
 EXIT_USAGE = 2
+
+log = logging.getLogger(__name__)
 
 
 class CommandError(Exception):
@@ -90,6 +93,7 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
                 await adapter.start()
                 started.append(adapter)
             await stop.wait()
+            log.info("shutdown.started", extra={"grace_s": config.bot.shutdown_grace_s})
             await runtime.shutdown(config.bot.shutdown_grace_s)
         finally:
             for adapter in reversed(started):

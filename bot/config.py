@@ -162,6 +162,26 @@ class DiscordConfig(AccessConfig):
     command_guild_ids: list[str] = []
     api_base_url: str | None = None
     gateway_url: str | None = None
+    # Sharding: the bot's guilds are split over `shard_count` gateway connections, and this process
+    # runs `shard_ids` of them (default: all). Unset: one connection for every guild.
+    shard_count: int | None = Field(None, ge=1, le=65536)
+    shard_ids: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _shards(self) -> DiscordConfig:
+        if self.shard_ids is None:
+            return self
+        if self.shard_count is None:
+            raise ValueError("shard_ids needs shard_count, the number of shards the bot's processes share (e.g. shard_count = 2)")
+        if not self.shard_ids:
+            raise ValueError("shard_ids is empty: list the shards this process runs (e.g. [0]), or leave it out to run them all")
+        wrong = [shard for shard in self.shard_ids if not 0 <= shard < self.shard_count]
+        if wrong:
+            count = self.shard_count
+            raise ValueError(f"shard_ids {wrong} are not shards of shard_count = {count}: shard ids go from 0 to {count - 1}")
+        if len(set(self.shard_ids)) != len(self.shard_ids):
+            raise ValueError("shard_ids lists a shard twice")
+        return self
 
     @model_validator(mode="after")
     def _ids_and_addresses(self) -> DiscordConfig:
@@ -193,7 +213,12 @@ class TerminalConfig(Section):
 
 
 class BotConfig(Section):
-    shutdown_grace_s: float = Field(30.0, ge=0)  # on SIGTERM, in-flight replies get this long to finish
+    # On SIGTERM the bot stops taking messages and exits within this many seconds: replies in flight
+    # finish if they can, the others are told the bot is stopping.
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    # At start-up, messages that a stopped process stored but never answered (it was killed while
+    # replying) are answered if they are at most this old; 0 turns that off.
+    resume_window_s: float = Field(900.0, ge=0)
 
 
 class HealthConfig(Section):

@@ -58,3 +58,12 @@ class Turn:
     @property
     def images(self) -> tuple[ImageRef, ...]:
         return tuple(part for part in self.parts if isinstance(part, ImageRef))
+
+
+@dataclass(frozen=True)
+class Unanswered:
+    """A user turn that was stored but never answered: the bot was stopped hard (killed, a crash,
+    a power cut) while replying to it. `turn` carries its id, author and platform message id."""
+
+    key: ConversationKey
+    turn: Turn

@@ -13,7 +13,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from bot.engine import Final, Partial, ReplyEvent, Waiting
+from bot.engine import Final, Partial, ReplyEvent, Waiting, Working
 
 _FENCE = "```"
 _FENCE_OPENER = re.compile(r"```[\w+#.-]{0,20}")
@@ -80,6 +80,9 @@ def waiting_text(position: int) -> str:
     return f"⏳ Waiting for the model: you're #{position} in line."
 
 
+WRITING = "✍️ Writing…"
+
+
 class LiveReply:
     """Drives one reply on a `Surface` from the engine's events."""
 
@@ -112,6 +115,8 @@ class LiveReply:
             async for event in events:
                 if isinstance(event, Waiting):
                     state["position"] = event.position
+                elif isinstance(event, Working):
+                    state["position"] = None
                 elif isinstance(event, Partial):
                     state["position"], state["text"] = None, event.text
                 elif isinstance(event, Final):
@@ -145,6 +150,10 @@ class LiveReply:
                         last_show, shown_text = loop.time(), text
                     else:
                         wake = last_show + self.interval
+                elif position is None and shown_position is not None and not text:
+                    # The queue status is showing, but the model has started: don't leave it saying "waiting".
+                    await self._show(WRITING)
+                    last_show, shown_position = loop.time(), None
                 timeout = None if wake == math.inf else max(0.0, wake - loop.time())
                 try:
                     async with asyncio.timeout(timeout):

@@ -15,12 +15,12 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bot.config import Config
-from bot.conversation import Author, ConversationKey, ImageRef, Turn
+from bot.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
 from bot.fairness import ConversationTurns, RateLimiter
 from bot.fetch import FetchLimits, FetchRefused, fetch, file_name
 from bot.images import ACCEPTED, ImageLimits, ImageRejected, prepare_image
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 _IMAGE_LINK = re.compile(r"https?://[^\s<>\"')]+?\.(?:png|jpe?g|gif|webp|bmp)(?:\?[^\s<>\"')]*)?(?=[\s<>\"')]|$)", re.IGNORECASE)
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp"}
 _RESTARTING = "I'm shutting down for a moment; please send that again in a minute."
+_RESUMED = "I was restarted while writing this answer, so it comes late."
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,11 @@ class Waiting:
 
 
 @dataclass(frozen=True)
+class Working:
+    """The model has started on the reply; its text follows."""
+
+
+@dataclass(frozen=True)
 class Partial:
     """The reply so far (the whole text, not a delta)."""
 
@@ -108,7 +114,7 @@ class Final:
     notes: tuple[str, ...] = ()
 
 
-ReplyEvent = Waiting | Partial | Final
+ReplyEvent = Waiting | Working | Partial | Final
 
 
 class _Refusal(Exception):
@@ -186,14 +192,14 @@ class Engine:
         async for event in self._admitted(message.key.platform, message.author, self._reply(message)):
             yield event
 
-    async def _admitted(self, platform: str, author: Author, work: AsyncIterator[ReplyEvent]) -> AsyncIterator[ReplyEvent]:
+    async def _admitted(self, platform: str, author: Author | None, work: AsyncIterator[ReplyEvent]) -> AsyncIterator[ReplyEvent]:
         """`work`'s events if a new request can be taken now; else why not (shutting down, or too
-        many requests from this person)."""
+        many requests from this person). Without an `author` (a resumed reply) no rate limit applies."""
         refusal = None
         if self.closing:
             self.metrics.error("shutting_down")
             refusal = _RESTARTING
-        elif wait := (self._rates.acquire((platform, author.id)) if self._rates else 0):
+        elif wait := (self._rates.acquire((platform, author.id)) if self._rates and author else 0):
             self.metrics.error("rate_limited")
             refusal = f"You're sending requests faster than I can answer. Please try again in {math.ceil(wait)} s."
         if refusal:
@@ -205,34 +211,83 @@ class Engine:
 
     async def _reply(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
         started = time.perf_counter()
-        try:
-            refs, notes = await self._take_in(message.key, message.attachments, message.text)
-        except _Refusal as refusal:
-            self.metrics.error("input_refused")
-            yield Final("", (str(refusal),))
-            return
-        text = clean_text(message.text)
-        if not text and not refs:
-            yield Final("", (*notes, "Send me a question, an image, or both, and I'll answer."))
-            return
-        user_turn = Turn("user", (*((text,) if text else ()), *refs), message.author, message.message_id)
+        # The message takes its place in the conversation as it arrives, before its images are taken
+        # in: one whose image is slow to download is not overtaken by the messages sent after it.
         async with self._conversation_turn(message.key) as overtaken:
-            if overtaken:
-                # "latest" mode: a newer message is waiting; this one joins the history unanswered.
-                await self.store.add_turn(message.key, user_turn)
-                yield Final("", (*notes, "A newer message arrived while this one waited, so I'll answer that one with this in mind."))
-                return
-            history = await self.store.load_turns(message.key)
-            turns = [*history, user_turn]
+            try:
+                refs, notes = await self._take_in(message.key, message.attachments, message.text)
+            except _Refusal as refusal:
+                self.metrics.error("input_refused")
+                final = Final("", (str(refusal),))
+            else:
+                text = clean_text(message.text)
+                user_turn = Turn("user", (*((text,) if text else ()), *refs), message.author, message.message_id)
+                if not text and not refs:
+                    final = Final("", (*notes, "Send me a question, an image, or both, and I'll answer."))
+                elif overtaken:
+                    # "latest" mode: a newer message is waiting; this one joins the history unanswered.
+                    await self.store.add_turn(message.key, user_turn)
+                    final = Final("", (*notes, "A newer message arrived while this one waited, so I'll answer that one with this in mind."))
+                else:
+                    history = await self.store.load_turns(message.key)
+                    async with aclosing(self._answer_turn(message.key, history, user_turn, message.shared, notes, started)) as events:
+                        async for event in events:
+                            if isinstance(event, Final):
+                                final = event
+                            else:
+                                yield event
+        yield final  # shown once the conversation is free for its next message
+
+    async def unanswered(self, platform: str) -> list[Unanswered]:
+        """Messages of `platform` that a stopped process stored but never answered (it was killed while
+        replying), at most [bot] resume_window_s old, oldest first: adapters `resume` them at start-up."""
+        window = self.config.bot.resume_window_s
+        if not window:
+            return []
+        return await self.store.unanswered(platform, time.time() - window)
+
+    async def resume(self, pending: Unanswered, shared: bool) -> AsyncIterator[ReplyEvent]:
+        """Answer `pending` in its conversation, as `reply` would have, without adding a turn; the
+        answer carries a note saying it comes late. If the conversation moved on meanwhile (another
+        process answered it, or a newer message was answered), it ends with an empty Final: nothing
+        to show. `shared` as in `IncomingMessage`."""
+        async for event in self._admitted(pending.key.platform, None, self._resume(pending, shared)):
+            yield event
+
+    async def _resume(self, pending: Unanswered, shared: bool) -> AsyncIterator[ReplyEvent]:
+        started = time.perf_counter()
+        final = Final("")
+        # Under the conversation's hold, so that a process still answering it finishes first.
+        async with self._conversation_turn(pending.key, message=False):
+            history = await self.store.load_turns(pending.key)
+            if history and history[-1].id == pending.turn.id:
+                log.info("turn.resuming", extra={"conversation": str(pending.key)})
+                async with aclosing(self._answer_turn(pending.key, history[:-1], history[-1], shared, [_RESUMED], started)) as events:
+                    async for event in events:
+                        if isinstance(event, Final):
+                            final = event
+                        else:
+                            yield event
+        yield final
+
+    async def _answer_turn(
+        self, key: ConversationKey, history: list[Turn], user_turn: Turn, shared: bool, notes: list[str], started: float
+    ) -> AsyncIterator[ReplyEvent]:
+        """Answer `user_turn` after `history` and store the answer; the last event is a Final. The
+        user turn is stored first unless it already is (a resumed one). A turn that ends unanswered
+        (failed, too long, cancelled) is taken back: no question stays in the store without its answer."""
+        stored = user_turn if user_turn.id is not None else None
+        answer: str | None = None
+        try:
             try:
                 fitted = await fit(
-                    turns,
+                    [*history, user_turn],
                     self.model.count_tokens,
                     context_tokens=self.model.info.context_tokens,
                     reserve_tokens=self.params.max_new_tokens,
                     max_images=self.config.conversation.max_images,
                     system_prompt=self.config.conversation.system_prompt,
-                    shared=message.shared,
+                    shared=shared,
                 )
             except PromptTooLong as too_long:
                 self.metrics.error("too_long")
@@ -242,28 +297,27 @@ class Engine:
                 self.metrics.error(type(error).__name__)
                 yield Final("", (*notes, str(error)))
                 return
-            stored = await self.store.add_turn(message.key, user_turn)
-            answer: str | None = None
-            try:
-                async for event in self._generate(fitted.items, self.params.max_new_tokens, str(message.key)):
-                    if isinstance(event, Final):
-                        answer, notes = event.text, [*notes, *event.notes]
-                        break
-                    yield event
-            finally:
-                if answer is None or not answer:
-                    # Cancelled (message deleted, shutdown) or failed: the turn was never answered.
-                    await asyncio.shield(self.store.remove_turn(stored.id))
-            if not answer:
-                yield Final("", tuple(notes) or ("The model gave an empty reply; try asking differently.",))
-                return
-            previous = next((turn for turn in reversed(history) if turn.role == "assistant"), None)
-            if fitted.dropped and (previous is None or not previous.dropped):
-                notes.append("This conversation is now longer than I can read at once, so I no longer see its oldest messages.")
-            await self.store.add_turn(message.key, Turn("assistant", (answer,), dropped=fitted.dropped))
+            if stored is None:
+                stored = await self.store.add_turn(key, user_turn)
+            async for event in self._generate(fitted.items, self.params.max_new_tokens, str(key)):
+                if isinstance(event, Final):
+                    answer, notes = event.text, [*notes, *event.notes]
+                    break
+                yield event
+        finally:
+            if not answer and stored is not None:
+                # Cancelled (message deleted, shutdown) or failed: the turn was never answered.
+                await asyncio.shield(self.store.remove_turn(stored.id))
+        if not answer:
+            yield Final("", tuple(notes) or ("The model gave an empty reply; try asking differently.",))
+            return
+        previous = next((turn for turn in reversed(history) if turn.role == "assistant"), None)
+        if fitted.dropped and (previous is None or not previous.dropped):
+            notes.append("This conversation is now longer than I can read at once, so I no longer see its oldest messages.")
+        await self.store.add_turn(key, Turn("assistant", (answer,), dropped=fitted.dropped))
         log.info(
             "turn.answered",
-            extra={"conversation": str(message.key), "images": len(refs), "dropped": fitted.dropped, "seconds": round(time.perf_counter() - started, 3)},
+            extra={"conversation": str(key), "images": len(user_turn.images), "dropped": fitted.dropped, "seconds": round(time.perf_counter() - started, 3)},
         )
         yield Final(answer, tuple(notes))
 
@@ -407,6 +461,7 @@ class Engine:
                         waiting_since = None
                     metrics.batch_size.observe(event.batch_size)
                     generating_since = clock()
+                    yield Working()
                 elif isinstance(event, TextDelta):
                     text += event.text
                     yield Partial(text)

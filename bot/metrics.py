@@ -27,7 +27,9 @@ class Metrics:
         self.adapter_events = Counter("idefics_adapter_events", "Platform events handled, by adapter and kind", ["adapter", "kind"], registry=r)
 
     def adapter_event(self, adapter: str, kind: str) -> None:
-        """Count one platform event (adapters call this for each message, command, or ignored event)."""
+        """Count one platform event. Kinds: message (answered), command, duplicate (a re-delivery),
+        ignored (not for the bot), refused (by the access rules), resumed (answered after a restart),
+        reply_lost (the platform never took the reply)."""
         self.adapter_events.labels(adapter=adapter, kind=kind).inc()
 
     def error(self, kind: str) -> None:

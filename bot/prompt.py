@@ -24,11 +24,15 @@ _SPECIAL = re.compile("|".join(re.escape(token) for token in SPECIAL_TOKENS))
 # A line that starts like a turn ("Assistant:", "User:") would let a user write the model's lines.
 _FORGED_TURN = re.compile(r"(?im)^([ \t]*)(user|assistant)([ \t]*):")
 _CONTROL = {"Cc", "Cs", "Co"}
+# Format characters (zero-width joiners, direction marks) stay inside text, where scripts and emoji
+# need them; but a message of nothing else is empty to whoever reads it.
+_INVISIBLE = {"Cf", "Zs", "Zl", "Zp", "Cc"}
 
 
 def clean_text(text: str) -> str:
     """User text made safe for the prompt: special tokens removed (repeatedly, so that removing one
-    can't assemble another), turn prefixes at line starts defused, control characters dropped."""
+    can't assemble another), turn prefixes at line starts defused, control characters dropped; ""
+    if nothing visible is left."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in _CONTROL)
     while True:
@@ -36,7 +40,8 @@ def clean_text(text: str) -> str:
         if cleaned == text:
             break
         text = cleaned
-    return _FORGED_TURN.sub(r"\1\2\3 :", text).strip()
+    text = _FORGED_TURN.sub(r"\1\2\3 :", text).strip()
+    return text if any(unicodedata.category(ch) not in _INVISIBLE for ch in text) else ""
 
 
 def clean_name(name: str) -> str:

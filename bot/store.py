@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
-from bot.conversation import Author, ConversationKey, ImageRef, Part, Turn
+from bot.conversation import Author, ConversationKey, ImageRef, Part, Turn, Unanswered
 from bot.fairness import ConversationTurns
 from model.service import ModelImage
 
@@ -53,6 +53,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def remove_turn(self, turn_id: int) -> None:
         """Take back a turn (its message was deleted, or it was never answered)."""
+
+    @abc.abstractmethod
+    async def unanswered(self, platform: str, since: float) -> list[Unanswered]:
+        """The conversations of `platform` whose last turn is a user turn stored at or after `since`
+        (Unix time), oldest first: replies that a stopped process never finished."""
 
     @abc.abstractmethod
     async def reset(self, key: ConversationKey) -> int:
@@ -255,6 +260,24 @@ class SQLiteStore(Store):
 
     async def remove_turn(self, turn_id: int) -> None:
         await self._run(self._write, "DELETE FROM turns WHERE id=?", (turn_id,))
+
+    async def unanswered(self, platform: str, since: float) -> list[Unanswered]:
+        def find() -> list[Unanswered]:
+            rows = self._db.execute(
+                """SELECT c.channel, c.thread, t.id, t.author_id, t.author_name, t.parts, t.message_id
+                   FROM conversations c JOIN turns t ON t.id = (SELECT max(id) FROM turns WHERE conversation_id = c.id)
+                   WHERE c.platform=? AND t.role='user' AND t.created >= ? ORDER BY t.id""",
+                (platform, since),
+            ).fetchall()
+            return [
+                Unanswered(
+                    ConversationKey(platform, channel, thread),
+                    Turn("user", decode_parts(parts), Author(author_id, author_name) if author_id is not None else None, message_id, id=id_),
+                )
+                for channel, thread, id_, author_id, author_name, parts, message_id in rows
+            ]
+
+        return await self._run(find)
 
     async def reset(self, key: ConversationKey) -> int:
         def reset() -> int:

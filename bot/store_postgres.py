@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 
-from bot.conversation import Author, ConversationKey, ImageRef, Turn
+from bot.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
 from bot.fairness import ConversationTurns
 from bot.store import EVENT_MEMORY_S, Store, StoreError, decode_parts, encode_parts
 from model.service import ModelImage
@@ -317,6 +317,28 @@ class PostgresStore(Store):
 
     async def remove_turn(self, turn_id: int) -> None:
         await self._pool.execute("DELETE FROM turns WHERE id=$1", turn_id)
+
+    async def unanswered(self, platform: str, since: float) -> list[Unanswered]:
+        rows = await self._pool.fetch(
+            """SELECT c.channel, c.thread, t.id, t.author_id, t.author_name, t.parts, t.message_id
+               FROM conversations c JOIN turns t ON t.id = (SELECT max(id) FROM turns WHERE conversation_id = c.id)
+               WHERE c.platform=$1 AND t.role='user' AND t.created >= to_timestamp($2) ORDER BY t.id""",
+            platform,
+            since,
+        )
+        return [
+            Unanswered(
+                ConversationKey(platform, row["channel"], row["thread"]),
+                Turn(
+                    "user",
+                    decode_parts(row["parts"]),
+                    Author(row["author_id"], row["author_name"]) if row["author_id"] is not None else None,
+                    row["message_id"],
+                    id=row["id"],
+                ),
+            )
+            for row in rows
+        ]
 
     async def reset(self, key: ConversationKey) -> int:
         return await self._pool.fetchval(

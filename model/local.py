@@ -8,6 +8,7 @@ single worker thread and stream their tokens back through `loop.call_soon_thread
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections import deque
@@ -100,6 +101,10 @@ class LocalBackend(ModelService):
         self._model, self._processor = await loop.run_in_executor(self._executor, load_checkpoint, self.checkpoint)
         tokenizer = self._processor.tokenizer
         self._tokenizer = tokenizer
+        # Tokens are counted on the event loop while the worker tokenizes padded batches, and a fast
+        # tokenizer keeps its padding setting on the shared Rust object: counting could switch a
+        # batch's padding off halfway. So counting has a tokenizer of its own.
+        self._counting_tokenizer = copy.deepcopy(tokenizer)
         self._end_ids = [tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE), tokenizer.eos_token_id]
         self._bad_words = tokenizer([IMAGE_TOKEN, FAKE_IMAGE_TOKEN], add_special_tokens=False).input_ids
         byte_ids = tokenizer.convert_tokens_to_ids([f"<0x{byte:02X}>" for byte in range(256)])
@@ -143,7 +148,7 @@ class LocalBackend(ModelService):
             else:
                 text += IMAGE_TOKEN + FAKE_IMAGE_TOKEN if last_was_image else FAKE_IMAGE_TOKEN + IMAGE_TOKEN + FAKE_IMAGE_TOKEN
                 last_was_image = True
-        return len(self._tokenizer(text, add_special_tokens=False).input_ids)
+        return len(self._counting_tokenizer(text, add_special_tokens=False).input_ids)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         job = self._submit(request)
@@ -272,12 +277,16 @@ class LocalBackend(ModelService):
         except Exception as exc:
             out_of_memory = _is_out_of_memory(exc)
             if out_of_memory:
-                self._shrink_batches()
+                self._shrink_batches(len(jobs))
             if len(jobs) > 1:
                 log.warning("batch.split", extra={"size": len(jobs), "error": type(exc).__name__})
-                half = len(jobs) // 2
-                self._run_batch(jobs[:half])
-                self._run_batch(jobs[half:])
+                # Out of memory: the rest goes in batches the lowered limit allows (lowered again if
+                # they still don't fit). Any other error: halves, until the request that fails is alone.
+                size = self._batch_limit if out_of_memory else len(jobs) // 2
+                while jobs:
+                    self._run_batch(jobs[:size])
+                    jobs = jobs[size:]
+                    size = self._batch_limit if out_of_memory else len(jobs)
                 return
             log.exception("request.failed", extra={"request": jobs[0].request.label})
             detail = "it ran out of memory" if out_of_memory else "it hit an internal error"
@@ -350,10 +359,11 @@ class LocalBackend(ModelService):
                 items.append(item)
         return items
 
-    def _shrink_batches(self) -> None:
+    def _shrink_batches(self, failed_size: int) -> None:
+        """Halve the batch limit below the size that ran out of memory."""
         import torch
 
-        self._batch_limit = max(1, self._batch_limit // 2)
+        self._batch_limit = max(1, min(self._batch_limit, failed_size) // 2)
         self._good_batches = 0
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -295,6 +295,7 @@ class TGIBackend(ModelService):
         self._session: aiohttp.ClientSession | None = None
         self._reachable = False
         self._closed = False
+        self._streams: set[aiohttp.ClientResponse] = set()  # replies being read
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -319,8 +320,12 @@ class TGIBackend(ModelService):
             return
         self._closed = True
         self._line.wake_all()  # those waiting for a place hear that the bot stops
+        # Break the streams in flight, so their askers are told why. Closing the session alone doesn't
+        # wake a reader: aiohttp's protocol lets go of the response before the connection is lost.
+        for response in self._streams:
+            response.content.set_exception(aiohttp.ClientConnectionError("the bot is shutting down"))
         if self._session is not None:
-            await self._session.close()  # breaks the streams in flight; their askers are told why
+            await self._session.close()
 
     def health(self) -> dict[str, bool]:
         return {"connected": self._session is not None and not self._closed, "server_reachable": self._reachable}
@@ -448,6 +453,8 @@ class TGIBackend(ModelService):
                     if first is not None and first.get("error_type") == "overloaded":
                         raise _Retry(ModelBusy(_BUSY))
                     stack.callback(response.close)
+                    self._streams.add(response)
+                    stack.callback(self._streams.discard, response)
                     await stack.enter_async_context(aclosing(events))
                     return events, first
 

@@ -5,12 +5,15 @@ The client reaches it through `[discord] api_base_url` and `gateway_url`. The fa
 messages), records every REST call, answers 404 to routes it does not know and remembers them so
 the test fails, and lets a test act as the people: post and delete messages, run slash commands and
 context-menu commands, or ask the gateway connection to reconnect. Threads survive a restart of the
-bot (they come back in GUILD_CREATE), as on Discord.
+bot (they come back in GUILD_CREATE), as on Discord. A sharded bot's connections each get the events
+of their shard's guilds (guild id >> 22) % shard_count, and DMs go to shard 0, as on Discord; more
+guilds can be added for that (`add_guild`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import itertools
 import json
 import time
@@ -53,6 +56,37 @@ class Interaction:
     original: str | None = None  # the original response's content after the last edit
 
 
+@dataclass
+class _Session:
+    """One gateway session: shard `shard` = (id, count) of the bot; (0, 1) when it doesn't shard."""
+
+    id: str
+    shard: tuple[int, int]
+    ws: web.WebSocketResponse | None
+    sent: list[dict] = field(default_factory=list)  # its dispatches, for replay on RESUME
+
+    def serves(self, guild_id: str | None) -> bool:
+        shard_id, count = self.shard
+        return shard_id == 0 if guild_id is None else (int(guild_id) >> 22) % count == shard_id
+
+
+@dataclass
+class RestFailure:
+    """An error answer to coming REST calls `method` `path` (e.g. "POST", "/channels/123/messages"; `*`
+    matches anything, as in "/channels/123/messages/*"). With `after`, the call takes effect before
+    the error (the message was created, then 500), as can happen on Discord. `lasting` ones never run
+    out; the others answer one call."""
+
+    method: str
+    path: str
+    status: int
+    code: int = 0
+    message: str = "500: Internal Server Error"
+    retry_after: float = 0.2  # for 429
+    after: bool = False
+    lasting: bool = False
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     # discord.py parses JSON only when the Content-Type is exactly application/json.
     return web.Response(status=status, body=json.dumps(data).encode(), headers={"Content-Type": "application/json"})
@@ -61,13 +95,16 @@ def _json(data: Any, status: int = 200) -> web.Response:
 class FakeDiscord:
     """The fake; `async with FakeDiscord() as discord:` runs it."""
 
-    def __init__(self, *, token: str = "fake-bot-token", message_content_enabled: bool = True):
+    def __init__(self, *, token: str = "fake-bot-token", message_content_enabled: bool = True, shards_required: int = 1):
+        """`shards_required`: the fewest shards Discord lets this bot connect with (4011 below it)."""
         self.token = token
         self.message_content_enabled = message_content_enabled
+        self.shards_required = shards_required
         self._ids = itertools.count(1)
         self.bot = self.user("IDEFICS", bot=True)
         self.application_id = self.new_id()
         self.guild_id = self.new_id()
+        self.guild_names = {self.guild_id: "Test guild"}
         self.role = {"id": self.new_id(), "name": "members", "permissions": "0", "position": 1, "color": 0, "hoist": False, "managed": False, "mentionable": True, "flags": 0}
         self.bot_role = {**self.role, "id": self.new_id(), "name": "IDEFICS", "managed": True, "tags": {"bot_id": self.bot["id"]}}
         self.channels: dict[str, dict] = {}
@@ -81,11 +118,15 @@ class FakeDiscord:
         self.calls: list[Call] = []
         self.unknown: list[str] = []
         self.sessions: list[str] = []  # "identify" or "resume", in order
+        self.identified_shards: list[list[int] | None] = []  # the `shard` of each IDENTIFY
         self.no_threads_in: set[str] = set()  # channels where the bot lacks Create Public Threads
+        self.rest_failures: list[RestFailure] = []
+        self.failed: list[Call] = []  # the calls answered with a `RestFailure`
+        self.gateway_open = True  # False: new gateway connections are refused (503), as in an outage
+        self.refused_connections = 0
+        self.replay_overlap = 0  # a RESUME also replays this many events the bot had already received
         self._changed = asyncio.Condition()
-        self._session_id = ""
-        self._ws: web.WebSocketResponse | None = None
-        self._sent: list[dict] = []  # dispatches of this session, for replay on RESUME
+        self._sessions: list[_Session] = []  # the latest of each shard
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -117,8 +158,9 @@ class FakeDiscord:
         return self
 
     async def __aexit__(self, *exc_info) -> None:
-        if self._ws is not None:
-            await self._ws.close()
+        for session in self._sessions:
+            if session.ws is not None:
+                await session.ws.close()
         await self._runner.cleanup()
 
     @property
@@ -147,8 +189,17 @@ class FakeDiscord:
     def user(self, name: str, *, bot: bool = False) -> dict:
         return {"id": self.new_id(), "username": name.lower(), "global_name": name, "discriminator": "0", "avatar": None, "bot": bot}
 
-    def _channel(self, name: str, kind: int) -> dict:
-        channel = {"id": self.new_id(), "type": kind, "guild_id": self.guild_id, "name": name, "position": len(self.channels), "permission_overwrites": [], "nsfw": False, "parent_id": None}
+    def add_guild(self, name: str, shard: tuple[int, int] = (0, 1)) -> dict:
+        """Another guild the bot is in, whose events go to shard `shard` = (id, count); returns its text channel."""
+        shard_id, count = shard
+        milliseconds = int(time.time() * 1000) - DISCORD_EPOCH_MS
+        milliseconds += (shard_id - milliseconds) % count  # the guild id's time picks its shard
+        guild_id = str(milliseconds << 22 | next(self._ids) & 0xFFF)
+        self.guild_names[guild_id] = name
+        return self._channel("general", 0, guild_id)
+
+    def _channel(self, name: str, kind: int, guild_id: str | None = None) -> dict:
+        channel = {"id": self.new_id(), "type": kind, "guild_id": guild_id or self.guild_id, "name": name, "position": len(self.channels), "permission_overwrites": [], "nsfw": False, "parent_id": None}
         if kind == 15:
             channel.update(available_tags=[], default_reaction_emoji=None, flags=0)
         self.channels[channel["id"]] = channel
@@ -161,7 +212,7 @@ class FakeDiscord:
         thread = {
             "id": thread_id or self.new_id(),
             "type": 11,
-            "guild_id": self.guild_id,
+            "guild_id": parent["guild_id"],
             "parent_id": parent["id"],
             "owner_id": owner_id,
             "name": name,
@@ -187,20 +238,22 @@ class FakeDiscord:
     def _member(self, person: dict, roles: list[str]) -> dict:
         return {"roles": roles, "joined_at": TIMESTAMP, "deaf": False, "mute": False, "flags": 0, "nick": None, "avatar": None, "pending": False}
 
-    def guild(self) -> dict:
+    def guild(self, guild_id: str | None = None) -> dict:
+        """A guild's GUILD_CREATE (by default the first guild's)."""
+        guild_id = guild_id or self.guild_id
         return {
-            "id": self.guild_id,
-            "name": "Test guild",
+            "id": guild_id,
+            "name": self.guild_names[guild_id],
             "unavailable": False,
             "owner_id": self.bot["id"],
             "member_count": 3,
             "roles": [
-                {**self.role, "id": self.guild_id, "name": "@everyone", "position": 0, "mentionable": False},
+                {**self.role, "id": guild_id, "name": "@everyone", "position": 0, "mentionable": False},
                 self.role,
                 self.bot_role,
             ],
-            "channels": [c for c in self.channels.values() if c["type"] in (0, 15)],
-            "threads": self.threads(),
+            "channels": [c for c in self.channels.values() if c["type"] in (0, 15) and c["guild_id"] == guild_id],
+            "threads": [thread for thread in self.threads() if thread["guild_id"] == guild_id],
             "members": [{**self._member(self.bot, [self.bot_role["id"]]), "user": self.bot}],
             "emojis": [],
             "stickers": [],
@@ -246,7 +299,7 @@ class FakeDiscord:
             **extra,
         }
         if channel["type"] != 1:
-            message["guild_id"] = self.guild_id
+            message["guild_id"] = channel["guild_id"]
         if keep:
             self.messages[message["id"]] = message
             channel["last_message_id"] = message["id"]
@@ -282,7 +335,7 @@ class FakeDiscord:
         mentions = [self.bot] if mention or (reply_to is not None and reply_to["author"]["id"] == self.bot["id"]) else []
         extra: dict[str, Any] = {"mentions": mentions, "attachments": list(attachments)}
         if reply_to is not None:
-            extra.update(type=19, message_reference={"type": 0, "message_id": reply_to["id"], "channel_id": channel["id"], "guild_id": self.guild_id}, referenced_message=reply_to)
+            extra.update(type=19, message_reference={"type": 0, "message_id": reply_to["id"], "channel_id": channel["id"], "guild_id": channel.get("guild_id")}, referenced_message=reply_to)
         if channel["type"] != 1:
             extra["member"] = self._member(author, list(roles))
         message = self._message(channel["id"], author, content, **extra)
@@ -357,22 +410,37 @@ class FakeDiscord:
         return interaction
 
     async def dispatch(self, event: str, data: dict) -> None:
-        """Send a gateway event (kept for replay if the bot is reconnecting)."""
-        payload = {"op": 0, "t": event, "s": len(self._sent) + 2, "d": data}  # READY was s=1
-        self._sent.append(payload)
-        if self._ws is not None and not self._ws.closed:
-            try:
-                await self._ws.send_str(json.dumps(payload))
-            except ConnectionError:
-                pass  # the bot is reconnecting: it gets the event when it resumes
+        """Send a gateway event to the session of its guild's shard (kept for replay if the bot is reconnecting)."""
+        guild_id = data["id"] if event == "GUILD_CREATE" else data.get("guild_id")
+        for session in self._sessions:
+            if not session.serves(guild_id):
+                continue
+            payload = {"op": 0, "t": event, "s": len(session.sent) + 2, "d": data}  # READY was s=1
+            session.sent.append(payload)
+            if session.ws is not None and not session.ws.closed:
+                try:
+                    await session.ws.send_str(json.dumps(payload))
+                except ConnectionError:
+                    pass  # the bot is reconnecting: it gets the event when it resumes
 
-    async def reconnect(self) -> None:
-        """Ask the bot to reconnect (op 7), as Discord does when it moves a session."""
-        await self._ws.send_str(json.dumps({"op": 7, "d": None}))
+    async def drop(self) -> None:
+        """Drop every gateway connection (close code 1001, as a load balancer going away does)."""
+        for session in self._sessions:
+            if session.ws is not None:
+                await session.ws.close(code=1001, message=b"Going away")
+
+    async def reconnect(self, shard_id: int = 0) -> None:
+        """Ask the bot to reconnect (op 7) a shard's session, as Discord does when it moves a session."""
+        session = next(session for session in self._sessions if session.shard[0] == shard_id)
+        await session.ws.send_str(json.dumps({"op": 7, "d": None}))
 
     # -- the gateway -------------------------------------------------------------------------
 
-    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+    async def _gateway(self, request: web.Request) -> web.StreamResponse:
+        if not self.gateway_open:
+            self.refused_connections += 1
+            await self._notify()
+            return web.Response(status=503, text="Service Unavailable")
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         await ws.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": 41250}}))
@@ -387,8 +455,9 @@ class FakeDiscord:
                 await self._identify(ws, data)
             elif op == 6:
                 await self._resume(ws, data)
-        if self._ws is ws:
-            self._ws = None
+        for session in self._sessions:
+            if session.ws is ws:
+                session.ws = None
         return ws
 
     async def _identify(self, ws: web.WebSocketResponse, data: dict) -> None:
@@ -398,30 +467,43 @@ class FakeDiscord:
         if data.get("intents", 0) & INTENT_MESSAGE_CONTENT and not self.message_content_enabled:
             await ws.close(code=4014, message=b"Disallowed intent(s).")
             return
-        self._session_id = self.new_id()
-        self._sent = []
-        self._ws = ws
+        shard = data.get("shard")
+        shard_id, count = shard or (0, 1)
+        if not 0 <= shard_id < count:
+            await ws.close(code=4010, message=b"Invalid shard.")
+            return
+        if count < self.shards_required:
+            await ws.close(code=4011, message=b"Sharding required.")
+            return
+        session = _Session(self.new_id(), (shard_id, count), ws)
+        self._sessions = [other for other in self._sessions if other.shard[0] != shard_id] + [session]
         ready = {
             "v": 10,
             "user": self.bot,
-            "guilds": [{"id": self.guild_id, "unavailable": True}],
-            "session_id": self._session_id,
+            "guilds": [{"id": guild_id, "unavailable": True} for guild_id in self.guild_names if session.serves(guild_id)],
+            "session_id": session.id,
             "resume_gateway_url": self.gateway_url,
             "application": {"id": self.application_id, "flags": 1 << 19 if self.message_content_enabled else 0},
             "private_channels": [],
         }
+        if shard is not None:
+            ready["shard"] = shard
         await ws.send_str(json.dumps({"op": 0, "t": "READY", "s": 1, "d": ready}))
-        await self.dispatch("GUILD_CREATE", self.guild())
+        for guild_id in self.guild_names:
+            if session.serves(guild_id):
+                await self.dispatch("GUILD_CREATE", self.guild(guild_id))
+        self.identified_shards.append(shard)
         self.sessions.append("identify")
         await self._notify()
 
     async def _resume(self, ws: web.WebSocketResponse, data: dict) -> None:
-        if data.get("session_id") != self._session_id or data.get("token") != self.token:
+        session = next((session for session in self._sessions if session.id == data.get("session_id")), None)
+        if session is None or data.get("token") != self.token:
             await ws.send_str(json.dumps({"op": 9, "d": False}))
             return
-        self._ws = ws
-        for payload in self._sent:
-            if payload["s"] > (data.get("seq") or 0):
+        session.ws = ws
+        for payload in session.sent:
+            if payload["s"] > (data.get("seq") or 0) - self.replay_overlap:
                 await ws.send_str(json.dumps(payload))
         await ws.send_str(json.dumps({"op": 0, "t": "RESUMED", "s": None, "d": {}}))
         self.sessions.append("resume")
@@ -436,11 +518,28 @@ class FakeDiscord:
             try:
                 if not self._authorised(request):
                     return _json({"message": "401: Unauthorized", "code": 0}, 401)
-                return await handler(request, body)
+                failure = self._failure(request)
+                if failure is None:
+                    return await handler(request, body)
+                if failure.after:
+                    await handler(request, body)
+                self.failed.append(self.calls[-1])
+                answer = {"message": failure.message, "code": failure.code}
+                if failure.status == 429:  # discord.py takes a 429 without a Via header for a Cloudflare ban
+                    answer |= {"retry_after": failure.retry_after, "global": False}
+                    return web.Response(status=429, body=json.dumps(answer).encode(), headers={"Content-Type": "application/json", "Via": "1.1 google"})
+                return _json(answer, failure.status)
             finally:
                 await self._notify()
 
         return record
+
+    def _failure(self, request: web.Request) -> RestFailure | None:
+        path = request.path.removeprefix("/api/v10")
+        failure = next((f for f in self.rest_failures if f.method == request.method and fnmatch.fnmatchcase(path, f.path)), None)
+        if failure is not None and not failure.lasting:
+            self.rest_failures.remove(failure)
+        return failure
 
     def _authorised(self, request: web.Request) -> bool:
         """The bot token on every call but interaction responses and follow-ups (their token is in the path)."""
@@ -495,7 +594,11 @@ class FakeDiscord:
 
     async def _post_message(self, request, body) -> web.Response:
         channel_id = request.match_info["channel"]
-        extra = {}
+        if body.get("enforce_nonce"):  # the same nonce again within minutes: the message it created
+            for message in self.bot_messages(channel_id):
+                if message.get("nonce") == body.get("nonce"):
+                    return _json(message)
+        extra = {"nonce": body["nonce"]} if "nonce" in body else {}
         if body.get("message_reference"):
             reference = body["message_reference"]
             extra.update(type=19, message_reference=reference, referenced_message=self.messages.get(reference["message_id"]))

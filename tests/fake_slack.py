@@ -75,10 +75,25 @@ class Posted:
     ts: str
     thread_ts: str | None
     texts: list[str] = field(default_factory=list)
+    metadata: dict | None = None
 
     @property
     def text(self) -> str:
         return self.texts[-1]
+
+
+@dataclass
+class Failure:
+    """An error answer to a coming Web API call (see `FakeSlack.fail`). With `after`, the call takes
+    effect before the error (Slack posted the message, then answered 500), as Slack warns its
+    `internal_error` can. With `channel`, only calls about that channel fail; `lasting` ones never run out."""
+
+    status: int
+    error: str = "internal_error"
+    retry_after: int = 1  # for 429
+    after: bool = False
+    channel: str | None = None
+    lasting: bool = False
 
 
 @dataclass
@@ -107,6 +122,8 @@ class FakeSlack:
         self.unexpected: list[str] = []
         self.rate_limited_updates = 0  # answer this many coming chat.update calls with 429
         self.retry_after = 1
+        self.failures: dict[str, list[Failure]] = {}  # method -> errors for its coming calls, in order
+        self.failed = Journal()  # (method, status, params) of each call answered with an injected error
         self._files: dict[str, tuple[bytes, str]] = {}
         self._file_objects: dict[str, dict] = {}
         self._ids = itertools.count(1)
@@ -143,7 +160,11 @@ class FakeSlack:
 
     def next_ts(self) -> str:
         number = next(self._ids)
-        return f"{1700000000 + number}.{number:06d}"
+        return f"{int(time.time())}.{number:06d}"
+
+    def fail(self, method: str, *failures: Failure) -> None:
+        """Answer the coming calls of `method` with these errors, one call each, in order."""
+        self.failures.setdefault(method, []).extend(failures)
 
     def add_file(self, name: str, data: bytes, mimetype: str = "image/png", route: str = "files") -> dict:
         """Host `data` and return the Slack file object a message would carry (`route`: "files",
@@ -280,7 +301,21 @@ class FakeSlack:
         expected = APP_TOKEN if method == "apps.connections.open" else BOT_TOKEN
         if token != expected:
             return web.json_response({"ok": False, "error": "invalid_auth"})
-        return await handler(params)
+        failure = self._failure(method, params)
+        if failure is None:
+            return await handler(params)
+        if failure.after:
+            await handler(params)
+        self.failed.add((method, failure.status, params))
+        headers = {"Retry-After": str(failure.retry_after)} if failure.status == 429 else {}
+        return web.json_response({"ok": False, "error": failure.error}, status=failure.status, headers=headers)
+
+    def _failure(self, method: str, params: dict) -> Failure | None:
+        queue = self.failures.get(method, [])
+        failure = next((f for f in queue if f.channel is None or f.channel == params.get("channel")), None)
+        if failure is not None and not failure.lasting:
+            queue.remove(failure)
+        return failure
 
     async def _api_auth_test(self, params: dict) -> web.Response:
         body = {"ok": True, "url": self.url("/"), "team": "Test", "user": "idefics", "team_id": TEAM, "user_id": BOT_USER, "bot_id": BOT_ID, "is_enterprise_install": False}
@@ -288,7 +323,7 @@ class FakeSlack:
 
     async def _api_chat_postMessage(self, params: dict) -> web.Response:
         ts = self.next_ts()
-        posted = Posted(params["channel"], ts, params.get("thread_ts"), [params.get("text", "")])
+        posted = Posted(params["channel"], ts, params.get("thread_ts"), [params.get("text", "")], params.get("metadata"))
         self.messages[ts] = posted
         return web.json_response({"ok": True, "channel": posted.channel, "ts": ts, "message": {"type": "message", "text": posted.text, "ts": ts, "bot_id": BOT_ID, "user": BOT_USER}})
 
@@ -301,6 +336,24 @@ class FakeSlack:
             return web.json_response({"ok": False, "error": "message_not_found"})
         posted.texts.append(params.get("text", ""))
         return web.json_response({"ok": True, "channel": posted.channel, "ts": posted.ts, "text": posted.text})
+
+    async def _api_conversations_replies(self, params: dict) -> web.Response:
+        return self._history(params, lambda m: m.thread_ts == params["ts"] or m.ts == params["ts"])
+
+    async def _api_conversations_history(self, params: dict) -> web.Response:
+        return self._history(params, lambda m: m.thread_ts is None)
+
+    def _history(self, params: dict, where: Callable[[Posted], bool]) -> web.Response:
+        """The bot's messages in a channel (that `where` selects), from `oldest` on; metadata only if asked."""
+        oldest = float(params.get("oldest", 0))
+        metadata = str(params.get("include_all_metadata", "")).lower() in ("1", "true")
+        found = [m for m in self.messages.values() if m.channel == params["channel"] and where(m) and float(m.ts) >= oldest]
+        messages = [
+            {"type": "message", "ts": m.ts, "text": m.text, "bot_id": BOT_ID, "user": BOT_USER, **({"thread_ts": m.thread_ts} if m.thread_ts else {}),
+             **({"metadata": m.metadata} if metadata and m.metadata else {})}
+            for m in found
+        ]  # fmt: skip
+        return web.json_response({"ok": True, "messages": messages, "has_more": False})
 
     async def _api_apps_connections_open(self, params: dict) -> web.Response:
         return web.json_response({"ok": True, "url": f"ws://127.0.0.1:{self.port}/socket"})

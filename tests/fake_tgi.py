@@ -40,11 +40,12 @@ _TOKEN = re.compile("|".join(re.escape(token) for token in SPECIAL) + r"|\w+|\s|
 class Reply:
     """What the model "generates": token texts in order (special ones are sent as special tokens).
     `cut_after`: the connection is dropped after that many tokens. `hold_after`: the stream pauses
-    after that many tokens until the test sets `FakeTGI.release`."""
+    after that many tokens until the test sets `gate`, or `FakeTGI.release` if it has none."""
 
     tokens: list[str]
     cut_after: int | None = None
     hold_after: int | None = None
+    gate: asyncio.Event | None = None
 
 
 @dataclass
@@ -245,7 +246,7 @@ class FakeTGI:
                     request.transport.close()  # the connection drops in the middle of the answer
                     return response
                 if reply.hold_after is not None and index > reply.hold_after:
-                    await self.release.wait()
+                    await (reply.gate or self.release).wait()
                 special = text in SPECIAL
                 decoded += text
                 generated += "" if special else text

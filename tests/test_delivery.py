@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from bot.delivery import LiveReply, format_final, split_message, waiting_text
-from bot.engine import Final, Partial, Waiting
+from bot.delivery import WRITING, LiveReply, format_final, split_message, waiting_text
+from bot.engine import Final, Partial, Waiting, Working
 
 SENTENCE = "The quick brown fox jumps over the lazy dog. "
 
@@ -121,6 +121,22 @@ async def test_placeholder_then_queue_position_then_text():
     assert surface.calls[0] == ("post", 0)
     assert all(call == ("edit", 0) for call in surface.calls[1:])
     assert surface.messages == ["Hi there"]
+
+
+async def test_the_queue_status_gives_way_when_the_model_starts():
+    surface = RecordingSurface()
+    shown = []
+    original_edit = surface.edit
+
+    async def recording_edit(index, text):
+        shown.append(text)
+        await original_edit(index, text)
+
+    surface.edit = recording_edit
+    reply = LiveReply(surface, limit=2000, interval=0, status_after=0)
+    await reply.run(events(Waiting(1), Working(), Partial("Hi"), Final("Hi there"), pause=0.01))
+    assert surface.messages[0] == "Hi there"
+    assert shown[:1] == [WRITING] and waiting_text(1) not in shown  # the status was posted, then replaced
 
 
 async def test_queue_position_shows_only_after_a_while():

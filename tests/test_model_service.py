@@ -263,3 +263,23 @@ async def test_a_stuck_worker_is_replaced_and_its_requests_answered(tiny_checkpo
     finally:
         hang.release.set()
         await service.close()
+
+
+async def test_requests_waiting_behind_a_stuck_batch_are_answered_by_the_new_worker(tiny_checkpoint):
+    hang = Hang()
+    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(stall_timeout_s=3, max_batch_size=1), logits_processors=[hang])
+    await service.start()
+    try:
+        stuck = service.stream(request(PROMPTS["one image"], 20))
+        while not isinstance(await anext(stuck), Started):
+            pass
+        waiting = service.stream(request(PROMPTS["no image"], 5))
+        assert await anext(waiting) == Queued(1)  # behind the batch that is about to hang
+        with pytest.raises(GenerationFailed, match="stopped responding"):
+            async for _ in stuck:
+                pass
+        events = [event async for event in waiting]
+        assert isinstance(events[-1], Finished) and events[-1].tokens == 5
+    finally:
+        hang.release.set()
+        await service.close()
