@@ -380,8 +380,9 @@ class DiscordAdapter:
         self._answering[question] = asyncio.current_task()  # deleting the question cancels this too
         try:
             channel, reply_to = await self._place_of(key, question)
-            if channel is None:
-                log.info("discord.resume_skipped", extra={"conversation": str(key), "reason": "channel gone"})
+            if channel is None or not self._runs_shard_of(channel):
+                reason = "channel gone" if channel is None else "another process's shard"
+                log.info("discord.resume_skipped", extra={"conversation": str(key), "reason": reason})
                 return
             shared = not isinstance(channel, discord.DMChannel)
             final = await live_reply(ChannelSurface(channel, reply_to, on_post=self._linker(key))).run(self.engine.resume(pending, shared))
@@ -392,6 +393,14 @@ class DiscordAdapter:
         finally:
             self._answering.pop(question, None)
             self._deleted.discard(question)
+
+    def _runs_shard_of(self, channel: discord.abc.Messageable) -> bool:
+        """Whether this process runs the shard that `channel` is on (always, unsharded): the process
+        of that shard answers there. Guilds go to shard (guild id >> 22) % shard_count, DMs to 0."""
+        if not isinstance(self.client, discord.AutoShardedClient):
+            return True
+        guild = getattr(channel, "guild", None)
+        return ((guild.id >> 22) % self.client.shard_count if guild else 0) in self.client.shard_ids
 
     async def _place_of(self, key: ConversationKey, question: int) -> tuple[discord.abc.Messageable | None, discord.PartialMessage | None]:
         """Where a conversation's answers go: its thread, or else its channel (a DM, or a channel where

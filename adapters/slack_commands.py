@@ -51,7 +51,7 @@ def help_text(command: str) -> str:
         f"*{command} caption <image url>*: describe an image in a few words\n"
         f"*{command} classify <image url> <label, label, ...>*: pick the label that fits an image\n"
         f"*{command} story <image url>*: write a short story about an image\n"
-        f"*{command} reset*: forget our conversation in this direct message\n"
+        f"*{command} reset*: forget my conversations in this channel (or this direct message)\n"
         "Without an image URL I use the last image I saw in this channel. "
         "To chat, mention me with a question and an image; I answer in the thread."
     )
@@ -138,10 +138,15 @@ class SlashCommands:
             await respond(text=part, response_type="in_channel", unfurl_links=False, unfurl_media=False)
 
     async def _reset(self, channel: str, payload: dict) -> str:
-        if not _is_dm(payload):
-            return "In channels every thread is its own conversation, so there is nothing to reset: mention me in a new message to start afresh."
-        count = await self.engine.reset(ConversationKey("slack", channel))
-        return f"Done: I forgot our conversation here ({count} messages)." if count else "There was nothing to forget: we haven't talked here yet."
+        if _is_dm(payload):
+            count = await self.engine.reset(ConversationKey("slack", channel))
+            return f"Done: I forgot our conversation here ({count} messages)." if count else "There was nothing to forget: we haven't talked here yet."
+        # A slash command doesn't say which thread it came from: every thread of the channel is forgotten.
+        conversations, count = await self.engine.reset_channel("slack", channel)
+        if not conversations:
+            return "There was nothing to forget: I haven't talked in this channel yet."
+        threads = "1 conversation" if conversations == 1 else f"{conversations} conversations"
+        return f"Done: I forgot {threads} in this channel ({count} messages)."
 
     @staticmethod
     def _heading(parsed: SlashCommand, user: str) -> str:

@@ -326,6 +326,12 @@ class Engine:
         async with self._conversation_turn(key, message=False):
             return await self.store.reset(key)
 
+    async def reset_channel(self, platform: str, channel: str) -> tuple[int, int]:
+        """Forget every conversation of a channel, one by one as `reset` does; returns how many
+        conversations and turns that was."""
+        counts = [await self.reset(key) for key in await self.store.conversations_in(platform, channel)]
+        return len(counts), sum(counts)
+
     # -- one-off tasks -----------------------------------------------------------------------
 
     async def run_task(self, request: TaskRequest) -> AsyncIterator[ReplyEvent]:

@@ -64,6 +64,10 @@ class Store(abc.ABC):
         """Forget a conversation; returns how many turns it had."""
 
     @abc.abstractmethod
+    async def conversations_in(self, platform: str, channel: str) -> list[ConversationKey]:
+        """The conversations of a channel that have turns (its threads, and the channel's own)."""
+
+    @abc.abstractmethod
     async def has_conversation(self, key: ConversationKey) -> bool:
         """Whether anything was said in this conversation (and not reset)."""
 
@@ -290,6 +294,17 @@ class SQLiteStore(Store):
                 return count
 
         return await self._run(reset)
+
+    async def conversations_in(self, platform: str, channel: str) -> list[ConversationKey]:
+        def find() -> list[ConversationKey]:
+            rows = self._db.execute(
+                "SELECT c.platform, c.channel, c.thread FROM conversations c WHERE c.platform=? AND c.channel=?"
+                " AND EXISTS (SELECT 1 FROM turns t WHERE t.conversation_id = c.id) ORDER BY c.id",
+                (platform, channel),
+            ).fetchall()
+            return [ConversationKey(*row) for row in rows]
+
+        return await self._run(find)
 
     async def has_conversation(self, key: ConversationKey) -> bool:
         def has() -> bool:

@@ -351,6 +351,15 @@ class PostgresStore(Store):
             key.thread,
         )
 
+    async def conversations_in(self, platform: str, channel: str) -> list[ConversationKey]:
+        rows = await self._pool.fetch(
+            "SELECT c.platform, c.channel, c.thread FROM conversations c WHERE c.platform=$1 AND c.channel=$2"
+            " AND EXISTS (SELECT 1 FROM turns t WHERE t.conversation_id = c.id) ORDER BY c.id",
+            platform,
+            channel,
+        )
+        return [ConversationKey(row["platform"], row["channel"], row["thread"]) for row in rows]
+
     async def has_conversation(self, key: ConversationKey) -> bool:
         return await self._pool.fetchval(
             "SELECT EXISTS (SELECT 1 FROM turns t JOIN conversations c ON c.id = t.conversation_id"

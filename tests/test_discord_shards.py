@@ -102,3 +102,33 @@ async def test_a_bot_discord_wants_sharded_is_told_to_set_shard_count(start_proc
 def test_shard_settings_are_checked(tmp_path, section, message):
     with pytest.raises(ConfigError, match=message):
         write_config(tmp_path / "config.toml", f'[discord]\ntoken = "t"\n{section}\n')
+
+
+async def test_after_a_kill_only_the_process_of_the_shard_answers_what_was_left(start_process, postgres_url):
+    from bot.conversation import Author, ConversationKey, Turn
+    from bot.store_postgres import PostgresStore
+    from tests.bots import logged
+
+    async with FakeDiscord() as fake:
+        one = fake.add_guild("Shard one", (1, 2))
+        bob = fake.user("Bob")
+        question = await fake.say(bob, one, "what is left?", mention=True)  # no bot is connected yet
+        key = ConversationKey("discord", one["id"], question["id"])
+        store = PostgresStore(postgres_url)
+        await store.open()
+        await store.add_turn(key, Turn("user", (question["content"],), Author(bob["id"], "Bob"), question["id"]))
+        await store.close()
+
+        with logged() as logs:
+            zero, zero_tap = await start_process(fake, postgres_url, shard_count=2, shard_ids=[0])
+            await logs.wait_for(lambda records: any(r.msg == "discord.resume_skipped" for r in records))
+            first, first_tap = await start_process(fake, postgres_url, shard_count=2, shard_ids=[1])
+            await fake.wait_for(lambda: fake.bot_messages(one["id"]))
+            await zero.stop()
+            await first.stop()
+        skipped = next(r for r in logs.items if r.msg == "discord.resume_skipped")
+        assert skipped.reason == "another process's shard"
+        assert zero_tap.prompts == []  # the process of shard 0 never worked on it
+        assert "what is left?" in first_tap.prompt(0)
+        [answer] = fake.bot_messages(one["id"])  # the processes drained before stopping: it is final
+        assert answer["content"].endswith("*I was restarted while writing this answer, so it comes late.*")

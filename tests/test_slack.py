@@ -299,7 +299,10 @@ async def test_slash_command_subcommands_answer_through_response_url(start_bots,
 
     await harness.answer(slack.message(DM, ANN, "Hi", channel_type="im"))
     assert (await run("reset", channel=DM))["text"] == "Done: I forgot our conversation here (2 messages)."
-    assert "every thread is its own conversation" in (await run("reset"))["text"]
+    assert (await run("reset"))["text"] == "There was nothing to forget: I haven't talked in this channel yet."
+    for text in ("first thread", "second thread"):
+        await harness.answer(slack.mention(CHANNEL, ANN, text))
+    assert (await run("reset"))["text"] == "Done: I forgot 2 conversations in this channel (4 messages)."
 
 
 # -- long replies, restarts, access, Socket Mode ---------------------------------------------

@@ -81,6 +81,14 @@ async def test_reset_clears_one_conversation(store):
     assert await store.reset(ConversationKey("x", "y")) == 0
 
 
+async def test_the_conversations_of_a_channel(store):
+    for key in (KEY, OTHER, ConversationKey("discord", "c2", "t1"), ConversationKey("slack", "c1", "t1")):
+        await store.add_turn(key, Turn("user", ("a",), Author("u", "U")))
+    await store.add_turn(ConversationKey("discord", "c1", "t3"), Turn("user", ("a",), Author("u", "U")))
+    await store.reset(ConversationKey("discord", "c1", "t3"))
+    assert await store.conversations_in("discord", "c1") == [KEY, OTHER]
+
+
 async def test_load_returns_the_newest_turns_oldest_first(store):
     for n in range(10):
         await store.add_turn(KEY, Turn("user", (str(n),), Author("u", "U")))
