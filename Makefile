@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test chat bench clean
+.PHONY: run test postgres bench clean
 
 # torch is installed first and pinned: 2.13.0 is the CPU build this project tests with. A GPU
 # machine keeps the CUDA build it already has in the venv (the range in pyproject.toml admits it).
@@ -17,7 +18,15 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(BIN)/idefics-bot run $(ARGS)
 
-test: $(VENV)/.installed
+# The PostgreSQL store's tests start a throwaway server of their own (tests/postgres.py) from the
+# programs of Debian's postgresql package, installed here when missing.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
+	    echo "Installing Debian's postgresql package for the tests ..."; \
+	    $(SUDO) apt-get update -qq && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
+
+test: $(VENV)/.installed postgres
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: $(VENV)/.installed
