@@ -7,6 +7,10 @@
 The command is acknowledged at once (Slack waits 3 seconds at most) with an ephemeral "working" note;
 the answer goes to the command's `response_url`. Without an image URL the engine takes the last
 image the bot saw in the channel and says so.
+
+A post to `response_url` that Slack answers with 429 waits out the Retry-After and is tried again.
+Any other failure is not repeated (the answer may have been shown already, and a response_url takes
+five posts at most) but logged with its conversation.
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import aiohttp
+from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
+from slack_sdk.webhook.async_client import AsyncWebhookClient
+
+from adapters.slack_delivery import RETRIES
 from adapters.slack_text import escape, plain_text
 from bot.access import Requester, refusal_reason
 from bot.config import SlackConfig
@@ -78,7 +87,6 @@ def _is_dm(payload: dict) -> bool:
     return payload.get("channel_name") == "directmessage" or payload.get("channel_id", "").startswith("D")
 
 
-Respond = Callable[..., Awaitable[object]]
 Spawn = Callable[[Awaitable[None], str], None]
 
 
@@ -92,7 +100,7 @@ class SlashCommands:
         self.spawn = spawn
         self.message_limit = message_limit
 
-    async def handle(self, ack: Callable[..., Awaitable[None]], command: dict, respond: Respond) -> None:
+    async def handle(self, ack: Callable[..., Awaitable[None]], command: dict) -> None:
         """Bolt's listener for the command: answer within Slack's 3 seconds, work afterwards."""
         who = Requester(user_id=command.get("user_id", ""), channel_id=command.get("channel_id", ""), is_dm=_is_dm(command))
         reason = refusal_reason(self.settings, who)
@@ -111,12 +119,12 @@ class SlashCommands:
             return
         await ack(text=WORKING)
         log.info("slack.command", extra={"action": parsed.action, "channel": who.channel_id, "image_url": parsed.image_url is not None})
-        self.spawn(self._answer(parsed, command, respond), f"slack-command-{parsed.action}")
+        self.spawn(self._answer(parsed, command), f"slack-command-{parsed.action}")
 
-    async def _answer(self, parsed: SlashCommand, payload: dict, respond: Respond) -> None:
+    async def _answer(self, parsed: SlashCommand, payload: dict) -> None:
         channel, user = payload["channel_id"], payload["user_id"]
         if parsed.action == "reset":
-            await respond(text=await self._reset(channel, payload))
+            await self._respond(payload, parsed, text=await self._reset(channel, payload))
             return
         request = TaskRequest(
             task=TASKS[parsed.action],
@@ -131,11 +139,28 @@ class SlashCommands:
             if isinstance(event, Final):
                 final = event
         if not final.text:  # nothing to show the channel: tell the asker only
-            await respond(text=escape(format_final(final, lambda note: note)))
+            await self._respond(payload, parsed, text=escape(format_final(final, lambda note: note)))
             return
         answer = f"{self._heading(parsed, user)}\n{escape(format_final(final, lambda note: f'_{note}_'))}"
         for part in split_message(answer, self.message_limit):
-            await respond(text=part, response_type="in_channel", unfurl_links=False, unfurl_media=False)
+            if not await self._respond(payload, parsed, text=part, response_type="in_channel", unfurl_links=False, unfurl_media=False):
+                return
+
+    async def _respond(self, payload: dict, parsed: SlashCommand, **message) -> bool:
+        """Post `message` to the command's response_url; False (and logged) if Slack didn't take it."""
+        client = AsyncWebhookClient(payload["response_url"], retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=RETRIES)])
+        try:
+            response = await client.send_dict(message)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            reason = type(error).__name__
+        else:
+            if response.status_code == 200:
+                return True
+            reason = f"HTTP {response.status_code}: {response.body[:100]}"
+        self.engine.metrics.adapter_event("slack", "reply_lost")
+        conversation = ConversationKey("slack", payload["channel_id"])
+        log.error("slack.reply_lost", extra={"conversation": str(conversation), "command": parsed.action, "error": reason})
+        return False
 
     async def _reset(self, channel: str, payload: dict) -> str:
         if _is_dm(payload):

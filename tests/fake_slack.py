@@ -163,7 +163,8 @@ class FakeSlack:
         return f"{int(time.time())}.{number:06d}"
 
     def fail(self, method: str, *failures: Failure) -> None:
-        """Answer the coming calls of `method` with these errors, one call each, in order."""
+        """Answer the coming calls of `method` (a Web API method, or "response_url" for the posts to
+        slash commands' response URLs) with these errors, one call each, in order."""
         self.failures.setdefault(method, []).extend(failures)
 
     def add_file(self, name: str, data: bytes, mimetype: str = "image/png", route: str = "files") -> dict:
@@ -382,8 +383,15 @@ class FakeSlack:
         return web.Response(body=data, content_type=mimetype)
 
     async def _respond(self, request: web.Request) -> web.Response:
-        self.responses.add((request.match_info["id"], await request.json()))
-        return web.Response(text="ok")
+        body = await request.json()
+        failure = self._failure("response_url", {})
+        if failure is None or failure.after:
+            self.responses.add((request.match_info["id"], body))
+        if failure is None:
+            return web.Response(text="ok")
+        self.failed.add(("response_url", failure.status, body))
+        headers = {"Retry-After": str(failure.retry_after)} if failure.status == 429 else {}
+        return web.Response(status=failure.status, text=failure.error, headers=headers)
 
     async def _socket(self, request: web.Request) -> web.WebSocketResponse:
         socket = web.WebSocketResponse()

@@ -297,6 +297,36 @@ async def test_a_reply_slack_never_takes_is_logged_with_its_conversation(tmp_pat
     assert answer.text and "Thinking" not in answer.text
 
 
+async def test_slash_command_answers_wait_out_a_429_and_one_slack_refuses_is_logged(tmp_path, tiny_checkpoint, slack, logs, tap):
+    config = bot_config(tmp_path, tiny_checkpoint, slack=slack)
+    run, harness = await start_slack(config, slack, logs, tap)
+
+    async def command(text: str) -> str:
+        delivery, response_id = await slack.command(harness.endpoint, text, channel="C1")
+        assert delivery.status == 200
+        return response_id
+
+    async def response(response_id: str) -> dict:
+        return await slack.responses.wait_for(lambda items: next((body for rid, body in items if rid == response_id), None))
+
+    try:
+        slack.fail("response_url", Failure(429, "rate_limited", retry_after=1))
+        waited = await command("reset")
+        assert (await response(waited))["text"].startswith("There was nothing to forget")
+
+        slack.fail("response_url", Failure(500, "internal_error"))
+        await command("caption")  # no image seen in C1 yet: the answer says so, and Slack refuses it
+        record = await logs[0].wait_for(lambda records: next((r for r in records if r.msg == "slack.reply_lost"), None))
+        assert record.conversation == "slack:C1" and record.command == "caption" and record.error == "HTTP 500: internal_error"
+
+        after = await command("reset")
+        await response(after)
+    finally:
+        await run.stop()
+    assert [(method, status) for method, status, _ in slack.failed.items] == [("response_url", 429), ("response_url", 500)]
+    assert [rid for rid, _ in slack.responses.items] == [waited, after]  # the refused answer was not posted again
+    assert record.levelno == logging.ERROR
+
 # -- Discord -----------------------------------------------------------------------------------
 
 
