@@ -26,10 +26,10 @@ import yarl
 from adapters.discord_commands import BotCommands
 from adapters.discord_delivery import NO_PINGS, ChannelSurface, live_reply
 from adapters.discord_input import PLATFORM, attachments_of, mentions_me, question_text, refusal_notice, requester, thread_name
-from bot.access import refusal_reason
-from bot.config import Config, ConfigError
-from bot.conversation import Author, ConversationKey, Unanswered
-from bot.engine import Engine, IncomingMessage
+from bot.platform.access import refusal_reason
+from bot.runtime.config import Config, ConfigError
+from bot.core.conversation import Author, ConversationKey, Unanswered
+from bot.core.engine import Engine, IncomingMessage
 
 log = logging.getLogger(__name__)
 

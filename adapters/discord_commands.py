@@ -21,10 +21,10 @@ from discord import app_commands
 
 from adapters.discord_delivery import NO_PINGS, answer_interaction, note
 from adapters.discord_input import PLATFORM, attachment_of, attachments_of, refusal_notice, requester
-from bot.access import refusal_reason
-from bot.config import DiscordConfig
-from bot.conversation import Author, ConversationKey
-from bot.engine import Attachment, Engine, TaskRequest
+from bot.platform.access import refusal_reason
+from bot.runtime.config import DiscordConfig
+from bot.core.conversation import Author, ConversationKey
+from bot.core.engine import Attachment, Engine, TaskRequest
 
 log = logging.getLogger(__name__)
 

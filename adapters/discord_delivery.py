@@ -1,5 +1,5 @@
 """Showing replies in Discord: a channel or thread, or a deferred command's response, as a
-`bot.delivery.Surface`, so `LiveReply` streams into it (edits at most once a second, 2,000 characters
+`bot.platform.delivery.Surface`, so `LiveReply` streams into it (edits at most once a second, 2,000 characters
 per message, notes in italics). Nothing the bot posts can ping anyone: every message carries
 `allowed_mentions` that allow none, whatever the model writes."""
 
@@ -13,8 +13,8 @@ from datetime import timedelta
 import discord
 from discord.utils import escape_markdown
 
-from bot.delivery import LiveReply, Surface
-from bot.engine import ReplyEvent
+from bot.platform.delivery import LiveReply, Surface
+from bot.core.engine import ReplyEvent
 
 log = logging.getLogger(__name__)
 

@@ -9,15 +9,15 @@ from collections.abc import Iterable
 import aiohttp
 import discord
 
-from bot.access import Requester
-from bot.engine import Attachment
-from bot.images import ImageRejected
+from bot.platform.access import Requester
+from bot.core.engine import Attachment
+from bot.images.intake import ImageRejected
 
 PLATFORM = "discord"  # the platform part of conversation keys and message links
 THREAD_NAME_LIMIT = 100
 _MENTION = re.compile(r"<@[!&]?\d+>|<#\d+>")
 
-# What a refused person is told when `refusal_notice` is on, by `bot.access.refusal_reason`.
+# What a refused person is told when `refusal_notice` is on, by `bot.platform.access.refusal_reason`.
 _REFUSAL_NOTICES = {
     "dms disabled": "I don't answer direct messages; mention me in a server channel instead.",
     "channel blocked": "I don't answer in this channel.",

@@ -35,11 +35,11 @@ from adapters.slack_commands import SlashCommands
 from adapters.slack_delivery import SlackThread, retry_handlers
 from adapters.slack_files import SlackFiles
 from adapters.slack_text import plain_text
-from bot.access import Requester, refusal_reason
-from bot.config import Config, ConfigError
-from bot.conversation import Author, ConversationKey, Unanswered
-from bot.delivery import LiveReply
-from bot.engine import Engine, Final, IncomingMessage, ReplyEvent
+from bot.platform.access import Requester, refusal_reason
+from bot.runtime.config import Config, ConfigError
+from bot.core.conversation import Author, ConversationKey, Unanswered
+from bot.platform.delivery import LiveReply
+from bot.core.engine import Engine, Final, IncomingMessage, ReplyEvent
 
 log = logging.getLogger(__name__)
 

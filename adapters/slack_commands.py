@@ -26,11 +26,11 @@ from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from adapters.slack_delivery import RETRIES
 from adapters.slack_text import escape, plain_text
-from bot.access import Requester, refusal_reason
-from bot.config import SlackConfig
-from bot.conversation import Author, ConversationKey
-from bot.delivery import format_final, split_message
-from bot.engine import Engine, Final, TaskRequest
+from bot.platform.access import Requester, refusal_reason
+from bot.runtime.config import SlackConfig
+from bot.core.conversation import Author, ConversationKey
+from bot.platform.delivery import format_final, split_message
+from bot.core.engine import Engine, Final, TaskRequest
 
 log = logging.getLogger(__name__)
 

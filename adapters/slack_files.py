@@ -15,8 +15,8 @@ import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.engine import Attachment
-from bot.fetch import MAX_REDIRECTS, FetchRefused, read_body
+from bot.core.engine import Attachment
+from bot.images.fetch import MAX_REDIRECTS, FetchRefused, read_body
 
 # Hosts that serve Slack's files (commercial and GovSlack); the token is sent to these only.
 SLACK_FILE_DOMAINS = ("slack.com", "slack-edge.com", "slack-files.com", "slack-gov.com")

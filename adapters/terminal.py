@@ -11,9 +11,9 @@ import asyncio
 import sys
 from typing import TextIO
 
-from bot.config import Config
-from bot.conversation import Author, ConversationKey
-from bot.engine import Engine, Final, IncomingMessage, Partial, Waiting
+from bot.runtime.config import Config
+from bot.core.conversation import Author, ConversationKey
+from bot.core.engine import Engine, Final, IncomingMessage, Partial, Waiting
 
 HELP = "Type a message. /image PATH_OR_URL attaches an image to your next message, /reset forgets this chat, /quit leaves."
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from PIL import Image, ImageFilter  # noqa: E402
 
-from bot.images import MAX_SIDE, prepare_image  # noqa: E402
+from bot.images.intake import MAX_SIDE, prepare_image  # noqa: E402
 
 
 def photo(detail: bool, width: int = 4000, height: int = 3000) -> bytes:

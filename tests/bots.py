@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
-from bot.cli import run_bot
-from bot.config import Config, DiscordConfig, SlackConfig
+from bot.runtime.cli import run_bot
+from bot.runtime.config import Config, DiscordConfig, SlackConfig
 from tests.fake_discord import FakeDiscord, Interaction
 from tests.fake_slack import BOT_TOKEN, SIGNING_SECRET, FakeSlack, Journal, Posted
 from tests.load_balancer import LoadBalancer

@@ -16,7 +16,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bot.config import Config, load_config  # noqa: E402
+from bot.runtime.config import Config, load_config  # noqa: E402
 from model.loading import CheckpointSettings  # noqa: E402
 from model.local import BatchSettings, LocalBackend  # noqa: E402
 from model.tiny import write_tiny_checkpoint  # noqa: E402

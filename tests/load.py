@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from bot.config import load_config
-from bot.conversation import ConversationKey, Turn
-from bot.store import SQLiteStore
+from bot.runtime.config import load_config
+from bot.core.conversation import ConversationKey, Turn
+from bot.state.store import SQLiteStore
 from tests.bots import BotRun, Harness, discord_connected, discord_section, logged, slack_failures, slack_section, slack_started, thread_of
 from tests.fake_discord import FakeDiscord
 from tests.fake_slack import FakeSlack

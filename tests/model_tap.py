@@ -1,5 +1,5 @@
 """A window on the real model for tests: a transformers LogitsProcessor added to the local backend that
-`run_bot` creates (through the real `bot.app.create_model`). It records what the model was given, makes
+`run_bot` creates (through the real `bot.runtime.app.create_model`). It records what the model was given, makes
 replies say what a test wants, and can hold generation on the model's worker thread (a slow model)
 until the test lets it go.
 """
@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
-import bot.app
+import bot.runtime.app
 
 _FREE = -1  # in a reply's plan: the model's own choice of token, but not the end
 
@@ -114,20 +114,20 @@ class ModelTap(LogitsProcessor):
 
 @contextmanager
 def tapping(tap: ModelTap) -> Iterator[ModelTap]:
-    """While inside, every model that `bot.app.create_model` makes (so every `run_bot` that starts)
+    """While inside, every model that `bot.runtime.app.create_model` makes (so every `run_bot` that starts)
     gets `tap`; the tap stays on those models afterwards."""
-    create_model = bot.app.create_model
+    create_model = bot.runtime.app.create_model
 
     def tapped(config):
         tap.backend = create_model(config)
         tap.backend.logits_processors.append(tap)
         return tap.backend
 
-    bot.app.create_model = tapped
+    bot.runtime.app.create_model = tapped
     try:
         yield tap
     finally:
-        bot.app.create_model = create_model
+        bot.runtime.app.create_model = create_model
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.access import Requester, refusal_reason
-from bot.config import DiscordConfig, SlackConfig
+from bot.platform.access import Requester, refusal_reason
+from bot.runtime.config import DiscordConfig, SlackConfig
 
 ANYONE = Requester(user_id="u1", channel_id="c1", guild_id="g1", role_ids=("r1",))
 

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from adapters.discord_input import thread_name
-from bot.config import Config, ConfigError
-from bot.engine import Attachment
+from bot.runtime.config import Config, ConfigError
+from bot.core.engine import Attachment
 from tests.bots import BotRun, bot_says, command_answer, discord_connected, discord_section, thread_of
 from tests.conftest import image_bytes, write_config
 from tests.fake_discord import FakeDiscord

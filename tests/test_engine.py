@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from bot.app import Runtime
-from bot.conversation import Author, ConversationKey, ImageRef
-from bot.engine import Attachment, Final, IncomingMessage, Partial, TaskRequest, Waiting
-from bot.prompt import render
+from bot.runtime.app import Runtime
+from bot.core.conversation import Author, ConversationKey, ImageRef
+from bot.core.engine import Attachment, Final, IncomingMessage, Partial, TaskRequest, Waiting
+from bot.core.prompt import render
 from tests.conftest import image_bytes
 from tests.test_images import truncated_jpeg
 

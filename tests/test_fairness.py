@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import re
 
-from bot.app import Runtime
-from bot.conversation import Author, ConversationKey
-from bot.engine import IncomingMessage
-from bot.fairness import ConversationTurns, RateLimiter
+from bot.runtime.app import Runtime
+from bot.core.conversation import Author, ConversationKey
+from bot.core.engine import IncomingMessage
+from bot.core.fairness import ConversationTurns, RateLimiter
 
 KEY = ConversationKey("test", "c1", "t1")
 
@@ -99,7 +99,7 @@ async def test_the_engine_tells_a_fast_sender_when_to_come_back(config):
 
 
 async def test_latest_mode_answers_the_newest_waiting_message(config, tiny_checkpoint):
-    from bot.engine import Partial
+    from bot.core.engine import Partial
     from model.loading import CheckpointSettings
     from model.local import LocalBackend
     from tests.test_model_service import Script

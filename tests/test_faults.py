@@ -25,9 +25,9 @@ import pytest
 import torch
 
 import model.local
-from bot.config import Config
-from bot.conversation import Author, ConversationKey, Turn
-from bot.store import SQLiteStore
+from bot.runtime.config import Config
+from bot.core.conversation import Author, ConversationKey, Turn
+from bot.state.store import SQLiteStore
 from tests.bots import BotRun, Harness, bot_says, discord_connected, discord_section, free_port, logged, slack_settings, slack_started, thread_of
 from tests.conftest import write_config
 from tests.fake_discord import FakeDiscord, RestFailure

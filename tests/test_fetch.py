@@ -13,7 +13,7 @@ import aiohttp.connector
 import pytest
 from aiohttp import web
 
-from bot.fetch import AddressPolicy, FetchLimits, FetchRefused, fetch, is_public
+from bot.images.fetch import AddressPolicy, FetchLimits, FetchRefused, fetch, is_public
 from tests.conftest import image_bytes
 from tests.loopback import LoopbackServer
 

@@ -6,10 +6,10 @@ import re
 
 import aiohttp
 
-from bot.app import Runtime
-from bot.conversation import Author, ConversationKey
-from bot.engine import IncomingMessage
-from bot.health import HealthServer
+from bot.runtime.app import Runtime
+from bot.core.conversation import Author, ConversationKey
+from bot.core.engine import IncomingMessage
+from bot.runtime.health import HealthServer
 
 
 async def test_health_and_metrics(config):

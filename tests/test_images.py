@@ -9,7 +9,7 @@ import zlib
 import pytest
 from PIL import Image, ImageFile
 
-from bot.images import MAX_SIDE, ImageLimits, ImageRejected, prepare_image
+from bot.images.intake import MAX_SIDE, ImageLimits, ImageRejected, prepare_image
 from tests.conftest import image_bytes
 
 

@@ -19,8 +19,8 @@ import signal
 import sys
 from pathlib import Path
 
-from bot.conversation import ConversationKey
-from bot.store import SQLiteStore
+from bot.core.conversation import ConversationKey
+from bot.state.store import SQLiteStore
 from tests.bots import slack_settings
 from tests.conftest import image_bytes
 from tests.fake_slack import FakeSlack
@@ -139,8 +139,8 @@ async def test_sigterm_finishes_the_reply_in_flight_tells_the_others_and_exits_0
 
 WRITER = """
 import asyncio, sys
-from bot.conversation import Author, ConversationKey, Turn
-from bot.store import SQLiteStore
+from bot.core.conversation import Author, ConversationKey, Turn
+from bot.state.store import SQLiteStore
 
 async def main(path):
     store = SQLiteStore(path)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.conversation import Author, ImageRef, Turn
-from bot.prompt import PromptTooLong, clean_name, clean_text, fit, render
+from bot.core.conversation import Author, ImageRef, Turn
+from bot.core.prompt import PromptTooLong, clean_name, clean_text, fit, render
 
 IDEFIX = ImageRef("a" * 64, "idefix.png")
 OBELIX = ImageRef("b" * 64, "obelix.png")

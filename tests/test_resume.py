@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
-from bot.app import Runtime
-from bot.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
-from bot.engine import Engine, Final
+from bot.runtime.app import Runtime
+from bot.core.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
+from bot.core.engine import Engine, Final
 from tests.test_store import new_store, store  # noqa: F401 (fixtures: SQLite and PostgreSQL)
 
 ANN = Author("u1", "Ann")

@@ -20,7 +20,7 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from bot.config import Config, ConfigError
+from bot.runtime.config import Config, ConfigError
 from tests.bots import Harness, logged, running, slack_settings
 from tests.conftest import image_bytes, write_config
 from tests.fake_slack import ALL_SCOPES, APP_TOKEN, BOT_ID, FakeSlack

@@ -9,7 +9,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from adapters.slack_commands import SlashCommand, UsageError, parse_command
 from adapters.slack_files import SlackFiles
 from adapters.slack_text import escape, plain_text
-from bot.fetch import FetchRefused
+from bot.images.fetch import FetchRefused
 from tests.conftest import image_bytes
 from tests.fake_slack import ALL_SCOPES, BOT_TOKEN, FakeSlack
 

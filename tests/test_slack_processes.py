@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from bot.config import load_config
+from bot.runtime.config import load_config
 from tests.bots import slack_settings
 from tests.fake_slack import BOT_USER, FakeSlack, Journal
 from tests.fake_tgi import FakeTGI, Reply

@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import pytest
 
-from bot.conversation import Author, ConversationKey, ImageRef, Turn
-from bot.images import prepare_image
-from bot.store import SCHEMA_VERSION, SQLiteStore, Store, StoreError
-from bot.store_postgres import PostgresStore
+from bot.core.conversation import Author, ConversationKey, ImageRef, Turn
+from bot.images.intake import prepare_image
+from bot.state.store import SCHEMA_VERSION, SQLiteStore, Store, StoreError
+from bot.state.postgres import PostgresStore
 from tests.conftest import image_bytes
 
 KEY = ConversationKey("discord", "c1", "t1")

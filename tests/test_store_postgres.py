@@ -13,12 +13,12 @@ from contextlib import AsyncExitStack
 import asyncpg
 import pytest
 
-from bot.app import Runtime, create_store
-from bot.config import ConfigError, load_config
-from bot.conversation import Author, ConversationKey, Turn
-from bot.engine import Final, IncomingMessage, Partial
-from bot.store import StoreError
-from bot.store_postgres import SCHEMA_VERSION, PostgresStore, describe_url
+from bot.runtime.app import Runtime, create_store
+from bot.runtime.config import ConfigError, load_config
+from bot.core.conversation import Author, ConversationKey, Turn
+from bot.core.engine import Final, IncomingMessage, Partial
+from bot.state.store import StoreError
+from bot.state.postgres import SCHEMA_VERSION, PostgresStore, describe_url
 from model.loading import CheckpointSettings
 from model.local import BatchSettings, LocalBackend
 from tests.conftest import write_config

@@ -10,10 +10,10 @@ from contextlib import aclosing
 
 import pytest
 
-from bot.app import Runtime
-from bot.config import ConfigError, load_config
-from bot.conversation import Author, ConversationKey
-from bot.engine import Attachment, Final, IncomingMessage, Partial
+from bot.runtime.app import Runtime
+from bot.runtime.config import ConfigError, load_config
+from bot.core.conversation import Author, ConversationKey
+from bot.core.engine import Attachment, Final, IncomingMessage, Partial
 from model.service import (
     Finished,
     GenerationFailed,

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bot.conversation import Author, ImageRef, Turn
-from bot.prompt import PromptItems, clean_text, render
+from bot.core.conversation import Author, ImageRef, Turn
+from bot.core.prompt import PromptItems, clean_text, render
 
 TASKS = ("chat", "caption", "prompted_caption", "vqa", "classify", "story", "few_shot")
 

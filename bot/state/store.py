@@ -3,7 +3,7 @@
 `Store` is the interface; `SQLiteStore` is the default: one SQLite file (WAL, one transaction per
 change, a versioned schema) and the images beside it as JPEG files named by their content hash.
 All SQLite and file work runs on one dedicated thread, never on the event loop. SQLite state belongs
-to one process; state that several processes share lives in PostgreSQL (`bot.store_postgres`).
+to one process; state that several processes share lives in PostgreSQL (`bot.state.postgres`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
-from bot.conversation import Author, ConversationKey, ImageRef, Part, Turn, Unanswered
-from bot.fairness import ConversationTurns
+from bot.core.conversation import Author, ConversationKey, ImageRef, Part, Turn, Unanswered
+from bot.core.fairness import ConversationTurns
 from model.service import ModelImage
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from contextlib import AsyncExitStack
 
-from bot.config import Config
-from bot.engine import Engine
-from bot.metrics import Metrics
-from bot.store import SQLiteStore, Store
-from bot.store_postgres import PostgresStore
+from bot.runtime.config import Config
+from bot.core.engine import Engine
+from bot.runtime.metrics import Metrics
+from bot.state.store import SQLiteStore, Store
+from bot.state.postgres import PostgresStore
 from model.loading import CheckpointSettings
 from model.service import ModelService
 

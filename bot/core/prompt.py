@@ -15,7 +15,7 @@ import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from bot.conversation import ImageRef, Turn
+from bot.core.conversation import ImageRef, Turn
 from model.service import END_OF_UTTERANCE, SPECIAL_TOKENS
 
 PromptItems = list[str | ImageRef]

@@ -19,15 +19,15 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bot.config import Config
-from bot.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
-from bot.fairness import ConversationTurns, RateLimiter
-from bot.fetch import FetchLimits, FetchRefused, fetch, file_name
-from bot.images import ACCEPTED, ImageLimits, ImageRejected, prepare_image
-from bot.metrics import Metrics
-from bot.prompt import PromptItems, PromptTooLong, clean_text, fit
-from bot.store import Store
-from bot.tasks import FewShotPair, TaskError, build_task
+from bot.runtime.config import Config
+from bot.core.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
+from bot.core.fairness import ConversationTurns, RateLimiter
+from bot.images.fetch import FetchLimits, FetchRefused, fetch, file_name
+from bot.images.intake import ACCEPTED, ImageLimits, ImageRejected, prepare_image
+from bot.runtime.metrics import Metrics
+from bot.core.prompt import PromptItems, PromptTooLong, clean_text, fit
+from bot.state.store import Store
+from bot.core.tasks import FewShotPair, TaskError, build_task
 from model.service import (
     Finished,
     Started,

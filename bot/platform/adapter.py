@@ -9,8 +9,8 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import Protocol
 
-from bot.config import Config
-from bot.engine import Engine
+from bot.runtime.config import Config
+from bot.core.engine import Engine
 
 ENTRY_POINT_GROUP = "idefics_bot.adapters"
 

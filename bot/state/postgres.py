@@ -32,9 +32,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 
-from bot.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
-from bot.fairness import ConversationTurns
-from bot.store import EVENT_MEMORY_S, Store, StoreError, decode_parts, encode_parts
+from bot.core.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
+from bot.core.fairness import ConversationTurns
+from bot.state.store import EVENT_MEMORY_S, Store, StoreError, decode_parts, encode_parts
 from model.service import ModelImage
 
 log = logging.getLogger(__name__)

@@ -15,13 +15,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bot.adapter import AdapterMissing
-from bot.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from bot.conversation import Author, ConversationKey, ImageRef, Turn
-from bot.logs import setup_logging
-from bot.prompt import clean_text, render
-from bot.store import StoreError
-from bot.tasks import TASKS
+from bot.platform.adapter import AdapterMissing
+from bot.runtime.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from bot.core.conversation import Author, ConversationKey, ImageRef, Turn
+from bot.runtime.logs import setup_logging
+from bot.core.prompt import clean_text, render
+from bot.state.store import StoreError
+from bot.core.tasks import TASKS
 from model.service import ModelImage, ModelLoadError
 
 EXIT_USAGE = 2
@@ -62,9 +62,9 @@ def _config(args: argparse.Namespace) -> Config:
 async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None) -> None:
     """Start every enabled platform's adapter on one shared model service and run until SIGINT or
     SIGTERM (or until `stop` is set, for callers that manage their own signals, such as tests)."""
-    from bot.adapter import enabled_platforms, load_adapter
-    from bot.app import Runtime
-    from bot.health import HealthServer
+    from bot.platform.adapter import enabled_platforms, load_adapter
+    from bot.runtime.app import Runtime
+    from bot.runtime.health import HealthServer
 
     platforms = enabled_platforms(config)
     if not platforms:
@@ -107,8 +107,8 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
 
 async def chat(config: Config) -> int:
     """The terminal chat: the terminal adapter on this process's engine."""
-    from bot.adapter import load_adapter
-    from bot.app import Runtime
+    from bot.platform.adapter import load_adapter
+    from bot.runtime.app import Runtime
 
     tgi = config.model.backend == "tgi"
     print(f"Connecting to the TGI server at {config.model.url} ..." if tgi else f"Loading {config.model.checkpoint} ...", file=sys.stderr)
@@ -126,9 +126,9 @@ async def chat(config: Config) -> int:
 
 
 async def ask(config: Config, images: list[str], question: str, task: str, labels: str) -> int:
-    from bot.app import Runtime
-    from bot.engine import Final, TaskRequest
-    from bot.store import SQLiteStore
+    from bot.runtime.app import Runtime
+    from bot.core.engine import Final, TaskRequest
+    from bot.state.store import SQLiteStore
 
     with tempfile.TemporaryDirectory(prefix="idefics-ask-") as scratch:
         # One-off questions leave no state behind.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bot.config import AccessConfig
+from bot.runtime.config import AccessConfig
 
 
 @dataclass(frozen=True)

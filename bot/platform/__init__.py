@@ -1,0 +1,1 @@
+"""The platform SDK: what an adapter builds on (finding adapters, live replies, access rules)."""

@@ -1,0 +1,1 @@
+"""Running the bot: configuration, the CLI, assembling a process, logs, metrics, health."""

@@ -1,0 +1,1 @@
+"""Where conversations live between messages and across restarts: SQLite or PostgreSQL."""
