@@ -4,10 +4,18 @@ The client reaches it through `[discord] api_base_url` and `gateway_url`. The fa
 (one guild with two text channels, a forum and a role; the people tests make; DMs, threads and
 messages), records every REST call, answers 404 to routes it does not know and remembers them so
 the test fails, and lets a test act as the people: post and delete messages, run slash commands and
-context-menu commands, or ask the gateway connection to reconnect. Threads survive a restart of the
-bot (they come back in GUILD_CREATE), as on Discord. A sharded bot's connections each get the events
+context-menu commands, press the buttons on the bot's messages, or ask the gateway connection to
+reconnect. Threads survive a restart of the bot (they come back in GUILD_CREATE), as on Discord. A sharded bot's connections each get the events
 of their shard's guilds (guild id >> 22) % shard_count, and DMs go to shard 0, as on Discord; more
 guilds can be added for that (`add_guild`).
+
+Message components are checked as Discord checks them (action rows of buttons, custom_ids unique and
+at most 100 characters) and only the bot's own messages can be edited, so only they carry its buttons.
+A person can run the bot's commands where the bot is not a member when the app is installed to their
+account (`foreign_channel`, `group_dm`): then only commands registered globally for user installs
+(`integration_types` 1) in that context are offered, and the bot can answer only through the
+interaction (posting in such a channel is refused with Missing Access). Command registrations are kept
+with their `integration_types` and `contexts`, and each bulk overwrite is counted (`command_syncs`).
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ from tests.loopback import serve
 INTENT_MESSAGE_CONTENT = 1 << 15
 DISCORD_EPOCH_MS = 1420070400000
 TIMESTAMP = "2025-01-01T00:00:00+00:00"
+GUILD_INSTALL, USER_INSTALL = 0, 1  # integration types
+IN_GUILD, IN_BOT_DM, IN_PRIVATE_CHANNEL = 0, 1, 2  # interaction contexts
+BUTTON_STYLES = {1, 2, 3, 4}  # primary, secondary, success, danger (5, link, has a url and no custom_id)
 
 
 def snowflake_at(seconds: float, counter: int) -> int:
@@ -54,6 +65,8 @@ class Interaction:
     channel_id: str
     responses: list[dict] = field(default_factory=list)  # interaction callbacks (defer, message)
     original: str | None = None  # the original response's content after the last edit
+    type: int = 2  # 2: a command; 3: a button press (MESSAGE_COMPONENT)
+    message_id: str | None = None  # a button press: the message the button is on (its "original response")
 
 
 @dataclass
@@ -92,6 +105,50 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=json.dumps(data).encode(), headers={"Content-Type": "application/json"})
 
 
+def _invalid(field_name: str, why: str) -> web.Response:
+    return _json({"message": "Invalid Form Body", "code": 50035, "errors": {field_name: why}}, 400)
+
+
+def components_problem(components: Any) -> str | None:
+    """Why Discord would refuse these message components (action rows of buttons), or None."""
+    if not isinstance(components, list) or len(components) > 5:
+        return "at most 5 action rows"
+    custom_ids: set[str] = set()
+    for row in components:
+        if row.get("type") != 1 or not 0 < len(row.get("components", [])) <= 5:
+            return "each row is an action row of 1 to 5 components"
+        for button in row["components"]:
+            if button.get("type") != 2:
+                return "only buttons are expected here"
+            if button.get("style") == 5:
+                if not button.get("url") or "custom_id" in button:
+                    return "a link button has a url and no custom_id"
+                continue
+            custom_id = button.get("custom_id")
+            if button.get("style") not in BUTTON_STYLES or not isinstance(custom_id, str) or not 0 < len(custom_id) <= 100:
+                return "a button has a style and a custom_id of 1 to 100 characters"
+            if custom_id in custom_ids:
+                return "custom_ids must be unique within a message"
+            if len(button.get("label") or "") > 80:
+                return "a button label has at most 80 characters"
+            custom_ids.add(custom_id)
+    return None
+
+
+def command_problem(command: dict) -> str | None:
+    """Why Discord would refuse this application command in a bulk overwrite, or None."""
+    name, kind = command.get("name", ""), command.get("type", 1)
+    if not 0 < len(name) <= 32 or (kind == 1 and (name != name.lower() or not all(c.isalnum() or c in "-_" for c in name))):
+        return f"bad name {name!r}"
+    if kind == 1 and not 0 < len(command.get("description", "")) <= 100:
+        return f"{name}: a slash command needs a description of 1 to 100 characters"
+    if not set(command.get("integration_types") or [GUILD_INSTALL]) <= {GUILD_INSTALL, USER_INSTALL}:
+        return f"{name}: unknown integration type"
+    if not set(command.get("contexts") or []) <= {IN_GUILD, IN_BOT_DM, IN_PRIVATE_CHANNEL}:
+        return f"{name}: unknown context"
+    return None
+
+
 class FakeDiscord:
     """The fake; `async with FakeDiscord() as discord:` runs it."""
 
@@ -115,6 +172,8 @@ class FakeDiscord:
         self.attachment_files: dict[str, tuple[bytes, str]] = {}
         self.interactions: dict[str, Interaction] = {}
         self.commands: dict[str, list[dict]] = {}  # "global" or a guild id -> registered commands
+        self.command_syncs: list[str] = []  # the scope ("global" or a guild id) of each bulk overwrite
+        self.foreign_guilds: dict[str, str] = {}  # guilds the bot is not in (id -> name), for user installs
         self.calls: list[Call] = []
         self.unknown: list[str] = []
         self.sessions: list[str] = []  # "identify" or "resume", in order
@@ -139,6 +198,8 @@ class FakeDiscord:
         routes = [
             ("GET", "/users/@me", self._me),
             ("GET", "/oauth2/applications/@me", self._application),
+            ("GET", "/applications/{app}/commands", self._get_commands),
+            ("GET", "/applications/{app}/guilds/{guild}/commands", self._get_commands),
             ("PUT", "/applications/{app}/commands", self._put_commands),
             ("PUT", "/applications/{app}/guilds/{guild}/commands", self._put_commands),
             ("GET", "/channels/{channel}", self._get_channel),
@@ -204,6 +265,24 @@ class FakeDiscord:
             channel.update(available_tags=[], default_reaction_emoji=None, flags=0)
         self.channels[channel["id"]] = channel
         return channel
+
+    def foreign_channel(self, name: str = "elsewhere") -> dict:
+        """A text channel of a guild the bot is not in (someone may have the app installed to their account)."""
+        guild_id = self.new_id()
+        self.foreign_guilds[guild_id] = f"{name}'s guild"
+        return self._channel(name, 0, guild_id)
+
+    def group_dm(self, *people: dict) -> dict:
+        """A group DM among `people`, without the bot."""
+        channel = {"id": self.new_id(), "type": 3, "recipients": list(people), "last_message_id": None, "name": None, "owner_id": people[0]["id"]}
+        self.channels[channel["id"]] = channel
+        return channel
+
+    def bot_can_post_in(self, channel: dict) -> bool:
+        """Whether the bot is in this channel: a channel of one of its guilds (or a thread there), or its DMs."""
+        if channel["type"] == 1:
+            return True
+        return channel["type"] != 3 and channel.get("guild_id") in self.guild_names
 
     def threads(self) -> list[dict]:
         return [channel for channel in self.channels.values() if channel["type"] in (10, 11, 12)]
@@ -367,8 +446,17 @@ class FakeDiscord:
         roles: tuple[str, ...] = (),
         created_at: float | None = None,
     ) -> Interaction:
-        """`person` runs slash command `name` (or, with `target`, the message command `name` on it)."""
-        command = next(c for c in self.commands.get(self.guild_id, []) + self.commands.get("global", []) if c["name"] == name)
+        """`person` runs slash command `name` (or, with `target`, the message command `name` on it).
+        Where the bot is not a member (`foreign_channel`, `group_dm`), the app runs as installed to
+        the person's account: only a global command made for user installs in that context is there."""
+        context, user_installed = self._context_of(channel)
+        if user_installed:
+            command = next((c for c in self.commands.get("global", []) if c["name"] == name), None)
+            assert command is not None, f"Discord offers no {name!r} here: only global commands are available where the bot is not a member"
+            assert USER_INSTALL in (command.get("integration_types") or [GUILD_INSTALL]), f"{name!r} is not available to user installs"
+            assert context in (command.get("contexts") or [IN_GUILD, IN_BOT_DM, IN_PRIVATE_CHANNEL]), f"{name!r} is not available in context {context}"
+        else:
+            command = next(c for c in self.commands.get(self.guild_id, []) + self.commands.get("global", []) if c["name"] == name)
         data: dict[str, Any] = {"id": command["id"], "name": name, "type": command["type"]}
         resolved: dict[str, Any] = {}
         if target is not None:
@@ -383,31 +471,63 @@ class FakeDiscord:
             resolved["attachments"] = attachments
         if resolved:
             data["resolved"] = resolved
-        interaction_id = self.new_id(created_at)
-        interaction = Interaction(interaction_id, f"token-{interaction_id}", channel["id"])
+        interaction = Interaction(self.new_id(created_at), "", channel["id"])
+        await self._interact(interaction, person, channel, data, roles)
+        return interaction
+
+    async def press(self, person: dict, message: dict, custom_id: str, *, roles: tuple[str, ...] = ()) -> Interaction:
+        """`person` presses the button `custom_id` on `message`. Discord shows only the buttons a
+        message has now, and only the bot's messages have the bot's buttons: anything else fails the test."""
+        assert message["author"]["id"] == self.bot["id"], "only the bot's messages carry its buttons"
+        current = self.messages.get(message["id"], message)
+        buttons = {b.get("custom_id"): b for row in current.get("components", []) for b in row["components"]}
+        assert custom_id in buttons, f"that message has no button {custom_id!r}; it has {sorted(filter(None, buttons))}"
+        assert not buttons[custom_id].get("disabled"), f"the button {custom_id!r} is disabled"
+        channel = self.channels[current["channel_id"]]
+        interaction = Interaction(self.new_id(), "", channel["id"], type=3, message_id=current["id"])
+        await self._interact(interaction, person, channel, {"custom_id": custom_id, "component_type": 2}, roles, message=current)
+        return interaction
+
+    def _context_of(self, channel: dict) -> tuple[int, bool]:
+        """The interaction context of `channel`, and whether the app acts as installed to the user there."""
+        if channel["type"] == 1:
+            return IN_BOT_DM, False
+        if channel["type"] == 3:
+            return IN_PRIVATE_CHANNEL, True
+        return IN_GUILD, channel["guild_id"] in self.foreign_guilds
+
+    async def _interact(self, interaction: Interaction, person: dict, channel: dict, data: dict, roles: tuple[str, ...], message: dict | None = None) -> None:
+        interaction.token = f"token-{interaction.id}"
         self.interactions[interaction.token] = interaction
+        context, user_installed = self._context_of(channel)
+        guild_id = channel.get("guild_id")
         payload: dict[str, Any] = {
-            "id": interaction_id,
+            "id": interaction.id,
             "application_id": self.application_id,
-            "type": 2,
+            "type": interaction.type,
             "data": data,
             "channel_id": channel["id"],
             "channel": {k: v for k, v in channel.items() if k != "recipients"},
             "token": interaction.token,
             "version": 1,
             "locale": "en-US",
-            "app_permissions": "2248473465835073",
+            # Outside its guilds a user-installed app may only answer the interaction (no channel permissions).
+            "app_permissions": "0" if user_installed else "2248473465835073",
             "entitlements": [],
-            "authorizing_integration_owners": {"0": self.guild_id} if channel["type"] != 1 else {"1": person["id"]},
-            "context": 1 if channel["type"] == 1 else 0,
+            "authorizing_integration_owners": {"1": person["id"]} if user_installed or context == IN_BOT_DM else {"0": guild_id},
+            "context": context,
             "attachment_size_limit": 10 * 1024 * 1024,
         }
-        if channel["type"] == 1:
+        if message is not None:
+            payload["message"] = message
+        if context != IN_GUILD:
             payload["user"] = person
         else:
-            payload.update(guild_id=self.guild_id, guild_locale="en-US", member={**self._member(person, list(roles)), "user": person, "permissions": "0"})
+            member = {**self._member(person, list(roles)), "user": person, "permissions": "0"}
+            payload.update(guild_id=guild_id, guild_locale="en-US", member=member)
+            if user_installed:
+                payload["guild"] = {"id": guild_id, "locale": "en-US", "features": []}
         await self.dispatch("INTERACTION_CREATE", payload)
-        return interaction
 
     async def dispatch(self, event: str, data: dict) -> None:
         """Send a gateway event to the session of its guild's shard (kept for replay if the bot is reconnecting)."""
@@ -576,8 +696,15 @@ class FakeDiscord:
             }
         )
 
+    async def _get_commands(self, request, body) -> web.Response:
+        return _json(self.commands.get(request.match_info.get("guild", "global"), []))
+
     async def _put_commands(self, request, body) -> web.Response:
         scope = request.match_info.get("guild", "global")
+        problem = next(filter(None, map(command_problem, body)), None)
+        if problem is not None:
+            return _invalid("commands", problem)
+        self.command_syncs.append(scope)
         defaults = {"description": "", "options": [], "type": 1}
         self.commands[scope] = [{**defaults, **command, "id": self.new_id(), "application_id": self.application_id, "version": "1"} for command in body]
         if scope != "global":
@@ -594,11 +721,18 @@ class FakeDiscord:
 
     async def _post_message(self, request, body) -> web.Response:
         channel_id = request.match_info["channel"]
+        if not self.bot_can_post_in(self.channels[channel_id]):
+            return _json({"message": "Missing Access", "code": 50001}, 403)
+        problem = components_problem(body["components"]) if "components" in body else None
+        if problem is not None:
+            return _invalid("components", problem)
         if body.get("enforce_nonce"):  # the same nonce again within minutes: the message it created
             for message in self.bot_messages(channel_id):
                 if message.get("nonce") == body.get("nonce"):
                     return _json(message)
         extra = {"nonce": body["nonce"]} if "nonce" in body else {}
+        if body.get("components"):
+            extra["components"] = body["components"]
         if body.get("message_reference"):
             reference = body["message_reference"]
             extra.update(type=19, message_reference=reference, referenced_message=self.messages.get(reference["message_id"]))
@@ -609,7 +743,18 @@ class FakeDiscord:
         message = self.messages.get(request.match_info["message"])
         if message is None:
             return _json({"message": "Unknown Message", "code": 10008}, 404)
+        if message["author"]["id"] != self.bot["id"]:
+            return _json({"message": "Cannot edit a message authored by another user", "code": 50005}, 403)
+        return self._update_message(message, body)
+
+    def _update_message(self, message: dict, body: dict) -> web.Response:
+        """Apply an edit's content and components (absent: unchanged; [] removes the buttons)."""
+        problem = components_problem(body["components"]) if body.get("components") else None
+        if problem is not None:
+            return _invalid("components", problem)
         message.update(content=body.get("content", message["content"]), edited_timestamp=TIMESTAMP)
+        if "components" in body:
+            message["components"] = body["components"] or []
         return _json(message)
 
     async def _delete_message(self, request, body) -> web.Response:
@@ -634,12 +779,24 @@ class FakeDiscord:
         interaction = self.interactions.get(request.match_info["token"])
         if interaction is None:
             return _json({"message": "Unknown interaction", "code": 10062}, 404)
+        if interaction.responses:
+            return _json({"message": "Interaction has already been acknowledged.", "code": 40060}, 400)
+        kind = body["type"]
+        if kind in (6, 7) and interaction.type != 3:
+            return _invalid("type", "only a component interaction can update its message")
+        if kind == 7:
+            answer = self._update_message(self.messages[interaction.message_id], body.get("data", {}))
+            if answer.status != 200:
+                return answer
+        problem = components_problem(body.get("data", {}).get("components")) if kind == 4 and body.get("data", {}).get("components") else None
+        if problem is not None:
+            return _invalid("components", problem)
         interaction.responses.append(body)
-        if body["type"] == 4:
+        if kind == 4:
             interaction.original = body["data"].get("content", "")
-        result = {"interaction": {"id": interaction.id, "type": 2, "response_message_loading": body["type"] == 5}}
+        result = {"interaction": {"id": interaction.id, "type": interaction.type, "response_message_loading": kind == 5}}
         if "with_response" in request.query:
-            result["resource"] = {"type": body["type"]}
+            result["resource"] = {"type": kind}
             return _json(result)
         return web.Response(status=204)
 
@@ -651,6 +808,8 @@ class FakeDiscord:
     async def _edit_webhook_message(self, request, body) -> web.Response:
         interaction = self.interactions[request.match_info["token"]]
         target = request.match_info["message"]
+        if target == "@original" and interaction.message_id is not None:
+            return self._update_message(self.messages[interaction.message_id], body)  # a button's message
         if target == "@original":
             interaction.original = body.get("content", interaction.original)
             message = self._message(interaction.channel_id, self.bot, interaction.original, keep=False, application_id=self.application_id, webhook_id=self.application_id)

@@ -7,6 +7,16 @@ does), public images for links, `response_url` endpoints, and a Socket Mode webs
 Slack itself: it builds events, signs them as Slack signs them and POSTs them to the bot's HTTP
 endpoint, or pushes them through the socket and waits for the acknowledgement. Unknown routes answer
 404 and are remembered, so a test can fail on them. Every record is a `Journal` a test can wait on.
+
+Slack's AI-app surface is here too: `assistant.threads.setStatus/setSuggestedPrompts/setTitle` (with
+the `assistant:write` scope; prompts and titles only in assistant threads, which a test opens with
+`assistant_thread_started`), native streaming (`chat.startStream/appendStream/stopStream`: a stream
+replies in a thread, names its recipient outside DMs, takes no text once stopped, and can't be edited
+with `chat.update` while it streams; `refuse_streaming` makes the workspace refuse the method), Block
+Kit on messages (checked as Slack checks it: known block types, unique `action_id`s), and the
+interactivity payloads (`block_actions` for a button that is on a message the bot posted, and the
+`message_action` of a message shortcut), sent to the app over HTTP (signed, form-encoded) or as
+Socket Mode `interactive` envelopes.
 """
 
 from __future__ import annotations
@@ -31,7 +41,11 @@ BOT_TOKEN = "xoxb-test-bot-token"
 APP_TOKEN = "xapp-test-app-token"
 SIGNING_SECRET = "test-signing-secret"
 BOT_USER, BOT_ID, TEAM = "UBOT0001", "BBOT0001", "T0000001"
-ALL_SCOPES = ("app_mentions:read", "chat:write", "files:read", "im:history", "channels:history", "reactions:write", "commands")
+ALL_SCOPES = ("app_mentions:read", "assistant:write", "chat:write", "files:read", "im:history", "channels:history", "reactions:write", "commands")
+STREAM_TEXT_LIMIT = 12_000  # markdown_text per streaming call
+MAX_SUGGESTED_PROMPTS = 4
+# Block types a message may carry (the ones a bot posts); interactive elements live in the last two.
+BLOCK_TYPES = frozenset({"section", "context", "divider", "header", "markdown", "rich_text", "image", "actions", "context_actions"})
 LOGIN_PAGE = "<!DOCTYPE html><html><head><title>Slack</title></head><body>Sign in to your workspace</body></html>"
 
 
@@ -76,10 +90,22 @@ class Posted:
     thread_ts: str | None
     texts: list[str] = field(default_factory=list)
     metadata: dict | None = None
+    blocks: list[dict] = field(default_factory=list)  # as last set (Slack gives each a block_id)
+    streaming: bool | None = None  # None: an ordinary message; True: a stream still open; False: stopped
+    recipient: str | None = None  # the user a stream was started for
 
     @property
     def text(self) -> str:
         return self.texts[-1]
+
+    def actions(self) -> dict[str, tuple[str, dict]]:
+        """The interactive elements on the message now: action_id -> (block_id, element)."""
+        return {
+            element["action_id"]: (block["block_id"], element)
+            for block in self.blocks
+            for element in block.get("elements", [])
+            if isinstance(element, dict) and "action_id" in element
+        }
 
 
 @dataclass
@@ -110,6 +136,31 @@ def sign(body: bytes, timestamp: str, secret: str = SIGNING_SECRET) -> str:
     return "v0=" + hmac.new(secret.encode(), b"v0:" + timestamp.encode() + b":" + body, hashlib.sha256).hexdigest()
 
 
+class BlockError(ValueError):
+    """Blocks Slack would refuse (`invalid_blocks`)."""
+
+
+def checked_blocks(blocks: Any) -> list[dict]:
+    """`blocks` as Slack stores them (a block_id on each), or BlockError where Slack says invalid_blocks."""
+    if isinstance(blocks, str):  # form-encoded calls send them as JSON text
+        blocks = json.loads(blocks)
+    if not isinstance(blocks, list) or len(blocks) > 50:
+        raise BlockError("blocks must be a list of at most 50")
+    stored, action_ids = [], set()
+    for index, block in enumerate(blocks):
+        if not isinstance(block, dict) or block.get("type") not in BLOCK_TYPES:
+            raise BlockError(f"block {index} has an unknown type")
+        for element in block.get("elements", []) if block["type"] in ("actions", "context_actions") else []:
+            action_id = element.get("action_id")
+            if not isinstance(action_id, str) or not 0 < len(action_id) <= 255 or action_id in action_ids:
+                raise BlockError(f"block {index}: every interactive element needs an action_id of its own")
+            if (element.get("type") == "feedback_buttons") != (block["type"] == "context_actions"):
+                raise BlockError(f"block {index}: feedback buttons go in a context_actions block, and only they do")
+            action_ids.add(action_id)
+        stored.append({"block_id": f"b{index}", **block})  # Slack names the blocks that come without a block_id
+    return stored
+
+
 class FakeSlack:
     """`async with FakeSlack() as slack:` runs it on 127.0.0.1."""
 
@@ -124,6 +175,12 @@ class FakeSlack:
         self.retry_after = 1
         self.failures: dict[str, list[Failure]] = {}  # method -> errors for its coming calls, in order
         self.failed = Journal()  # (method, status, params) of each call answered with an injected error
+        self.deleted: list[Posted] = []  # the bot's messages it deleted (chat.delete)
+        self.refuse_streaming: str | None = None  # chat.startStream answers this error when set
+        self.statuses = Journal()  # (channel, thread_ts, status) of each assistant.threads.setStatus
+        self.titles: dict[tuple[str, str], str] = {}  # assistant thread -> its title
+        self.suggested: dict[tuple[str, str | None], list[dict]] = {}  # assistant thread -> its suggested prompts
+        self.assistant_threads: set[tuple[str, str]] = set()  # (DM channel, thread_ts) opened in the assistant panel
         self._files: dict[str, tuple[bytes, str]] = {}
         self._file_objects: dict[str, dict] = {}
         self._ids = itertools.count(1)
@@ -209,6 +266,78 @@ class FakeSlack:
         event.pop("subtype", None)
         return event
 
+    def assistant_thread_started(self, channel: str, user: str, *, context_channel: str | None = None) -> dict:
+        """An `assistant_thread_started` event: `user` opened the assistant panel (a new thread in the
+        DM `channel`), seen from `context_channel` if they were looking at one."""
+        ts = self.next_ts()
+        self.assistant_threads.add((channel, ts))
+        context = {"channel_id": context_channel, "team_id": TEAM, "enterprise_id": None} if context_channel else {}
+        thread = {"user_id": user, "context": context, "channel_id": channel, "thread_ts": ts}
+        return {"type": "assistant_thread_started", "assistant_thread": thread, "event_ts": self.next_ts()}
+
+    def assistant_context_changed(self, started: dict, context_channel: str) -> dict:
+        """The `assistant_thread_context_changed` event of a thread `started` earlier: its user looks at another channel."""
+        thread = {**started["assistant_thread"], "context": {"channel_id": context_channel, "team_id": TEAM, "enterprise_id": None}}
+        return {"type": "assistant_thread_context_changed", "assistant_thread": thread, "event_ts": self.next_ts()}
+
+    def _user(self, user: str) -> dict:
+        return {"id": user, "username": user.lower(), "name": user.lower(), "team_id": TEAM}
+
+    def click(self, posted: Posted, action_id: str, user: str, *, value: str | None = None) -> dict:
+        """The `block_actions` payload of `user` pressing the element `action_id` on the bot's message
+        `posted` (for feedback buttons, `value` picks the positive or negative one). Slack only sends
+        clicks on elements that are on the message now, so anything else fails the test here."""
+        found = posted.actions().get(action_id)
+        assert found is not None, f"there is no {action_id!r} on that message; it has {sorted(posted.actions())}"
+        block_id, element = found
+        action = {"type": element["type"], "action_id": action_id, "block_id": block_id, "action_ts": self.next_ts()}
+        if element["type"] == "feedback_buttons":
+            buttons = {element[side]["value"]: element[side] for side in ("positive_button", "negative_button")}
+            assert value in buttons, f"feedback buttons {sorted(buttons)} have no {value!r}"
+            action |= {"value": value, "text": buttons[value]["text"]}
+        else:
+            action |= {"text": element.get("text"), **({"value": element["value"]} if "value" in element else {})}
+        container = {"type": "message", "message_ts": posted.ts, "channel_id": posted.channel, "is_ephemeral": False}
+        message = {"type": "message", "ts": posted.ts, "text": posted.text, "bot_id": BOT_ID, "user": BOT_USER, "blocks": posted.blocks}
+        if posted.thread_ts:
+            container["thread_ts"] = message["thread_ts"] = posted.thread_ts
+        return {
+            "type": "block_actions",
+            "user": self._user(user),
+            "api_app_id": "A0000001",
+            "token": "verification-token-unused",
+            "container": container,
+            "trigger_id": f"trigger-{self.next_ts()}",
+            "team": {"id": TEAM, "domain": "test"},
+            "enterprise": None,
+            "is_enterprise_install": False,
+            "channel": {"id": posted.channel, "name": "directmessage" if posted.channel.startswith("D") else "general"},
+            "message": message,
+            "state": {"values": {}},
+            "response_url": self.url(f"/respond/R{next(self._ids):08d}"),
+            "actions": [action],
+        }
+
+    def shortcut(self, callback_id: str, message: dict, user: str) -> dict:
+        """The `message_action` payload of `user` running the message shortcut `callback_id` on
+        `message` (a message event, as from `message`)."""
+        shown = {key: value for key, value in message.items() if key not in ("channel", "channel_type", "event_ts")}
+        return {
+            "type": "message_action",
+            "token": "verification-token-unused",
+            "action_ts": self.next_ts(),
+            "team": {"id": TEAM, "domain": "test"},
+            "user": self._user(user),
+            "channel": {"id": message["channel"], "name": "directmessage" if message["channel"].startswith("D") else "general"},
+            "is_enterprise_install": False,
+            "enterprise": None,
+            "callback_id": callback_id,
+            "trigger_id": f"trigger-{self.next_ts()}",
+            "response_url": self.url(f"/respond/R{next(self._ids):08d}"),
+            "message_ts": message["ts"],
+            "message": shown,
+        }
+
     def envelope(self, event: dict, event_id: str | None = None) -> dict:
         """The Events API body around `event`."""
         return {
@@ -232,6 +361,11 @@ class FakeSlack:
         if retry:
             headers |= {"X-Slack-Retry-Num": str(retry), "X-Slack-Retry-Reason": "http_timeout"}
         return await self._post(endpoint, raw, headers, secret, age)
+
+    async def interact(self, endpoint: str, payload: dict) -> Delivery:
+        """POST an interactivity payload (`click`, `shortcut`) as Slack does: signed, form-encoded `payload=`."""
+        raw = urlencode({"payload": json.dumps(payload)}).encode()
+        return await self._post(endpoint, raw, {"Content-Type": "application/x-www-form-urlencoded"}, SIGNING_SECRET, 0.0)
 
     async def command(self, endpoint: str, text: str, *, channel: str = "C0000001", user: str = "U0000001", command: str = "/idefics") -> tuple[Delivery, str]:
         """Run a slash command; returns the bot's acknowledgement and the command's response_url id."""
@@ -323,8 +457,12 @@ class FakeSlack:
         return web.json_response(body, headers={"x-oauth-scopes": ",".join(self.scopes)})
 
     async def _api_chat_postMessage(self, params: dict) -> web.Response:
+        try:
+            blocks = checked_blocks(params["blocks"]) if params.get("blocks") else []
+        except BlockError:
+            return _error("invalid_blocks")
         ts = self.next_ts()
-        posted = Posted(params["channel"], ts, params.get("thread_ts"), [params.get("text", "")], params.get("metadata"))
+        posted = Posted(params["channel"], ts, params.get("thread_ts"), [params.get("text", "")], params.get("metadata"), blocks)
         self.messages[ts] = posted
         return web.json_response({"ok": True, "channel": posted.channel, "ts": ts, "message": {"type": "message", "text": posted.text, "ts": ts, "bot_id": BOT_ID, "user": BOT_USER}})
 
@@ -334,9 +472,117 @@ class FakeSlack:
             return web.json_response({"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": str(self.retry_after)})
         posted = self.messages.get(params["ts"])
         if posted is None or posted.channel != params["channel"]:
-            return web.json_response({"ok": False, "error": "message_not_found"})
+            return _error("message_not_found")
+        if posted.streaming:
+            return _error("cant_update_message")  # a stream changes through appendStream/stopStream only
+        try:
+            blocks = checked_blocks(params["blocks"]) if "blocks" in params else posted.blocks
+        except BlockError:
+            return _error("invalid_blocks")
         posted.texts.append(params.get("text", ""))
+        posted.blocks = blocks
         return web.json_response({"ok": True, "channel": posted.channel, "ts": posted.ts, "text": posted.text})
+
+    async def _api_chat_delete(self, params: dict) -> web.Response:
+        posted = self.messages.get(params.get("ts", ""))
+        if posted is None or posted.channel != params.get("channel"):
+            return _error("message_not_found")  # a bot token deletes only the bot's own messages
+        del self.messages[posted.ts]
+        self.deleted.append(posted)
+        return web.json_response({"ok": True, "channel": posted.channel, "ts": posted.ts})
+
+    # Native streaming: one message that grows, then is stopped; Slack rejects text after the stop.
+
+    async def _api_chat_startStream(self, params: dict) -> web.Response:
+        if self.refuse_streaming:
+            return _error(self.refuse_streaming)
+        channel, thread_ts = params.get("channel"), params.get("thread_ts")
+        if not channel or not thread_ts:
+            return _error("invalid_arguments")  # a stream always answers in a thread
+        recipient = params.get("recipient_user_id")
+        if not channel.startswith("D") and not (recipient and params.get("recipient_team_id")):
+            return _error("invalid_arguments")  # outside DMs a stream names who it is for
+        text = _stream_text(params)
+        if text is None:
+            return _error("msg_too_long")
+        ts = self.next_ts()
+        self.messages[ts] = Posted(channel, ts, thread_ts, [text], streaming=True, recipient=recipient)
+        return web.json_response({"ok": True, "channel": channel, "ts": ts})
+
+    async def _api_chat_appendStream(self, params: dict) -> web.Response:
+        posted, refusal = self._stream(params)
+        if refusal is not None:
+            return refusal
+        text = _stream_text(params)
+        if text is None:
+            return _error("msg_too_long")
+        if text:
+            posted.texts.append(posted.text + text)
+        return web.json_response({"ok": True, "channel": posted.channel, "ts": posted.ts})
+
+    async def _api_chat_stopStream(self, params: dict) -> web.Response:
+        posted, refusal = self._stream(params)
+        if refusal is not None:
+            return refusal
+        text = _stream_text(params)
+        if text is None:
+            return _error("msg_too_long")
+        try:
+            blocks = checked_blocks(params["blocks"]) if params.get("blocks") else []
+        except BlockError:
+            return _error("invalid_blocks")
+        posted.texts.append(posted.text + text)
+        posted.blocks, posted.streaming = blocks, False
+        if params.get("metadata"):
+            posted.metadata = params["metadata"]
+        return web.json_response({"ok": True, "channel": posted.channel, "ts": posted.ts, "message": {"type": "message", "text": posted.text, "ts": posted.ts}})
+
+    def _stream(self, params: dict) -> tuple[Posted, None] | tuple[None, web.Response]:
+        posted = self.messages.get(params.get("ts", ""))
+        if posted is None or posted.channel != params.get("channel"):
+            return None, _error("message_not_found")
+        if not posted.streaming:
+            return None, _error("message_not_in_streaming_state")
+        return posted, None
+
+    # The assistant panel.
+
+    async def _api_assistant_threads_setStatus(self, params: dict) -> web.Response:
+        refusal = self._assistant_call(params, ("status",))
+        if refusal is None:
+            self.statuses.add((params["channel_id"], params["thread_ts"], params["status"]))
+        return refusal or web.json_response({"ok": True})
+
+    async def _api_assistant_threads_setTitle(self, params: dict) -> web.Response:
+        refusal = self._assistant_call(params, ("title",), panel_only=True)
+        if refusal is None:
+            self.titles[(params["channel_id"], params["thread_ts"])] = params["title"]
+        return refusal or web.json_response({"ok": True})
+
+    async def _api_assistant_threads_setSuggestedPrompts(self, params: dict) -> web.Response:
+        refusal = self._assistant_call(params, ("prompts",), panel_only=True)
+        prompts = params.get("prompts")
+        if isinstance(prompts, str):
+            prompts = json.loads(prompts)
+        if refusal is None and not (
+            isinstance(prompts, list) and 0 < len(prompts) <= MAX_SUGGESTED_PROMPTS and all(p.get("title") and p.get("message") for p in prompts)
+        ):
+            refusal = _error("invalid_arguments")
+        if refusal is None:
+            self.suggested[(params["channel_id"], params["thread_ts"])] = prompts
+        return refusal or web.json_response({"ok": True})
+
+    def _assistant_call(self, params: dict, required: tuple[str, ...], *, panel_only: bool = False) -> web.Response | None:
+        """Slack's refusal of an assistant.threads call, or None: it wants `assistant:write`, a thread,
+        the `required` arguments (a status may be "", which clears it), and for titles and suggested
+        prompts a thread of the assistant panel."""
+        if "assistant:write" not in self.scopes:
+            return web.json_response({"ok": False, "error": "missing_scope", "needed": "assistant:write", "provided": ",".join(self.scopes)})
+        if not params.get("channel_id") or not params.get("thread_ts") or any(params.get(name) is None for name in required):
+            return _error("invalid_arguments")
+        if panel_only and (params["channel_id"], params["thread_ts"]) not in self.assistant_threads:
+            return _error("thread_not_found")
+        return None
 
     async def _api_conversations_replies(self, params: dict) -> web.Response:
         return self._history(params, lambda m: m.thread_ts == params["ts"] or m.ts == params["ts"])
@@ -406,3 +652,17 @@ class FakeSlack:
     async def _unknown(self, request: web.Request) -> web.Response:
         self.unexpected.append(f"{request.method} {request.path}")
         return web.Response(status=404, text="not found")
+
+
+def _error(error: str) -> web.Response:
+    """A Web API error answer: HTTP 200 with ok false, as Slack sends most of them."""
+    return web.json_response({"ok": False, "error": error})
+
+
+def _stream_text(params: dict) -> str | None:
+    """The text a streaming call adds (its markdown_text and markdown chunks), None if over Slack's limit."""
+    chunks = params.get("chunks") or []
+    if isinstance(chunks, str):
+        chunks = json.loads(chunks)
+    text = (params.get("markdown_text") or "") + "".join(c.get("text", "") for c in chunks if c.get("type") == "markdown_text")
+    return text if len(text) <= STREAM_TEXT_LIMIT else None
