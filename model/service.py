@@ -147,6 +147,8 @@ class ModelInfo:
 
     name: str
     context_tokens: int = 2048
+    # The largest request the backend can send (a remote server's body limit); None: no such limit.
+    max_request_bytes: int | None = None
 
 
 class ModelService(abc.ABC):
@@ -165,6 +167,11 @@ class ModelService(abc.ABC):
     @abc.abstractmethod
     async def count_tokens(self, prompt: Prompt) -> int:
         """How many tokens `prompt` takes in the model's context, counted with the real tokenizer."""
+
+    async def request_bytes(self, prompt: Prompt) -> int:
+        """The size of the request that would carry `prompt`, to compare with `info.max_request_bytes`
+        (a backend that has such a limit says how large, images included)."""
+        return 0
 
     @abc.abstractmethod
     def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:

@@ -1,9 +1,9 @@
 """The remote backend: IDEFICS served by text-generation-inference (TGI), over HTTP.
 
 The prompt goes to TGI as one string, each image inline as a markdown data URI
-(`![](data:image/jpeg;base64,...)`); the reply streams back from `POST /generate_stream` as
-server-sent events, one per token. The server batches requests from every bot process itself; this
-backend keeps at most `max_concurrency` of this process's requests there at once, and the rest wait
+(`![](data:image/jpeg;base64,...)`), within the server's request size limit (--payload-limit); the
+reply streams back from `POST /generate_stream` as server-sent events, one per token. The server
+batches requests from every bot process itself; this backend keeps at most `max_concurrency` of this process's requests there at once, and the rest wait
 here in arrival order (with their position reported). Retries happen only where nothing can be
 shown twice: the server couldn't be reached, or said it was overloaded, before sending any token.
 """
@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import hashlib
 import io
 import json
 import logging
+import math
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -44,6 +47,7 @@ from model.service import (
     ModelTimeout,
     ModelUnavailable,
     Prompt,
+    PromptItem,
     Queued,
     Started,
     StreamEvent,
@@ -58,6 +62,15 @@ T = TypeVar("T")
 _IMAGE_MARKUP, _INERT_MARKUP = "![](", "![ ]("
 _QUICK_CALL_S = 30.0  # /info and /tokenize answer at once on a healthy server
 _ERROR_BODY_BYTES = 64 * 1024
+# The tokens that end a reply. TGI checks the length limit before them, so one that is also the
+# max_new_tokens-th token comes with finish_reason "length", though the reply is complete.
+_END_TOKENS = (END_OF_UTTERANCE, "</s>")
+# IDEFICS' image processor squashes every image to this square, so an image at most this large on
+# each side loses nothing the model sees.
+MODEL_IMAGE_SIDE = 224
+# What a request body holds besides `inputs`: the generation parameters, with room for stop strings.
+_PARAMETERS_BYTES = 1024
+_JSON = {"Content-Type": "application/json"}
 
 _BUSY = "The model server is busy right now; please try again in a moment."
 _UNREACHABLE = "I can't reach the model server right now; please try again in a few minutes."
@@ -65,6 +78,11 @@ _AUTH_REFUSED = "The model server refused my credentials, so I can't answer righ
 _TOO_LONG = "Your message is too long for the model server to read. Please shorten it."
 _SERVER_FAILED = "Sorry, the model server hit an error while answering this one. Please try again."
 _SHUTTING_DOWN = "The bot is shutting down; your request was not answered."
+_TOO_MANY_IMAGES = "These images are more than the model server takes in one request. Please send fewer images at a time."
+_PAYLOAD_REFUSED = (
+    "The model server refused a request this large (HTTP 413). Please send fewer images at a time; whoever "
+    "runs the bot can raise the server's --payload-limit, or set [model] payload_limit to match it."
+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +96,7 @@ class TGISettings:
     max_retries: int = 3
     retry_backoff_s: float = 0.5  # before the first retry; doubles each time. The server's Retry-After wins.
     connect_timeout_s: float = 10.0
+    payload_limit: int = 2_000_000  # bytes in a request body: the server's --payload-limit
     # What the engine reserves for a reply ([generation] max_new_tokens): with it, the context the
     # engine fits conversations into keeps prompts within the server's max_input_tokens too.
     reply_tokens: int = 512
@@ -105,19 +124,60 @@ def _parts(prompt: Prompt) -> list[str | ModelImage]:
     return parts
 
 
-def data_uri(image: ModelImage) -> str:
-    """The image as a data URI, its type read from its bytes."""
+def _mime(image: ModelImage) -> str:
+    """The image's media type, read from its bytes (TGI guesses from the bytes itself when unknown)."""
     try:
         with Image.open(io.BytesIO(image.data)) as picture:
-            kind = Image.MIME.get(picture.format or "", "application/octet-stream")
+            return Image.MIME.get(picture.format or "", "application/octet-stream")
     except UnidentifiedImageError:
-        kind = "application/octet-stream"  # TGI then guesses from the bytes itself
-    return f"data:{kind};base64,{base64.b64encode(image.data).decode('ascii')}"
+        return "application/octet-stream"
 
 
-def render_inputs(prompt: Prompt) -> str:
-    """The `inputs` string for TGI: the text, with every image inline as `![](data:...)`."""
-    return "".join(part if isinstance(part, str) else f"![]({data_uri(part)})" for part in _parts(prompt))
+def data_uri(image: ModelImage) -> str:
+    """The image as a data URI, its type read from its bytes."""
+    return f"data:{_mime(image)};base64,{base64.b64encode(image.data).decode('ascii')}"
+
+
+def render_inputs(prompt: Prompt, uri: Callable[[ModelImage], str] = data_uri) -> str:
+    """The `inputs` string for TGI: the text, with every image inline as `![](<uri(image)>)`."""
+    return "".join(part if isinstance(part, str) else f"![]({uri(part)})" for part in _parts(prompt))
+
+
+def inputs_bytes(prompt: Prompt) -> int:
+    """The size of `inputs` as JSON in the request body, its images sent as they are. (A data URI
+    has nothing JSON escapes, so each adds exactly its length.)"""
+    text = json.dumps(render_inputs(prompt, lambda image: ""))
+    uris = sum(len(f"data:{_mime(part)};base64,") + 4 * math.ceil(len(part.data) / 3) for part in prompt if isinstance(part, ModelImage))
+    return len(text.encode()) + uris
+
+
+@functools.lru_cache(maxsize=32)
+def compact(image: ModelImage) -> ModelImage:
+    """`image` as the model sees it, in fewer bytes: at most MODEL_IMAGE_SIDE pixels on each side
+    (the processor squashes it to that square anyway), as a JPEG of quality 90; `image` itself if
+    that is no smaller. CPU-bound: call it off the event loop."""
+    picture = image.open()
+    width, height = picture.size
+    side = (min(width, MODEL_IMAGE_SIDE), min(height, MODEL_IMAGE_SIDE))
+    if side != picture.size:
+        picture = picture.resize(side, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    if len(data) >= len(image.data):
+        return image
+    return ModelImage(hashlib.sha256(data).hexdigest(), data, image.name)
+
+
+def within_payload(prompt: Prompt, limit: int) -> tuple[list[PromptItem], int]:
+    """`prompt` as it travels under a body limit of `limit` bytes, and the body's size: its images
+    as they are if they fit, else all of them compacted. Dropping parts of a prompt never makes it
+    larger, so the engine can search for the longest history that fits. CPU-bound."""
+    size = inputs_bytes(prompt) + _PARAMETERS_BYTES
+    if size <= limit:
+        return list(prompt), size
+    compacted = [compact(part) if isinstance(part, ModelImage) else part for part in prompt]
+    return compacted, inputs_bytes(compacted) + _PARAMETERS_BYTES
 
 
 def counted_text(prompt: Prompt) -> str:
@@ -167,9 +227,12 @@ def server_error(error_type: str, message: str, status: int | None = None) -> Mo
     """The asker's error for an error TGI reported, as an HTTP status or as an event in the stream.
 
     TGI answers overload with 429 ("overloaded"), bad input with 422 ("validation"), a failure in
-    the model with 424 ("generation") and a stream that ended early with "incomplete_generation"."""
+    the model with 424 ("generation"), a body over its --payload-limit with 413 (in plain text), and
+    a stream that the model ended without its last token with "incomplete_generation_stream"."""
     if status in (401, 403):
         return ModelUnavailable(_AUTH_REFUSED)
+    if status == 413:
+        return GenerationFailed(_PAYLOAD_REFUSED)
     if status in (429, 503) or error_type == "overloaded":
         return ModelBusy(_BUSY)
     if status == 422 or error_type == "validation":
@@ -178,7 +241,7 @@ def server_error(error_type: str, message: str, status: int | None = None) -> Mo
         return GenerationFailed(f"The model server could not take this request: {message or 'it gave no reason'}.")
     if status == 424 or error_type == "generation":
         return GenerationFailed(_SERVER_FAILED)
-    if error_type == "incomplete_generation":
+    if error_type == "incomplete_generation_stream":
         return GenerationFailed("The model server stopped in the middle of the reply. Please send your message again.")
     code = f" (HTTP {status})" if status else ""
     return GenerationFailed(f"The model server answered with an error{code}. Please try again later.")
@@ -287,7 +350,7 @@ class TGIBackend(ModelService):
 
     def __init__(self, settings: TGISettings):
         self.settings = settings
-        self.info = ModelInfo(name=settings.url)
+        self.info = ModelInfo(name=settings.url, max_request_bytes=settings.payload_limit)
         self._base = settings.url.rstrip("/")
         self._line = _Line(settings.max_concurrency, settings.max_queue)
         self._tokenizing = asyncio.Semaphore(settings.max_concurrency)
@@ -383,7 +446,11 @@ class TGIBackend(ModelService):
             )
         max_total = info["max_total_tokens"]
         max_input = info.get("max_input_tokens", info.get("max_input_length", max_total - 1))
-        self.info = ModelInfo(name=model_id, context_tokens=min(max_total, max_input + self.settings.reply_tokens))
+        self.info = ModelInfo(
+            name=model_id,
+            context_tokens=min(max_total, max_input + self.settings.reply_tokens),
+            max_request_bytes=self.settings.payload_limit,
+        )
         self._max_stops = info.get("max_stop_sequences", self._max_stops)
         server_limit = info.get("max_concurrent_requests")
         if isinstance(server_limit, int) and 0 < server_limit < self._line.limit:
@@ -427,10 +494,15 @@ class TGIBackend(ModelService):
             return len(tokens)
 
         async with self._tokenizing:
-            return await self._call("/tokenize", {"inputs": counted_text(prompt)}, read, deadline=None, timeout=self._quick_timeout())
+            body = json.dumps({"inputs": counted_text(prompt)}).encode()
+            return await self._call("/tokenize", body, read, deadline=None, timeout=self._quick_timeout())
+
+    async def request_bytes(self, prompt: Prompt) -> int:
+        return (await asyncio.to_thread(within_payload, prompt, self.settings.payload_limit))[1]
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         self._check_open()
+        body = await asyncio.to_thread(self._body, request)
         loop = asyncio.get_running_loop()
         deadline = None if request.queue_timeout is None else loop.time() + request.queue_timeout
         started = False
@@ -444,7 +516,6 @@ class TGIBackend(ModelService):
                 self._check_open()
             yield Queued(1)
             async with AsyncExitStack() as stack:  # however the iteration ends, the HTTP stream is closed
-                body = {"inputs": render_inputs(request.prompt), "parameters": self._parameters(request)}
 
                 async def opened(response: aiohttp.ClientResponse) -> tuple[AsyncIterator[dict], dict | None]:
                     await _check_status(response)
@@ -482,7 +553,8 @@ class TGIBackend(ModelService):
                         shown = text
                     if final or stopped:
                         details = payload.get("details") or {}
-                        reason = "length" if final and details.get("finish_reason") == "length" else "stop"
+                        ended = stopped or (token.get("special") and token.get("text") in _END_TOKENS)
+                        reason = "length" if final and details.get("finish_reason") == "length" and not ended else "stop"
                         yield Finished(text=text, reason=reason, tokens=int(details.get("generated_tokens", count)))
                         return
                     self._check_open()  # aiohttp can't read a connection that close() already shut
@@ -504,6 +576,15 @@ class TGIBackend(ModelService):
         if shown:
             return GenerationFailed("The connection to the model server broke off in the middle of the reply. Please send your message again.")
         return GenerationFailed("The model server closed the connection before answering. Please try again.")
+
+    def _body(self, request: GenerationRequest) -> bytes:
+        """The JSON body for `request`, within the server's payload limit. CPU-bound."""
+        prompt, _ = within_payload(request.prompt, self.settings.payload_limit)
+        body = json.dumps({"inputs": render_inputs(prompt), "parameters": self._parameters(request)}).encode()
+        if len(body) > self.settings.payload_limit:
+            log.warning("tgi.payload_too_large", extra={"request": request.label, "bytes": len(body), "limit": self.settings.payload_limit})
+            raise GenerationFailed(_TOO_MANY_IMAGES)
+        return body
 
     def _parameters(self, request: GenerationRequest) -> dict:
         params = request.params
@@ -540,12 +621,12 @@ class TGIBackend(ModelService):
     async def _call(
         self,
         path: str,
-        payload: dict,
+        body: bytes,
         opened: Callable[[aiohttp.ClientResponse], Awaitable[T]],
         deadline: float | None,
         timeout: aiohttp.ClientTimeout | None = None,
     ) -> T:
-        """POST `payload` and hand the response to `opened`, retrying what is safe to retry: no
+        """POST the JSON `body` and hand the response to `opened`, retrying what is safe to retry: no
         answer at all, or an overloaded server (`_Retry`), with exponential backoff or the server's
         Retry-After, as long as the retries and the asker's `deadline` allow."""
         loop = asyncio.get_running_loop()
@@ -553,7 +634,9 @@ class TGIBackend(ModelService):
         while True:
             self._check_open()
             try:
-                response = await self._session.post(f"{self._base}{path}", json=payload, **({"timeout": timeout} if timeout else {}))
+                response = await self._session.post(
+                    f"{self._base}{path}", data=body, headers=_JSON, **({"timeout": timeout} if timeout else {})
+                )
             except aiohttp.ClientConnectionError as exc:
                 # Refused, timed out, or dropped before any answer (a stale pooled connection to a
                 # restarted server): nothing was generated for anyone to see.

@@ -6,11 +6,15 @@
   `data:{"index":..,"token":{"id":..,"text":..,"logprob":..,"special":..},"generated_text":null,"details":null}`,
   the last one with `generated_text` and `details.finish_reason` ("length", "eos_token", "stop_sequence").
 - Errors are `{"error": "...", "error_type": "..."}`: as an HTTP status (422, 429, 503...) or, as
-  TGI's router sends them once the stream has begun, as an event of a 200 stream.
+  TGI's router sends them once the stream has begun, as an event of a 200 stream (a stream the model
+  ends without its final token: `incomplete_generation_stream`).
+- A request body above `payload_limit` bytes (TGI's --payload-limit, 2,000,000 by default) is refused
+  with HTTP 413 and axum's plain-text body, on every route.
 
 Like TGI's router, it validates parameters and input length (images count as one `<image>`
-token), decodes every `![](data:...)` image, stops at stop sequences (their text included in
-`generated_text`; special tokens left out of it), and checks the API key on every route but /info.
+token), decodes every `![](data:...)` image, stops as TGI's stopping criteria do (the length limit
+is checked first, then end of sequence, then stop sequences, whose text is included in
+`generated_text`; special tokens are left out of it), and checks the API key on every route but /info.
 Tests script the replies, inject failures, and read back every request it got.
 """
 
@@ -34,16 +38,21 @@ from tests.loopback import LoopbackServer
 SPECIAL = {"<fake_token_around_image>": 32000, "<image>": 32001, "<end_of_utterance>": 32002, "</s>": 2}
 _IMAGE = re.compile(r"!\[\]\(([^)]*)\)")
 _TOKEN = re.compile("|".join(re.escape(token) for token in SPECIAL) + r"|\w+|\s|[^\w\s]")
+# What axum answers when a body is over DefaultBodyLimit (TGI's --payload-limit).
+TOO_LARGE = "Failed to buffer the request body: length limit exceeded"
 
 
 @dataclass
 class Reply:
     """What the model "generates": token texts in order (special ones are sent as special tokens).
-    `cut_after`: the connection is dropped after that many tokens. `hold_after`: the stream pauses
-    after that many tokens until the test sets `gate`, or `FakeTGI.release` if it has none."""
+    `cut_after`: the connection is dropped after that many tokens. `incomplete_after`: the model's
+    stream ends after that many tokens without a final one, and the router says so in an error event.
+    `hold_after`: the stream pauses after that many tokens until the test sets `gate`, or
+    `FakeTGI.release` if it has none."""
 
     tokens: list[str]
     cut_after: int | None = None
+    incomplete_after: int | None = None
     hold_after: int | None = None
     gate: asyncio.Event | None = None
 
@@ -78,6 +87,7 @@ class FakeTGI:
         max_concurrent_requests: int = 128,
         api_key: str | None = None,
         special_tokens: bool = True,
+        payload_limit: int = 2_000_000,
     ):
         self.model_id = model_id
         self.max_input_tokens = max_input_tokens
@@ -86,6 +96,7 @@ class FakeTGI:
         self.max_concurrent_requests = max_concurrent_requests
         self.api_key = api_key
         self.special_tokens = special_tokens  # False: a tokenizer that splits <image> like any text
+        self.payload_limit = payload_limit
         self.replies: deque[Reply] = deque()
         self.default_reply = Reply(["A", " red", " square", ".", "<end_of_utterance>"])
         self.failures: deque[Failure] = deque()
@@ -93,6 +104,7 @@ class FakeTGI:
         self.generate_requests: list[dict] = []
         self.generate_headers: list[dict[str, str]] = []
         self.tokenize_requests: list[dict] = []
+        self.body_sizes: list[int] = []  # of every /generate_stream request, refused ones too
         self.images_seen: list[tuple[str, bytes]] = []
         self.disconnects = 0
         self.streaming = 0
@@ -151,10 +163,23 @@ class FakeTGI:
     def _authorized(self, request: web.Request) -> bool:
         return self.api_key is None or request.headers.get("Authorization", "").lower() == f"bearer {self.api_key}".lower()
 
+    async def _body(self, request: web.Request) -> dict | web.Response:
+        """The JSON body, or the 413 that TGI's router answers to one above its payload limit."""
+        raw = b""
+        while len(raw) <= self.payload_limit and not request.content.at_eof():
+            raw += await request.content.read(self.payload_limit + 1 - len(raw))
+        if request.path == "/generate_stream":
+            await self._record(lambda: self.body_sizes.append(request.content_length or len(raw)))
+        if len(raw) > self.payload_limit:
+            return web.Response(status=413, text=TOO_LARGE)
+        return json.loads(raw)
+
     async def _tokenize(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return web.Response(status=401)
-        body = await request.json()
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
         await self._record(lambda: self.tokenize_requests.append(body))
         text = _IMAGE.sub("<image>", body["inputs"])
         tokens = tokenize(text)
@@ -171,7 +196,9 @@ class FakeTGI:
     async def _generate_stream(self, request: web.Request) -> web.StreamResponse:
         if not self._authorized(request):
             return web.Response(status=401)
-        body = await request.json()
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
         await self._record(lambda: (self.generate_requests.append(body), self.generate_headers.append(dict(request.headers))))
         if self.failures:
             failure = self.failures.popleft()
@@ -245,17 +272,22 @@ class FakeTGI:
                 if reply.cut_after is not None and index > reply.cut_after:
                     request.transport.close()  # the connection drops in the middle of the answer
                     return response
+                if reply.incomplete_after is not None and index > reply.incomplete_after:
+                    error = {"error": "Incomplete generation stream", "error_type": "incomplete_generation_stream"}
+                    await response.write(f"data:{json.dumps(error)}\n\n".encode())
+                    break
                 if reply.hold_after is not None and index > reply.hold_after:
                     await (reply.gate or self.release).wait()
                 special = text in SPECIAL
                 decoded += text
                 generated += "" if special else text
-                if text == "</s>":
+                # TGI's StoppingCriteria: the length limit first, then end of sequence, then stop sequences.
+                if index >= limit:
+                    reason = "length"
+                elif text == "</s>":
                     reason = "eos_token"
                 elif any(stop in decoded for stop in stops):
                     reason = "stop_sequence"
-                elif index >= limit:
-                    reason = "length"
                 else:
                     reason = None
                 event = {

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
+import random
 from contextlib import aclosing
 
 import pytest
+from PIL import Image
 
 from bot.runtime.app import Runtime
 from bot.runtime.config import ConfigError, load_config
@@ -30,7 +33,7 @@ from model.service import (
 )
 from model.tgi import TGIBackend, TGISettings
 from tests.conftest import image_bytes, write_config
-from tests.fake_tgi import FakeTGI, Failure, Reply
+from tests.fake_tgi import Failure, FakeTGI, Reply
 
 
 def model_image(color, kind="PNG") -> ModelImage:
@@ -149,6 +152,18 @@ async def test_a_reply_that_reaches_max_new_tokens_finishes_with_length(fake, se
     assert deltas(events) == "one two three"
 
 
+@pytest.mark.parametrize(
+    "tokens",
+    [["All", " done", ".", "<end_of_utterance>"], ["All", " done", ".", "\n", "User", ":"]],
+    ids=["end-of-utterance", "user-turn-stop"],
+)
+async def test_a_reply_whose_end_is_the_last_allowed_token_is_not_cut_off(fake, service, tokens):
+    # TGI checks the length limit before the end token, so it reports "length" for these.
+    fake.replies.append(Reply(tokens))
+    events = await events_of(service, request(params=GenerationParams(max_new_tokens=len(tokens))))
+    assert events[-1] == Finished(text="All done.", reason="stop", tokens=len(tokens))
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 
@@ -202,6 +217,23 @@ async def test_a_stream_cut_mid_answer_fails_clearly_and_is_never_resent(fake, s
             seen.append(event)
     assert deltas(seen) == "Once upon"
     assert len(fake.generate_requests) == 1
+
+
+async def test_a_stream_the_server_ends_early_says_the_reply_stopped_midway(fake, service):
+    fake.replies.append(Reply(["Once", " upon", " a", " time"], incomplete_after=2))
+    seen = []
+    with pytest.raises(GenerationFailed, match="stopped in the middle of the reply"):
+        async for event in service.stream(request()):
+            seen.append(event)
+    assert deltas(seen) == "Once upon"
+    assert len(fake.generate_requests) == 1
+
+
+async def test_a_request_over_the_servers_payload_limit_says_what_to_change(fake, service):
+    fake.payload_limit = 200  # the server was started with a lower --payload-limit than the bot's
+    with pytest.raises(GenerationFailed, match="--payload-limit.*fewer images|fewer images.*--payload-limit"):
+        await events_of(service, request())
+    assert len(fake.body_sizes) == 1 and not fake.generate_requests, "refused, and not retried"
 
 
 async def test_an_unreachable_server_is_retried_then_explained(fake):
@@ -394,3 +426,107 @@ path = "{tmp_path / 'state' / 'bot.sqlite3'}"
     assert inputs.startswith(config.conversation.system_prompt) and inputs.endswith("<end_of_utterance>\nAssistant:")
     assert "User: What is in this image?![](data:image/jpeg;base64," in inputs
     assert fake.tokenize_requests, "the engine fitted the conversation with the server's tokenizer"
+
+
+# -- the size of a request -------------------------------------------------------------------
+
+
+def detailed_png(seed: int, side: int = 448) -> bytes:
+    """A photo-like worst case for compression: every pixel random."""
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (side, side), random.Random(seed).randbytes(side * side * 3)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def tgi_config(tmp_path, fake: FakeTGI, extra: str = ""):
+    return write_config(
+        tmp_path / "config.toml",
+        f"""
+[model]
+backend = "tgi"
+url = "{fake.url}"
+{extra}
+[generation]
+max_new_tokens = 40
+[state]
+path = "{tmp_path / 'state' / 'bot.sqlite3'}"
+""",
+    )
+
+
+def with_images(text: str, seeds: range) -> IncomingMessage:
+    def attachment(seed: int) -> Attachment:
+        data = detailed_png(seed)
+
+        async def read(max_bytes: int) -> bytes:
+            return data
+
+        return Attachment(f"photo{seed}.png", read, len(data), "image/png")
+
+    return IncomingMessage(ConversationKey("test", "channel"), Author("u1", "Ann"), text, tuple(attachment(seed) for seed in seeds))
+
+
+async def final_of(runtime: Runtime, message: IncomingMessage) -> Final:
+    events = [event async for event in runtime.engine.reply(message)]
+    assert isinstance(events[-1], Final)
+    return events[-1]
+
+
+def image_sides(fake: FakeTGI) -> set[tuple[int, int]]:
+    sides = set()
+    for _, data in fake.images_seen:
+        with Image.open(io.BytesIO(data)) as image:
+            sides.add(image.size)
+    return sides
+
+
+async def test_eight_detailed_images_travel_within_the_servers_default_payload_limit(fake, tmp_path):
+    # Four photos (the most one message takes) and four more in the history, each as detailed as
+    # a photo can be: all eight reach the model, at the 224 px it sees, within the server's limit.
+    async with Runtime(tgi_config(tmp_path, fake)) as runtime:
+        first = await final_of(runtime, with_images("What are these?", range(4)))
+        second = await final_of(runtime, with_images("And these?", range(4, 8)))
+    assert first.text == second.text == "A red square." and not first.notes and not second.notes
+    assert len(fake.generate_requests) == 2 and max(fake.body_sizes) <= fake.payload_limit
+    assert fake.generate_requests[1]["inputs"].count("![](data:image/") == 8
+    assert image_sides(fake) == {(224, 224)}
+
+
+async def test_a_request_that_fits_as_stored_is_sent_as_stored(fake, tmp_path):
+    async with Runtime(tgi_config(tmp_path, fake)) as runtime:
+        await final_of(runtime, with_images("What is this?", range(1)))
+        store = runtime.engine.store
+        [question, _] = await store.load_turns(ConversationKey("test", "channel"))
+        stored = await store.get_image(question.images[0])
+    assert [data for _, data in fake.images_seen] == [stored.data]
+
+
+async def test_when_even_small_images_are_too_many_the_oldest_turns_are_left_out(fake, tmp_path):
+    fake.payload_limit = 100_000  # two photos at 224 px fit (about 43 kB each as base64), three do not
+    async with Runtime(tgi_config(tmp_path, fake, "payload_limit = 100_000")) as runtime:
+        finals = [await final_of(runtime, with_images(f"Photo {n}?", range(n, n + 1))) for n in range(3)]
+    assert [final.text for final in finals] == ["A red square."] * 3
+    assert finals[2].notes == ("This conversation is now longer than I can read at once, so I no longer see its oldest messages.",)
+    last = fake.generate_requests[-1]["inputs"]
+    assert "Photo 0?" not in last and "Photo 1?" in last and last.count("![](data:") == 2
+    assert max(fake.body_sizes) <= fake.payload_limit
+
+
+async def test_a_message_whose_images_alone_are_too_large_is_told_to_send_fewer(fake, tmp_path):
+    fake.payload_limit = 100_000
+    async with Runtime(tgi_config(tmp_path, fake, "payload_limit = 100_000")) as runtime:
+        final = await final_of(runtime, with_images("What are these?", range(4)))
+        assert final.text == "" and "send fewer" in final.notes[0]
+        assert await runtime.engine.store.load_turns(ConversationKey("test", "channel")) == []
+    assert not fake.generate_requests and not fake.body_sizes
+
+
+async def test_a_task_whose_images_are_too_large_is_told_to_send_fewer(fake):
+    service = await connected(fake, payload_limit=20_000)
+    try:
+        photo = ModelImage("photo", detailed_png(1), "photo.png")
+        with pytest.raises(GenerationFailed, match="send fewer images"):
+            await events_of(service, request(["User:", photo, photo, photo, "<end_of_utterance>", "\nAssistant:"]))
+    finally:
+        await service.close()
+    assert not fake.body_sizes

@@ -30,12 +30,14 @@ from bot.state.store import Store
 from bot.core.tasks import FewShotPair, TaskError, build_task
 from model.service import (
     Finished,
-    Started,
     GenerationParams,
     GenerationRequest,
     ModelError,
+    ModelImage,
     ModelService,
+    Prompt,
     Queued,
+    Started,
     TextDelta,
 )
 
@@ -288,6 +290,7 @@ class Engine:
                     max_images=self.config.conversation.max_images,
                     system_prompt=self.config.conversation.system_prompt,
                     shared=shared,
+                    sendable=self._sendable_check(),
                 )
             except PromptTooLong as too_long:
                 self.metrics.error("too_long")
@@ -440,9 +443,30 @@ class Engine:
     async def _prepare(self, data: bytes, name: str):
         return await asyncio.to_thread(prepare_image, data, name, self.image_limits)
 
+    async def _model_prompt(self, items: PromptItems, loaded: dict[ImageRef, ModelImage] | None = None) -> Prompt:
+        """`items` with their images loaded from the store (those already in `loaded` are reused, new ones added)."""
+        loaded = {} if loaded is None else loaded
+        for ref in dict.fromkeys(item for item in items if isinstance(item, ImageRef)):
+            if ref not in loaded:
+                loaded[ref] = await self.store.get_image(ref)
+        return [loaded[item] if isinstance(item, ImageRef) else item for item in items]
+
+    def _sendable_check(self) -> Callable[[PromptItems], Awaitable[bool]] | None:
+        """For a model with a limit on the size of a request, a check that a prompt keeps within it
+        (the images of one fit are loaded once); None for a model without one."""
+        limit = self.model.info.max_request_bytes
+        if limit is None:
+            return None
+        loaded: dict[ImageRef, ModelImage] = {}
+
+        async def sendable(items: PromptItems) -> bool:
+            return await self.model.request_bytes(await self._model_prompt(items, loaded)) <= limit
+
+        return sendable
+
     async def _generate(self, items: PromptItems, max_new_tokens: int, label: str) -> AsyncIterator[ReplyEvent]:
         """Stream the model's answer to `items`: Waiting and Partial events, then a Final."""
-        prompt = [await self.store.get_image(item) if isinstance(item, ImageRef) else item for item in items]
+        prompt = await self._model_prompt(items)
         request = GenerationRequest(
             prompt=prompt,
             params=replace(self.params, max_new_tokens=max_new_tokens),

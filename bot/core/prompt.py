@@ -101,9 +101,11 @@ async def fit(
     max_images: int,
     system_prompt: str = "",
     shared: bool = False,
+    sendable: Callable[[PromptItems], Awaitable[bool]] | None = None,
 ) -> FittedPrompt:
     """Render the longest suffix of `turns` that starts at a user turn and fits: at most
-    `context_tokens - reserve_tokens` tokens (the reserve is for the reply) and `max_images` images.
+    `context_tokens - reserve_tokens` tokens (the reserve is for the reply), `max_images` images,
+    and, if given, what `sendable` accepts (a remote model's limit on the size of a request).
     Oldest turns go first."""
     budget = context_tokens - reserve_tokens
     starts = [i for i, turn in enumerate(turns) if turn.role == "user"]
@@ -117,23 +119,26 @@ async def fit(
             "Please send fewer."
         )
 
-    async def measure(start: int) -> tuple[PromptItems, int]:
+    async def measure(start: int) -> tuple[PromptItems, int, bool]:
         items = render(turns[start:], system_prompt, shared)
-        return items, await count_tokens(items)
+        tokens = await count_tokens(items)
+        return items, tokens, tokens <= budget and (sendable is None or await sendable(items))
 
-    # Dropping more turns never makes the prompt longer, so the first fitting start can be bisected.
+    # Dropping more turns never makes the prompt longer or larger, so the first fitting start can be bisected.
     low, high = 0, len(candidates) - 1
-    items, tokens = await measure(candidates[high])
+    items, tokens, fits = await measure(candidates[high])
     if tokens > budget:
         raise PromptTooLong(
             f"Your message is too long for me: it takes about {tokens} tokens and I can read about {budget}. "
             "Please shorten it."
         )
+    if not fits:
+        raise PromptTooLong("Your images are more than the model server takes in one request. Please send fewer at a time.")
     best = (candidates[high], items, tokens)
     while low < high:
         middle = (low + high) // 2
-        items, tokens = await measure(candidates[middle])
-        if tokens <= budget:
+        items, tokens, fits = await measure(candidates[middle])
+        if fits:
             best, high = (candidates[middle], items, tokens), middle
         else:
             low = middle + 1

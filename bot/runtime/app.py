@@ -33,6 +33,7 @@ def create_model(config: Config) -> ModelService:
                 max_queue=settings.max_queue,
                 max_retries=settings.max_retries,
                 connect_timeout_s=settings.connect_timeout_s,
+                payload_limit=settings.payload_limit,
                 reply_tokens=config.generation.max_new_tokens,
             )
         )

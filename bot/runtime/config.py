@@ -59,6 +59,7 @@ class ModelConfig(Section):
     max_concurrency: int = Field(16, ge=1, le=1024)
     max_retries: int = Field(3, ge=0, le=10)
     connect_timeout_s: float = Field(10.0, gt=0)
+    payload_limit: int = Field(2_000_000, ge=10_000)  # bytes per request: the server's --payload-limit
 
     @model_validator(mode="after")
     def _tgi_has_an_address(self) -> ModelConfig:
