@@ -30,6 +30,7 @@ test: $(VENV)/.installed postgres
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/mixed_load.py
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/image_intake.py
 	$(BIN)/python benchmarks/load.py

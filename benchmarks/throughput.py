@@ -56,10 +56,11 @@ async def main() -> None:
 
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = write_tiny_checkpoint(directory)
-        service = LocalBackend(CheckpointSettings(str(checkpoint)), BatchSettings(max_batch_size=args.requests, max_wait_ms=20))
+        service = LocalBackend(CheckpointSettings(str(checkpoint)), BatchSettings(max_batch_size=args.requests))
         await service.start()
         tokenizer = service._tokenizer
-        service.logits_processors.append(NoEarlyEnd([tokenizer.convert_tokens_to_ids("<end_of_utterance>"), tokenizer.eos_token_id]))
+        no_end = NoEarlyEnd([tokenizer.convert_tokens_to_ids("<end_of_utterance>"), tokenizer.eos_token_id])
+        service.row_processors.append(lambda prompt_ids: no_end)
         requests = [
             GenerationRequest(
                 [f"User: Describe picture number {n}.", image(n), "<end_of_utterance>", "\nAssistant:"],
@@ -83,7 +84,7 @@ async def main() -> None:
     one_by_one, batched = statistics.median(sequential), statistics.median(concurrent)
     print(f"{args.requests} requests x {args.tokens} tokens, tiny IDEFICS on {os.cpu_count()} CPU cores, median of {args.rounds} rounds")
     print(f"  one after another: {one_by_one:.3f} s  = {args.requests / one_by_one:7.1f} requests/s")
-    print(f"  concurrent (one batch of {service.batch_sizes[-1]}): {batched:.3f} s  = {args.requests / batched:7.1f} requests/s")
+    print(f"  concurrent (a running batch of up to {max(service.batch_sizes)}): {batched:.3f} s  = {args.requests / batched:7.1f} requests/s")
     ratio = one_by_one / batched
     print(f"  speed-up: {ratio:.1f}x (target: at least 3x) {'OK' if ratio >= 3 else 'BELOW TARGET'}")
 

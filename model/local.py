@@ -1,8 +1,12 @@
-"""The in-process IDEFICS backend: a queue, a batcher, and one worker thread that runs `generate`.
+"""The in-process IDEFICS backend: a queue, and one worker thread that runs the running batch.
 
-Requests that arrive within `max_wait_ms` of each other (and share decoding settings) go into one
-`generate` call of up to `max_batch_size` rows. The event loop never runs the model: batches run on a
-single worker thread and stream their tokens back through `loop.call_soon_threadsafe`.
+Iteration-level scheduling: there is one running batch (`model.batch.Batch`). Before every decoding
+step the worker takes the requests waiting in the queue that fit (`max_batch_size` rows, and the
+`max_batch_tokens` budget of cache rows x tokens), prefills them and merges them in; after every
+step, rows that ended (an end token, a stop string, their own max_new_tokens, their asker gone or
+out of time) leave at once. Nobody waits for somebody else's long answer, and greedy and sampled
+requests share the batch. The event loop never runs the model: tokens go back through
+`loop.call_soon_threadsafe`, and a watchdog on the loop replaces a worker that stops making progress.
 """
 
 from __future__ import annotations
@@ -10,12 +14,18 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
+import torch
+from transformers import LogitsProcessor
+
+from model.batch import Batch, Row, Sampling, encode_prompt, footprint, image_state_shape
 from model.loading import CheckpointSettings, load_checkpoint
 from model.service import (
     END_OF_UTTERANCE,
@@ -35,23 +45,33 @@ from model.service import (
     Started,
     StreamEvent,
 )
-from model.streamer import BatchRows, RowSink
+from model.streamer import ReplyStream
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Makes a row's own transformers LogitsProcessor from its prompt's token ids (a hook for tests and
+# experiments); it is then called at each step with the row's tokens so far, as in a solo `generate`.
+RowProcessorFactory = Callable[[list[int]], LogitsProcessor]
 
 
 @dataclass(frozen=True)
 class BatchSettings:
-    """How requests are grouped: batch size, how long to wait for companions, how many may wait."""
+    """How requests share the model: rows, cache budget, queue, recovery, the watchdog, threads."""
 
     max_batch_size: int = 8
-    max_wait_ms: float = 20.0
+    # Rows x tokens of KV cache the running batch may need at most (every row padded to the longest
+    # prompt + reply); an out-of-memory error lowers it for a while. 8 rows x 2,048 tokens by default.
+    max_batch_tokens: int = 16384
     max_queue: int = 64
-    # After an out-of-memory error the batch size is halved; this many good batches later it doubles back.
+    # After an out-of-memory error the budget is halved; this many answered requests later it doubles back.
     recover_after: int = 16
     # A batch that makes no progress (no new token) for this long is declared stuck: its requests
     # are answered with an error and a fresh worker thread takes over.
     stall_timeout_s: float = 120.0
+    # torch.set_num_threads for the process; None leaves torch's own choice.
+    threads: int | None = None
 
 
 @dataclass(eq=False)
@@ -60,70 +80,90 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     enqueued: float
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False
-    sink: RowSink | None = None
+    cancelled: bool = False  # set on the loop: the worker drops the row at its next step
+    started: bool = False
+    row: Row | None = None  # the prompt, encoded by the worker; kept if the row is put back in the queue
+    reply: ReplyStream | None = None
 
     def emit(self, event: StreamEvent | BaseException) -> None:
         """Hand an event to the asker; safe from the worker thread."""
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
+    @property
+    def open(self) -> bool:
+        return not self.cancelled and not (self.reply is not None and self.reply.finished)
+
 
 class LocalBackend(ModelService):
-    """IDEFICS loaded with transformers in this process, batching requests from all conversations."""
+    """IDEFICS loaded with transformers in this process, one running batch for all conversations."""
 
     def __init__(
         self,
         checkpoint: CheckpointSettings | None = None,
         batching: BatchSettings | None = None,
-        logits_processors: list | None = None,
+        row_processors: Sequence[RowProcessorFactory] = (),
     ):
-        """`logits_processors` (transformers `LogitsProcessor`s) are added to every `generate` call:
-        a hook for experiments and for tests that force tokens."""
+        """`row_processors` give each request's row its own transformers `LogitsProcessor`s: a hook for
+        experiments and for tests that force tokens."""
         self.checkpoint = checkpoint or CheckpointSettings()
         self.batching = batching or BatchSettings()
-        self.logits_processors = logits_processors or []
+        self.row_processors = list(row_processors)
         self.info = ModelInfo(name=self.checkpoint.checkpoint)
         self._pending: deque[_Job] = deque()
-        self._wakeup = asyncio.Event()
+        self._between: deque[tuple[Callable[[Any, Any], Any], Future]] = deque()  # work for the worker between steps
+        self._lock = threading.Condition()  # guards _pending between the loop and the worker
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idefics-generate")
-        self._dispatcher: asyncio.Task | None = None
-        self._running: list[_Job] = []
-        self._batch_limit = self.batching.max_batch_size
-        self._good_batches = 0
-        self._last_progress = time.monotonic()  # written by the worker at every generation step
+        self._watchdog: asyncio.Task | None = None
+        self._worker = 0  # the current worker's number; an abandoned worker sees it change and leaves
+        self._active: list[_Job] = []  # the worker's rows (running and joining)
+        self._token_budget = self.batching.max_batch_tokens
+        self._answered_since_oom = 0
+        self._last_progress = time.monotonic()  # written by the worker at every forward
         self._closed = False
-        self.batch_sizes: list[int] = []  # every batch run, in order; for tests and benchmarks
+        self.batch_sizes: list[int] = []  # rows decoding together after every merge; for tests and benchmarks
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._model, self._processor = await loop.run_in_executor(self._executor, load_checkpoint, self.checkpoint)
+        if self.batching.threads is not None:
+            torch.set_num_threads(self.batching.threads)
+        self._loop = asyncio.get_running_loop()
+        self._model, self._processor = await self._loop.run_in_executor(self._executor, load_checkpoint, self.checkpoint)
         tokenizer = self._processor.tokenizer
         self._tokenizer = tokenizer
-        # Tokens are counted on the event loop while the worker tokenizes padded batches, and a fast
-        # tokenizer keeps its padding setting on the shared Rust object: counting could switch a
-        # batch's padding off halfway. So counting has a tokenizer of its own.
+        # Tokens are counted on the event loop while the worker tokenizes prompts, and a fast
+        # tokenizer keeps its padding and truncation settings on the shared Rust object. So counting
+        # has a tokenizer of its own.
         self._counting_tokenizer = copy.deepcopy(tokenizer)
-        self._end_ids = [tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE), tokenizer.eos_token_id]
-        self._bad_words = tokenizer([IMAGE_TOKEN, FAKE_IMAGE_TOKEN], add_special_tokens=False).input_ids
+        self._end_ids = frozenset({tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE), tokenizer.eos_token_id})
+        self._banned = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, FAKE_IMAGE_TOKEN])
         byte_ids = tokenizer.convert_tokens_to_ids([f"<0x{byte:02X}>" for byte in range(256)])
         self._byte_ids = frozenset(byte_ids) - {tokenizer.unk_token_id}
+        self._image_shape = image_state_shape(self._model.config)
         self.info = ModelInfo(name=self.checkpoint.checkpoint, context_tokens=self._model.config.max_position_embeddings)
-        self._dispatcher = asyncio.create_task(self._dispatch(), name="idefics-batcher")
+        self._watchdog = asyncio.create_task(self._watch(), name="idefics-watchdog")
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         gone = ModelUnavailable("The bot is shutting down; your request was not answered.")
-        for job in [*self._pending, *self._running]:
-            job.cancelled = True
-            job.emit(gone)
-        self._pending.clear()
-        # Let the running batch end (its rows stop at the next step); a stuck worker is left behind.
+        with self._lock:
+            waiting = list(self._pending)
+            self._pending.clear()
+            between = [done for _, done in self._between]
+            self._between.clear()
+            self._lock.notify_all()
+        for done in between:
+            if done.set_running_or_notify_cancel():
+                done.set_exception(gone)
+        for job in [*waiting, *self._active]:
+            if job.open:
+                job.cancelled = True
+                job.emit(gone)
+        # The worker leaves at its next step; a stuck one is left behind.
         ended = asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)
         await asyncio.wait({ended}, timeout=self.batching.stall_timeout_s)
         self._executor.shutdown(wait=False)
@@ -131,10 +171,9 @@ class LocalBackend(ModelService):
     # -- the interface -----------------------------------------------------------------------
 
     def health(self) -> dict[str, bool]:
-        stalled = bool(self._running) and time.monotonic() - self._last_progress > self.batching.stall_timeout_s
         return {
             "loaded": hasattr(self, "_model") and not self._closed,
-            "worker_alive": self._dispatcher is not None and not self._dispatcher.done() and not stalled,
+            "worker_alive": self._watchdog is not None and not self._watchdog.done() and not self._stalled(),
         }
 
     async def count_tokens(self, prompt: Prompt) -> int:
@@ -173,168 +212,279 @@ class LocalBackend(ModelService):
         finally:
             self._cancel(job)
 
-    # -- queueing (event loop side) ----------------------------------------------------------
+    async def call_between_steps(self, work: Callable[[Any, Any], T]) -> T:
+        """Run `work(model, processor)` on the worker thread between two decoding steps and return its
+        result: for one-off forwards that are not a streamed reply (scoring labels, say). The running
+        batch pauses while it runs, so keep it to a forward or two; it runs in inference mode."""
+        if self._closed or self._watchdog is None:
+            raise ModelUnavailable("The model is not running right now; please try again shortly.")
+        done: Future = Future()
+        with self._lock:
+            self._between.append((work, done))
+            self._lock.notify()
+        return await asyncio.wrap_future(done)
+
+    # -- the queue (event loop side) ---------------------------------------------------------
 
     def _submit(self, request: GenerationRequest) -> _Job:
-        if self._closed or self._dispatcher is None:
+        if self._closed or self._watchdog is None:
             raise ModelUnavailable("The model is not running right now; please try again shortly.")
-        if len(self._pending) >= self.batching.max_queue:
-            raise ModelBusy("I'm busy with other requests right now; please try again in a moment.")
         loop = asyncio.get_running_loop()
         job = _Job(request=request, loop=loop, enqueued=loop.time())
-        self._pending.append(job)
-        job.events.put_nowait(Queued(position=len(self._pending)))
-        self._wakeup.set()
+        with self._lock:
+            if len(self._pending) >= self.batching.max_queue:
+                raise ModelBusy("I'm busy with other requests right now; please try again in a moment.")
+            self._pending.append(job)
+            position = len(self._pending)
+            self._lock.notify()
+        job.events.put_nowait(Queued(position=position))
         return job
 
     def _cancel(self, job: _Job) -> None:
         job.cancelled = True
-        if job in self._pending:
+        with self._lock:
+            if job not in self._pending:
+                return
             self._pending.remove(job)
-            self._announce_positions()
+        self._announce_positions()
 
     def _announce_positions(self) -> None:
-        for position, job in enumerate(self._pending, start=1):
+        with self._lock:
+            waiting = [job for job in self._pending if not job.started]
+        for position, job in enumerate(waiting, start=1):
             job.events.put_nowait(Queued(position=position))
 
-    async def _dispatch(self) -> None:
-        while True:
-            await self._gather_companions(asyncio.get_running_loop())
-            batch = self._take_batch()
-            if not batch:
-                continue
-            self._running = batch
-            self._announce_positions()
-            try:
-                await self._supervise(batch)
-            except Exception:  # the batcher must outlive any one batch
-                log.exception("batch.crashed", extra={"size": len(batch)})
-                self._fail(batch, GenerationFailed("Sorry, something went wrong while answering. Please try again."))
-            finally:
-                self._running = []
+    # -- the watchdog (event loop side) -------------------------------------------------------
 
-    async def _supervise(self, batch: list[_Job]) -> None:
-        """Run `batch` on the worker thread; if it stops making progress, answer its requests and
-        replace the worker (a thread stuck in native code can't be killed, only abandoned)."""
-        self._last_progress = time.monotonic()
-        work = asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, batch)
+    def _stalled(self) -> bool:
+        return bool(self._active) and time.monotonic() - self._last_progress > self.batching.stall_timeout_s
+
+    async def _watch(self) -> None:
+        """Run the worker; if it stops making progress, answer its requests and start a fresh one
+        (a thread stuck in native code can't be killed, only abandoned)."""
         check_every = min(1.0, self.batching.stall_timeout_s / 4)
-        while True:
-            done, _ = await asyncio.wait({work}, timeout=check_every)
-            if done:
-                work.result()
-                return
-            stalled = time.monotonic() - self._last_progress
-            if stalled > self.batching.stall_timeout_s:
-                log.error("worker.stuck", extra={"size": len(batch), "stalled_s": round(stalled, 1)})
-                self._fail(batch, GenerationFailed("Sorry, the model stopped responding, so I gave up on this request. Please try again."))
-                self._executor.shutdown(wait=False)
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idefics-generate")
-                return
+        while not self._closed:
+            worker = self._worker
+            work = asyncio.get_running_loop().run_in_executor(self._executor, self._serve, worker)
+            while True:
+                done, _ = await asyncio.wait({work}, timeout=check_every)
+                if done:
+                    if work.exception() is not None:  # a bug, not a request: nobody else is told
+                        log.error("worker.crashed", exc_info=work.exception())
+                    reason = "Sorry, something went wrong while answering. Please try again."
+                    break
+                if self._stalled():
+                    log.error("worker.stuck", extra={"size": len(self._active), "stalled_s": round(time.monotonic() - self._last_progress, 1)})
+                    reason = "Sorry, the model stopped responding, so I gave up on this request. Please try again."
+                    self._executor.shutdown(wait=False)
+                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idefics-generate")
+                    break
+            with self._lock:
+                self._worker = worker + 1
+                abandoned, self._active = self._active, []
+                self._lock.notify_all()
+            self._fail(abandoned, GenerationFailed(reason))
 
     @staticmethod
-    def _fail(batch: list[_Job], error: Exception) -> None:
-        for job in batch:
-            if not job.cancelled and not (job.sink and job.sink.finished):
+    def _fail(jobs: Sequence[_Job], error: Exception) -> None:
+        for job in jobs:
+            if job.open:
                 job.cancelled = True
                 job.emit(error)
 
-    async def _gather_companions(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Wait for work, then briefly for more requests to share the batch with."""
-        while not self._pending:
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        until = self._pending[0].enqueued + self.batching.max_wait_ms / 1000
-        while len(self._pending) < self._batch_limit and loop.time() < until:
-            self._wakeup.clear()
-            try:
-                async with asyncio.timeout_at(until):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                break
+    # -- the worker thread -------------------------------------------------------------------
 
-    def _take_batch(self) -> list[_Job]:
-        if not self._pending:
-            return []
-        key = self._pending[0].request.params.batch_key()
-        batch = [job for job in self._pending if job.request.params.batch_key() == key][: self._batch_limit]
-        self.batch_sizes.append(len(batch))
-        for job in batch:
-            self._pending.remove(job)
-            job.events.put_nowait(Started(batch_size=len(batch)))
-        return batch
+    def _serve(self, worker: int) -> None:
+        """The worker's loop: take in newcomers, step the running batch, until closed or replaced."""
 
-    # -- generation (worker thread) ----------------------------------------------------------
-
-    def _run_batch(self, jobs: list[_Job]) -> None:
-        """Run `jobs` as one batch; when the model raises, split it so one bad request fails alone."""
-        jobs = [job for job in jobs if not job.cancelled and not (job.sink and job.sink.finished)]
-        if not jobs:
-            return
-        started = time.perf_counter()
-        try:
-            self._generate(jobs)
-        except Exception as exc:
-            out_of_memory = _is_out_of_memory(exc)
-            if out_of_memory:
-                self._shrink_batches(len(jobs))
-            if len(jobs) > 1:
-                log.warning("batch.split", extra={"size": len(jobs), "error": type(exc).__name__})
-                # Out of memory: the rest goes in batches the lowered limit allows (lowered again if
-                # they still don't fit). Any other error: halves, until the request that fails is alone.
-                size = self._batch_limit if out_of_memory else len(jobs) // 2
-                while jobs:
-                    self._run_batch(jobs[:size])
-                    jobs = jobs[size:]
-                    size = self._batch_limit if out_of_memory else len(jobs)
-                return
-            log.exception("request.failed", extra={"request": jobs[0].request.label})
-            detail = "it ran out of memory" if out_of_memory else "it hit an internal error"
-            jobs[0].emit(GenerationFailed(f"Sorry, the model could not answer this one ({detail}). Please try again."))
-            return
-        self._grow_batches()
-        log.info("batch.done", extra={"size": len(jobs), "seconds": round(time.perf_counter() - started, 3)})
-
-    def _generate(self, jobs: list[_Job]) -> None:
-        import torch
-        from transformers.generation.logits_process import LogitsProcessorList
-        from transformers.generation.stopping_criteria import StoppingCriteriaList
-
-        for job in jobs:
-            if job.sink is None:
-                job.sink = RowSink(
-                    emit=job.emit,
-                    max_new_tokens=job.request.params.max_new_tokens,
-                    stop_strings=job.request.stop_strings,
-                    is_cancelled=lambda job=job: job.cancelled,
-                )
-        inputs = self._processor(
-            text=[self._processor_items(job.request.prompt) for job in jobs],
-            padding=True,
-            return_tensors="pt",
-            add_end_of_utterance_token=False,
-        ).to(self._model.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
-        rows = BatchRows([job.sink for job in jobs], self._decode, self._end_ids, self._byte_ids, on_step=self._progressed)
-        params = jobs[0].request.params
-        settings = {
-            "max_new_tokens": max(job.request.params.max_new_tokens for job in jobs),
-            "do_sample": params.do_sample,
-            "repetition_penalty": params.repetition_penalty,
-            "eos_token_id": self._end_ids,
-            "pad_token_id": self._tokenizer.pad_token_id,
-            "bad_words_ids": self._bad_words,
-            "streamer": rows,
-            "stopping_criteria": StoppingCriteriaList([rows]),
-            "logits_processor": LogitsProcessorList(self.logits_processors),
-        }
-        if params.do_sample:
-            settings.update(temperature=params.temperature, top_p=params.top_p)
+        batch: Batch | None = None
         with torch.inference_mode():
-            self._model.generate(**inputs, **settings)
+            while True:
+                joining = self._take_newcomers(batch, worker)
+                if joining is None:
+                    return
+                self._run_between_steps()
+                if joining:
+                    batch = self._join(batch, joining)
+                if batch is not None:
+                    batch = self._step(batch)
+                self._active = [] if batch is None else [row.owner for row in batch.rows]
 
-    def _progressed(self) -> None:
+    def _take_newcomers(self, batch: Batch | None, worker: int) -> list[Row] | None:
+        """The waiting requests that fit in the batch now, encoded (None: this worker should stop).
+        While nothing runs, waits for a request."""
+        rows = [] if batch is None else list(batch.rows)
+        joining: list[Row] = []
+        while True:
+            with self._lock:
+                while not rows and not joining and not self._pending and not self._between and self._worker == worker and not self._closed:
+                    self._lock.wait()
+                    self._last_progress = time.monotonic()  # idle time is not a stall
+                if self._worker != worker or self._closed:
+                    return None
+                if not self._pending or len(rows) + len(joining) >= self.batching.max_batch_size:
+                    break
+                job = self._pending[0]
+            if job.row is None and not self._encode(job):
+                continue
+            assert job.row is not None
+            with self._lock:
+                if not self._pending or self._pending[0] is not job:
+                    continue  # cancelled while it was being encoded
+                together = [*rows, *joining, job.row]
+                if rows + joining and footprint(together) > self._token_budget:
+                    break
+                self._pending.popleft()
+            joining.append(job.row)
+            if not job.started:
+                job.started = True
+                job.emit(Started(batch_size=len(together)))
+        if joining:
+            self._loop.call_soon_threadsafe(self._announce_positions)
+            self._active = [*self._active, *(row.owner for row in joining)]
+        return joining
+
+    def _run_between_steps(self) -> None:
+        while self._between:
+            with self._lock:
+                work, done = self._between.popleft()
+            if done.set_running_or_notify_cancel():
+                try:
+                    done.set_result(work(self._model, self._processor))
+                except Exception as exc:  # the caller gets it; the batch goes on
+                    done.set_exception(exc)
+            self._last_progress = time.monotonic()
+
+    def _encode(self, job: _Job) -> bool:
+        """Tokenize `job`'s prompt and run its images through the vision encoder; a bad prompt fails alone."""
+        try:
+            prompt = encode_prompt(self._model, self._processor, self._processor_items(job.request.prompt))
+        except Exception:
+            log.exception("request.failed", extra={"request": job.request.label})
+            with self._lock:
+                if job in self._pending:
+                    self._pending.remove(job)
+            self._loop.call_soon_threadsafe(self._announce_positions)
+            self._fail([job], GenerationFailed("Sorry, the model could not answer this one (it hit an internal error). Please try again."))
+            return False
+        params = job.request.params
+        sampling = Sampling(params.do_sample, params.temperature, params.top_p, params.repetition_penalty, params.seed)
+        job.row = Row(
+            owner=job,
+            prompt=prompt,
+            max_new_tokens=params.max_new_tokens,
+            sampling=sampling,
+            processors=[make(prompt.ids) for make in self.row_processors],
+        )
+        job.reply = ReplyStream(job.emit, self._decode, self._end_ids, params.max_new_tokens, job.request.stop_strings, self._byte_ids)
+        return True
+
+    def _join(self, batch: Batch | None, rows: list[Row]) -> Batch | None:
+        """Prefill `rows`, give each its first token, and merge those still going into `batch`."""
+        joined: Batch | None = self._isolating(rows, self._prefill)
+        if joined is not None:
+            joined = self._advance(joined)
+        parts = [part for part in (batch, joined) if part is not None]
+        if not parts:
+            return None
+        merged = Batch.concatenate(parts)
+        self.batch_sizes.append(len(merged))
+        return merged
+
+    def _prefill(self, rows: list[Row]) -> Batch:
+        return Batch.prefill(self._model, rows, self._image_shape, self._tokenizer.pad_token_id)
+
+    def _step(self, batch: Batch) -> Batch | None:
+        """Drop rows nobody waits for, decode one token for the rest, and drop the rows that ended."""
+        listened = self._keep(batch, [index for index, row in enumerate(batch.rows) if row.owner.open])
+        if listened is None:
+            return None
+
+        def decode(part: Batch) -> Batch:
+            part.decode(self._model)
+            return part
+
+        stepped = self._isolating(listened, decode)
+        return None if stepped is None else self._advance(stepped)
+
+    def _advance(self, batch: Batch) -> Batch | None:
+        """Choose every row's next token, stream it, and keep the rows that go on."""
         self._last_progress = time.monotonic()
+        tokens, failed = batch.choose(self._banned)
+        keep = []
+        for index, (row, token) in enumerate(zip(batch.rows, tokens)):
+            job = row.owner
+            if index in failed:
+                log.error("request.failed", exc_info=failed[index], extra={"request": job.request.label})
+                self._fail([job], GenerationFailed("Sorry, the model could not answer this one (it hit an internal error). Please try again."))
+            elif job.cancelled:
+                continue
+            elif job.reply.push(token):
+                self._answered()
+            else:
+                keep.append(index)
+        return self._keep(batch, keep)
+
+    @staticmethod
+    def _keep(batch: Batch, keep: list[int]) -> Batch | None:
+        if not keep:
+            return None
+        return batch if len(keep) == len(batch) else batch.select(keep)
+
+    def _isolating(self, work: Batch | list[Row], run: Callable) -> Batch | None:
+        """`run(work)` (a prefill of rows, or a decoding step of a batch), so that a row that makes
+        the model raise fails alone: on an error the work is split in halves until the failing row is
+        alone; the halves that succeed come back merged. Out of memory lowers the token budget and
+        puts the newest rows back into the queue instead."""
+        rows = work.rows if isinstance(work, Batch) else work
+        try:
+            return run(work)
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                return self._out_of_memory(work, rows, run)
+            if len(rows) == 1:
+                job = rows[0].owner
+                log.exception("request.failed", extra={"request": job.request.label})
+                self._fail([job], GenerationFailed("Sorry, the model could not answer this one (it hit an internal error). Please try again."))
+                return None
+            log.warning("batch.split", extra={"size": len(rows), "error": type(exc).__name__})
+            halves = work.split() if isinstance(work, Batch) else (work[: len(work) // 2], work[len(work) // 2 :])
+            done = [part for part in (self._isolating(half, run) for half in halves) if part is not None]
+            return Batch.concatenate(done) if done else None
+
+    def _out_of_memory(self, work: Batch | list[Row], rows: list[Row], run: Callable) -> Batch | None:
+        """Lower the budget below what failed; the rows beyond it wait in the queue (keeping what they
+        have said) and the rest is tried again. A row that does not fit alone fails."""
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(rows) == 1:
+            job = rows[0].owner
+            log.error("request.out_of_memory", extra={"request": job.request.label, "tokens": footprint(rows)})
+            self._fail([job], GenerationFailed("Sorry, the model could not answer this one (it ran out of memory). Please try again."))
+            return None
+        self._token_budget = max(1, min(self._token_budget, footprint(rows)) // 2)
+        self._answered_since_oom = 0
+        log.warning("batch.budget_lowered", extra={"tokens": self._token_budget, "rows": len(rows)})
+        fit = 1
+        while fit < len(rows) and footprint(rows[: fit + 1]) <= self._token_budget:
+            fit += 1
+        with self._lock:
+            self._pending.extendleft(row.owner for row in reversed(rows[fit:]))
+        self._loop.call_soon_threadsafe(self._announce_positions)
+        for row in rows[fit:]:
+            row.cached = 0  # it will be prefilled again with its reply so far
+        kept = work.select(range(fit)) if isinstance(work, Batch) else work[:fit]
+        return self._isolating(kept, run)
+
+    def _answered(self) -> None:
+        if self._token_budget >= self.batching.max_batch_tokens:
+            return
+        self._answered_since_oom += 1
+        if self._answered_since_oom >= self.batching.recover_after:
+            self._token_budget = min(self.batching.max_batch_tokens, self._token_budget * 2)
+            self._answered_since_oom = 0
+            log.info("batch.budget_raised", extra={"tokens": self._token_budget})
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
@@ -359,27 +509,6 @@ class LocalBackend(ModelService):
                 items.append(item)
         return items
 
-    def _shrink_batches(self, failed_size: int) -> None:
-        """Halve the batch limit below the size that ran out of memory."""
-        import torch
-
-        self._batch_limit = max(1, min(self._batch_limit, failed_size) // 2)
-        self._good_batches = 0
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        log.warning("batch.limit_lowered", extra={"limit": self._batch_limit})
-
-    def _grow_batches(self) -> None:
-        if self._batch_limit >= self.batching.max_batch_size:
-            return
-        self._good_batches += 1
-        if self._good_batches >= self.batching.recover_after:
-            self._batch_limit = min(self.batching.max_batch_size, self._batch_limit * 2)
-            self._good_batches = 0
-            log.info("batch.limit_raised", extra={"limit": self._batch_limit})
-
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()

@@ -57,12 +57,7 @@ class GenerationParams:
     temperature: float = 0.4
     top_p: float = 0.8
     repetition_penalty: float = 1.0
-
-    def batch_key(self) -> tuple:
-        """Requests with equal keys can share one `generate` call (max_new_tokens may differ per row)."""
-        if not self.do_sample:
-            return (False, self.repetition_penalty)
-        return (True, self.temperature, self.top_p, self.repetition_penalty)
+    seed: int | None = None  # for sampling: the same seed gives the same reply; None picks one at random
 
 
 @dataclass(frozen=True)

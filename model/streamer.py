@@ -1,118 +1,107 @@
-"""Per-row streaming and stopping for one batched `generate` call.
+"""One reply's text, token by token: incremental detokenization, stopping, and streamed deltas.
 
-transformers' text streamers refuse batches. `BatchRows` is both the streamer (`put` receives the new
-token of every row at each step) and the stopping criterion (one flag per row), so each request in a
-batch streams its own text and stops on its own: at an end token, at a stop string, at its own
-max_new_tokens, or when its asker went away. The other rows go on.
+Each row of the running batch has a `ReplyStream`. It turns the row's tokens into text with TGI's
+offset technique (decode only the few tokens since the last stable point, so a step costs the same
+at token 500 as at token 5), decides when the reply ends (an end token, a stop string, its own
+max_new_tokens), and sends `TextDelta`s that add up to the `Finished` text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-
-import torch
-from transformers.generation.stopping_criteria import StoppingCriteria
-from transformers.generation.streamers import BaseStreamer
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 from model.reply_text import visible_text
 from model.service import Finished, TextDelta
 
+Decode = Callable[[list[int]], str]
 
-@dataclass(eq=False)
-class RowSink:
-    """Where one row's text goes: the request's callbacks and what it has been sent so far.
 
-    `emitted` outlives a single `generate` call: when a failed batch is re-run, a row that already
-    streamed part of its reply continues from there instead of sending it twice.
+class IncrementalText:
+    """Text of a growing token sequence, decoded a few tokens at a time.
+
+    Decoding `ids[prefix:]` and `ids[prefix:read]` and keeping the difference gives the text the new
+    tokens add, with the tokenizer's context (leading spaces, merges) taken into account. While the
+    new text ends in an incomplete character, or in a byte-fallback token (a run of them decodes as
+    one unit: an invalid run becomes all replacement characters), it waits for more tokens."""
+
+    def __init__(self, decode: Decode, byte_ids: Collection[int] = frozenset()):
+        self._decode = decode
+        self._byte_ids = byte_ids
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0
+        self._read = 0
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        if token in self._byte_ids:
+            return
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self._prefix, self._read = self._read, len(self.ids)
+
+    def flush(self) -> str:
+        """The whole text, including a tail that is still waiting (shown as decoded)."""
+        before = self._decode(self.ids[self._prefix : self._read])
+        return self.text + self._decode(self.ids[self._prefix :])[len(before) :]
+
+
+class ReplyStream:
+    """Where one row's tokens go: its text, its stops, and the events for the asker.
+
+    `emitted` outlives a row's place in a batch: a row that is put back into the queue (its batch ran
+    out of memory) continues its reply from there when it is decoded again.
     """
-
-    emit: Callable[[object], None]
-    max_new_tokens: int
-    stop_strings: tuple[str, ...]
-    is_cancelled: Callable[[], bool]
-    emitted: str = ""
-    finished: bool = False
-
-
-@dataclass(eq=False)
-class _Row:
-    sink: RowSink
-    ids: list[int] = field(default_factory=list)
-    done: bool = False
-
-
-class BatchRows(BaseStreamer, StoppingCriteria):
-    """Streamer and stopping criterion for the rows of one batch, in batch order."""
 
     def __init__(
         self,
-        sinks: Sequence[RowSink],
-        decode: Callable[[list[int]], str],
-        end_ids: Sequence[int],
-        byte_ids: frozenset[int] = frozenset(),
-        on_step: Callable[[], None] = lambda: None,
+        emit: Callable[[Any], None],
+        decode: Decode,
+        end_ids: Collection[int],
+        max_new_tokens: int,
+        stop_strings: Sequence[str],
+        byte_ids: Collection[int] = frozenset(),
     ):
-        self._rows = [_Row(sink) for sink in sinks]
-        self._on_step = on_step
-        self._decode = decode
-        self._end_ids = frozenset(end_ids)
-        self._byte_ids = byte_ids
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        self._on_step()
-        if not self._prompt_seen:  # the first call carries the prompts, not new tokens
-            self._prompt_seen = True
-            return
-        for row, token in zip(self._rows, value.reshape(-1).tolist()):
-            if not row.done:
-                self._advance(row, token)
-
-    def end(self) -> None:
-        """Called by `generate` when it returns; rows still open ran out of tokens."""
-        for row in self._rows:
-            if not row.done:
-                self._finish(row, "length")
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        for row in self._rows:
-            if not row.done and row.sink.is_cancelled():
-                row.done = True  # nobody is listening: stop spending compute on this row
-        return torch.tensor([row.done for row in self._rows], dtype=torch.bool, device=input_ids.device)
+        self._emit = emit
+        self._end_ids = end_ids
+        self._max_new_tokens = max_new_tokens
+        self._stop_strings = stop_strings
+        self._text = IncrementalText(decode, byte_ids)
+        self.emitted = ""
+        self.finished = False
 
     @property
-    def all_done(self) -> bool:
-        return all(row.done for row in self._rows)
+    def tokens(self) -> int:
+        return len(self._text.ids)
 
-    def _advance(self, row: _Row, token: int) -> None:
+    def push(self, token: int) -> bool:
+        """Take the row's next token; True once the reply has ended (and `Finished` was sent)."""
         if token in self._end_ids:
-            self._finish(row, "stop")
-            return
-        row.ids.append(token)
-        # A run of byte-fallback tokens decodes as one unit (a character may still be incomplete,
-        # or the run invalid), so it is shown only once a regular token closes it.
-        stable = len(row.ids)
-        while stable and row.ids[stable - 1] in self._byte_ids:
-            stable -= 1
-        text, stopped = visible_text(self._decode(row.ids[:stable]), row.sink.stop_strings, final=False)
-        if stopped:
-            self._finish(row, "stop")
-        elif len(row.ids) >= row.sink.max_new_tokens:
-            self._finish(row, "length")
-        else:
-            self._send(row.sink, text)
+            self._finish("stop")
+            return True
+        shown = len(self._text.text)
+        self._text.add(token)
+        if len(self._text.text) > shown or self.tokens >= self._max_new_tokens:
+            text, stopped = visible_text(self._text.text, self._stop_strings, final=False)
+            if stopped:
+                self._finish("stop")
+            elif self.tokens >= self._max_new_tokens:
+                self._finish("length")
+            else:
+                self._send(text)
+        return self.finished
 
-    def _finish(self, row: _Row, reason: str) -> None:
-        row.done = True
-        text, _ = visible_text(self._decode(row.ids), row.sink.stop_strings, final=True)
-        self._send(row.sink, text)
-        row.sink.finished = True
-        row.sink.emit(Finished(text=text, reason=reason, tokens=len(row.ids)))
+    def _finish(self, reason: str) -> None:
+        text, _ = visible_text(self._text.flush(), self._stop_strings, final=True)
+        self._send(text)
+        self.finished = True
+        self._emit(Finished(text=text, reason=reason, tokens=self.tokens))
 
-    @staticmethod
-    def _send(sink: RowSink, text: str) -> None:
-        # A re-run with sampling may diverge from what was already shown; then only Finished tells.
-        if len(text) > len(sink.emitted) and text.startswith(sink.emitted):
-            sink.emit(TextDelta(text[len(sink.emitted) :]))
-            sink.emitted = text
+    def _send(self, text: str) -> None:
+        # The final text may drop what was held back as a possible stop; then only Finished tells.
+        if len(text) > len(self.emitted) and text.startswith(self.emitted):
+            self._emit(TextDelta(text[len(self.emitted) :]))
+            self.emitted = text

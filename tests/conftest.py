@@ -30,7 +30,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture
 async def backend(tiny_checkpoint):
-    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(max_batch_size=8, max_wait_ms=20))
+    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(max_batch_size=8))
     await service.start()
     yield service
     await service.close()

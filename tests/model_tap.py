@@ -1,7 +1,7 @@
-"""A window on the real model for tests: a transformers LogitsProcessor added to the local backend that
-`run_bot` creates (through the real `bot.runtime.app.create_model`). It records what the model was given, makes
-replies say what a test wants, and can hold generation on the model's worker thread (a slow model)
-until the test lets it go.
+"""A window on the real model for tests: a row processor added to the local backend that `run_bot`
+creates (through the real `bot.runtime.app.create_model`). It records what the model was given, makes replies
+say what a test wants, and can hold generation on the model's worker thread (a slow model) until the
+test lets it go.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ import bot.runtime.app
 _FREE = -1  # in a reply's plan: the model's own choice of token, but not the end
 
 
-class ModelTap(LogitsProcessor):
-    """Sees every `generate` call of the model it is added to.
+class ModelTap:
+    """Sees every request the model it is added to takes into its running batch.
 
-    - `prompts`: every row of every call, decoded with its special tokens (padding left out).
-    - Replies: `force_next(text)` makes the next call answer `text`; otherwise each reply says `say`
-      (a text, or a function of the row's prompt) and ends there, or goes on if `finish` is False;
+    - `prompts`: every request's prompt, decoded with its special tokens.
+    - Replies: `force_next(text)` makes the next request answer `text`; otherwise each reply says `say`
+      (a text, or a function of the request's prompt) and ends there, or goes on if `finish` is False;
       with nothing to say, a reply is `length` tokens of the model's own choosing.
-    - While `gate` is clear, generation holds right after the said text (at the start when there is
-      none) and `held` is set; setting `gate` lets it go on.
+    - While `gate` is clear, a reply holds (and with it the worker, so the whole batch) right after
+      the said text (at the start when there is none) and `held` is set; setting `gate` lets it go on.
     """
 
     def __init__(self) -> None:
@@ -43,16 +43,11 @@ class ModelTap(LogitsProcessor):
         self.gate.set()
         self.held = threading.Event()
         self._forced: list[str] = []
-        self._last: torch.Tensor | None = None
-        self._plans: list[list[int]] = []
-        self._ends: list[int] = []
-        self._hold_at = 0
-        self._step = 0
 
     @property
     def tokenizer(self):
         """A copy of the model's tokenizer: the test calls it while the model's worker tokenizes a
-        padded batch with the original, whose padding setting a call from here would change."""
+        prompt with the original, whose padding setting a call from here would change."""
         if self._tokenizer is None:
             self._tokenizer = copy.deepcopy(self.backend._tokenizer)
         return self._tokenizer
@@ -62,54 +57,52 @@ class ModelTap(LogitsProcessor):
         return self.tokenizer.decode(self.tokenizer(text, add_special_tokens=False).input_ids, skip_special_tokens=True).strip()
 
     def force_next(self, text: str) -> str:
-        """Make the next generate call answer `text`; returns the reply as the model will spell it."""
+        """Make the next request answer `text`; returns the reply as the model will spell it."""
         self._forced.append(text)
         return self.spelled(text)
 
     def prompt(self, index: int = -1) -> str:
-        """One row's prompt (by default the latest)."""
+        """One request's prompt (by default the latest)."""
         return self.prompts[index]
 
     async def wait_held(self, timeout: float = 60) -> None:
         assert await asyncio.to_thread(self.held.wait, timeout), "generation never reached the hold point"
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        last, self._last = self._last, input_ids.clone()
-        if last is None or input_ids.shape != (last.shape[0], last.shape[1] + 1) or not torch.equal(input_ids[:, :-1], last):
-            self._begin(input_ids)
-        step, self._step = self._step, self._step + 1
-        if step >= self._hold_at and not self.gate.is_set():
-            self.held.set()
-            self.gate.wait(120)
-        for row, plan in enumerate(self._plans):
-            if step < len(plan):
-                if plan[step] == _FREE:
-                    scores[row, self._ends] = -torch.inf
-                else:
-                    scores[row, :] = -torch.inf
-                    scores[row, plan[step]] = 0.0
-        return scores
-
-    def _begin(self, input_ids: torch.Tensor) -> None:
-        """A new generate call: record its prompts and plan each row's reply."""
+    def __call__(self, prompt_ids: list[int]) -> LogitsProcessor:
+        """A new request joins the batch: record its prompt and plan its reply."""
         tokenizer = self.tokenizer
         end = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
-        self._ends = [end, tokenizer.eos_token_id]
+        prompt = tokenizer.decode(prompt_ids)
+        self.prompts.append(prompt)
         forced = self._forced.pop(0) if self._forced else None
-        self._plans, said_lengths = [], []
-        for row in input_ids.tolist():
-            prompt = tokenizer.decode([token for token in row if token != tokenizer.pad_token_id])
-            self.prompts.append(prompt)
-            text = forced if forced is not None else self.say(prompt) if callable(self.say) else self.say
-            said = tokenizer(text, add_special_tokens=False).input_ids if text else []
-            if not said:
-                plan = [_FREE] * self.length + [end]
+        text = forced if forced is not None else self.say(prompt) if callable(self.say) else self.say
+        said = tokenizer(text, add_special_tokens=False).input_ids if text else []
+        if not said:
+            plan = [_FREE] * self.length + [end]
+        else:
+            plan = said + [end] if self.finish or forced is not None else said
+        return _PlannedReply(self, plan, hold_at=len(said), ends=[end, tokenizer.eos_token_id])
+
+
+class _PlannedReply(LogitsProcessor):
+    """One row's reply as its tap planned it."""
+
+    def __init__(self, tap: ModelTap, plan: list[int], hold_at: int, ends: list[int]):
+        self.tap, self.plan, self.hold_at, self.ends = tap, plan, hold_at, ends
+        self.step = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step, self.step = self.step, self.step + 1
+        if step >= self.hold_at and not self.tap.gate.is_set():
+            self.tap.held.set()
+            self.tap.gate.wait(120)
+        if step < len(self.plan):
+            if self.plan[step] == _FREE:
+                scores[:, self.ends] = -torch.inf
             else:
-                plan = said + [end] if self.finish or forced is not None else said
-            self._plans.append(plan)
-            said_lengths.append(len(said))
-        self._hold_at = min(said_lengths)
-        self._step = 0
+                scores[:, :] = -torch.inf
+                scores[:, self.plan[step]] = 0.0
+        return scores
 
 
 @contextmanager
@@ -120,7 +113,7 @@ def tapping(tap: ModelTap) -> Iterator[ModelTap]:
 
     def tapped(config):
         tap.backend = create_model(config)
-        tap.backend.logits_processors.append(tap)
+        tap.backend.row_processors.append(tap)
         return tap.backend
 
     bot.runtime.app.create_model = tapped

@@ -108,7 +108,7 @@ async def test_latest_mode_answers_the_newest_waiting_message(config, tiny_check
     backend = LocalBackend(CheckpointSettings(str(tiny_checkpoint)))
     async with Runtime(latest, model=backend) as runtime:
         tokenizer = backend._tokenizer
-        backend.logits_processors.append(Script(ban=(tokenizer.convert_tokens_to_ids("<end_of_utterance>"), tokenizer.eos_token_id)))
+        backend.row_processors.append(Script(ban=(tokenizer.convert_tokens_to_ids("<end_of_utterance>"), tokenizer.eos_token_id)))
         ann = Author("u1", "Ann")
         answering = asyncio.Event()
 

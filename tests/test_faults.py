@@ -38,30 +38,34 @@ APOLOGY = "Sorry, the model could not answer this one (it hit an internal error)
 
 
 class FaultyModel:
-    """The real transformers model, with faults on demand: `generate` raises a CUDA-like error for a
-    batch with a row whose input contains `poison`, and `torch.OutOfMemoryError` for a batch of more
-    than `max_rows` rows. `calls` records each call's rows and outcome ("ok", "error", "oom")."""
+    """The real transformers model, with faults on demand: a forward raises a CUDA-like error when it
+    prefills a prompt that contains `poison`, and `torch.OutOfMemoryError` for more than `max_rows`
+    rows. `calls` records each prefill's rows and outcome ("ok", "error", "oom")."""
 
     def __init__(self, model, tokenizer):
-        self.model = model
+        self.inner = model
         self.tokenizer = tokenizer
         self.poison: str | None = None
         self.max_rows: int | None = None
         self.calls: list[tuple[int, str]] = []
 
     def __getattr__(self, name: str):
-        return getattr(self.model, name)
+        return getattr(self.inner, name)
 
-    def generate(self, input_ids: torch.Tensor, **settings):
-        rows = input_ids.shape[0]
+    def __call__(self, input_ids: torch.Tensor, **inputs):
+        rows, prefill = input_ids.shape[0], input_ids.shape[1] > 1
+        outcome = "ok"
         if self.max_rows is not None and rows > self.max_rows:
-            self.calls.append((rows, "oom"))
+            outcome = "oom"
+        elif prefill and self.poison and any(self.poison in self.tokenizer.decode(row) for row in input_ids):
+            outcome = "error"
+        if prefill:
+            self.calls.append((rows, outcome))
+        if outcome == "oom":
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB for a batch of {rows}")
-        if self.poison and any(self.poison in self.tokenizer.decode(row) for row in input_ids):
-            self.calls.append((rows, "error"))
+        if outcome == "error":
             raise RuntimeError("CUDA error: device-side assert triggered")
-        self.calls.append((rows, "ok"))
-        return self.model.generate(input_ids=input_ids, **settings)
+        return self.inner(input_ids=input_ids, **inputs)
 
 
 @pytest.fixture
@@ -196,12 +200,12 @@ async def test_a_request_that_makes_the_model_raise_gets_an_apology_and_its_batc
     assert {key.channel for key in conversations} == {"C0", "C1", "C2", "C4"}  # the failed question was taken back
 
 
-async def test_out_of_memory_halves_the_batch_and_the_configured_size_comes_back(tmp_path, tiny_checkpoint, slack, logs, tap, faulty):
-    config = bot_config(tmp_path, tiny_checkpoint, slack=slack)  # max_batch_size = 8
+async def test_out_of_memory_lowers_the_token_budget_and_the_configured_budget_comes_back(tmp_path, tiny_checkpoint, slack, logs, tap, faulty):
+    config = bot_config(tmp_path, tiny_checkpoint, slack=slack)  # max_batch_size = 8, max_batch_tokens = 16384
     run, harness = await start_slack(config, slack, logs, tap)
     model_logs = logs[1]
     backend = tap.backend
-    backend.batching = dataclasses.replace(backend.batching, recover_after=2)  # good batches before the limit doubles
+    backend.batching = dataclasses.replace(backend.batching, recover_after=2)  # answers before the budget doubles
 
     async def burst(channels: list[str]) -> None:
         """A question held in the model while one per channel queues up; then all are answered."""
@@ -219,21 +223,25 @@ async def test_out_of_memory_halves_the_batch_and_the_configured_size_comes_back
         model_ = faulty[0]
         model_.max_rows = 2  # more rows than this: out of memory
         await burst([f"C{n}" for n in range(1, 9)])
-        lowered = [r.limit for r in model_logs.items if r.msg == "batch.limit_lowered"]
-        assert lowered[:2] == [4, 2]
-        assert model_.calls[1:3] == [(8, "oom"), (4, "oom")] and all(rows <= 2 for rows, outcome in model_.calls if outcome == "ok")
+        lowered = [r.tokens for r in model_logs.items if r.msg == "batch.budget_lowered"]
+        assert lowered and lowered == sorted(lowered, reverse=True) and lowered[-1] < 16384
+        assert model_.calls[1] == (7, "oom")  # the seven waiting joined the first question at once
+        assert all(rows <= 2 for rows, outcome in model_.calls if outcome == "ok")
         for n in range(1, 9):
             [answer] = final_texts(slack, f"C{n}")
             assert answer and "Sorry" not in answer
 
         model_.max_rows = None  # the memory is there again
-        for n in (9, 10):
+        for n in range(9, 30):  # the budget doubles every two answers
             await harness.answer(slack.mention(f"C{n}", "U1", "one more"))
-        await model_logs.wait_for(lambda records: any(r.msg == "batch.limit_raised" and r.limit == 8 for r in records))
+            if any(r.msg == "batch.budget_raised" and r.tokens == 16384 for r in model_logs.items):
+                break
+        sizes, calls = len(backend.batch_sizes), len(model_.calls)
         await burst([f"D{n}" for n in range(1, 9)])
     finally:
         await run.stop()
-    assert backend.batch_sizes[-1] == 8 and model_.calls[-1] == (8, "ok")
+    # The whole budget is back: seven join the first question at once, the eighth when a row leaves.
+    assert max(backend.batch_sizes[sizes:]) == 8 and (7, "ok") in model_.calls[calls:]
     assert_whole(stored_conversations(tmp_path / "state" / "bot.sqlite3"))
 
 

@@ -39,33 +39,38 @@ PROMPTS = {
 }
 
 
-class Script(LogitsProcessor):
-    """Decides tokens at given steps of every generate call, and can forbid the end tokens so that
-    a reply runs exactly as long as a test needs. Records how many steps each call ran."""
+class Script:
+    """Decides tokens at given steps of every reply, and can forbid the end tokens so that a reply runs
+    exactly as long as a test needs. A row processor factory: records how many steps each reply ran."""
 
     def __init__(self, forced: dict[int, int] | None = None, ban: tuple[int, ...] = ()):
         self.forced = forced or {}
         self.ban = ban
         self.steps: list[int] = []
-        self._last_length = None
+
+    def __call__(self, prompt_ids: list[int]) -> LogitsProcessor:
+        self.steps.append(0)
+        return _ScriptedRow(self, len(self.steps) - 1)
+
+
+class _ScriptedRow(LogitsProcessor):
+    def __init__(self, script: Script, number: int):
+        self.script, self.number = script, number
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        length = input_ids.shape[1]
-        if self._last_length is None or length != self._last_length + 1:
-            self.steps.append(0)
-        self._last_length = length
-        step = self.steps[-1]
-        self.steps[-1] += 1
-        if self.ban:
-            scores[:, list(self.ban)] = -float("inf")
-        if step in self.forced:
+        script = self.script
+        step = script.steps[self.number]
+        script.steps[self.number] += 1
+        if script.ban:
+            scores[:, list(script.ban)] = -float("inf")
+        if step in script.forced:
             scores[:, :] = -float("inf")
-            scores[:, self.forced[step]] = 0.0
+            scores[:, script.forced[step]] = 0.0
         return scores
 
 
 async def scripted_backend(checkpoint, script: Script, **batching) -> LocalBackend:
-    service = LocalBackend(CheckpointSettings(str(checkpoint)), BatchSettings(**batching), logits_processors=[script])
+    service = LocalBackend(CheckpointSettings(str(checkpoint)), BatchSettings(**batching), row_processors=[script])
     await service.start()
     return service
 
@@ -228,23 +233,26 @@ async def test_text_that_looks_like_a_url_is_never_fetched(backend):
 
 
 class Hang(LogitsProcessor):
-    """Blocks the first generate call at its third step, as a wedged GPU kernel would."""
+    """Blocks the first reply at its third step, as a wedged GPU kernel would (a row processor factory)."""
 
     def __init__(self):
         import threading
 
         self.release = threading.Event()
-        self.calls = 0
-        self._last_length = None
+        self.rows = 0
+
+    def __call__(self, prompt_ids: list[int]) -> LogitsProcessor:
+        self.rows += 1
+        return _HangingRow(self.release) if self.rows == 1 else _HangingRow(None)
+
+
+class _HangingRow(LogitsProcessor):
+    def __init__(self, release):
+        self.release, self.step = release, 0
 
     def __call__(self, input_ids, scores):
-        length = input_ids.shape[1]
-        if self._last_length is None or length != self._last_length + 1:
-            self.calls += 1
-            self._step = 0
-        self._last_length = length
-        self._step += 1
-        if self.calls == 1 and self._step == 3:
+        self.step += 1
+        if self.release is not None and self.step == 3:
             self.release.wait(timeout=60)
         return scores
 
@@ -252,7 +260,7 @@ class Hang(LogitsProcessor):
 async def test_a_stuck_worker_is_replaced_and_its_requests_answered(tiny_checkpoint):
     hang = Hang()
     # Long enough that a healthy step on a busy machine never looks stuck, short enough for a test.
-    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(stall_timeout_s=3), logits_processors=[hang])
+    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(stall_timeout_s=3), row_processors=[hang])
     await service.start()
     try:
         stuck = asyncio.create_task(collect(service, request(PROMPTS["one image"], 20)))
@@ -267,7 +275,7 @@ async def test_a_stuck_worker_is_replaced_and_its_requests_answered(tiny_checkpo
 
 async def test_requests_waiting_behind_a_stuck_batch_are_answered_by_the_new_worker(tiny_checkpoint):
     hang = Hang()
-    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(stall_timeout_s=3, max_batch_size=1), logits_processors=[hang])
+    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(stall_timeout_s=3, max_batch_size=1), row_processors=[hang])
     await service.start()
     try:
         stuck = service.stream(request(PROMPTS["one image"], 20))
@@ -283,3 +291,210 @@ async def test_requests_waiting_behind_a_stuck_batch_are_answered_by_the_new_wor
     finally:
         hang.release.set()
         await service.close()
+
+
+# -- the running batch: joining, leaving, queueing, failing ------------------------------------
+
+
+def no_end(tokenizer) -> Script:
+    return Script(ban=(tokenizer.convert_tokens_to_ids("<end_of_utterance>"), tokenizer.eos_token_id))
+
+
+async def solo_replies(service, requests) -> list[Finished]:
+    """Each request run alone, one after another."""
+    return [(await collect(service, req))[1] for req in requests]
+
+
+MIXED = [request(PROMPTS["two images"], 9), request(PROMPTS["no image"], 3), request(PROMPTS["one image"], 14), request(PROMPTS["no image"], 6)]
+
+
+async def test_requests_joining_a_running_batch_mid_flight_get_their_solo_replies(tiny_checkpoint, tokenizer):
+    service = await scripted_backend(tiny_checkpoint, no_end(tokenizer))
+    try:
+        long_request = request(PROMPTS["one image"], 40)
+        expected = await solo_replies(service, [long_request, *MIXED])
+        sizes = len(service.batch_sizes)
+        running = service.stream(long_request)
+        events = []
+        async for event in running:  # the long reply is under way
+            events.append(event)
+            if isinstance(event, TextDelta):
+                break
+        joined = await asyncio.gather(*(collect(service, req) for req in MIXED))
+        events += [event async for event in running]
+    finally:
+        await service.close()
+    assert events[-1] == expected[0]
+    assert [finished for _, finished in joined] == expected[1:]
+    assert max(service.batch_sizes[sizes:]) > 2 and service.batch_sizes[sizes] == 1  # they joined the running batch
+
+
+async def test_a_full_batch_queues_the_rest_and_rows_leaving_make_room(tiny_checkpoint, tokenizer):
+    service = await scripted_backend(tiny_checkpoint, no_end(tokenizer), max_batch_size=2)
+    try:
+        requests = [*MIXED, request(PROMPTS["two images"], 5)]
+        expected = await solo_replies(service, requests)
+        results = await asyncio.gather(*(collect(service, req) for req in requests))
+    finally:
+        await service.close()
+    assert [finished for _, finished in results] == expected
+    assert max(service.batch_sizes) == 2
+    waited = [[event.position for event in events if isinstance(event, Queued)] for events, _ in results]
+    assert any(max(positions) >= 2 for positions in waited)  # somebody waited behind others, and was told
+    assert all(positions[-1] == 1 or len(positions) == 1 for positions in waited)  # and moved up
+
+
+async def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_are_unchanged(tiny_checkpoint, tokenizer):
+    import threading
+
+    script = no_end(tokenizer)
+    reached, go = threading.Event(), threading.Event()
+
+    def pause_the_second_row_at_step_3(prompt_ids):
+        processor = script(prompt_ids)
+        if len(script.steps) != 2:
+            return processor
+
+        class Paused(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                if script.steps[1] == 3:
+                    reached.set()
+                    go.wait(30)
+                return processor(input_ids, scores)
+
+        return Paused()
+
+    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(), row_processors=[pause_the_second_row_at_step_3])
+    await service.start()
+    try:
+        first, victim, third = request(PROMPTS["one image"], 20), request(PROMPTS["no image"], 200), request(PROMPTS["two images"], 20)
+        streams = [service.stream(req) for req in (first, victim, third)]
+        for stream in streams:  # queued in this order
+            await anext(stream)
+        tasks = [asyncio.create_task(collect_rest(stream)) for stream in (streams[0], streams[2])]
+        victim_stream = streams[1]
+        victim_task = asyncio.create_task(collect_rest(victim_stream))
+        assert await asyncio.to_thread(reached.wait, 30)  # the worker is in step 3 of the victim
+        victim_task.cancel()  # the asker goes away
+        go.set()
+        results = await asyncio.gather(*tasks)
+        steps_of_victim = script.steps[1]
+        expected = await solo_replies(service, [first, third])
+    finally:
+        go.set()
+        await service.close()
+    assert steps_of_victim == 4  # steps 0-3, then it left: never stepped again
+    assert results == expected
+
+
+async def collect_rest(stream) -> Finished:
+    events = [event async for event in stream]
+    return events[-1]
+
+
+class Faulty:
+    """The real model, failing a forward whose input holds the token `poison` (as a bad kernel would for
+    one request), and running out of memory for a forward of more than `max_rows` rows."""
+
+    def __init__(self, model):
+        self.inner = model
+        self.poison: int | None = None
+        self.max_rows: int | None = None
+        self.failures: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, **inputs):
+        ids = inputs["input_ids"]
+        if self.max_rows is not None and ids.shape[0] > self.max_rows:
+            self.failures.append(f"oom {ids.shape[0]}")
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB for a batch of {ids.shape[0]}")
+        if self.poison is not None and (ids == self.poison).any():
+            self.failures.append("prefill" if ids.shape[1] > 1 else "decode")
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return self.inner(**inputs)
+
+
+@pytest.fixture
+def faulty_models(monkeypatch):
+    import model.local
+
+    made: list[Faulty] = []
+    load = model.local.load_checkpoint
+
+    def load_faulty(settings):
+        loaded, processor = load(settings)
+        made.append(Faulty(loaded))
+        return made[-1], processor
+
+    monkeypatch.setattr(model.local, "load_checkpoint", load_faulty)
+    return made
+
+
+async def test_a_row_whose_forward_fails_fails_alone(tiny_checkpoint, tokenizer, faulty_models):
+    tilde = tokenizer.convert_tokens_to_ids("<0x7E>")
+    script = no_end(tokenizer)
+
+    def says_tilde_when_asked(prompt_ids):
+        # A reply that comes to the poisoned token at its third step: its decoding step fails.
+        wants = "tilde" in tokenizer.decode(prompt_ids)
+        return Script(forced={2: tilde}, ban=script.ban)(prompt_ids) if wants else script(prompt_ids)
+
+    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(), row_processors=[says_tilde_when_asked])
+    await service.start()
+    faulty_models[0].poison = tilde
+    try:
+        good = MIXED
+        expected = await solo_replies(service, good)
+        bad_prompt = request(["User: what is ~ here?<end_of_utterance>", "\nAssistant:"], 8)  # fails in its prefill
+        bad_reply = request(["User: say tilde<end_of_utterance>", "\nAssistant:"], 8)  # fails at its third step
+        results = await asyncio.gather(*(collect(service, req) for req in [good[0], bad_prompt, *good[1:3], bad_reply, good[3]]), return_exceptions=True)
+    finally:
+        await service.close()
+    failures = faulty_models[0].failures
+    assert "prefill" in failures and "decode" in failures
+    assert isinstance(results[1], GenerationFailed) and isinstance(results[4], GenerationFailed)
+    assert "could not answer" in str(results[4])
+    assert [finished for _, finished in (results[0], *results[2:4], results[5])] == expected
+
+
+async def test_out_of_memory_lowers_the_token_budget_and_every_request_is_answered(tiny_checkpoint, tokenizer, faulty_models, caplog):
+    service = await scripted_backend(tiny_checkpoint, no_end(tokenizer))
+    try:
+        requests = [*MIXED, request(PROMPTS["one image"], 30), request(PROMPTS["two images"], 12)]
+        expected = await solo_replies(service, requests)
+        faulty_models[0].max_rows = 2
+        with caplog.at_level("WARNING", logger="model.local"):
+            results = await asyncio.gather(*(collect(service, req) for req in requests))
+        budget = service._token_budget
+    finally:
+        await service.close()
+    assert any(failure.startswith("oom") for failure in faulty_models[0].failures)
+    assert budget < BatchSettings().max_batch_tokens
+    assert [record.tokens for record in caplog.records if record.msg == "batch.budget_lowered"]
+    assert [finished for _, finished in results] == expected  # rows put back in the queue went on where they were
+
+
+async def test_work_between_steps_runs_on_the_worker_and_the_batch_goes_on(tiny_checkpoint, tokenizer):
+    """A one-off forward (as label scoring does) slots in between two steps of the running batch."""
+    import threading
+
+    service = await scripted_backend(tiny_checkpoint, no_end(tokenizer))
+    try:
+        expected = await solo_replies(service, MIXED)
+        replies = asyncio.gather(*(collect(service, req) for req in MIXED))
+        while not service._active:
+            await asyncio.sleep(0.001)
+
+        def score(model, processor):
+            ids = processor.tokenizer("a dog", return_tensors="pt").input_ids
+            logits = model(input_ids=ids, image_attention_mask=torch.zeros(1, ids.shape[1], 1), perceiver_embeddings=torch.zeros(1, 4, 64)).logits
+            return threading.current_thread().name, logits.shape[:2] == ids.shape
+
+        thread, scored = await service.call_between_steps(score)
+        results = await replies
+    finally:
+        await service.close()
+    assert thread.startswith("idefics-generate") and scored
+    assert [finished for _, finished in results] == expected

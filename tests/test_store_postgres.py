@@ -248,7 +248,7 @@ async def test_two_bot_processes_answer_one_conversation_in_order_each_seeing_th
     )
 
     def model() -> PromptRecorder:
-        return PromptRecorder(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(max_batch_size=4, max_wait_ms=5))
+        return PromptRecorder(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(max_batch_size=4))
 
     async with Runtime(config, model=model()) as first, Runtime(config, model=model()) as second:
         assert isinstance(first.store, PostgresStore) and first.store is not second.store

@@ -43,9 +43,10 @@ def create_model(config: Config) -> ModelService:
         CheckpointSettings(settings.checkpoint, settings.dtype, settings.quantization, settings.device_map),
         BatchSettings(
             max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
+            max_batch_tokens=settings.max_batch_tokens,
             max_queue=settings.max_queue,
             stall_timeout_s=settings.stall_timeout_s,
+            threads=settings.threads,
         ),
     )
 

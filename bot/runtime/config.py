@@ -48,7 +48,8 @@ class ModelConfig(Section):
     quantization: Literal["none", "8bit", "4bit"] = "none"
     device_map: str | None = None
     max_batch_size: int = Field(8, ge=1, le=128)
-    max_wait_ms: float = Field(20.0, ge=0, le=5000)
+    max_batch_tokens: int = Field(16384, ge=64)  # KV cache rows x tokens of the running batch, at most
+    threads: int | None = Field(None, ge=1, le=1024)  # torch.set_num_threads; unset: torch's own choice
     max_queue: int = Field(64, ge=1)
     queue_timeout_s: float = Field(120.0, gt=0)
     generation_timeout_s: float = Field(300.0, gt=0)

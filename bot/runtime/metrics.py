@@ -17,7 +17,7 @@ class Metrics:
         self.queue_depth = Gauge("idefics_queue_depth", "Requests waiting for the model", registry=r)
         self.in_flight = Gauge("idefics_requests_in_flight", "Replies being worked on", registry=r)
         self.batch_size = Histogram(
-            "idefics_batch_size", "Requests per generate call, as each request saw it", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+            "idefics_batch_size", "Rows of the running batch when a request joined it", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )
         self.queue_wait = Histogram("idefics_queue_wait_seconds", "Time from request to generation start", buckets=_LATENCY_BUCKETS, registry=r)
         self.generation = Histogram("idefics_generation_seconds", "Time from generation start to the end of the reply", buckets=_LATENCY_BUCKETS, registry=r)

@@ -1,0 +1,152 @@
+"""Mixed load through the local model service's running batch, against answering one after another.
+
+(A) six 16-token requests arriving 100 ms apart behind a running 256-token reply: latency over solo time.
+(B) 32 requests, Poisson arrivals at 8/s, reply lengths drawn from {8, 32, 128, 256}: tokens/s against
+    one after another, and latency over solo time (p50, p90, max).
+(C) the same 32 requests arriving at once: speed-up over one after another.
+Targets on a 2-core CPU with the tiny checkpoint: A at most 1.5x, B p90 at most 3x, C at least 5x.
+
+    python benchmarks/mixed_load.py [--threads 1] [--max-batch-size 8] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import io
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from PIL import Image  # noqa: E402
+from transformers import LogitsProcessor  # noqa: E402
+
+from model.loading import CheckpointSettings  # noqa: E402
+from model.local import BatchSettings, LocalBackend  # noqa: E402
+from model.service import GenerationParams, GenerationRequest, ModelImage  # noqa: E402
+from model.tiny import write_tiny_checkpoint  # noqa: E402
+
+
+class NoEarlyEnd(LogitsProcessor):
+    """Every reply runs to its max_new_tokens, so both modes do the same work."""
+
+    def __init__(self, banned: list[int]):
+        self.banned = banned
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.banned] = -float("inf")
+        return scores
+
+
+def image(seed: int) -> ModelImage:
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 64), (seed * 30 % 256, 80, 200 - seed * 20 % 200)).save(buffer, "PNG")
+    data = buffer.getvalue()
+    return ModelImage(hashlib.sha256(data).hexdigest(), data, f"{seed}.png")
+
+
+def make_request(number: int, tokens: int) -> GenerationRequest:
+    images = [image(number + k) for k in range(number % 3)]  # 0, 1 or 2 images
+    prompt = [f"User: Tell me about picture number {number}.", *images, "<end_of_utterance>", "\nAssistant:"]
+    return GenerationRequest(prompt, GenerationParams(max_new_tokens=tokens))
+
+
+async def timed(service: LocalBackend, request: GenerationRequest, delay: float = 0.0) -> float:
+    """Seconds from submitting `request` (after `delay`) to its last token."""
+    await asyncio.sleep(delay)
+    started = time.perf_counter()
+    finished = await service.generate(request)
+    assert finished.tokens == request.params.max_new_tokens
+    return time.perf_counter() - started
+
+
+async def one_after_another(service: LocalBackend, requests: list[GenerationRequest]) -> list[float]:
+    return [await timed(service, request) for request in requests]
+
+
+async def solo_times(service: LocalBackend, requests: list[GenerationRequest], rounds: int = 3) -> list[float]:
+    """Each request's time alone: the median of a few runs, so one hiccup of the machine doesn't count."""
+    runs = [await one_after_another(service, requests) for _ in range(rounds)]
+    return [statistics.median(times) for times in zip(*runs)]
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's own choice)")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="rows of the running batch (the bot's default is 8)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = write_tiny_checkpoint(directory)
+        settings = BatchSettings(max_batch_size=args.max_batch_size, threads=args.threads or None)
+        service = LocalBackend(CheckpointSettings(str(checkpoint)), settings)
+        await service.start()
+        import torch
+
+        tokenizer = service._tokenizer
+        no_end = NoEarlyEnd([tokenizer.convert_tokens_to_ids("<end_of_utterance>"), tokenizer.eos_token_id])
+        service.row_processors.append(lambda prompt_ids: no_end)
+        await service.generate(make_request(0, 8))  # warm-up
+
+        # (A) short requests behind a long reply.
+        long_reply, shorts = make_request(100, 256), [make_request(101 + n, 16) for n in range(6)]
+        solo_a = await solo_times(service, shorts)
+        running = asyncio.create_task(timed(service, long_reply))
+        while not service._active:
+            await asyncio.sleep(0.001)
+        behind = await asyncio.gather(*(timed(service, request, 0.1 * (n + 1)) for n, request in enumerate(shorts)))
+        await running
+        ratios_a = [together / alone for together, alone in zip(behind, solo_a)]
+
+        # (B) and (C): 32 requests of mixed lengths.
+        requests = [make_request(n, rng.choice((8, 32, 128, 256))) for n in range(32)]
+        solo = await one_after_another(service, requests)
+        sequential = sum(solo)
+        tokens = sum(request.params.max_new_tokens for request in requests)
+        arrivals, at = [], 0.0
+        for _ in requests:
+            arrivals.append(at)
+            at += rng.expovariate(8.0)
+        started = time.perf_counter()
+        latencies_b = await asyncio.gather(*(timed(service, request, delay) for request, delay in zip(requests, arrivals)))
+        elapsed_b = time.perf_counter() - started
+        ratios_b = [together / alone for together, alone in zip(latencies_b, solo)]
+        started = time.perf_counter()
+        await asyncio.gather(*(timed(service, request) for request in requests))
+        elapsed_c = time.perf_counter() - started
+        sizes = service.batch_sizes
+        await service.close()
+
+    print(f"tiny IDEFICS, fp32, {os.cpu_count()} CPU cores, torch threads: {torch.get_num_threads()} "
+          f"({'set with --threads' if args.threads else 'torch default'}), max_batch_size {args.max_batch_size}")
+    target_a = max(ratios_a)
+    print(f"(A) six 16-token requests behind a 256-token reply: latency over solo p50 {statistics.median(ratios_a):.2f}x, "
+          f"max {target_a:.2f}x (target: at most 1.5x) {'OK' if target_a <= 1.5 else 'BELOW TARGET'}")
+    p90 = percentile(ratios_b, 0.9)
+    print(f"(B) 32 requests, Poisson 8/s, {tokens} tokens: {tokens / elapsed_b:.0f} tokens/s vs {tokens / sequential:.0f} one after another "
+          f"= {sequential / elapsed_b:.2f}x (bounded by arrivals: the last one comes at {arrivals[-1]:.1f} s); "
+          f"latency over solo p50 {statistics.median(ratios_b):.2f}x, p90 {p90:.2f}x, max {max(ratios_b):.2f}x "
+          f"(target p90: at most 3x) {'OK' if p90 <= 3 else 'BELOW TARGET'}")
+    speedup = sequential / elapsed_c
+    print(f"(C) the same 32 at once: {elapsed_c:.2f} s vs {sequential:.2f} s one after another = {speedup:.1f}x "
+          f"(target: at least 5x) {'OK' if speedup >= 5 else 'BELOW TARGET'}")
+    print(f"    running batch sizes after merges: mean {statistics.mean(sizes):.1f}, max {max(sizes)}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,372 @@
+"""The running batch of the local backend: rows that decode together, one token per step.
+
+A `Batch` holds what the next forward of each row needs: the row's keys and values in a left-padded
+KV cache, the attention mask, the token to feed and its position, and the row's images (perceiver
+states, computed once per request by `encode_prompt`) with the image mask of its last prompt token.
+Rows join by being prefilled as a batch of their own and `concatenate`d into the running one; they
+leave through `select`, which also trims padding nobody needs any more, so a finished row stops
+costing compute at once. This is the design of TGI's `IdeficsCausalLMBatch` (filter / concatenate),
+written for transformers' `DynamicCache`.
+
+Every row keeps `generate`'s rules, so a greedy row's tokens are those of the same prompt run alone
+(in fp32; see /work/shared/notes/continuous-batching.md for the pitfalls): position ids count the
+row's own tokens, decoding reuses the image mask of the last prompt token, logits are processed in
+fp32 in `generate`'s order (repetition penalty, banned tokens, the row's own processors, then
+temperature and top-p for sampled rows). Everything stays on the model's device; `choose` makes the
+one host copy of a step (the chosen tokens).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, LogitsProcessor
+from transformers.cache_utils import DynamicLayer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a row picks its tokens; `seed` makes a sampled row reproducible (None: a random one)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt ready for the model: token ids, which images each token sees, the images' states."""
+
+    ids: list[int]
+    image_mask: torch.Tensor  # (len(ids), images) bool
+    images: torch.Tensor | None  # (images, states, hidden): perceiver (or vision encoder) output
+
+
+@dataclass(eq=False)
+class Row:
+    """One request in a batch: its tokens so far (prompt and reply), its images and how it samples.
+
+    The last token of `ids` is the one the next forward feeds (not in the cache yet), except before
+    the row's first prefill. `owner` is whoever asked; the batch never looks at it.
+    """
+
+    owner: Any
+    prompt: Prompt
+    max_new_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    processors: Sequence[LogitsProcessor] = ()
+    ids: list[int] = field(default_factory=list)
+    cached: int = 0  # this row's tokens in the cache (its rightmost columns)
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if not self.ids:
+            self.ids = list(self.prompt.ids)
+
+    @property
+    def images(self) -> int:
+        return 0 if self.prompt.images is None else self.prompt.images.shape[0]
+
+    @property
+    def generated(self) -> int:
+        return len(self.ids) - len(self.prompt.ids)
+
+    @property
+    def peak_tokens(self) -> int:
+        """The most cache this row can need: its prompt and its whole reply."""
+        return len(self.prompt.ids) + self.max_new_tokens
+
+    def image_mask(self) -> torch.Tensor:
+        """The image mask of every token in `ids`: the prompt's, then the last prompt token's again for
+        each reply token (what `generate` does while decoding)."""
+        mask = self.prompt.image_mask
+        extra = len(self.ids) - mask.shape[0]
+        return torch.cat([mask, mask[-1:].expand(extra, -1)]) if extra else mask
+
+
+def footprint(rows: Sequence[Row]) -> int:
+    """Cache rows x tokens the rows may need together at most (padding included): every row padded to
+    the longest peak. `select` trims padding as rows leave, so the cache never exceeds this."""
+    return len(rows) * max((row.peak_tokens for row in rows), default=0)
+
+
+def encode_prompt(model, processor, items: list) -> Prompt:
+    """Tokenize a prompt (text and PIL images) and run the vision encoder and perceiver once for it."""
+    inputs = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False)
+    ids = inputs["input_ids"][0].tolist()
+    count = sum(not isinstance(item, str) for item in items)
+    if count == 0:
+        return Prompt(ids, torch.zeros((len(ids), 0), dtype=torch.bool, device=model.device), None)
+    image_mask = inputs["image_attention_mask"][0, :, :count].to(model.device, torch.bool)
+    pixels = inputs["pixel_values"][0, :count].to(model.device, model.dtype)
+    with torch.inference_mode():
+        states = model.model.vision_model(pixel_values=pixels).last_hidden_state
+        if model.config.use_resampler:
+            states = model.model.perceiver_resampler(states)
+    return Prompt(ids, image_mask, states)
+
+
+def image_state_shape(config) -> tuple[int, int]:
+    """(states, hidden) of one image as the language model sees it: perceiver latents, or patches."""
+    vision = config.vision_config
+    if config.use_resampler:
+        return config.perceiver_config.resampler_n_latents, vision.embed_dim
+    return (vision.image_size // vision.patch_size) ** 2 + 1, vision.embed_dim
+
+
+class Batch:
+    """Rows decoding together. Build with `prefill`, advance with `decode` and `choose`, shrink with
+    `select`, merge with `concatenate`. `logits` holds each row's next-token logits after a forward."""
+
+    def __init__(
+        self,
+        rows: list[Row],
+        cache: DynamicCache,
+        attention_mask: torch.Tensor,  # (rows, cache length) long
+        positions: torch.Tensor,  # (rows,) position id of the token to feed
+        next_ids: torch.Tensor,  # (rows,) token to feed
+        images: torch.Tensor,  # (rows, images, states, hidden), zeros past a row's own images
+        image_mask: torch.Tensor,  # (rows, images) bool: what a decoded token of the row sees
+        logits: torch.Tensor | None,
+    ):
+        self.rows = rows
+        self.cache = cache
+        self.attention_mask = attention_mask
+        self.positions = positions
+        self.next_ids = next_ids
+        self.images = images
+        self.image_mask = image_mask
+        self.logits = logits
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def length(self) -> int:
+        """Columns of the cache (the longest row; shorter rows are padded on the left)."""
+        return self.attention_mask.shape[1]
+
+    # -- forwards ------------------------------------------------------------------------------
+
+    @classmethod
+    def prefill(cls, model, rows: list[Row], image_shape: tuple[int, int], pad_id: int) -> Batch:
+        """Run the rows' tokens so far (left-padded) through the model: a new batch with their logits."""
+        device = model.device
+        longest = max(len(row.ids) for row in rows)
+        slots = max([1, *(row.images for row in rows)])
+        ids = torch.tensor([[pad_id] * (longest - len(row.ids)) + row.ids for row in rows], device=device)
+        lengths = torch.tensor([len(row.ids) for row in rows], device=device)
+        columns = torch.arange(longest, device=device)
+        attention_mask = (columns >= longest - lengths[:, None]).long()
+        # generate's rule: positions count the row's own tokens; padding sits at 0.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        token_images = torch.zeros((len(rows), longest, slots), dtype=torch.bool, device=device)
+        images = torch.zeros((len(rows), slots, *image_shape), dtype=model.dtype, device=device)
+        for index, row in enumerate(rows):
+            if row.prompt.images is not None:
+                token_images[index, longest - len(row.ids) :, : row.images] = row.image_mask()
+                images[index, : row.images] = row.prompt.images
+        output = _forward(model, ids, attention_mask, position_ids, DynamicCache(config=model.config), images, token_images)
+        for row in rows:
+            row.cached = len(row.ids)
+        return cls(
+            rows=list(rows),
+            cache=output.cache,
+            attention_mask=attention_mask,
+            positions=lengths,
+            next_ids=ids[:, -1],
+            images=images,
+            image_mask=token_images[:, -1],
+            logits=output.logits[:, -1].float(),
+        )
+
+    def decode(self, model) -> None:
+        """Feed every row its next token: one forward, the cache one column longer, new `logits`.
+
+        If the forward raises, the batch is left as it was (layers that already took the new column
+        give it back), so it can be stepped again, split, or shrunk."""
+        length = self.length
+        attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
+        try:
+            output = _forward(
+                model,
+                self.next_ids[:, None],
+                attention_mask,
+                self.positions[:, None],
+                self.cache,
+                self.images,
+                self.image_mask[:, None],
+            )
+        except BaseException:
+            for layer, (keys, values) in zip(self.cache.layers, _tensors(self.cache)):
+                if keys.shape[-2] > length:  # this layer took the new column before the failure
+                    cast("DynamicLayer", layer).keys, cast("DynamicLayer", layer).values = keys[..., :length, :], values[..., :length, :]
+            raise
+        self.attention_mask = attention_mask
+        self.positions = self.positions + 1
+        for row in self.rows:
+            row.cached += 1
+        self.logits = output.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def choose(self, banned: Sequence[int]) -> tuple[list[int], dict[int, Exception]]:
+        """Pick every row's next token from `logits` by its own settings; it becomes the token to feed.
+
+        Returns the tokens (on the host: the step's one sync) and the rows whose own logits
+        processors raised, by index; those rows get no token and should leave the batch."""
+        assert self.logits is not None, "choose follows a forward"
+        scores = self.logits
+        for index, row in enumerate(self.rows):
+            penalty = row.sampling.repetition_penalty
+            if penalty != 1.0:
+                seen = torch.tensor(row.ids, device=scores.device)
+                picked = scores[index].gather(0, seen)
+                scores[index].scatter_(0, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
+        scores[:, list(banned)] = -float("inf")
+        failed: dict[int, Exception] = {}
+        for index, row in enumerate(self.rows):
+            for processor in row.processors:
+                try:
+                    scores[index : index + 1] = processor(torch.tensor([row.ids], device=scores.device), scores[index : index + 1])
+                except Exception as exc:  # a row's own processor fails that row only
+                    failed[index] = exc
+        tokens = scores.argmax(-1)
+        sampled = [index for index, row in enumerate(self.rows) if row.sampling.do_sample]
+        if sampled:
+            tokens[sampled] = self._sample(scores[sampled], [self.rows[index] for index in sampled])
+        self.next_ids = tokens
+        self.logits = None
+        chosen = tokens.tolist()
+        for index, (row, token) in enumerate(zip(self.rows, chosen)):
+            if index not in failed:
+                row.ids.append(token)
+        return chosen, failed
+
+    @staticmethod
+    def _sample(scores: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+        """Temperature, then top-p (as transformers' warpers do), then one draw per row from its own generator."""
+        device = scores.device
+        temperature = torch.tensor([row.sampling.temperature for row in rows], device=device)[:, None]
+        top_p = torch.tensor([row.sampling.top_p for row in rows], device=device)[:, None]
+        scores = scores / temperature
+        ordered, order = scores.sort(dim=-1)
+        drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False  # keep at least the likeliest token
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+        probabilities = scores.softmax(-1)
+        draws = []
+        for index, row in enumerate(rows):
+            if row.generator is None:
+                row.generator = torch.Generator(device=device)
+                row.generator.manual_seed(row.sampling.seed if row.sampling.seed is not None else random.getrandbits(63))
+            draws.append(torch.multinomial(probabilities[index], 1, generator=row.generator))
+        return torch.cat(draws)
+
+    # -- joining and leaving -------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def select(self, keep: Sequence[int]) -> Batch:
+        """A batch of the rows at `keep` (in that order), without the padding and image slots only
+        the others needed."""
+        device = self.attention_mask.device
+        index = torch.tensor(list(keep), device=device)
+        rows = [self.rows[position] for position in keep]
+        cut = self.length - max(row.cached for row in rows)
+        slots = max([1, *(row.images for row in rows)])
+        cache = _cache_of([(keys[index.to(keys.device), :, cut:], values[index.to(values.device), :, cut:]) for keys, values in _tensors(self.cache)])
+        return Batch(
+            rows=rows,
+            cache=cache,
+            attention_mask=self.attention_mask[index, cut:],
+            positions=self.positions[index],
+            next_ids=self.next_ids[index],
+            images=self.images[index, :slots],
+            image_mask=self.image_mask[index, :slots],
+            logits=None if self.logits is None else self.logits[index],
+        )
+
+    def split(self) -> tuple[Batch, Batch]:
+        """The first and second half of the rows, as two batches."""
+        middle = len(self.rows) // 2
+        return self.select(range(middle)), self.select(range(middle, len(self.rows)))
+
+    @staticmethod
+    @torch.inference_mode()
+    def concatenate(batches: Sequence[Batch]) -> Batch:
+        """One batch of all the rows, in order: shorter caches padded on the left, image slots on the right."""
+        if len(batches) == 1:
+            return batches[0]
+        length = max(batch.length for batch in batches)
+        slots = max(batch.images.shape[1] for batch in batches)
+
+        def left(tensor: torch.Tensor, batch: Batch, dim: int) -> torch.Tensor:
+            # F.pad counts dimensions from the last one, two numbers each.
+            padding = [0, 0] * (tensor.dim() - 1 - dim) + [length - batch.length, 0]
+            return F.pad(tensor, padding)
+
+        def slotted(tensor: torch.Tensor) -> torch.Tensor:
+            padding = [0, 0] * (tensor.dim() - 2) + [0, slots - tensor.shape[1]]
+            return F.pad(tensor, padding)
+
+        per_batch = [_tensors(batch.cache) for batch in batches]
+        layers = [
+            (
+                torch.cat([left(tensors[number][0], batch, 2) for batch, tensors in zip(batches, per_batch)]),
+                torch.cat([left(tensors[number][1], batch, 2) for batch, tensors in zip(batches, per_batch)]),
+            )
+            for number in range(len(per_batch[0]))
+        ]
+        logits = [batch.logits for batch in batches]
+        return Batch(
+            rows=[row for batch in batches for row in batch.rows],
+            cache=_cache_of(layers),
+            attention_mask=torch.cat([left(batch.attention_mask, batch, 1) for batch in batches]),
+            positions=torch.cat([batch.positions for batch in batches]),
+            next_ids=torch.cat([batch.next_ids for batch in batches]),
+            images=torch.cat([slotted(batch.images) for batch in batches]),
+            image_mask=torch.cat([slotted(batch.image_mask) for batch in batches]),
+            logits=None if any(part is None for part in logits) else torch.cat(logits),  # type: ignore[arg-type]
+        )
+
+
+def _tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (keys, values), (rows, heads, tokens, dim). IDEFICS' layers are all full-attention
+    `DynamicLayer`s, initialized by the prefill."""
+    layers = cast("list[DynamicLayer]", cache.layers)
+    return [(cast("torch.Tensor", layer.keys), cast("torch.Tensor", layer.values)) for layer in layers]
+
+
+def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A cache holding `layers` (keys, values), without copying them."""
+    cache = DynamicCache()
+    cache.layers = []
+    for keys, values in layers:
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
+
+
+def _forward(model, ids, attention_mask, position_ids, cache, images, token_images):
+    """One forward of the language model over `ids`, the images given as precomputed states."""
+    states = images.flatten(0, 1)
+    image_input = {"perceiver_embeddings" if model.config.use_resampler else "image_encoder_embeddings": states}
+    with torch.inference_mode():
+        return model(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            image_attention_mask=token_images,
+            use_cache=True,
+            logits_to_keep=1,
+            **image_input,
+        )

@@ -1,0 +1,208 @@
+"""The running batch on the tiny checkpoint (fp32): rows that join at any step, leave at any step and
+wait while the batch is full get exactly the tokens of the same prompt run alone with `generate`."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+import pytest
+import torch
+from transformers import LogitsProcessor
+
+from model.batch import Batch, Row, Sampling, encode_prompt, image_state_shape
+from model.loading import CheckpointSettings, load_checkpoint
+from model.local import LocalBackend
+from tests.test_model_service import BLUE, PROMPTS, RED
+
+PROMPTS = {
+    **PROMPTS,
+    "long text": ["User: " + "Describe a small dog running on the grass by the sea. " * 6 + "<end_of_utterance>", "\nAssistant:"],
+    "two images, long": ["User: look", BLUE, "and then at this one, which is a photo of a street", RED, "what changed?<end_of_utterance>", "\nAssistant:"],
+}
+LENGTHS = {"no image": 7, "one image": 30, "two images": 12, "long text": 22, "two images, long": 3}
+
+
+class NoEnd(LogitsProcessor):
+    """Forbids the end tokens, so every reply runs to its max_new_tokens."""
+
+    def __init__(self, ends: list[int]):
+        self.ends = ends
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.ends] = -float("inf")
+        return scores
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    model, processor = load_checkpoint(CheckpointSettings(str(tiny_checkpoint), dtype="float32"))
+    tokenizer = processor.tokenizer
+    ends = [tokenizer.convert_tokens_to_ids("<end_of_utterance>"), tokenizer.eos_token_id]
+    return model, processor, NoEnd(ends)
+
+
+def banned(processor) -> list[int]:
+    return processor.tokenizer.convert_tokens_to_ids(["<image>", "<fake_token_around_image>"])
+
+
+def alone(loaded, name: str, sampling: Sampling | None = None) -> list[int]:
+    """The reply tokens of `generate` on this prompt alone (greedy), or of a batch of just this row (sampled)."""
+    model, processor, no_end = loaded
+    items = LocalBackend._processor_items(PROMPTS[name])
+    if sampling is not None:
+        return run(loaded, [(0, name, sampling)], max_rows=1)[0]
+    inputs = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False)
+    output = model.generate(
+        **inputs,
+        max_new_tokens=LENGTHS[name],
+        do_sample=False,
+        bad_words_ids=[[token] for token in banned(processor)],
+        logits_processor=[no_end],
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
+    return output[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def run(loaded, arrivals: list[tuple], max_rows: int, leave: dict[int, int] | None = None) -> dict[int, list[int]]:
+    """Schedule `arrivals` (step, prompt name, sampling) through one running batch as the backend does:
+    before each step, rows that arrived and fit join (prefilled, then merged); after each step, rows
+    that are done or told to `leave` (number: step) leave. Returns each row's reply tokens."""
+    model, processor, no_end = loaded
+    leave = leave or {}
+    waiting = deque(enumerate(arrivals))
+    batch: Batch | None = None
+    replies: dict[int, Row] = {}
+    step = 0
+
+    def advance(part: Batch) -> Batch | None:
+        part.choose(banned(processor))
+        keep = [index for index, row in enumerate(part.rows) if row.generated < row.max_new_tokens and leave.get(row.owner, -1) != step]
+        return part.select(keep) if keep else None
+
+    while waiting or batch is not None:
+        joining = []
+        while waiting and waiting[0][1][0] <= step and len(joining) + (len(batch) if batch else 0) < max_rows:
+            number, (_, name, sampling) = waiting.popleft()
+            prompt = encode_prompt(model, processor, LocalBackend._processor_items(PROMPTS[name]))
+            row = Row(number, prompt, LENGTHS[name], sampling or Sampling(), [no_end])
+            replies[number] = row
+            joining.append(row)
+        if joining:
+            joined = advance(Batch.prefill(model, joining, image_state_shape(model.config), processor.tokenizer.pad_token_id))
+            parts = [part for part in (batch, joined) if part is not None]
+            batch = Batch.concatenate(parts) if parts else None
+        if batch is not None:
+            batch.decode(model)
+            batch = advance(batch)
+        step += 1
+    return {number: row.ids[len(row.prompt.ids) :] for number, row in replies.items()}
+
+
+NAMES = list(PROMPTS)
+
+
+@pytest.mark.parametrize(
+    "arrival_steps, max_rows",
+    [
+        pytest.param([0, 0, 0, 0, 0], 8, id="all at step 0"),
+        pytest.param([0, 2, 5, 9, 14], 8, id="joining mid-flight"),
+        pytest.param([0, 0, 1, 1, 3], 2, id="batch full, the rest queue"),
+        pytest.param([3, 0, 0, 8, 8], 3, id="mixed"),
+    ],
+)
+def test_every_row_gets_the_tokens_it_gets_alone(loaded, arrival_steps, max_rows):
+    replies = run(loaded, [(step, name, None) for step, name in zip(arrival_steps, NAMES)], max_rows)
+    for number, name in enumerate(NAMES):
+        assert replies[number] == alone(loaded, name), name
+
+
+def test_a_row_that_leaves_early_changes_nobody_elses_tokens(loaded):
+    replies = run(loaded, [(0, name, None) for name in NAMES], max_rows=8, leave={1: 4, 3: 0})
+    assert len(replies[1]) == 6 and len(replies[3]) == 1  # the first token comes from the prefill
+    for number, name in enumerate(NAMES):
+        expected = alone(loaded, name)
+        assert replies[number] == expected[: len(replies[number])], name
+
+
+def test_sampled_and_greedy_rows_share_a_batch(loaded):
+    hot = Sampling(do_sample=True, temperature=1.5, top_p=0.9, seed=7)
+    strict = Sampling(do_sample=True, temperature=0.3, top_p=0.5, repetition_penalty=1.3, seed=11)
+    arrivals = [(0, "one image", hot), (0, "no image", None), (2, "long text", strict), (4, "two images", None)]
+    replies = run(loaded, arrivals, max_rows=8)
+    assert replies[0] == alone(loaded, "one image", hot)
+    assert replies[2] == alone(loaded, "long text", strict)
+    assert replies[1] == alone(loaded, "no image") and replies[3] == alone(loaded, "two images")
+    # The seed decides: another one gives another reply, the settings matter.
+    other = run(loaded, [(0, "one image", Sampling(do_sample=True, temperature=1.5, top_p=0.9, seed=8))], max_rows=1)[0]
+    assert other != replies[0]
+
+
+def test_splitting_and_merging_keep_the_cache_consistent(loaded):
+    """Rows split into halves (as when a step fails) and merged back go on as if nothing happened."""
+    model, processor, no_end = loaded
+    rows = [Row(name, encode_prompt(model, processor, LocalBackend._processor_items(PROMPTS[name])), LENGTHS[name], Sampling(), [no_end]) for name in NAMES]
+    batch = Batch.prefill(model, rows, image_state_shape(model.config), processor.tokenizer.pad_token_id)
+    batch.choose(banned(processor))
+    for _ in range(2):
+        first, second = batch.split()
+        for part in (first, second):
+            part.decode(model)
+            part.choose(banned(processor))
+        batch = Batch.concatenate([second, first])
+    assert [row.owner for row in batch.rows] == [NAMES[4], *NAMES[:4]]  # halves swapped twice
+    for row in batch.rows:
+        assert row.ids[len(row.prompt.ids) :] == alone(loaded, row.owner)[:3]
+
+
+def test_a_failed_step_leaves_the_batch_as_it_was(loaded):
+    model, processor, no_end = loaded
+    rows = [Row(name, encode_prompt(model, processor, LocalBackend._processor_items(PROMPTS[name])), 4, Sampling(), [no_end]) for name in NAMES[:3]]
+    batch = Batch.prefill(model, rows, image_state_shape(model.config), processor.tokenizer.pad_token_id)
+    batch.choose(banned(processor))
+    length = batch.length
+
+    class Broken:
+        config = model.config
+
+        def __call__(self, **inputs):
+            model(**inputs)  # the cache takes the new column, then the step fails
+            raise RuntimeError("CUDA error: device-side assert triggered")
+
+    with pytest.raises(RuntimeError):
+        batch.decode(Broken())
+    assert batch.length == length and all(layer.keys.shape[-2] == length for layer in batch.cache.layers)
+    for _ in range(3):
+        batch.decode(model)
+        batch.choose(banned(processor))
+    for row in batch.rows:
+        assert row.ids[len(row.prompt.ids) :] == alone(loaded, row.owner)[:4]
+
+
+def test_incremental_text_equals_decoding_the_whole_reply(loaded):
+    from model.streamer import IncrementalText
+
+    tokenizer = loaded[1].tokenizer
+    byte_ids = frozenset(tokenizer.convert_tokens_to_ids([f"<0x{byte:02X}>" for byte in range(256)]))
+    rng = random.Random(3)
+    words = [token for token in range(3, len(tokenizer)) if token not in byte_ids]
+    for _ in range(30):
+        ids = [rng.choice(sorted(byte_ids)) if rng.random() < 0.3 else rng.choice(words) for _ in range(rng.randint(1, 60))]
+        text = IncrementalText(lambda part: tokenizer.decode(part, skip_special_tokens=True), byte_ids)
+        for token in ids:
+            text.add(token)
+            assert tokenizer.decode(text.ids, skip_special_tokens=True).startswith(text.text)
+        assert text.flush() == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_images_go_through_the_vision_encoder_and_perceiver_once(loaded):
+    model, processor, no_end = loaded
+    calls = []
+    hooks = [part.register_forward_hook(lambda *_: calls.append(1)) for part in (model.model.vision_model, model.model.perceiver_resampler)]
+    try:
+        replies = run(loaded, [(0, "two images", None)], max_rows=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(replies[0]) == LENGTHS["two images"] and len(calls) == 2  # one run each, for both images at once
+    assert torch.equal(torch.tensor(replies[0]), torch.tensor(alone(loaded, "two images")))
