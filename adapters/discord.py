@@ -4,7 +4,8 @@ Where a Discord message becomes an engine call, in order:
     `on_message`   skips its own and other bots' messages, then asks
     `_route`       whether the message is for the bot and which conversation it continues: a DM, a
                    thread the bot is in, a reply to one of its messages, or a new one opened by a mention;
-    `_answer`      opens the thread if needed and streams `engine.reply(...)` into Discord.
+    `_answer`      opens the thread if needed and hands the message to `Platform.answer`, which streams
+                   `Engine.reply(...)` into Discord (a `ChannelSurface` driven by `LiveReply`).
 Deleting the question while it is answered cancels the request (`on_raw_message_delete`). Each
 message is answered once, even if the gateway delivers it again. At start-up, the messages that a
 killed process stored but never answered are answered where they were asked (`_resume`).
@@ -25,11 +26,12 @@ import yarl
 
 from adapters.discord_commands import BotCommands
 from adapters.discord_delivery import NO_PINGS, ChannelSurface, live_reply
-from adapters.discord_input import PLATFORM, attachments_of, mentions_me, question_text, refusal_notice, requester, thread_name
-from bot.platform.access import refusal_reason
-from bot.runtime.config import Config, ConfigError
+from adapters.discord_input import PLATFORM, attachments_of, mentions_me, question_text, refusal, refusal_notice, thread_name
+from adapters.discord_settings import DiscordSettings
 from bot.core.conversation import Author, ConversationKey, Unanswered
-from bot.core.engine import Engine, IncomingMessage
+from bot.core.messages import IncomingMessage
+from bot.platform.sdk import Platform
+from bot.runtime.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +159,18 @@ _ADDRESSES = _ProcessAddresses()
 class DiscordAdapter:
     """Connects one bot account to Discord and answers there."""
 
-    name = "discord"
+    name = PLATFORM
+    Settings = DiscordSettings
+    delivery_errors = (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError)
 
-    def __init__(self, config: Config, engine: Engine):
-        self.settings = config.discord
-        self.engine = engine
+    @staticmethod
+    def describe_error(error: BaseException) -> dict[str, object]:
+        """A reply Discord wouldn't take, for the logs: its HTTP status and error code, or the error's type."""
+        return {"status": error.status, "code": error.code} if isinstance(error, discord.HTTPException) else {"error": type(error).__name__}
+
+    def __init__(self, platform: Platform, settings: DiscordSettings):
+        self.settings = settings
+        self.platform = platform
         self.client: _Client | _ShardedClient | None = None
         self.commands: BotCommands | None = None
         self.opened = asyncio.Event()  # set when the gateway first opens: `start` waits for it
@@ -181,7 +190,7 @@ class DiscordAdapter:
             self.client = _Client(self)
         else:
             self.client = _ShardedClient(self, settings.shard_count, settings.shard_ids or list(range(settings.shard_count)))
-        self.commands = BotCommands(self.client, self.engine, self.settings)
+        self.commands = BotCommands(self.client, self.platform, self.settings)
         try:
             await self.client.login(self.settings.token.get_secret_value())
             self._gateway = asyncio.create_task(self.client.connect(), name="discord-gateway")
@@ -250,21 +259,21 @@ class DiscordAdapter:
         me = self.client.user
         if message.type not in _ANSWERED_TYPES or message.author.id == me.id:
             return  # joins, pins, "thread created" notices; and its own messages
-        metrics = self.engine.metrics
+        record = self.platform.record
         channel = await self._channel_of(message)
         if channel is None:
-            metrics.adapter_event(self.name, "ignored")
+            record("ignored")
             return
-        reason = refusal_reason(self.settings, requester(message.author, channel, me))
+        reason = refusal(self.settings, message.author, channel, me)
         if reason is not None and refusal_notice(reason) is None:
-            metrics.adapter_event(self.name, "ignored")
+            record("ignored")
             return  # another bot's message: ignored without a word, or a look-up
         route = await self._route(message, channel, me)
         if route is None:
-            metrics.adapter_event(self.name, "ignored")
+            record("ignored")
             return
         if reason is not None:
-            metrics.adapter_event(self.name, "refused")
+            record("refused")
             log.info("discord.refused", extra={"reason": reason, "user": message.author.id, "channel": channel.id})
             if self.settings.refusal_notice:
                 try:
@@ -272,12 +281,8 @@ class DiscordAdapter:
                 except discord.HTTPException as error:
                     log.warning("discord.reply_failed", extra={"status": error.status, "code": error.code, "channel": channel.id})
             return
-        if not await self.engine.store.claim_event(PLATFORM, str(message.id)):
-            metrics.adapter_event(self.name, "duplicate")  # delivered again (a gateway replay, say)
-            log.info("discord.duplicate", extra={"message_id": message.id})
-            return
-        metrics.adapter_event(self.name, "message")
-        await self._answer(message, route, me)
+        if await self.platform.first_delivery(str(message.id), message_id=message.id):  # not a gateway replay
+            await self._answer(message, route, me)
 
     async def _channel_of(self, message: discord.Message) -> discord.abc.Messageable | None:
         """The message's channel; a thread that fell out of discord.py's cache is fetched, to know its parent."""
@@ -296,11 +301,11 @@ class DiscordAdapter:
         mentioned = mentions_me(message, me)
         if isinstance(channel, discord.Thread):  # also every forum and media post
             key = ConversationKey(PLATFORM, str(channel.parent_id), str(channel.id))
-            if mentioned or channel.owner_id == me.id or await self.engine.store.has_conversation(key):
+            if mentioned or channel.owner_id == me.id or await self.platform.follows(key):
                 return _Route(channel, key)
             return None
         if message.reference is not None and message.reference.message_id is not None:
-            key = await self.engine.store.conversation_of(PLATFORM, str(message.reference.message_id))
+            key = await self.platform.conversation_of(str(message.reference.message_id))
             if key is not None:
                 return _Route(channel, key, reply=True)
         if not mentioned:
@@ -331,7 +336,7 @@ class DiscordAdapter:
             # its conversation at once, so a later message of the thread can't go before it.
             typing = asyncio.create_task(self._typing(channel))
             try:
-                await live_reply(surface).run(self.engine.reply(incoming))
+                await self.platform.answer(incoming, live_reply(surface), message_id=message.id)
             finally:
                 typing.cancel()
         except asyncio.CancelledError:
@@ -339,8 +344,8 @@ class DiscordAdapter:
                 log.info("discord.question_deleted", extra={"message_id": message.id})
                 await surface.discard()
             raise
-        except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as error:
-            self._reply_lost(key, error)
+        except self.delivery_errors as error:  # the thread couldn't be opened
+            self.platform.lost(key, **self.describe_error(error))
         finally:
             self._answering.pop(message.id, None)
             self._deleted.discard(message.id)
@@ -358,22 +363,13 @@ class DiscordAdapter:
         """What links each message the bot posts to `key`, so that replying to it continues the conversation."""
 
         async def link(posted: discord.Message) -> None:
-            await self.engine.store.link_message(PLATFORM, str(posted.id), key)
+            await self.platform.follow(key, str(posted.id))
 
         return link
 
-    def _reply_lost(self, key: ConversationKey, error: BaseException) -> None:
-        """A reply Discord wouldn't take, after discord.py's own retries: logged with its conversation."""
-        self.engine.metrics.adapter_event(self.name, "reply_lost")
-        status = {"status": error.status, "code": error.code} if isinstance(error, discord.HTTPException) else {"error": type(error).__name__}
-        log.error("discord.reply_lost", extra={"conversation": str(key), **status})
-
     async def _resume_unanswered(self) -> None:
         """Answer the messages that a stopped process left unanswered, where they were asked."""
-        pending = await self.engine.unanswered(self.name)
-        if pending:
-            log.info("discord.resuming", extra={"conversations": len(pending)})
-        await asyncio.gather(*(self._resume(unanswered) for unanswered in pending))
+        await asyncio.gather(*(self._resume(unanswered) for unanswered in await self.platform.unanswered()))
 
     async def _resume(self, pending: Unanswered) -> None:
         key, question = pending.key, int(pending.turn.message_id or 0)
@@ -385,11 +381,10 @@ class DiscordAdapter:
                 log.info("discord.resume_skipped", extra={"conversation": str(key), "reason": reason})
                 return
             shared = not isinstance(channel, discord.DMChannel)
-            final = await live_reply(ChannelSurface(channel, reply_to, on_post=self._linker(key))).run(self.engine.resume(pending, shared))
-            self.engine.metrics.adapter_event(self.name, "resumed")
-            log.info("discord.resumed", extra={"conversation": str(key), "message_id": question, "answered": bool(final.text)})
-        except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as error:
-            self._reply_lost(key, error)
+            live = live_reply(ChannelSurface(channel, reply_to, on_post=self._linker(key)))
+            await self.platform.resume(pending, live, shared, message_id=question)
+        except self.delivery_errors as error:  # the place couldn't be looked up
+            self.platform.lost(key, **self.describe_error(error))
         finally:
             self._answering.pop(question, None)
             self._deleted.discard(question)

@@ -4,11 +4,13 @@
     /caption [image] [link]        a short caption
     /classify labels:<"cat, dog, bird"> [image] [link]
     /story [image] [link]          a short story the image inspires
-    /reset                         forget the conversation of this thread, DM or channel
+    /reset                         forget the conversation of this thread, or every one of this channel or DM
     Describe image                 (message menu) describe the images of a message
 
-Without an image, the commands use the last image seen in the channel (and say so). Each command is
-deferred at once (Discord wants an answer within 3 seconds) and answered by editing that response.
+The commands are the shared table's (`bot.core.commands`), so they mean what they mean on every
+platform. Without an image, the image commands use the last image seen in the channel (and say so).
+Each command is deferred at once (Discord wants an answer within 3 seconds) and answered by editing
+that response.
 """
 
 from __future__ import annotations
@@ -20,17 +22,16 @@ import discord
 from discord import app_commands
 
 from adapters.discord_delivery import NO_PINGS, answer_interaction, note
-from adapters.discord_input import PLATFORM, attachment_of, attachments_of, refusal_notice, requester
-from bot.platform.access import refusal_reason
-from bot.runtime.config import DiscordConfig
+from adapters.discord_input import PLATFORM, attachment_of, attachments_of, refusal, refusal_notice
+from adapters.discord_settings import DiscordSettings
+from bot.core.commands import COMMANDS, LAST_IMAGE_HINT
 from bot.core.conversation import Author, ConversationKey
-from bot.core.engine import Attachment, Engine, TaskRequest
+from bot.core.messages import Attachment, CommandRequest
+from bot.platform.sdk import Platform
 
 log = logging.getLogger(__name__)
 
 DESCRIBE = "Describe this image in detail."
-_NOTHING_TO_FORGET = "There was nothing to forget here."
-_THREADS_HINT = " Conversations in a channel live in their threads: run /reset inside one."
 
 
 def conversation_here(interaction: discord.Interaction) -> ConversationKey:
@@ -44,9 +45,9 @@ def conversation_here(interaction: discord.Interaction) -> ConversationKey:
 class BotCommands(app_commands.CommandTree):
     """The bot's application commands, checked against the access rules before anything runs."""
 
-    def __init__(self, client: discord.Client, engine: Engine, settings: DiscordConfig):
+    def __init__(self, client: discord.Client, platform: Platform, settings: DiscordSettings):
         super().__init__(client)
-        self.engine = engine
+        self.platform = platform
         self.settings = settings
         self._add_commands()
 
@@ -67,8 +68,8 @@ class BotCommands(app_commands.CommandTree):
             )
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        reason = refusal_reason(self.settings, requester(interaction.user, interaction.channel, self.client.user))
-        self.engine.metrics.adapter_event(PLATFORM, "command" if reason is None else "refused")
+        reason = refusal(self.settings, interaction.user, interaction.channel, self.client.user)
+        self.platform.record("command" if reason is None else "refused")
         if reason is None:
             return True
         log.info("discord.refused", extra={"reason": reason, "user": interaction.user.id, "command": interaction.command and interaction.command.name})
@@ -91,58 +92,52 @@ class BotCommands(app_commands.CommandTree):
     # -- the commands ------------------------------------------------------------------------
 
     def _add_commands(self) -> None:
-        images = {"image": "An image to use (default: the last image in this channel)", "link": "…or a link to an image"}
+        images = {"image": f"An image to use. {LAST_IMAGE_HINT}", "link": "…or a link to an image"}
 
-        @self.command(description="Ask a question about an image.")
+        def summary(name: str) -> str:
+            return COMMANDS[name].summary.capitalize() + "."
+
+        @self.command(description=summary("ask"))
         @app_commands.describe(question="What you want to know", **images)
         async def ask(interaction: discord.Interaction, question: str, image: discord.Attachment | None = None, link: str | None = None):
-            await self._run_task(interaction, "chat", self._images(image, link), question=question)
+            await self._run(interaction, "ask", self._images(image, link), question)
 
-        @self.command(description="Caption an image.")
+        @self.command(description=summary("caption"))
         @app_commands.describe(**images)
         async def caption(interaction: discord.Interaction, image: discord.Attachment | None = None, link: str | None = None):
-            await self._run_task(interaction, "caption", self._images(image, link))
+            await self._run(interaction, "caption", self._images(image, link))
 
-        @self.command(description="Sort an image into one of your labels.")
+        @self.command(description=summary("classify"))
         @app_commands.describe(labels='Comma-separated labels, e.g. "cat, dog, bird"', **images)
         async def classify(interaction: discord.Interaction, labels: str, image: discord.Attachment | None = None, link: str | None = None):
-            await self._run_task(interaction, "classify", self._images(image, link), labels=labels)
+            await self._run(interaction, "classify", self._images(image, link), labels)
 
-        @self.command(description="Write a short story inspired by an image.")
+        @self.command(description=summary("story"))
         @app_commands.describe(**images)
         async def story(interaction: discord.Interaction, image: discord.Attachment | None = None, link: str | None = None):
-            await self._run_task(interaction, "story", self._images(image, link))
+            await self._run(interaction, "story", self._images(image, link))
 
-        @self.command(description="Forget the conversation of this thread, DM or channel.")
+        @self.command(description=summary("reset"))
         async def reset(interaction: discord.Interaction):
-            await interaction.response.defer(thinking=True)
-            key = conversation_here(interaction)
-            forgotten = await self.engine.reset(key)
-            log.info("discord.reset", extra={"conversation": str(key), "turns": forgotten})
-            if forgotten:
-                text = f"Forgot this conversation ({forgotten} messages); the next message starts afresh."
-            else:
-                in_channel = interaction.guild is not None and not isinstance(interaction.channel, discord.Thread)
-                text = _NOTHING_TO_FORGET + (_THREADS_HINT if in_channel else "")
-            await interaction.edit_original_response(content=text, allowed_mentions=NO_PINGS)
+            await self._run(interaction, "reset", [])
 
         async def describe(interaction: discord.Interaction, message: discord.Message):
             files = [file for file in attachments_of(message.attachments) if file.looks_like_image()]
             if not files:
                 await interaction.response.send_message(note("That message has no image attached."), ephemeral=True, allowed_mentions=NO_PINGS)
                 return
-            await self._run_task(interaction, "chat", files, question=DESCRIBE)
+            await self._run(interaction, "ask", files, DESCRIBE)
 
         self.add_command(app_commands.ContextMenu(name="Describe image", callback=describe))
 
     def _images(self, image: discord.Attachment | None, link: str | None) -> list[Attachment]:
         files = [attachment_of(image)] if image is not None else []
         if link:
-            files.append(self.engine.link(link.strip()))
+            files.append(self.platform.link(link.strip()))
         return files
 
-    async def _run_task(self, interaction: discord.Interaction, task: str, files: Sequence[Attachment], *, question: str = "", labels: str = "") -> None:
+    async def _run(self, interaction: discord.Interaction, command: str, files: Sequence[Attachment], text: str = "") -> None:
         await interaction.response.defer(thinking=True)
         user = interaction.user
-        request = TaskRequest(task, conversation_here(interaction), Author(str(user.id), user.display_name), tuple(files), question, labels)
-        await answer_interaction(interaction, self.engine.run_task(request))
+        request = CommandRequest(command, conversation_here(interaction), Author(str(user.id), user.display_name), tuple(files), text)
+        await answer_interaction(interaction, self.platform.command(request))

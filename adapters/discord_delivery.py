@@ -14,7 +14,7 @@ import discord
 from discord.utils import escape_markdown
 
 from bot.platform.delivery import LiveReply, Surface
-from bot.core.engine import ReplyEvent
+from bot.core.messages import ReplyEvent
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,10 @@ from collections.abc import Iterable
 import aiohttp
 import discord
 
-from bot.platform.access import Requester
-from bot.core.engine import Attachment
+from adapters.discord_settings import DiscordSettings, discord_refusal
+from bot.core.messages import Attachment
 from bot.images.intake import ImageRejected
+from bot.platform.access import SILENT, Requester
 
 PLATFORM = "discord"  # the platform part of conversation keys and message links
 THREAD_NAME_LIMIT = 100
@@ -26,25 +27,27 @@ _REFUSAL_NOTICES = {
 _REFUSAL_NOTICE = "Sorry, I'm not available to you here."
 
 
-def requester(user: discord.abc.User, channel: discord.abc.Messageable | discord.abc.GuildChannel | None, me: discord.ClientUser) -> Requester:
-    """The access rules' view of `user` writing in `channel` (a thread counts as its parent too)."""
+def refusal(
+    rules: DiscordSettings, user: discord.abc.User, channel: discord.abc.Messageable | discord.abc.GuildChannel | None, me: discord.ClientUser
+) -> str | None:
+    """Why `user` writing in `channel` may not use the bot (a thread counts as its parent too), or None."""
     guild = getattr(channel, "guild", None)
     parent = channel.parent_id if isinstance(channel, discord.Thread) else None
-    return Requester(
+    who = Requester(
         user_id=str(user.id),
-        channel_id=str(channel.id) if channel is not None else "",
+        channel_id=str(getattr(channel, "id", "")) if channel is not None else "",
         is_dm=guild is None,
         is_bot=user.bot,
         is_self=user.id == me.id,
-        guild_id=str(guild.id) if guild is not None else None,
-        role_ids=tuple(str(role.id) for role in getattr(user, "roles", ())),
         parent_channel_id=str(parent) if parent else None,
     )
+    roles = tuple(str(role.id) for role in getattr(user, "roles", ()))
+    return discord_refusal(rules, who, str(guild.id) if guild is not None else None, roles)
 
 
 def refusal_notice(reason: str) -> str | None:
     """The short note for a refused person, or None when the refusal is silent (bots, the bot itself)."""
-    if reason in ("own message", "bot"):
+    if reason in SILENT:
         return None
     return _REFUSAL_NOTICES.get(reason, _REFUSAL_NOTICE)
 

@@ -1,6 +1,7 @@
 """The Slack adapter: IDEFICS as a workspace assistant in threads and DMs, on slack-bolt's `AsyncApp`.
 
-    Slack event -> SlackAdapter._on_message -> _answer -> IncomingMessage -> engine.reply -> LiveReply -> thread
+    Slack event -> SlackAdapter._on_message -> _answer -> IncomingMessage -> Platform.answer -> Engine.reply
+                -> LiveReply -> SlackThread (the thread)
 
 - A mention in a channel is answered in that message's thread; later messages in a thread the bot
   talks in continue the conversation without a mention. In DMs every message is a turn.
@@ -19,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
+from pydantic import Field, SecretStr
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.request.async_request import AsyncBoltRequest
@@ -35,11 +38,12 @@ from adapters.slack_commands import SlashCommands
 from adapters.slack_delivery import SlackThread, retry_handlers
 from adapters.slack_files import SlackFiles
 from adapters.slack_text import plain_text
-from bot.platform.access import Requester, refusal_reason
-from bot.runtime.config import Config, ConfigError
 from bot.core.conversation import Author, ConversationKey, Unanswered
+from bot.core.messages import IncomingMessage
+from bot.platform.access import SILENT, AccessSettings, Requester, refusal_reason
 from bot.platform.delivery import LiveReply
-from bot.core.engine import Engine, Final, IncomingMessage, ReplyEvent
+from bot.platform.sdk import Platform
+from bot.runtime.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,32 @@ SCOPES = frozenset({"app_mentions:read", "chat:write", "files:read", "im:history
 _SAID = {None, "file_share", "thread_broadcast"}
 _CONNECT_TIMEOUT_S = 30.0
 _STOP_GRACE_S = 10.0
+
+
+class SlackSettings(AccessSettings):
+    """[slack]: the app's tokens, Socket Mode or HTTP mode, the slash command, and who may use it."""
+
+    environment = {"bot_token": "SLACK_BOT_TOKEN", "app_token": "SLACK_APP_TOKEN", "signing_secret": "SLACK_SIGNING_SECRET"}
+
+    bot_token: SecretStr | None = None
+    app_token: SecretStr | None = None
+    signing_secret: SecretStr | None = None
+    mode: Literal["socket", "http"] = "socket"
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(3000, ge=1, le=65535)
+    events_path: str = "/slack/events"
+    command: str = "/idefics"
+    api_base_url: str | None = None
+
+    @classmethod
+    def secrets_needed(cls, section: Mapping[str, Any]) -> list[str]:
+        """The bot token, plus the app token (Socket Mode) or the signing secret (HTTP mode)."""
+        return ["bot_token", "signing_secret" if section.get("mode") == "http" else "app_token"]
+
+
+def describe_error(error: BaseException) -> dict[str, Any]:
+    """A failed Slack call for the logs: Slack's error code, or the connection error's type."""
+    return {"error": error.response.get("error") if isinstance(error, SlackApiError) else type(error).__name__}
 
 
 @dataclass(frozen=True)
@@ -67,11 +97,14 @@ class SlackAdapter:
     """The bot in one Slack workspace."""
 
     name = "slack"
+    Settings = SlackSettings
+    delivery_errors = (SlackApiError, aiohttp.ClientError, TimeoutError)
+    describe_error = staticmethod(describe_error)
 
-    def __init__(self, config: Config, engine: Engine):
-        self.settings = settings = config.slack
-        self.images = config.images
-        self.engine = engine
+    def __init__(self, platform: Platform, settings: SlackSettings):
+        self.settings = settings
+        self.images = platform.images
+        self.platform = platform
         base_url = settings.api_base_url or AsyncWebClient.BASE_URL
         self.client = AsyncWebClient(
             token=settings.bot_token.get_secret_value() if settings.bot_token else None,
@@ -84,7 +117,7 @@ class SlackAdapter:
             signing_secret=settings.signing_secret.get_secret_value() if http else "",
             request_verification_enabled=http,  # Socket Mode messages come over our own authenticated socket
         )
-        self.commands = SlashCommands(engine, settings, self._spawn, MESSAGE_LIMIT)
+        self.commands = SlashCommands(platform, settings, self._spawn, MESSAGE_LIMIT, settings.command)
         self.app.event("app_mention")(self._on_message)
         self.app.event("message")(self._on_message)
         self.app.command(settings.command)(self.commands.handle)
@@ -212,11 +245,10 @@ class SlackAdapter:
         if route is None:
             return
         key, reply_thread = route
-        if not await self._first_delivery(event, event_id):
-            self.engine.metrics.adapter_event(self.name, "duplicate")
-            log.info("slack.duplicate", extra={"event_id": event_id, "retry": retry})
+        # A retry repeats the event_id, and a mention also arrives as a `message` event with an id of
+        # its own but the same channel and ts: either way, the message is answered once.
+        if not await self.platform.first_delivery(*filter(None, (event_id, f"{event['channel']}/{event['ts']}")), event_id=event_id, retry=retry):
             return
-        self.engine.metrics.adapter_event(self.name, "message")
         message = IncomingMessage(
             key=key,
             author=_author(event),
@@ -225,54 +257,24 @@ class SlackAdapter:
             message_id=event["ts"],
             shared=bool(key.thread),  # channels: several people talk; DMs: one
         )
-        started = asyncio.get_running_loop().time()
         live = LiveReply(SlackThread(self.client, event["channel"], reply_thread), limit=MESSAGE_LIMIT, placeholder=PLACEHOLDER)
-        final = await self._show(live, self.engine.reply(message), key, event_id=event_id)
-        if final is None:
-            return
-        log.info(
-            "slack.replied",
-            extra={
-                "conversation": str(key),
-                "event_id": event_id,
-                "answered": bool(final.text),
-                "messages": len(live.messages),
-                "seconds": round(asyncio.get_running_loop().time() - started, 3),
-            },
-        )
-
-    async def _show(self, live: LiveReply, events: AsyncIterator[ReplyEvent], key: ConversationKey, **about: str) -> Final | None:
-        """`live.run(events)`; None when Slack wouldn't take the reply in the end, which is logged with
-        its conversation (and `about`)."""
-        try:
-            return await live.run(events)
-        except (SlackApiError, aiohttp.ClientError, TimeoutError) as error:
-            reason = error.response.get("error") if isinstance(error, SlackApiError) else type(error).__name__
-            self.engine.metrics.adapter_event(self.name, "reply_lost")
-            log.error("slack.reply_lost", extra={"conversation": str(key), **about, "error": reason, "shown_messages": len(live.messages)})
-            return None
+        await self.platform.answer(message, live, event_id=event_id)
 
     async def _resume_unanswered(self) -> None:
         """Answer, in their threads, the messages that a stopped process left unanswered."""
-        pending = await self.engine.unanswered(self.name)
-        if pending:
-            log.info("slack.resuming", extra={"conversations": len(pending)})
-        for unanswered in pending:
-            self._spawn(self._resume(unanswered), "slack-resume")
+        for pending in await self.platform.unanswered():
+            self._spawn(self._resume(pending), "slack-resume")
 
     async def _resume(self, pending: Unanswered) -> None:
         key = pending.key
         live = LiveReply(SlackThread(self.client, key.channel, key.thread or None), limit=MESSAGE_LIMIT)
-        final = await self._show(live, self.engine.resume(pending, shared=bool(key.thread)), key, message_ts=pending.turn.message_id)
-        if final is not None:
-            self.engine.metrics.adapter_event(self.name, "resumed")
-            log.info("slack.resumed", extra={"conversation": str(key), "message_ts": pending.turn.message_id, "answered": bool(final.text), "messages": len(live.messages)})
+        await self.platform.resume(pending, live, shared=bool(key.thread), message_ts=pending.turn.message_id)
 
     async def _route(self, event: dict, event_id: str) -> tuple[ConversationKey, str | None] | None:
         """The conversation a message belongs to and the thread to answer in, or None if the bot
         should stay out of it (not a message by a person allowed here, or not addressed to the bot)."""
         if event.get("subtype") not in _SAID:
-            self.engine.metrics.adapter_event(self.name, "ignored")
+            self.platform.record("ignored")
             return None
         channel, user = event.get("channel", ""), event.get("user", "")
         is_dm = event.get("channel_type") == "im"
@@ -290,27 +292,19 @@ class SlackAdapter:
             root = event.get("thread_ts") or event["ts"]
             key = ConversationKey("slack", channel, root)
             mentioned = event.get("type") == "app_mention" or f"<@{self.identity.user_id}>" in event.get("text", "")
-            store, root_message = self.engine.store, f"{channel}/{root}"
+            root_message = f"{channel}/{root}"
             if mentioned:
                 # The bot is in this thread from now on, before any turn is stored: follow-ups sent while
                 # the first message is taken in, or after it was refused, are for the bot too.
-                await store.link_message("slack", root_message, key)
+                await self.platform.follow(key, root_message)
                 return key, root
-            if "thread_ts" in event and (await store.conversation_of("slack", root_message) is not None or await store.has_conversation(key)):
+            if "thread_ts" in event and await self.platform.follows(key, root_message):
                 return key, root
             reason = "not addressed to the bot"
-        refused = reason not in ("not addressed to the bot", "own message", "bot")  # a person the access rules keep out
-        self.engine.metrics.adapter_event(self.name, "refused" if refused else "ignored")
+        refused = reason not in SILENT and reason != "not addressed to the bot"  # a person the access rules keep out
+        self.platform.record("refused" if refused else "ignored")
         log.debug("slack.ignored", extra={"event_id": event_id, "reason": reason})
         return None
-
-    async def _first_delivery(self, event: dict, event_id: str) -> bool:
-        """True once per message: a retry repeats the event_id, and a mention also arrives as a
-        `message` event with an id of its own but the same channel and ts."""
-        store = self.engine.store
-        if event_id and not await store.claim_event("slack", event_id):
-            return False
-        return await store.claim_event("slack", f"{event['channel']}/{event['ts']}")
 
 
 def _author(event: dict) -> Author:

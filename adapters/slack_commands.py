@@ -4,9 +4,10 @@
     /idefics classify <image url> <label, ...>   /idefics story <image url>
     /idefics reset                               /idefics help
 
-The command is acknowledged at once (Slack waits 3 seconds at most) with an ephemeral "working" note;
-the answer goes to the command's `response_url`. Without an image URL the engine takes the last
-image the bot saw in the channel and says so.
+The commands are the shared table's (`bot.core.commands`), so they mean what they mean on every
+platform. The command is acknowledged at once (Slack waits 3 seconds at most) with an ephemeral
+"working" note; the answer goes to the command's `response_url`. Without an image URL the core takes
+the last image the bot saw in the channel and says so.
 
 A post to `response_url` that Slack answers with 429 waits out the Retry-After and is tried again.
 Any other failure is not repeated (the answer may have been shown already, and a response_url takes
@@ -26,16 +27,24 @@ from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from adapters.slack_delivery import RETRIES
 from adapters.slack_text import escape, plain_text
-from bot.platform.access import Requester, refusal_reason
-from bot.runtime.config import SlackConfig
+from bot.core.commands import COMMANDS, IMAGE_COMMANDS, LAST_IMAGE_HINT
 from bot.core.conversation import Author, ConversationKey
+from bot.core.messages import CommandRequest, Final
+from bot.platform.access import AccessSettings, Requester, refusal_reason
 from bot.platform.delivery import format_final, split_message
-from bot.core.engine import Engine, Final, TaskRequest
+from bot.platform.sdk import Platform
 
 log = logging.getLogger(__name__)
 
-# Subcommand -> the engine's task.
-TASKS = {"ask": "vqa", "caption": "caption", "classify": "classify", "story": "story"}
+# How each command of the table is written after the slash command.
+_USAGE = {
+    "ask": "ask <image url> <question>",
+    "caption": "caption <image url>",
+    "classify": "classify <image url> <label, label, ...>",
+    "story": "story <image url>",
+    "reset": "reset",
+    "help": "help",
+}
 WORKING = "⏳ Working on it…"
 # Any scheme: a link the bot won't fetch (file://, gopher://) gets its reason, instead of being read as the question.
 _LINK = re.compile(r"[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
@@ -47,7 +56,7 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True)
 class SlashCommand:
-    """What the person asked for: `action` is "help", "reset" or a key of `TASKS`."""
+    """What the person asked for: `action` is a command of the shared table."""
 
     action: str
     image_url: str | None = None
@@ -55,15 +64,8 @@ class SlashCommand:
 
 
 def help_text(command: str) -> str:
-    return (
-        f"*{command} ask <image url> <question>*: answer a question about an image\n"
-        f"*{command} caption <image url>*: describe an image in a few words\n"
-        f"*{command} classify <image url> <label, label, ...>*: pick the label that fits an image\n"
-        f"*{command} story <image url>*: write a short story about an image\n"
-        f"*{command} reset*: forget my conversations in this channel (or this direct message)\n"
-        "Without an image URL I use the last image I saw in this channel. "
-        "To chat, mention me with a question and an image; I answer in the thread."
-    )
+    lines = [f"*{command} {_USAGE[name]}*: {COMMANDS[name].summary}" for name in COMMANDS if name != "help"]
+    return "\n".join([*lines, f"{LAST_IMAGE_HINT} To chat, mention me with a question and an image; I answer in the thread."])
 
 
 def parse_command(text: str, command: str = "/idefics") -> SlashCommand:
@@ -74,7 +76,7 @@ def parse_command(text: str, command: str = "/idefics") -> SlashCommand:
         return SlashCommand("help")
     if action == "reset":
         return SlashCommand("reset")
-    if action not in TASKS:
+    if action not in IMAGE_COMMANDS:
         raise UsageError(f"I don't know “{action}”. Try:\n{help_text(command)}")
     rest = rest.strip()
     first, _, after = rest.partition(" ")
@@ -93,9 +95,10 @@ Spawn = Callable[[Awaitable[None], str], None]
 class SlashCommands:
     """Handles the slash command for the adapter: acknowledges, then answers via `response_url`."""
 
-    def __init__(self, engine: Engine, settings: SlackConfig, spawn: Spawn, message_limit: int):
+    def __init__(self, platform: Platform, settings: AccessSettings, spawn: Spawn, message_limit: int, command: str = "/idefics"):
         """`spawn(coroutine, name)` runs the work in the adapter's own tasks (stopped with it)."""
-        self.engine = engine
+        self.platform = platform
+        self.command = command
         self.settings = settings
         self.spawn = spawn
         self.message_limit = message_limit
@@ -104,18 +107,18 @@ class SlashCommands:
         """Bolt's listener for the command: answer within Slack's 3 seconds, work afterwards."""
         who = Requester(user_id=command.get("user_id", ""), channel_id=command.get("channel_id", ""), is_dm=_is_dm(command))
         reason = refusal_reason(self.settings, who)
-        self.engine.metrics.adapter_event("slack", "command" if reason is None else "refused")
+        self.platform.record("command" if reason is None else "refused")
         if reason is not None:
             log.info("slack.command_refused", extra={"reason": reason, "channel": who.channel_id})
             await ack(text="Sorry, I'm not available to you here.")
             return
         try:
-            parsed = parse_command(plain_text(command.get("text", "")), self.settings.command)
+            parsed = parse_command(plain_text(command.get("text", "")), self.command)
         except UsageError as error:
             await ack(text=str(error))
             return
         if parsed.action == "help":
-            await ack(text=help_text(self.settings.command))
+            await ack(text=help_text(self.command))
             return
         await ack(text=WORKING)
         log.info("slack.command", extra={"action": parsed.action, "channel": who.channel_id, "image_url": parsed.image_url is not None})
@@ -123,22 +126,18 @@ class SlashCommands:
 
     async def _answer(self, parsed: SlashCommand, payload: dict) -> None:
         channel, user = payload["channel_id"], payload["user_id"]
-        if parsed.action == "reset":
-            await self._respond(payload, parsed, text=await self._reset(channel, payload))
-            return
-        request = TaskRequest(
-            task=TASKS[parsed.action],
-            key=ConversationKey("slack", channel),
-            author=Author(user, payload.get("user_name") or user),
-            attachments=(self.engine.link(parsed.image_url),) if parsed.image_url else (),
-            question=parsed.text if parsed.action == "ask" else "",
-            labels=parsed.text if parsed.action == "classify" else "",
+        request = CommandRequest(
+            parsed.action,
+            ConversationKey(self.platform.name, channel),  # a slash command can't say which thread it was typed in
+            Author(user, payload.get("user_name") or user),
+            (self.platform.link(parsed.image_url),) if parsed.image_url else (),
+            parsed.text,
         )
         final = Final("", ("The reply ended unexpectedly; please try again.",))
-        async for event in self.engine.run_task(request):
+        async for event in self.platform.command(request):
             if isinstance(event, Final):
                 final = event
-        if not final.text:  # nothing to show the channel: tell the asker only
+        if parsed.action == "reset" or not final.text:  # nothing to show the channel: tell the asker only
             await self._respond(payload, parsed, text=escape(format_final(final, lambda note: note)))
             return
         answer = f"{self._heading(parsed, user)}\n{escape(format_final(final, lambda note: f'_{note}_'))}"
@@ -157,21 +156,8 @@ class SlashCommands:
             if response.status_code == 200:
                 return True
             reason = f"HTTP {response.status_code}: {response.body[:100]}"
-        self.engine.metrics.adapter_event("slack", "reply_lost")
-        conversation = ConversationKey("slack", payload["channel_id"])
-        log.error("slack.reply_lost", extra={"conversation": str(conversation), "command": parsed.action, "error": reason})
+        self.platform.lost(ConversationKey(self.platform.name, payload["channel_id"]), command=parsed.action, error=reason)
         return False
-
-    async def _reset(self, channel: str, payload: dict) -> str:
-        if _is_dm(payload):
-            count = await self.engine.reset(ConversationKey("slack", channel))
-            return f"Done: I forgot our conversation here ({count} messages)." if count else "There was nothing to forget: we haven't talked here yet."
-        # A slash command doesn't say which thread it came from: every thread of the channel is forgotten.
-        conversations, count = await self.engine.reset_channel("slack", channel)
-        if not conversations:
-            return "There was nothing to forget: I haven't talked in this channel yet."
-        threads = "1 conversation" if conversations == 1 else f"{conversations} conversations"
-        return f"Done: I forgot {threads} in this channel ({count} messages)."
 
     @staticmethod
     def _heading(parsed: SlashCommand, user: str) -> str:

@@ -15,7 +15,7 @@ import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.core.engine import Attachment
+from bot.core.messages import Attachment
 from bot.images.fetch import MAX_REDIRECTS, FetchRefused, read_body
 
 # Hosts that serve Slack's files (commercial and GovSlack); the token is sent to these only.

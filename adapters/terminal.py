@@ -11,22 +11,31 @@ import asyncio
 import sys
 from typing import TextIO
 
-from bot.runtime.config import Config
 from bot.core.conversation import Author, ConversationKey
-from bot.core.engine import Engine, Final, IncomingMessage, Partial, Waiting
+from bot.core.messages import Final, IncomingMessage, Partial, Waiting
+from bot.platform.sdk import Platform
+from bot.platform.settings import Section
 
 HELP = "Type a message. /image PATH_OR_URL attaches an image to your next message, /reset forgets this chat, /quit leaves."
 
 
-class TerminalChat:
-    """An adapter for one person at a terminal."""
+class TerminalSettings(Section):
+    """[terminal]: the name the person at the keyboard has in the conversation."""
 
+    user_name: str = "you"
+
+
+class TerminalChat:
+    """An adapter for one person at a terminal (`idefics-bot chat` starts it; `run` doesn't)."""
+
+    Settings = TerminalSettings
+    delivery_errors = ()  # writing to the terminal either works or ends the chat
     name = "terminal"
     key = ConversationKey("terminal", "local")
 
-    def __init__(self, config: Config, engine: Engine, stdin: TextIO | None = None, stdout: TextIO | None = None):
-        self.engine = engine
-        self.author = Author("terminal", config.terminal.user_name)
+    def __init__(self, platform: Platform, settings: TerminalSettings, stdin: TextIO | None = None, stdout: TextIO | None = None):
+        self.platform = platform
+        self.author = Author("terminal", settings.user_name)
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
         self._task: asyncio.Task | None = None
@@ -61,7 +70,7 @@ class TerminalChat:
             if line == "/help":
                 self._say(HELP)
             elif line == "/reset":
-                count = await self.engine.reset(self.key)
+                count = await self.platform.reset(self.key)
                 pending_images.clear()
                 self._say(f"(Forgot this conversation: {count} turns.)")
             elif line.startswith("/image"):
@@ -74,14 +83,14 @@ class TerminalChat:
             elif line.startswith("/"):
                 self._say(f"(Unknown command {line.split()[0]}. {HELP})")
             elif line or pending_images:
-                attachments = tuple(self.engine.attachment_for(source) for source in pending_images)
+                attachments = tuple(self.platform.local_file(source) for source in pending_images)
                 pending_images.clear()
                 await self._answer(IncomingMessage(self.key, self.author, line, attachments))
 
     async def _answer(self, message: IncomingMessage) -> None:
         shown = ""
         self._say("bot> ", end="")
-        async for event in self.engine.reply(message):
+        async for event in self.platform.reply(message):
             if isinstance(event, Waiting):
                 self._say(f"(waiting: #{event.position} in line) ", end="")
             elif isinstance(event, Partial):

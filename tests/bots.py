@@ -12,7 +12,9 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from bot.runtime.cli import run_bot
-from bot.runtime.config import Config, DiscordConfig, SlackConfig
+from adapters.discord_settings import DiscordSettings
+from adapters.slack import SlackSettings
+from bot.runtime.config import Config
 from tests.fake_discord import FakeDiscord, Interaction
 from tests.fake_slack import BOT_TOKEN, SIGNING_SECRET, FakeSlack, Journal, Posted
 from tests.load_balancer import LoadBalancer
@@ -56,10 +58,10 @@ def free_port() -> int:
 # -- Discord -----------------------------------------------------------------------------------
 
 
-def discord_section(fake: FakeDiscord, **settings) -> DiscordConfig:
+def discord_section(fake: FakeDiscord, **settings) -> DiscordSettings:
     """[discord] for a bot on `fake`, with its commands registered in the fake's guild."""
     settings = {"token": fake.token, "command_guild_ids": [fake.guild_id], **settings}
-    return DiscordConfig(enabled=True, api_base_url=fake.api_base_url, gateway_url=fake.gateway_url, **settings)
+    return DiscordSettings(enabled=True, api_base_url=fake.api_base_url, gateway_url=fake.gateway_url, **settings)
 
 
 def discord_connected(fake: FakeDiscord) -> Awaitable:
@@ -113,8 +115,8 @@ def slack_settings(slack: FakeSlack, **settings) -> dict:
     } | settings
 
 
-def slack_section(slack: FakeSlack, **settings) -> SlackConfig:
-    return SlackConfig(enabled=True, **slack_settings(slack, **settings))
+def slack_section(slack: FakeSlack, **settings) -> SlackSettings:
+    return SlackSettings(enabled=True, **slack_settings(slack, **settings))
 
 
 class LogJournal(logging.Handler):

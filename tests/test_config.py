@@ -57,10 +57,10 @@ def test_http_mode_slack_needs_the_signing_secret_not_the_app_token(tmp_path):
     [
         ('[model]\ndtype = "bf16"\n', r"\[model\] dtype: Input should be 'auto', 'bfloat16', 'float16' or 'float32' \(got 'bf16'\)"),
         ("[generation]\nmax_new_tokens = 0\n", r"\[generation\] max_new_tokens: Input should be greater than or equal to 1 \(got 0\)"),
-        ("[modle]\ncheckpoint = 'x'\n", r"\[modle\]: unknown key"),
+        ("[modle]\ncheckpoint = 'x'\n", r"\[modle\] is not a section of the configuration, nor an installed adapter's"),
         ("[images]\nmax_byte = 5\n", r"\[images\] max_byte: unknown key"),
-        ("[discord]\nenabled = true\n", r"\[discord\] is enabled but has no token: set \[discord\] token or DISCORD_TOKEN"),
-        ('[slack]\nenabled = true\nbot_token = "x"\n', r"\[slack\] is enabled in socket mode but has no app_token"),
+        ("[discord]\nenabled = true\n", r"\[discord\] is enabled but has no token: set token in this section, or DISCORD_TOKEN"),
+        ('[slack]\nenabled = true\nbot_token = "x"\n', r"\[slack\] is enabled but has no app_token: set app_token in this section, or SLACK_APP_TOKEN"),
         ("[model\n", r"not valid TOML"),
         ("[discord]\ntoken = 12345\n", r"\[discord\] token: Input should be a valid string$"),
     ],

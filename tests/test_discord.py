@@ -15,7 +15,7 @@ from PIL import Image
 
 from adapters.discord_input import thread_name
 from bot.runtime.config import Config, ConfigError
-from bot.core.engine import Attachment
+from bot.core.messages import Attachment
 from tests.bots import BotRun, bot_says, command_answer, discord_connected, discord_section, thread_of
 from tests.conftest import image_bytes, write_config
 from tests.fake_discord import FakeDiscord
@@ -302,7 +302,7 @@ async def test_slash_commands_defer_then_answer(fake, start_bot, tap, command, o
     assert all(pings_no_one(call) for call in fake.writes())
 
 
-async def test_ask_takes_an_image_link_and_story_falls_back_to_the_last_image(fake, start_bot, tap):
+async def test_ask_takes_an_image_link_and_story_and_ask_fall_back_to_the_last_image(fake, start_bot, tap):
     await start_bot()
     ann = fake.user("Ann")
     image = fake.upload("linked.png", image_bytes((0, 255, 0)), "image/png")
@@ -313,6 +313,10 @@ async def test_ask_takes_an_image_link_and_story_falls_back_to_the_last_image(fa
     story = tap.force_next("once upon a time")
     told = await fake.run_command(ann, fake.text_channel, "story")
     await command_answer(fake, told, f"{story}\n\n*I used the last image I saw in this channel (linked.png).*")
+    again = tap.force_next("still green")
+    asked_again = await fake.run_command(ann, fake.text_channel, "ask", {"question": "And now?"})
+    await command_answer(fake, asked_again, f"{again}\n\n*I used the last image I saw in this channel (linked.png).*")
+    assert "User: And now?" in tap.prompt() and tap.prompt().count("<image>") == 1  # the instruct format, as on Slack
 
 
 async def test_without_guild_ids_commands_are_global_and_work_in_dms(fake, start_bot, tap):
@@ -341,7 +345,7 @@ async def test_the_message_command_describes_a_messages_image(fake, start_bot, t
     assert ephemeral_note(nothing) == "*That message has no image attached.*" and len(tap.prompts) == 1
 
 
-async def test_reset_forgets_the_threads_conversation(fake, start_bot, tap):
+async def test_reset_forgets_the_threads_conversation_or_the_channels(fake, start_bot, tap):
     await start_bot()
     ann = fake.user("Ann")
     first = tap.force_next("the first answer")
@@ -354,8 +358,11 @@ async def test_reset_forgets_the_threads_conversation(fake, start_bot, tap):
     await fake.say(ann, thread, "what was the word?")  # still the bot's thread: no mention needed
     await bot_says(fake, thread, second)
     assert "banana" not in tap.prompt()
+    # In the channel (as a Slack slash command always is): every conversation of the channel.
     in_channel = await fake.run_command(ann, fake.text_channel, "reset")
-    await command_answer(fake, in_channel, "There was nothing to forget here.", exactly=False)
+    await command_answer(fake, in_channel, "Forgot 1 conversation here (2 messages); the next message starts afresh.")
+    again = await fake.run_command(ann, fake.text_channel, "reset")
+    await command_answer(fake, again, "There was nothing to forget here.")
 
 
 async def test_a_command_slower_than_discord_allows_gets_a_clear_message(fake, start_bot, tap):
@@ -458,7 +465,7 @@ async def test_startup_problems_are_reported_with_what_to_do(config, tap):
 @pytest.mark.parametrize(
     "section, message",
     [
-        ("enabled = true", r"\[discord\] is enabled but has no token: set \[discord\] token or DISCORD_TOKEN"),
+        ("enabled = true", r"\[discord\] is enabled but has no token: set token in this section, or DISCORD_TOKEN"),
         ('token = "t"\ncommand_guild_ids = ["my server"]', "command_guild_ids holds server ids, numbers written as strings"),
         ('token = "t"\ngateway_url = "http://127.0.0.1:3001/gateway"', "gateway_url must be a ws:// or wss:// address"),
     ],

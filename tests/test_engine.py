@@ -8,7 +8,7 @@ import pytest
 
 from bot.runtime.app import Runtime
 from bot.core.conversation import Author, ConversationKey, ImageRef
-from bot.core.engine import Attachment, Final, IncomingMessage, Partial, TaskRequest, Waiting
+from bot.core.messages import Attachment, Final, IncomingMessage, Partial, TaskRequest, Waiting
 from bot.core.prompt import render
 from tests.conftest import image_bytes
 from tests.test_images import truncated_jpeg
@@ -151,7 +151,7 @@ async def test_tasks_answer_without_touching_the_conversation(runtime, task, que
 
 
 async def test_tasks_fall_back_to_the_channels_last_image_and_say_so(runtime):
-    request = TaskRequest("caption", KEY, ANN)
+    request = TaskRequest("caption", KEY, ANN, last_image=True)
     _, refused = await run(runtime.engine.run_task(request))
     assert refused.notes == ("Give me an image (attach one or paste a link): I haven't seen one in this channel yet.",)
     await run(runtime.engine.reply(IncomingMessage(KEY, ANN, "see", (attachment("seen.png", image_bytes()),))))

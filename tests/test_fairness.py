@@ -1,4 +1,4 @@
-"""Fair sharing: per-user token buckets and turn-taking within a conversation."""
+"""Fair sharing: per-user token buckets, turn-taking within a conversation, and "latest" mode."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import re
 
 from bot.runtime.app import Runtime
 from bot.core.conversation import Author, ConversationKey
-from bot.core.engine import IncomingMessage
-from bot.core.fairness import ConversationTurns, RateLimiter
+from bot.core.messages import IncomingMessage
+from bot.core.admission import RateLimiter
+from bot.core.turns import Arrivals
+from bot.state.lock import ConversationLocks
 
 KEY = ConversationKey("test", "c1", "t1")
 
@@ -45,32 +47,32 @@ def test_idle_buckets_are_forgotten():
 
 
 async def test_turns_go_in_arrival_order():
-    turns = ConversationTurns()
+    locks = ConversationLocks()
     order = []
 
     async def request(n):
-        async with turns.turn(KEY) as overtaken:
-            assert not overtaken
+        async with locks.hold(KEY):
             order.append(n)
             await asyncio.sleep(0)
 
     await asyncio.gather(*(request(n) for n in range(5)))
     assert order == [0, 1, 2, 3, 4]
-    assert not turns._locks  # nothing kept once a conversation is quiet
+    assert not locks._locks  # nothing kept once a conversation is quiet
 
 
-async def test_latest_wins_lets_waiting_requests_step_aside():
-    turns = ConversationTurns(latest_wins=True)
+async def test_a_waiting_message_learns_a_newer_one_overtook_it():
+    locks, arrivals = ConversationLocks(), Arrivals()
     seen = []
     first_inside = asyncio.Event()
     release = asyncio.Event()
 
     async def request(n):
-        async with turns.turn(KEY) as overtaken:
-            seen.append((n, overtaken))
-            if n == 0:
-                first_inside.set()
-                await release.wait()
+        with arrivals.arriving(KEY) as overtaken:
+            async with locks.hold(KEY):
+                seen.append((n, overtaken()))
+                if n == 0:
+                    first_inside.set()
+                    await release.wait()
 
     first = asyncio.create_task(request(0))
     await first_inside.wait()
@@ -79,6 +81,7 @@ async def test_latest_wins_lets_waiting_requests_step_aside():
     release.set()
     await asyncio.gather(first, *waiting)
     assert seen == [(0, False), (1, True), (2, True), (3, False)]
+    assert not arrivals._arrived  # nothing kept once a conversation is quiet
 
 
 async def test_the_engine_tells_a_fast_sender_when_to_come_back(config):
@@ -99,7 +102,7 @@ async def test_the_engine_tells_a_fast_sender_when_to_come_back(config):
 
 
 async def test_latest_mode_answers_the_newest_waiting_message(config, tiny_checkpoint):
-    from bot.core.engine import Partial
+    from bot.core.messages import Partial
     from model.loading import CheckpointSettings
     from model.local import LocalBackend
     from tests.test_model_service import Script

@@ -8,7 +8,7 @@ import aiohttp
 
 from bot.runtime.app import Runtime
 from bot.core.conversation import Author, ConversationKey
-from bot.core.engine import IncomingMessage
+from bot.core.messages import IncomingMessage
 from bot.runtime.health import HealthServer
 
 

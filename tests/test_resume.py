@@ -7,7 +7,8 @@ import time
 
 from bot.runtime.app import Runtime
 from bot.core.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
-from bot.core.engine import Engine, Final
+from bot.core.engine import Engine
+from bot.core.messages import Final
 from tests.test_store import new_store, store  # noqa: F401 (fixtures: SQLite and PostgreSQL)
 
 ANN = Author("u1", "Ann")
@@ -49,4 +50,4 @@ async def test_a_turn_left_unanswered_is_answered_once_in_its_conversation(confi
 
         await store.add_turn(key, Turn("user", ("one more",), ANN, "m3"))
         off = config.model_copy(update={"bot": config.bot.model_copy(update={"resume_window_s": 0})})
-        assert await Engine(off, runtime.model, store).unanswered("test") == []
+        assert await Engine(off, runtime.model, store, runtime.metrics).unanswered("test") == []

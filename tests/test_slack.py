@@ -286,7 +286,7 @@ async def test_slash_command_subcommands_answer_through_response_url(start_bots,
     asked = await run("ask What colour is it?")  # no link: the last image seen in this channel
     assert asked["text"].startswith(f"<@{ANN}> asked: What colour is it?")
     assert "_I used the last image I saw in this channel (red.png)._" in asked["text"]
-    assert "Question: What colour is it? Answer:" in tap.prompts[-1]
+    assert "User: What colour is it?" in tap.prompts[-1] and "<image>" in tap.prompts[-1]  # the instruct format, as on Discord
     classified = await run(f"classify {red} cat, dog, bird")
     assert "asked which of these fits: cat, dog, bird" in classified["text"]
     assert "['cat', 'dog', 'bird']" in tap.prompts[-1]
@@ -298,11 +298,11 @@ async def test_slash_command_subcommands_answer_through_response_url(start_bots,
     assert "I haven't seen one in this channel yet" in nothing["text"]
 
     await harness.answer(slack.message(DM, ANN, "Hi", channel_type="im"))
-    assert (await run("reset", channel=DM))["text"] == "Done: I forgot our conversation here (2 messages)."
-    assert (await run("reset"))["text"] == "There was nothing to forget: I haven't talked in this channel yet."
+    assert (await run("reset", channel=DM))["text"] == "Forgot 1 conversation here (2 messages); the next message starts afresh."
+    assert (await run("reset"))["text"] == "There was nothing to forget here."
     for text in ("first thread", "second thread"):
         await harness.answer(slack.mention(CHANNEL, ANN, text))
-    assert (await run("reset"))["text"] == "Done: I forgot 2 conversations in this channel (4 messages)."
+    assert (await run("reset"))["text"] == "Forgot 2 conversations here (4 messages); the next message starts afresh."
 
 
 # -- long replies, restarts, access, Socket Mode ---------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from bot.runtime.app import Runtime, create_store
 from bot.runtime.config import ConfigError, load_config
 from bot.core.conversation import Author, ConversationKey, Turn
-from bot.core.engine import Final, IncomingMessage, Partial
+from bot.core.messages import Final, IncomingMessage, Partial
 from bot.state.store import StoreError
 from bot.state.postgres import SCHEMA_VERSION, PostgresStore, describe_url
 from model.loading import CheckpointSettings

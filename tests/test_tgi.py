@@ -16,7 +16,7 @@ from PIL import Image
 from bot.runtime.app import Runtime
 from bot.runtime.config import ConfigError, load_config
 from bot.core.conversation import Author, ConversationKey
-from bot.core.engine import Attachment, Final, IncomingMessage, Partial
+from bot.core.messages import Attachment, Final, IncomingMessage, Partial
 from model.service import (
     Finished,
     GenerationFailed,
@@ -495,7 +495,7 @@ async def test_eight_detailed_images_travel_within_the_servers_default_payload_l
 async def test_a_request_that_fits_as_stored_is_sent_as_stored(fake, tmp_path):
     async with Runtime(tgi_config(tmp_path, fake)) as runtime:
         await final_of(runtime, with_images("What is this?", range(1)))
-        store = runtime.engine.store
+        store = runtime.store
         [question, _] = await store.load_turns(ConversationKey("test", "channel"))
         stored = await store.get_image(question.images[0])
     assert [data for _, data in fake.images_seen] == [stored.data]
@@ -517,7 +517,7 @@ async def test_a_message_whose_images_alone_are_too_large_is_told_to_send_fewer(
     async with Runtime(tgi_config(tmp_path, fake, "payload_limit = 100_000")) as runtime:
         final = await final_of(runtime, with_images("What are these?", range(4)))
         assert final.text == "" and "send fewer" in final.notes[0]
-        assert await runtime.engine.store.load_turns(ConversationKey("test", "channel")) == []
+        assert await runtime.store.load_turns(ConversationKey("test", "channel")) == []
     assert not fake.generate_requests and not fake.body_sizes
 
 

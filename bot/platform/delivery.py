@@ -13,7 +13,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from bot.core.engine import Final, Partial, ReplyEvent, Waiting, Working
+from bot.core.messages import Final, Partial, ReplyEvent, Waiting, Working
 
 _FENCE = "```"
 _FENCE_OPENER = re.compile(r"```[\w+#.-]{0,20}")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from contextlib import AsyncExitStack
 
+from bot.platform.adapter import Adapter, AdapterFactory, installed_adapters, load_adapter
+from bot.platform.sdk import Platform, error_name
+from bot.platform.settings import AdapterSettings
 from bot.runtime.config import Config
 from bot.core.engine import Engine
 from bot.runtime.metrics import Metrics
@@ -51,6 +54,11 @@ def create_model(config: Config) -> ModelService:
     )
 
 
+def enabled_adapters(config: Config) -> list[str]:
+    """The adapters `idefics-bot run` starts: those whose section is enabled."""
+    return [name for name in installed_adapters() if isinstance(section := config.section(name), AdapterSettings) and section.enabled]
+
+
 def create_store(config: Config) -> Store:
     """The state store the config asks for (not opened yet): PostgreSQL if `[state] url` is set."""
     state = config.state
@@ -79,6 +87,16 @@ class Runtime:
 
     async def __aexit__(self, *exc_info) -> None:
         await self._stack.aclose()
+
+    def platform(self, name: str, factory: AdapterFactory) -> Platform:
+        """The core as adapter `name` (made by `factory`) sees it."""
+        describe = getattr(factory, "describe_error", error_name)
+        return Platform(name, self.engine, self.store, self.metrics, self.config.images, factory.delivery_errors, describe)
+
+    def adapter(self, name: str) -> Adapter:
+        """The installed adapter `name`, built on this process's core with its own config section."""
+        factory = load_adapter(name)
+        return factory(self.platform(name, factory), self.config.section(name))
 
     async def shutdown(self, grace: float) -> None:
         """Stop taking requests and end the ones in flight within `grace` seconds: they finish if they

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from bot.platform.adapter import AdapterMissing
+from bot.platform.settings import AdapterSettings
 from bot.runtime.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from bot.core.conversation import Author, ConversationKey, ImageRef, Turn
 from bot.runtime.logs import setup_logging
@@ -25,6 +26,8 @@ from bot.core.tasks import TASKS
 from model.service import ModelImage, ModelLoadError
 
 EXIT_USAGE = 2
+# The adapter `idefics-bot chat` runs: a conversation in this terminal.
+TERMINAL = "terminal"
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +36,21 @@ class CommandError(Exception):
     """Ends the command with this message on stderr."""
 
 
-def _nothing_enabled(source: str) -> str:
+def _nothing_enabled(config: Config, source: str) -> str:
+    from bot.platform.adapter import installed_adapters
+
+    ways = []
+    for name in installed_adapters():
+        section = config.section(name)
+        needed = section.secrets_needed(section.__dict__) if isinstance(section, AdapterSettings) else []
+        if needed:
+            variables = " and ".join(section.environment[key] for key in needed)
+            keys = " and ".join(f"[{name}] {key}" for key in needed)
+            ways.append(f"To put the bot into {name}: set {variables} (or {keys} in config.toml).")
     return f"""No chat platform is enabled ({source}), so there is nothing to run yet.
 
-To put the bot into Discord: set DISCORD_TOKEN (or [discord] token in config.toml).
-  The README's "Discord" section lists the intents, permissions and invite link.
-To put it into Slack (Socket Mode): set SLACK_BOT_TOKEN and SLACK_APP_TOKEN
-  (or [slack] bot_token and app_token). The README's "Slack" section has an app manifest.
+{chr(10).join(ways)}
+The README's sections on each platform list the permissions and set-up they need.
 Then run `idefics-bot run` again.
 
 To chat with the model in this terminal instead:
@@ -62,21 +73,19 @@ def _config(args: argparse.Namespace) -> Config:
 async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None) -> None:
     """Start every enabled platform's adapter on one shared model service and run until SIGINT or
     SIGTERM (or until `stop` is set, for callers that manage their own signals, such as tests)."""
-    from bot.platform.adapter import enabled_platforms, load_adapter
-    from bot.runtime.app import Runtime
+    from bot.runtime.app import Runtime, enabled_adapters
     from bot.runtime.health import HealthServer
 
-    platforms = enabled_platforms(config)
-    if not platforms:
-        raise CommandError(_nothing_enabled(source))
-    factories = [load_adapter(name) for name in platforms]
+    names = enabled_adapters(config)
+    if not names:
+        raise CommandError(_nothing_enabled(config, source))
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
     async with Runtime(config) as runtime:
-        adapters = [factory(config, runtime.engine) for factory in factories]
+        adapters = [runtime.adapter(name) for name in names]
         started = []
         health = None
         try:
@@ -107,13 +116,12 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
 
 async def chat(config: Config) -> int:
     """The terminal chat: the terminal adapter on this process's engine."""
-    from bot.platform.adapter import load_adapter
     from bot.runtime.app import Runtime
 
     tgi = config.model.backend == "tgi"
     print(f"Connecting to the TGI server at {config.model.url} ..." if tgi else f"Loading {config.model.checkpoint} ...", file=sys.stderr)
     async with Runtime(config) as runtime:
-        session = load_adapter("terminal")(config, runtime.engine)
+        session = runtime.adapter(TERMINAL)
         await session.start()
         try:
             await session.wait_closed()
@@ -127,7 +135,8 @@ async def chat(config: Config) -> int:
 
 async def ask(config: Config, images: list[str], question: str, task: str, labels: str) -> int:
     from bot.runtime.app import Runtime
-    from bot.core.engine import Final, TaskRequest
+    from bot.core.messages import Final, TaskRequest
+    from bot.platform.files import local_attachment
     from bot.state.store import SQLiteStore
 
     with tempfile.TemporaryDirectory(prefix="idefics-ask-") as scratch:
@@ -138,7 +147,7 @@ async def ask(config: Config, images: list[str], question: str, task: str, label
                 task=task,
                 key=ConversationKey("cli", "ask"),
                 author=Author("cli", "you"),
-                attachments=tuple(engine.attachment_for(source) for source in images),
+                attachments=tuple(local_attachment(source, engine.intake) for source in images),
                 question=question,
                 labels=labels,
             )

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from bot.platform.adapter import adapter_settings_model, installed_adapters
 from model.loading import DEFAULT_CHECKPOINT
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
@@ -141,79 +142,6 @@ class LoggingConfig(Section):
     json_lines: bool = Field(False, alias="json")
 
 
-class AccessConfig(Section):
-    """Who may talk to the bot; empty allow lists allow everyone, block lists always win."""
-
-    allowed_users: list[str] = []
-    blocked_users: list[str] = []
-    allowed_channels: list[str] = []
-    blocked_channels: list[str] = []
-    allow_dms: bool = True
-    ignore_bots: bool = True
-
-
-class DiscordConfig(AccessConfig):
-    enabled: bool  # left out of the file: on when a token is configured
-    token: SecretStr | None = None
-    allowed_guilds: list[str] = []
-    blocked_guilds: list[str] = []
-    allowed_roles: list[str] = []
-    blocked_roles: list[str] = []
-    reply_in_thread: bool = True
-    refusal_notice: bool = False  # tell refused users so (ephemerally) instead of ignoring them
-    command_guild_ids: list[str] = []
-    api_base_url: str | None = None
-    gateway_url: str | None = None
-    # Sharding: the bot's guilds are split over `shard_count` gateway connections, and this process
-    # runs `shard_ids` of them (default: all). Unset: one connection for every guild.
-    shard_count: int | None = Field(None, ge=1, le=65536)
-    shard_ids: list[int] | None = None
-
-    @model_validator(mode="after")
-    def _shards(self) -> DiscordConfig:
-        if self.shard_ids is None:
-            return self
-        if self.shard_count is None:
-            raise ValueError("shard_ids needs shard_count, the number of shards the bot's processes share (e.g. shard_count = 2)")
-        if not self.shard_ids:
-            raise ValueError("shard_ids is empty: list the shards this process runs (e.g. [0]), or leave it out to run them all")
-        wrong = [shard for shard in self.shard_ids if not 0 <= shard < self.shard_count]
-        if wrong:
-            count = self.shard_count
-            raise ValueError(f"shard_ids {wrong} are not shards of shard_count = {count}: shard ids go from 0 to {count - 1}")
-        if len(set(self.shard_ids)) != len(self.shard_ids):
-            raise ValueError("shard_ids lists a shard twice")
-        return self
-
-    @model_validator(mode="after")
-    def _ids_and_addresses(self) -> DiscordConfig:
-        for guild_id in self.command_guild_ids:
-            if not guild_id.isdigit():
-                raise ValueError(f"command_guild_ids holds server ids, numbers written as strings (got {guild_id!r}); Developer Mode → right-click the server → Copy Server ID")
-        if self.api_base_url and not self.api_base_url.startswith(("http://", "https://")):
-            raise ValueError('api_base_url must be an http:// or https:// address, e.g. "http://127.0.0.1:3001/api/v10"')
-        if self.gateway_url and not self.gateway_url.startswith(("ws://", "wss://")):
-            raise ValueError('gateway_url must be a ws:// or wss:// address, e.g. "ws://127.0.0.1:3001/gateway"')
-        return self
-
-
-class SlackConfig(AccessConfig):
-    enabled: bool  # left out of the file: on when the tokens its mode needs are configured
-    bot_token: SecretStr | None = None
-    app_token: SecretStr | None = None
-    signing_secret: SecretStr | None = None
-    mode: Literal["socket", "http"] = "socket"
-    http_host: str = "0.0.0.0"
-    http_port: int = Field(3000, ge=1, le=65535)
-    events_path: str = "/slack/events"
-    command: str = "/idefics"
-    api_base_url: str | None = None
-
-
-class TerminalConfig(Section):
-    user_name: str = "you"
-
-
 class BotConfig(Section):
     # On SIGTERM the bot stops taking messages and exits within this many seconds: replies in flight
     # finish if they can, the others are told the bot is stopping.
@@ -229,17 +157,10 @@ class HealthConfig(Section):
     port: int = Field(9090, ge=0, le=65535)
 
 
-def _slack_secrets(section: dict) -> list[str]:
-    """The secrets Slack needs: the bot token, plus the app token (Socket Mode) or signing secret (HTTP)."""
-    return ["bot_token", "signing_secret" if section.get("mode") == "http" else "app_token"]
-
-
+# Secrets of the core's own sections that may come from the environment: (section, key) -> variable.
+# Adapters declare theirs in their settings model (`AdapterSettings.environment`).
 _SECRETS_FROM_ENV = {
-    ("discord", "token"): "DISCORD_TOKEN",
     ("model", "token"): "TGI_TOKEN",
-    ("slack", "bot_token"): "SLACK_BOT_TOKEN",
-    ("slack", "app_token"): "SLACK_APP_TOKEN",
-    ("slack", "signing_secret"): "SLACK_SIGNING_SECRET",
     ("state", "url"): "DATABASE_URL",
 }
 
@@ -255,32 +176,25 @@ class Config(Section):
     limits: LimitsConfig = LimitsConfig()
     state: StateConfig = StateConfig()
     logging: LoggingConfig = LoggingConfig()
-    discord: DiscordConfig = DiscordConfig(enabled=False)
-    slack: SlackConfig = SlackConfig(enabled=False)
-    terminal: TerminalConfig = TerminalConfig()
 
-    @model_validator(mode="before")
-    @classmethod
-    def _enable_configured_platforms(cls, data: dict) -> dict:
-        """A platform whose `enabled` is not written is on exactly when its secrets are there."""
-        if not isinstance(data, dict):
-            return data
-        for name, needs in (("discord", lambda s: ["token"]), ("slack", _slack_secrets)):
-            section = data.get(name, {})
-            if isinstance(section, dict) and "enabled" not in section:
-                data[name] = {**section, "enabled": all(section.get(key) for key in needs(section))}
-        return data
+    # Every other section belongs to an installed adapter (`[discord]`, `[slack]`, ...): it is validated
+    # by the settings model that adapter registers (see bot.platform.adapter), and kept as extra fields.
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     @model_validator(mode="after")
-    def _enabled_platforms_have_secrets(self) -> Config:
-        if self.discord.enabled and self.discord.token is None:
-            raise ValueError("[discord] is enabled but has no token: set [discord] token or DISCORD_TOKEN")
-        if self.slack.enabled:
-            for key in _slack_secrets({"mode": self.slack.mode}):
-                if getattr(self.slack, key) is None:
-                    env = _SECRETS_FROM_ENV[("slack", key)]
-                    raise ValueError(f"[slack] is enabled in {self.slack.mode} mode but has no {key}: set [slack] {key} or {env}")
+    def _adapter_sections(self) -> Config:
+        for name, section in (self.__pydantic_extra__ or {}).items():
+            model = adapter_settings_model(name)
+            if not isinstance(section, model):
+                self.__pydantic_extra__[name] = model.model_validate(section if isinstance(section, dict) else {})
         return self
+
+    def section(self, name: str) -> BaseModel:
+        """The settings of adapter `name`: its section as written, or its defaults."""
+        extra = self.__pydantic_extra__ or {}
+        if name in extra:
+            return extra[name]
+        return adapter_settings_model(name).model_validate({})
 
     def with_checkpoint(self, checkpoint: str | None) -> Config:
         """This configuration with `[model] checkpoint` replaced (the CLI's --model)."""
@@ -307,24 +221,47 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
             raise ConfigError(f"{path}: can't be read ({exc.strerror}).") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}.") from None
+    errors: list[str] = []  # the core's sections' first, then the adapters'
+    adapter_errors: list[str] = []
+    sections: dict[str, BaseModel] = {}
+    for name in installed_adapters():
+        raw = data.pop(name, {})
+        if not isinstance(raw, dict):
+            adapter_errors.append(f"[{name}] must be a table of settings")
+            continue
+        model = adapter_settings_model(name)
+        for key, env in getattr(model, "environment", {}).items():
+            if environ.get(env) and not raw.get(key):
+                raw[key] = environ[env]
+        try:
+            sections[name] = model.model_validate(raw)
+        except ValidationError as exc:
+            adapter_errors += [_describe(error, name, frozenset(getattr(model, "environment", {}))) for error in exc.errors()]
     for (section, key), env in _SECRETS_FROM_ENV.items():
         if environ.get(env) and isinstance(data.get(section, {}), dict) and not data.get(section, {}).get(key):
             data.setdefault(section, {})[key] = environ[env]
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: " + "; ".join(_describe(error) for error in exc.errors())) from None
+        errors += [_describe(error) for error in exc.errors()]
+    if errors or adapter_errors:
+        raise ConfigError(f"{source}: " + "; ".join(errors + adapter_errors))
+    return config.model_copy(update=sections)
 
 
-def _describe(error: dict) -> str:
-    location = [str(part) for part in error["loc"]]
+def _describe(error: Any, section: str | None = None, secrets: frozenset[str] = frozenset()) -> str:
+    """One validation error in words, located as `[section] key`. `section`: the adapter section the
+    error's location is inside (None: a core section, named by the location itself)."""
+    location = [*([section] if section else []), *(str(part) for part in error["loc"])]
     message = error["msg"].removeprefix("Value error, ")
     if not location:
         return message
-    key = f"[{location[0]}] {'.'.join(location[1:])}" if len(location) > 1 else f"[{location[0]}]"
+    if len(location) == 1:
+        return f"[{location[0]}] {message}" if section else f"[{location[0]}]: {message}"
+    key = f"[{location[0]}] {'.'.join(location[1:])}"
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key (check its spelling against config.example.toml)"
-    secret = location[-1] in {key for _, key in _SECRETS_FROM_ENV}
+    secret = location[-1] in secrets | {key for _, key in _SECRETS_FROM_ENV}
     if "input" in error and error["type"] != "missing" and not isinstance(error["input"], dict) and not secret:
         return f"{key}: {message} (got {error['input']!r})"
     return f"{key}: {message}"

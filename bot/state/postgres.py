@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import asyncpg
 
 from bot.core.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
-from bot.core.fairness import ConversationTurns
+from bot.state.lock import ConversationLocks
 from bot.state.store import EVENT_MEMORY_S, Store, StoreError, decode_parts, encode_parts
 from model.service import ModelImage
 
@@ -155,7 +155,7 @@ class PostgresStore(Store):
         self._max_connections = max_connections
         self._pool: asyncpg.Pool | None = None  # queries
         self._lock_pool: asyncpg.Pool | None = None  # one connection per conversation being answered
-        self._turns = ConversationTurns()
+        self._locks = ConversationLocks()
         self.where = describe_url(url)
 
     def __repr__(self) -> str:
@@ -243,7 +243,7 @@ class PostgresStore(Store):
         The lock belongs to the session of a connection held for the purpose: if the connection or
         the whole process dies, the server frees the lock, and the next waiter goes on.
         """
-        async with self._turns.turn(key, message=False), self._lock_pool.acquire() as connection:
+        async with self._locks.hold(key), self._lock_pool.acquire() as connection:
             lock = conversation_lock(key)
             # Cancelled while waiting for the lock or in it: releasing the connection to the pool
             # resets it with pg_advisory_unlock_all() (or, failing that, closes it).

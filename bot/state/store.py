@@ -20,7 +20,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 from bot.core.conversation import Author, ConversationKey, ImageRef, Part, Turn, Unanswered
-from bot.core.fairness import ConversationTurns
+from bot.state.lock import ConversationLocks
 from model.service import ModelImage
 
 
@@ -152,7 +152,7 @@ class SQLiteStore(Store):
         self.images_dir = self.path.parent / "images"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._db: sqlite3.Connection | None = None
-        self._turns = ConversationTurns()
+        self._locks = ConversationLocks()
 
     async def _run(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
@@ -210,7 +210,7 @@ class SQLiteStore(Store):
     @asynccontextmanager
     async def hold_conversation(self, key: ConversationKey) -> AsyncIterator[None]:
         """A SQLite file has one process, so turns taken within this process are enough."""
-        async with self._turns.turn(key, message=False):
+        async with self._locks.hold(key):
             yield
 
     def _conversation_id(self, key: ConversationKey, create: bool) -> int | None:

@@ -1,0 +1,108 @@
+"""Admission: whether the engine takes a new request now. Not while shutting down, and not faster
+than a person's token bucket allows; requests taken are counted, so a shutdown can wait for them."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Hashable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from bot.core.conversation import Author
+from bot.runtime.config import LimitsConfig
+from bot.runtime.metrics import Metrics
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class RateLimiter:
+    """A token bucket per key: `per_minute` requests on average, up to `burst` at once.
+
+    Buckets that have filled up again are forgotten, so memory follows the active users only.
+    """
+
+    def __init__(self, per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate = per_minute / 60.0
+        self.burst = burst
+        self.clock = clock
+        self._buckets: dict[Hashable, _Bucket] = {}
+        self._calls = 0
+
+    def acquire(self, key: Hashable) -> float:
+        """Take one request for `key`. Returns 0 if allowed, else the seconds until it would be."""
+        now = self.clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(self.burst, now)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
+        bucket.updated = now
+        self._calls += 1
+        if self._calls % 1024 == 0:
+            self._forget_idle(now)
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            return 0.0
+        return (1 - bucket.tokens) / self.rate if self.rate else math.inf
+
+    def _forget_idle(self, now: float) -> None:
+        full = [key for key, b in self._buckets.items() if b.tokens + (now - b.updated) * self.rate >= self.burst]
+        for key in full:
+            del self._buckets[key]
+
+
+_RESTARTING = "I'm shutting down for a moment; please send that again in a minute."
+
+
+class Admission:
+    """Takes requests in, or says why not; tracks those in flight so that `drain` can wait for them."""
+
+    def __init__(self, limits: LimitsConfig, metrics: Metrics):
+        self.metrics = metrics
+        self.rates = RateLimiter(limits.per_user_per_minute, limits.per_user_burst) if limits.per_user_per_minute else None
+        self.closing = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def refusal(self, platform: str, author: Author | None) -> str | None:
+        """Why a request can't be taken now (shutting down, or too many from this person), or None.
+        Without an `author` (a resumed reply) no rate limit applies."""
+        if self.closing:
+            self.metrics.error("shutting_down")
+            return _RESTARTING
+        wait = self.rates.acquire((platform, author.id)) if self.rates and author else 0
+        if wait:
+            self.metrics.error("rate_limited")
+            return f"You're sending requests faster than I can answer. Please try again in {math.ceil(wait)} s."
+        return None
+
+    @asynccontextmanager
+    async def tracked(self) -> AsyncIterator[None]:
+        """While inside, the request counts as in flight."""
+        self._in_flight += 1
+        self._idle.clear()
+        self.metrics.in_flight.inc()
+        try:
+            yield
+        finally:
+            self.metrics.in_flight.dec()
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking requests and wait up to `timeout` s for those in flight; True if all finished."""
+        self.closing = True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False

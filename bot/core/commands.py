@@ -1,0 +1,168 @@
+"""The commands every platform offers, in one table, so a command means the same everywhere:
+
+    ask       a question about an image: the instruct format (like a chat turn), up to the `chat`
+              task's reply budget (512 tokens unless [tasks] max_new_tokens says otherwise)
+    caption   a short caption (the guide's captioning prompt; `caption` budget, 20 tokens)
+    classify  one of the given labels (the guide's classification prompt; `classify` budget, 6 tokens)
+    story     a short story the image inspires (the guide's story prompt; `story` budget, 200 tokens)
+    reset     forget conversations: run in a thread, that thread's; run in a channel or DM, every
+              conversation of the channel or DM (a Slack command can't say which thread it came from,
+              so both platforms treat a channel alike)
+    help      what the commands are (each adapter shows them in its own syntax)
+
+The image commands take an attached image or a link; without one, they use the last image the bot saw
+in the channel, and say so. Adapters parse their platform's syntax into a `CommandRequest` and show the
+reply events; the core runs the rest here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal
+
+from bot.core.conversation import ConversationKey
+from bot.core.generation import Generation
+from bot.core.messages import CommandRequest, Final, Refusal, ReplyEvent, TaskRequest
+from bot.core.tasks import FewShotPair, TaskError, build_task
+from bot.core.turns import Conversations
+from bot.images.attachments import ImageIntake
+from bot.runtime.config import Config
+from bot.runtime.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command of the table: the task it runs (None: no model call), what its text is, whether it
+    falls back to the channel's last image, and the words its help shows."""
+
+    name: str
+    summary: str
+    task: str | None = None
+    text: Literal["question", "labels"] | None = None
+    last_image: bool = False
+
+
+COMMANDS: dict[str, Command] = {
+    command.name: command
+    for command in (
+        Command("ask", "answer a question about an image", "chat", "question", last_image=True),
+        Command("caption", "describe an image in a few words", "caption", last_image=True),
+        Command("classify", "pick the label that fits an image", "classify", "labels", last_image=True),
+        Command("story", "write a short story about an image", "story", last_image=True),
+        Command("reset", "forget the conversation of this thread, or every conversation of this channel or DM"),
+        Command("help", "show these commands"),
+    )
+}
+IMAGE_COMMANDS = tuple(name for name, command in COMMANDS.items() if command.task)
+LAST_IMAGE_HINT = "Without an image I use the last image I saw in this channel."
+_NEEDS = {"question": "a question, e.g. “What is in this picture?”", "labels": 'labels, e.g. "cat, dog, bird"'}
+
+
+class CommandError(ValueError):
+    """Not a command of the table."""
+
+
+def command_named(name: str) -> Command:
+    """The command called `name` (any case), or `CommandError` listing the commands."""
+    command = COMMANDS.get(name.strip().lower())
+    if command is None:
+        raise CommandError(f"I don't know “{name}”. The commands are: {', '.join(COMMANDS)}.")
+    return command
+
+
+def reset_text(key: ConversationKey, conversations: int, turns: int) -> str:
+    """What `reset` says it did: `key` is where it was run (a thread, or a channel or DM)."""
+    if not turns:
+        return "There was nothing to forget here."
+    if key.thread:
+        return f"Forgot this conversation ({turns} messages); the next message starts afresh."
+    what = "1 conversation" if conversations == 1 else f"{conversations} conversations"
+    return f"Forgot {what} here ({turns} messages); the next message starts afresh."
+
+
+class Commands:
+    """Runs commands and one-off tasks; nothing they do is added to a conversation (reset aside)."""
+
+    def __init__(self, config: Config, intake: ImageIntake, generation: Generation, conversations: Conversations, metrics: Metrics):
+        self.config = config
+        self.intake = intake
+        self.generation = generation
+        self.conversations = conversations
+        self.metrics = metrics
+        self._few_shot: list[FewShotPair] | None = None
+
+    async def run(self, request: CommandRequest) -> AsyncIterator[ReplyEvent]:
+        """The reply to a command of the table (help aside, which adapters render)."""
+        command = COMMANDS.get(request.command)
+        if command is None or command.name == "help":
+            yield Final("", (f"I don't know “{request.command}”. The commands are: {', '.join(COMMANDS)}.",))
+            return
+        if command.name == "reset":
+            key = request.key
+            if key.thread:
+                conversations, turns = 1, await self.conversations.reset(key)
+            else:
+                conversations, turns = await self.conversations.reset_channel(key.platform, key.channel)
+            yield Final(reset_text(key, conversations, turns))
+            return
+        assert command.task is not None
+        text = request.text.strip()
+        if command.text and not text:
+            yield Final("", (f"/{command.name} needs {_NEEDS[command.text]}",))
+            return
+        task = TaskRequest(
+            command.task,
+            request.key,
+            request.author,
+            request.attachments,
+            question=text if command.text == "question" else "",
+            labels=text if command.text == "labels" else "",
+            last_image=command.last_image,
+        )
+        async for event in self.run_task(task):
+            yield event
+
+    async def run_task(self, request: TaskRequest) -> AsyncIterator[ReplyEvent]:
+        """Run a task on the given images (or, with `last_image`, the channel's last one)."""
+        notes: list[str] = []
+        try:
+            refs, notes = await self.intake.take_in(request.key, request.attachments, "")
+            if not refs and request.last_image:
+                last = await self.intake.store.last_image(request.key.platform, request.key.channel)
+                if last is None:
+                    raise Refusal("Give me an image (attach one or paste a link): I haven't seen one in this channel yet.")
+                refs, notes = [last], [*notes, f"I used the last image I saw in this channel ({last.name})."]
+            prompt = build_task(
+                request.task,
+                refs,
+                question=request.question,
+                labels=request.labels,
+                examples=await self._few_shot_examples() if request.task == "few_shot" else (),
+                system_prompt=self.config.conversation.system_prompt,
+                max_new_tokens=dict(self.config.tasks.max_new_tokens),
+            )
+        except (Refusal, TaskError) as refusal:
+            self.metrics.error("input_refused")
+            yield Final("", (*notes, str(refusal)))
+            return
+        async for event in self.generation.stream(prompt.items, prompt.max_new_tokens, f"{request.key} task={request.task}"):
+            if isinstance(event, Final):
+                event = Final(event.text, (*notes, *event.notes))
+                if not event.text and not event.notes:
+                    event = Final("", ("The model gave an empty reply.",))
+            yield event
+
+    async def _few_shot_examples(self) -> list[FewShotPair]:
+        if self._few_shot is None:
+            pairs = []
+            for example in self.config.tasks.few_shot:
+                try:
+                    data = await asyncio.to_thread(example.image.read_bytes)
+                except OSError as exc:
+                    raise Refusal(f"The few-shot example image {example.image} can't be read ({exc.strerror}); fix [[tasks.few_shot]].") from None
+                image = await self.intake.prepare(data, example.image.name)
+                pairs.append(FewShotPair(await self.intake.store.put_image(image), example.text))
+            self._few_shot = pairs
+        return self._few_shot

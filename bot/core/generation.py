@@ -1,0 +1,116 @@
+"""Generation: a prompt's items -> the model's streamed answer as reply events, measured on the way
+(queue wait, batch size, generation time, tokens), the same on every backend."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+
+from bot.core.conversation import ImageRef
+from bot.core.messages import Final, Partial, ReplyEvent, Waiting, Working
+from bot.core.prompt import PromptItems
+from bot.runtime.config import Config
+from bot.runtime.metrics import Metrics
+from bot.state.store import Store
+from model.service import (
+    Finished,
+    GenerationParams,
+    GenerationRequest,
+    ModelError,
+    ModelImage,
+    ModelService,
+    Prompt,
+    Queued,
+    Started,
+    TextDelta,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Generation:
+    """Streams the model's answers to prompts."""
+
+    def __init__(self, config: Config, model: ModelService, store: Store, metrics: Metrics):
+        self.model = model
+        self.store = store
+        self.metrics = metrics
+        self.settings = config.model
+        generation = config.generation
+        self.params = GenerationParams(
+            max_new_tokens=generation.max_new_tokens,
+            do_sample=generation.do_sample,
+            temperature=generation.temperature,
+            top_p=generation.top_p,
+            repetition_penalty=generation.repetition_penalty,
+        )
+
+    async def model_prompt(self, items: PromptItems, loaded: dict[ImageRef, ModelImage] | None = None) -> Prompt:
+        """`items` with their images loaded from the store (those already in `loaded` are reused, new ones added)."""
+        loaded = {} if loaded is None else loaded
+        for ref in dict.fromkeys(item for item in items if isinstance(item, ImageRef)):
+            if ref not in loaded:
+                loaded[ref] = await self.store.get_image(ref)
+        return [loaded[item] if isinstance(item, ImageRef) else item for item in items]
+
+    def sendable_check(self) -> Callable[[PromptItems], Awaitable[bool]] | None:
+        """For a model with a limit on the size of a request, a check that a prompt keeps within it
+        (the images of one fit are loaded once); None for a model without one."""
+        limit = self.model.info.max_request_bytes
+        if limit is None:
+            return None
+        loaded: dict[ImageRef, ModelImage] = {}
+
+        async def sendable(items: PromptItems) -> bool:
+            return await self.model.request_bytes(await self.model_prompt(items, loaded)) <= limit
+
+        return sendable
+
+    async def stream(self, items: PromptItems, max_new_tokens: int, label: str) -> AsyncIterator[ReplyEvent]:
+        """Stream the model's answer to `items`: Waiting and Partial events, then a Final."""
+        prompt = await self.model_prompt(items)
+        request = GenerationRequest(
+            prompt=prompt,
+            params=replace(self.params, max_new_tokens=max_new_tokens),
+            queue_timeout=self.settings.queue_timeout_s,
+            timeout=self.settings.generation_timeout_s,
+            label=label,
+        )
+        text = ""
+        metrics, clock = self.metrics, time.perf_counter
+        waiting_since: float | None = None
+        generating_since: float | None = None
+        try:
+            async for event in self.model.stream(request):
+                if isinstance(event, Queued):
+                    if waiting_since is None:
+                        waiting_since = clock()
+                        metrics.queue_depth.inc()
+                    yield Waiting(event.position)
+                elif isinstance(event, Started):
+                    if waiting_since is not None:
+                        metrics.queue_depth.dec()
+                        metrics.queue_wait.observe(clock() - waiting_since)
+                        waiting_since = None
+                    metrics.batch_size.observe(event.batch_size)
+                    generating_since = clock()
+                    yield Working()
+                elif isinstance(event, TextDelta):
+                    text += event.text
+                    yield Partial(text)
+                elif isinstance(event, Finished):
+                    if generating_since is not None:
+                        metrics.generation.observe(clock() - generating_since)
+                    metrics.tokens.inc(event.tokens)
+                    metrics.replies.labels(outcome=event.reason).inc()
+                    yield Final(event.text)
+                    return
+        except ModelError as error:
+            metrics.error(type(error).__name__)
+            log.warning("request.failed", extra={"request": label, "error": type(error).__name__})
+            yield Final("", (str(error),))
+        finally:
+            if waiting_since is not None:  # left the queue without starting (cancelled, timed out)
+                metrics.queue_depth.dec()

@@ -1,0 +1,158 @@
+"""The platform SDK: everything an adapter may ask of the core, through one object per adapter.
+
+    adapter event -> (route, access) -> Platform.first_delivery -> Platform.answer -> Engine.reply
+                                                       -> LiveReply on the adapter's Surface
+
+`Platform` offers: turns and commands (`answer`, `command`, `link`), the threads the bot follows
+(`follow`, `follows`, `conversation_of`), once-only events (`first_delivery`), counting events for
+/metrics (`record`), and resuming, after a restart, the questions a killed process left unanswered
+(`unanswered`, `resume`). It runs every adapter's messages through the same steps and logs them the
+same way (`<adapter>.replied`, `.duplicate`, `.reply_lost`, `.resumed`, with their conversation).
+What an adapter implements in return: a `bot.platform.delivery.Surface` (post, edit) per reply, the
+errors that mean its platform didn't take a reply (`delivery_errors`), and its own settings and access
+rules (see `bot.platform.adapter`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from bot.core.conversation import ConversationKey, Unanswered
+from bot.core.engine import Engine
+from bot.core.messages import Attachment, CommandRequest, Final, IncomingMessage, ReplyEvent
+from bot.platform.delivery import LiveReply
+from bot.platform.files import local_attachment
+from bot.runtime.config import ImagesConfig
+from bot.runtime.metrics import Metrics
+from bot.state.store import Store
+
+ErrorFields = Callable[[BaseException], Mapping[str, Any]]
+
+
+def error_name(error: BaseException) -> Mapping[str, Any]:
+    """The log fields of a failed delivery, unless an adapter says more: the error's type."""
+    return {"error": type(error).__name__}
+
+
+class Platform:
+    """The core as the adapter `name` sees it."""
+
+    def __init__(
+        self,
+        name: str,
+        engine: Engine,
+        store: Store,
+        metrics: Metrics,
+        images: ImagesConfig,
+        delivery_errors: tuple[type[BaseException], ...] = (),
+        describe_error: ErrorFields = error_name,
+    ):
+        self.name = name
+        self.images = images  # download limits and timeouts, for adapters that fetch files themselves
+        self._engine = engine
+        self._store = store
+        self._metrics = metrics
+        self._delivery_errors = delivery_errors
+        self._describe_error = describe_error
+        self.log = logging.getLogger(f"adapters.{name}")
+
+    # -- turns and commands ------------------------------------------------------------------
+
+    def reply(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
+        """The reply to `message`, as events (for adapters that show them themselves, like a terminal)."""
+        return self._engine.reply(message)
+
+    def command(self, request: CommandRequest) -> AsyncIterator[ReplyEvent]:
+        """The reply to a command of the shared table (`bot.core.commands.COMMANDS`)."""
+        return self._engine.command(request)
+
+    def link(self, url: str) -> Attachment:
+        """An image link somebody gave, as an attachment (fetched under the link rules)."""
+        return self._engine.link(url)
+
+    def local_file(self, source: str) -> Attachment:
+        """A file path (or link) typed by the person at the keyboard, as an attachment."""
+        return local_attachment(source, self._engine.intake)
+
+    async def reset(self, key: ConversationKey) -> int:
+        """Forget one conversation; returns how many turns it had."""
+        return await self._engine.reset(key)
+
+    # -- the threads the bot follows ---------------------------------------------------------
+
+    async def follow(self, key: ConversationKey, message_id: str) -> None:
+        """Link a message (one the bot posted, or a thread's first) to `key`: replies to it continue it."""
+        await self._store.link_message(self.name, message_id, key)
+
+    async def conversation_of(self, message_id: str) -> ConversationKey | None:
+        """The conversation a message was linked to by `follow`, if any."""
+        return await self._store.conversation_of(self.name, message_id)
+
+    async def follows(self, key: ConversationKey, message_id: str | None = None) -> bool:
+        """Whether the bot is in the conversation `key`: it has turns, or `message_id` (its first
+        message) was linked to it."""
+        if message_id is not None and await self.conversation_of(message_id) is not None:
+            return True
+        return await self._store.has_conversation(key)
+
+    # -- the pipeline ------------------------------------------------------------------------
+
+    def record(self, kind: str) -> None:
+        """Count one event of this platform for /metrics (see `Metrics.adapter_event` for the kinds)."""
+        self._metrics.adapter_event(self.name, kind)
+
+    async def first_delivery(self, *event_ids: str, **about: Any) -> bool:
+        """True the first time any process sees these ids (all of them new); a re-delivery is counted
+        and logged (`<adapter>.duplicate`, with `about`), and gets False."""
+        for event_id in event_ids:
+            if not await self._store.claim_event(self.name, event_id):
+                self.record("duplicate")
+                self.log.info(f"{self.name}.duplicate", extra=dict(about))
+                return False
+        return True
+
+    async def answer(self, message: IncomingMessage, live: LiveReply, **about: Any) -> Final | None:
+        """Answer `message` on `live`: the one path of every adapter's messages. Returns the final
+        event once shown, or None if the platform didn't take the reply (counted and logged)."""
+        self.record("message")
+        started = time.perf_counter()
+        final = await self.show(live, self._engine.reply(message), message.key, **about)
+        if final is not None:
+            seconds = round(time.perf_counter() - started, 3)
+            extra = {"conversation": str(message.key), **about, "answered": bool(final.text), "messages": len(live.messages), "seconds": seconds}
+            self.log.info(f"{self.name}.replied", extra=extra)
+        return final
+
+    async def show(self, live: LiveReply, events: AsyncIterator[ReplyEvent], key: ConversationKey, **about: Any) -> Final | None:
+        """`live.run(events)`; None when the platform wouldn't take the reply in the end (after the
+        adapter's own retries), which is counted and logged at ERROR with its conversation."""
+        try:
+            return await live.run(events)
+        except self._delivery_errors as error:
+            self.lost(key, **about, **self._describe_error(error), shown_messages=len(live.messages))
+            return None
+
+    def lost(self, key: ConversationKey, **about: Any) -> None:
+        """A reply the platform didn't take: counted, and logged at ERROR with its conversation and
+        `about` (what it answered, why it failed)."""
+        self.record("reply_lost")
+        self.log.error(f"{self.name}.reply_lost", extra={"conversation": str(key), **about})
+
+    async def unanswered(self) -> list[Unanswered]:
+        """The questions of this platform that a stopped process left unanswered, oldest first."""
+        pending = await self._engine.unanswered(self.name)
+        if pending:
+            self.log.info(f"{self.name}.resuming", extra={"conversations": len(pending)})
+        return pending
+
+    async def resume(self, pending: Unanswered, live: LiveReply, shared: bool, **about: Any) -> Final | None:
+        """Answer a question left unanswered, on `live`, saying the answer comes late."""
+        key = pending.key
+        final = await self.show(live, self._engine.resume(pending, shared), key, **about)
+        if final is not None:
+            self.record("resumed")
+            self.log.info(f"{self.name}.resumed", extra={"conversation": str(key), **about, "answered": bool(final.text), "messages": len(live.messages)})
+        return final
