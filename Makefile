@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test postgres bench clean
+.PHONY: run test lint postgres bench clean
 
 # torch is installed first and pinned: 2.13.0 is the CPU build this project tests with. A GPU
 # machine keeps the CUDA build it already has in the venv (the range in pyproject.toml admits it).
@@ -25,6 +25,11 @@ postgres:
 	    echo "Installing Debian's postgresql package for the tests ..."; \
 	    $(SUDO) apt-get update -qq && \
 	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
+
+# The linters CI runs before the tests (installed with the test extras).
+lint: $(VENV)/.installed
+	$(BIN)/python -m ruff check bot model adapters
+	$(BIN)/python -m mypy bot model adapters
 
 test: $(VENV)/.installed postgres
 	$(BIN)/python -m pytest $(ARGS)

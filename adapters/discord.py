@@ -36,7 +36,10 @@ from bot.runtime.config import ConfigError
 log = logging.getLogger(__name__)
 
 PORTAL = "https://discord.com/developers/applications"
-BAD_TOKEN = f"[discord] token: Discord refused the token. Copy your bot's token from {PORTAL} → your application → Bot → Reset Token, and set DISCORD_TOKEN to it."
+BAD_TOKEN = (
+    f"[discord] token: Discord refused the token. Copy your bot's token from {PORTAL} → your application → Bot → Reset Token, "
+    "and set DISCORD_TOKEN to it."
+)
 NO_MESSAGE_CONTENT = (
     "[discord]: Discord refused the Message Content intent, which the bot needs to read messages. Turn it on at "
     f"{PORTAL} → your application → Bot → Privileged Gateway Intents → MESSAGE CONTENT INTENT, save, and start the bot again."

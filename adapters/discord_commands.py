@@ -68,7 +68,8 @@ class BotCommands(app_commands.CommandTree):
             )
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        reason = refusal(self.settings, interaction.user, interaction.channel, self.client.user)
+        me = self.client.user
+        reason = "own message" if me is None else refusal(self.settings, interaction.user, interaction.channel, me)
         self.platform.record("command" if reason is None else "refused")
         if reason is None:
             return True

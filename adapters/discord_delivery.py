@@ -6,6 +6,7 @@ per message, notes in italics). Nothing the bot posts can ping anyone: every mes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -13,8 +14,8 @@ from datetime import timedelta
 import discord
 from discord.utils import escape_markdown
 
-from bot.platform.delivery import LiveReply, Surface
 from bot.core.messages import ReplyEvent
+from bot.platform.delivery import LiveReply, Surface
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,11 @@ class ChannelSurface:
         self.posted: list[discord.Message] = []
 
     async def post(self, text: str) -> discord.Message:
-        reference = self.reply_to.to_reference(fail_if_not_exists=False) if self.reply_to and not self.posted else None
-        message = await self.channel.send(text, reference=reference, allowed_mentions=NO_PINGS)
+        if self.reply_to is not None and not self.posted:
+            reference = self.reply_to.to_reference(fail_if_not_exists=False)
+            message = await self.channel.send(text, reference=reference, allowed_mentions=NO_PINGS)
+        else:
+            message = await self.channel.send(text, allowed_mentions=NO_PINGS)
         self.posted.append(message)
         if self.on_post is not None:
             await self.on_post(message)
@@ -64,10 +68,8 @@ class ChannelSurface:
     async def discard(self) -> None:
         """Delete what was posted (the question was deleted, so its answer goes too)."""
         for message in self.posted:
-            try:
+            with contextlib.suppress(discord.HTTPException):  # already gone, or not ours to delete any more
                 await message.delete()
-            except discord.HTTPException:
-                pass  # already gone, or not ours to delete any more
 
 
 class InteractionSurface:

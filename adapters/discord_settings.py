@@ -49,7 +49,10 @@ class DiscordSettings(AccessSettings):
     def _ids_and_addresses(self) -> DiscordSettings:
         for guild_id in self.command_guild_ids:
             if not guild_id.isdigit():
-                raise ValueError(f"command_guild_ids holds server ids, numbers written as strings (got {guild_id!r}); Developer Mode → right-click the server → Copy Server ID")
+                raise ValueError(
+                    f"command_guild_ids holds server ids, numbers written as strings (got {guild_id!r}); "
+                    "Developer Mode → right-click the server → Copy Server ID"
+                )
         if self.api_base_url and not self.api_base_url.startswith(("http://", "https://")):
             raise ValueError('api_base_url must be an http:// or https:// address, e.g. "http://127.0.0.1:3001/api/v10"')
         if self.gateway_url and not self.gateway_url.startswith(("ws://", "wss://")):

@@ -114,15 +114,15 @@ class SlackAdapter:
         http = settings.mode == "http"
         self.app = AsyncApp(
             client=self.client,
-            signing_secret=settings.signing_secret.get_secret_value() if http else "",
+            signing_secret=settings.signing_secret.get_secret_value() if http and settings.signing_secret else "",
             request_verification_enabled=http,  # Socket Mode messages come over our own authenticated socket
         )
         self.commands = SlashCommands(platform, settings, self._spawn, MESSAGE_LIMIT, settings.command)
         self.app.event("app_mention")(self._on_message)
         self.app.event("message")(self._on_message)
         self.app.command(settings.command)(self.commands.handle)
-        self.identity: Identity | None = None
-        self.files: SlackFiles | None = None
+        self._identity: Identity | None = None  # both known once started
+        self._files: SlackFiles | None = None
         self._tasks: set[asyncio.Task] = set()
         self._socket: AsyncSocketModeHandler | None = None
         self._server: web.AppRunner | None = None
@@ -131,10 +131,10 @@ class SlackAdapter:
 
     async def start(self) -> None:
         """Check the bot token, then connect (Socket Mode) or listen (HTTP mode); returns when ready."""
-        self.identity = await self._identify()
-        self.files = SlackFiles(
+        self._identity = await self._identify()
+        self._files = SlackFiles(
             self.client,
-            self.client.token,
+            self.client.token or "",
             connect_timeout=self.images.connect_timeout_s,
             total_timeout=self.images.fetch_timeout_s,
             scopes=self.identity.scopes,
@@ -146,6 +146,20 @@ class SlackAdapter:
             await self._connect()
         self._spawn(self._resume_unanswered(), "slack-resume")
         log.info("slack.started", extra={"mode": self.settings.mode, "team": self.identity.team, "bot_user": self.identity.user_id})
+
+    @property
+    def identity(self) -> Identity:
+        """Who the bot is in the workspace (asked at start-up)."""
+        if self._identity is None:
+            raise RuntimeError("The Slack adapter is not started.")
+        return self._identity
+
+    @property
+    def files(self) -> SlackFiles:
+        """Downloads of the files people post (set up at start-up)."""
+        if self._files is None:
+            raise RuntimeError("The Slack adapter is not started.")
+        return self._files
 
     @property
     def connected(self) -> bool:
@@ -180,7 +194,8 @@ class SlackAdapter:
                 "(the Bot User OAuth Token, xoxb-...)."
             ) from None
         except (aiohttp.ClientError, TimeoutError) as error:
-            raise ConfigError(f"Slack can't be reached at {self.client.base_url} ({type(error).__name__}): check the network or [slack] api_base_url.") from None
+            where = self.client.base_url
+            raise ConfigError(f"Slack can't be reached at {where} ({type(error).__name__}): check the network or [slack] api_base_url.") from None
         listed = response.headers.get("x-oauth-scopes")
         scopes = frozenset(scope.strip() for scope in listed.split(",")) if listed is not None else None
         if scopes is not None and SCOPES - scopes:
@@ -199,7 +214,7 @@ class SlackAdapter:
         self._server = runner
 
     async def _connect(self) -> None:
-        app_token = self.settings.app_token.get_secret_value()
+        app_token = self.settings.app_token.get_secret_value() if self.settings.app_token else ""
         try:
             opened = await self.client.apps_connections_open(app_token=app_token)
         except SlackApiError as error:

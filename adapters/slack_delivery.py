@@ -19,6 +19,7 @@ import logging
 import random
 import time
 import uuid
+from typing import Any
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
@@ -130,7 +131,7 @@ class SlackThread:
     async def _find(self, mark: str, since: float) -> str | None:
         """The ts of our message marked `mark` if it is in the thread (or DM), "" if it isn't, None
         if that can't be known."""
-        window = {"channel": self.channel, "oldest": f"{since:.6f}", "include_all_metadata": True, "limit": 100}
+        window: dict[str, Any] = {"channel": self.channel, "oldest": f"{since:.6f}", "include_all_metadata": True, "limit": 100}
         try:
             if self.thread_ts:
                 response = await self.client.conversations_replies(ts=self.thread_ts, **window)
@@ -140,7 +141,8 @@ class SlackThread:
             reason = error.response.get("error") if isinstance(error, SlackApiError) else type(error).__name__
             log.warning("slack.post_unknown", extra={"channel": self.channel, "error": reason})
             return None
-        for message in response.get("messages", []):
+        messages: list[dict[str, Any]] = response.get("messages", [])
+        for message in messages:
             if (message.get("metadata") or {}).get("event_payload", {}).get("mark") == mark:
                 return message["ts"]
         return ""

@@ -44,7 +44,8 @@ class TerminalChat:
         self._task = asyncio.create_task(self._loop(), name="terminal-chat")
 
     async def wait_closed(self) -> None:
-        await asyncio.shield(self._task)
+        if self._task is not None:
+            await asyncio.shield(self._task)
 
     async def stop(self) -> None:
         if self._task and not self._task.done():

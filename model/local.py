@@ -27,10 +27,13 @@ from transformers import LogitsProcessor
 
 from model.batch import Batch, Row, Sampling, encode_prompt, footprint, image_state_shape
 from model.loading import CheckpointSettings, load_checkpoint
+from model.markers import marked_text
+from model.pictures import decode
 from model.service import (
     END_OF_UTTERANCE,
     FAKE_IMAGE_TOKEN,
     IMAGE_TOKEN,
+    CountedPrompt,
     Finished,
     GenerationFailed,
     GenerationRequest,
@@ -176,18 +179,9 @@ class LocalBackend(ModelService):
             "worker_alive": self._watchdog is not None and not self._watchdog.done() and not self._stalled(),
         }
 
-    async def count_tokens(self, prompt: Prompt) -> int:
-        # The same text the processor builds: <s>, stripped text items, and image markers where
-        # consecutive images share their surrounding <fake_token_around_image>.
-        text, last_was_image = self._tokenizer.bos_token, False
-        for item in prompt:
-            if isinstance(item, str):
-                text += item.strip(" ")
-                last_was_image = False
-            else:
-                text += IMAGE_TOKEN + FAKE_IMAGE_TOKEN if last_was_image else FAKE_IMAGE_TOKEN + IMAGE_TOKEN + FAKE_IMAGE_TOKEN
-                last_was_image = True
-        return len(self._counting_tokenizer(text, add_special_tokens=False).input_ids)
+    async def count_tokens(self, prompt: CountedPrompt) -> int:
+        # The same text the processor builds: <s>, then the shared marker rules (model/markers.py).
+        return len(self._counting_tokenizer(self._tokenizer.bos_token + marked_text(prompt), add_special_tokens=False).input_ids)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         job = self._submit(request)
@@ -502,7 +496,7 @@ class LocalBackend(ModelService):
         items: list = []
         for item in prompt:
             if isinstance(item, ModelImage):
-                items.append(item.open())
+                items.append(decode(item))
             elif is_url(item.strip(" ")):
                 items.extend(item)
             else:

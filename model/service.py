@@ -8,11 +8,9 @@ here knows about transformers, so the bot runs unchanged on the local backend or
 from __future__ import annotations
 
 import abc
-import io
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-
-from PIL import Image
+from typing import Protocol
 
 END_OF_UTTERANCE = "<end_of_utterance>"
 IMAGE_TOKEN = "<image>"
@@ -37,15 +35,19 @@ class ModelImage:
     def __hash__(self) -> int:
         return hash(self.digest)
 
-    def open(self) -> Image.Image:
-        """Decode to a PIL image (RGB)."""
-        image = Image.open(io.BytesIO(self.data))
-        image.load()
-        return image.convert("RGB")
+
+class ImageSlot(Protocol):
+    """Where an image goes in a prompt whose tokens are counted: a `ModelImage`, or anything standing
+    for one (the bot counts with references to stored images, without loading them)."""
+
+    @property
+    def name(self) -> str: ...
 
 
 PromptItem = str | ModelImage
 Prompt = Sequence[PromptItem]
+# A prompt as `count_tokens` takes it: only an image's place matters, not its pixels.
+CountedPrompt = Sequence[str | ImageSlot]
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ class ModelService(abc.ABC):
         """Stop taking requests, end the ones in flight, release the model."""
 
     @abc.abstractmethod
-    async def count_tokens(self, prompt: Prompt) -> int:
+    async def count_tokens(self, prompt: CountedPrompt) -> int:
         """How many tokens `prompt` takes in the model's context, counted with the real tokenizer."""
 
     async def request_bytes(self, prompt: Prompt) -> int:

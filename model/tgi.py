@@ -20,24 +20,28 @@ import logging
 import math
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from PIL import Image, UnidentifiedImageError
 
+from model.markers import image_markers
+from model.pictures import decode
 from model.reply_text import visible_text
 from model.service import (
     END_OF_UTTERANCE,
     FAKE_IMAGE_TOKEN,
     IMAGE_TOKEN,
+    CountedPrompt,
     Finished,
     GenerationFailed,
     GenerationRequest,
+    ImageSlot,
     ModelBusy,
     ModelError,
     ModelImage,
@@ -105,11 +109,14 @@ class TGISettings:
 # -- the prompt, as TGI takes it -------------------------------------------------------------
 
 
-def _parts(prompt: Prompt) -> list[str | ModelImage]:
+_Image = TypeVar("_Image", ModelImage, ImageSlot)
+
+
+def _parts(prompt: Sequence[str | _Image]) -> list[str | _Image]:
     """Runs of text and the images between them. Text items are stripped of spaces and joined as
     IDEFICS' processor does, and image markup in them is disarmed. (Anything that isn't text is
     an image: the engine counts tokens with references to stored images in their place.)"""
-    parts: list[str | ModelImage] = []
+    parts: list[str | _Image] = []
     text = ""
     for item in prompt:
         if isinstance(item, str):
@@ -156,7 +163,7 @@ def compact(image: ModelImage) -> ModelImage:
     """`image` as the model sees it, in fewer bytes: at most MODEL_IMAGE_SIDE pixels on each side
     (the processor squashes it to that square anyway), as a JPEG of quality 90; `image` itself if
     that is no smaller. CPU-bound: call it off the event loop."""
-    picture = image.open()
+    picture = decode(image)
     width, height = picture.size
     side = (min(width, MODEL_IMAGE_SIDE), min(height, MODEL_IMAGE_SIDE))
     if side != picture.size:
@@ -180,7 +187,7 @@ def within_payload(prompt: Prompt, limit: int) -> tuple[list[PromptItem], int]:
     return compacted, inputs_bytes(compacted) + _PARAMETERS_BYTES
 
 
-def counted_text(prompt: Prompt) -> str:
+def counted_text(prompt: CountedPrompt) -> str:
     """The text IDEFICS' processor tokenizes for `prompt`, minus the <s> that /tokenize adds: each
     image as its marker tokens, consecutive images sharing the <fake_token_around_image> between them."""
     pieces: list[str] = []
@@ -189,7 +196,7 @@ def counted_text(prompt: Prompt) -> str:
         if isinstance(part, str):
             pieces.append(part)
         else:
-            pieces.append(IMAGE_TOKEN + FAKE_IMAGE_TOKEN if last_was_image else FAKE_IMAGE_TOKEN + IMAGE_TOKEN + FAKE_IMAGE_TOKEN)
+            pieces.append(image_markers(last_was_image))
         last_was_image = not isinstance(part, str)
     return "".join(pieces)
 
@@ -219,8 +226,8 @@ def retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def server_error(error_type: str, message: str, status: int | None = None) -> ModelError:
@@ -267,7 +274,7 @@ async def _check_status(response: aiohttp.ClientResponse) -> None:
     raise failure
 
 
-async def server_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+async def server_events(response: aiohttp.ClientResponse) -> AsyncGenerator[dict, None]:
     """The JSON payloads of a server-sent event stream, in order. Keep-alive comments and other
     fields are skipped; a connection that breaks just ends the stream (the caller sees no final event)."""
     data: list[str] = []
@@ -362,6 +369,13 @@ class TGIBackend(ModelService):
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    @property
+    def _http(self) -> aiohttp.ClientSession:
+        """The HTTP session to the server, once started."""
+        if self._session is None:
+            raise ModelUnavailable("The TGI backend is not started.")
+        return self._session
+
     async def start(self) -> None:
         headers = {"Authorization": f"Bearer {self.settings.token}"} if self.settings.token else {}
         self._session = aiohttp.ClientSession(
@@ -397,7 +411,7 @@ class TGIBackend(ModelService):
         """One start-up call, its JSON answer (None if it isn't JSON). What can go wrong becomes a
         `ModelLoadError` that says what to do; `purpose` says why the bot needs this endpoint."""
         try:
-            async with self._session.request(method, f"{self._base}{path}", json=payload, timeout=self._quick_timeout()) as response:
+            async with self._http.request(method, f"{self._base}{path}", json=payload, timeout=self._quick_timeout()) as response:
                 if response.status in (401, 403):
                     raise ModelLoadError(self._auth_refused(response.status))
                 if response.status != 200:
@@ -479,7 +493,7 @@ class TGIBackend(ModelService):
 
     # -- the interface -----------------------------------------------------------------------
 
-    async def count_tokens(self, prompt: Prompt) -> int:
+    async def count_tokens(self, prompt: CountedPrompt) -> int:
         # The text the model sees, images as their marker tokens: counted by the server's own
         # tokenizer without sending any image. A fit measures a different suffix of the
         # conversation each time, so there is nothing worth caching.
@@ -634,9 +648,8 @@ class TGIBackend(ModelService):
         while True:
             self._check_open()
             try:
-                response = await self._session.post(
-                    f"{self._base}{path}", data=body, headers=_JSON, **({"timeout": timeout} if timeout else {})
-                )
+                options: dict[str, Any] = {"timeout": timeout} if timeout else {}
+                response = await self._http.post(f"{self._base}{path}", data=body, headers=_JSON, **options)
             except aiohttp.ClientConnectionError as exc:
                 # Refused, timed out, or dropped before any answer (a stale pooled connection to a
                 # restarted server): nothing was generated for anyone to see.

@@ -9,6 +9,7 @@ import zlib
 import pytest
 from PIL import Image, ImageFile
 
+from model.pictures import decode
 from bot.images.intake import MAX_SIDE, ImageLimits, ImageRejected, prepare_image
 from tests.conftest import image_bytes
 
@@ -59,7 +60,7 @@ def test_a_real_thirty_megapixel_png_is_refused_before_decoding():
 @pytest.mark.parametrize("kind", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
 def test_accepted_formats_become_small_rgb_jpegs(kind):
     image = prepare_image(image_bytes(size=(1200, 900), kind=kind), f"photo.{kind.lower()}")
-    decoded = image.open()
+    decoded = decode(image)
     assert decoded.mode == "RGB" and max(decoded.size) == MAX_SIDE
     assert image.data.startswith(b"\xff\xd8\xff") and len(image.digest) == 64
 
@@ -74,20 +75,20 @@ def test_exif_orientation_is_applied():
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     Image.new("RGB", (80, 40), (0, 255, 0)).save(buffer, "JPEG", exif=exif)
-    assert prepare_image(buffer.getvalue(), "phone.jpg").open().size == (40, 80)
+    assert decode(prepare_image(buffer.getvalue(), "phone.jpg")).size == (40, 80)
 
 
 def test_transparency_goes_on_white():
     buffer = io.BytesIO()
     Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(buffer, "PNG")
-    assert prepare_image(buffer.getvalue(), "clear.png").open().getpixel((5, 5)) == (255, 255, 255)
+    assert decode(prepare_image(buffer.getvalue(), "clear.png")).getpixel((5, 5)) == (255, 255, 255)
 
 
 def test_animated_gif_uses_the_first_frame():
     frames = [Image.new("RGB", (30, 30), color) for color in [(255, 0, 0)] + [(0, 0, 255)] * 300]
     buffer = io.BytesIO()
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=10)
-    red, _, blue = prepare_image(buffer.getvalue(), "anim.gif").open().getpixel((10, 10))
+    red, _, blue = decode(prepare_image(buffer.getvalue(), "anim.gif")).getpixel((10, 10))
     assert red > 200 and blue < 50
 
 
@@ -101,5 +102,5 @@ def test_large_jpeg_is_decoded_at_reduced_scale(monkeypatch):
         return original_load(self)
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
-    assert prepare_image(photo, "photo.jpg").open().size == (448, 336)
+    assert decode(prepare_image(photo, "photo.jpg")).size == (448, 336)
     assert decoded_sizes[0] == (500, 375)  # decoded at 1/8 scale: a 64th of the pixels

@@ -11,6 +11,7 @@ from transformers import LogitsProcessor
 
 from model.loading import CheckpointSettings
 from model.local import BatchSettings, LocalBackend
+from model.pictures import decode
 from model.service import (
     Finished,
     GenerationFailed,
@@ -216,7 +217,7 @@ async def test_a_full_queue_says_busy(tiny_checkpoint, tokenizer):
 async def test_token_count_matches_the_processor(backend):
     processor = backend._processor
     prompt = ["System.", "\nUser: look", RED, BLUE, "and", RED, "here<end_of_utterance>", "\nAssistant:"]
-    items = [item.open() if isinstance(item, ModelImage) else item for item in prompt]
+    items = [decode(item) if isinstance(item, ModelImage) else item for item in prompt]
     expected = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False)["input_ids"].shape[1]
     assert await backend.count_tokens(prompt) == expected
 

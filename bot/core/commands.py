@@ -141,7 +141,7 @@ class Commands:
                 labels=request.labels,
                 examples=await self._few_shot_examples() if request.task == "few_shot" else (),
                 system_prompt=self.config.conversation.system_prompt,
-                max_new_tokens=dict(self.config.tasks.max_new_tokens),
+                max_new_tokens={str(task): tokens for task, tokens in self.config.tasks.max_new_tokens.items()},
             )
         except (Refusal, TaskError) as refusal:
             self.metrics.error("input_refused")

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Hashable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable, Iterator
 from contextlib import aclosing, contextmanager
 
 from bot.core.conversation import ConversationKey, Turn, Unanswered
@@ -121,7 +121,7 @@ class Conversations:
 
     async def _answer(
         self, key: ConversationKey, history: list[Turn], user_turn: Turn, shared: bool, notes: list[str], started: float
-    ) -> AsyncIterator[ReplyEvent]:
+    ) -> AsyncGenerator[ReplyEvent, None]:
         """Answer `user_turn` after `history` and store the answer; the last event is a Final. The
         user turn is stored first unless it already is (a resumed one). A turn that ends unanswered
         (failed, too long, cancelled) is taken back: no question stays in the store without its answer."""

@@ -92,7 +92,7 @@ class _CheckingResolver(AbstractResolver):
             raise FetchRefused(f"I couldn't fetch {short(self.url)}: the host name {host} does not resolve.") from None
         results: list[ResolveResult] = []
         for found_family, _, proto, _, sockaddr in infos:
-            address = sockaddr[0]
+            address = str(sockaddr[0])
             self.policy.check(self.url, host, address)
             results.append(
                 {"hostname": host, "host": address, "port": port, "family": found_family, "proto": proto, "flags": socket.AI_NUMERICHOST}

@@ -85,7 +85,7 @@ def prepare_image(data: bytes, name: str, limits: ImageLimits = ImageLimits()) -
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[kind])
+            image: Image.Image = Image.open(io.BytesIO(data), formats=[kind])
             width, height = image.size
             _check_shape(name, width, height, limits)
             if kind == "JPEG":

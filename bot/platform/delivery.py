@@ -60,7 +60,8 @@ def split_message(text: str, limit: int) -> list[str]:
         cut, in_code = _cut_point(rest, limit)
         head, rest = rest[:cut].rstrip(), rest[cut:]
         if in_code:
-            opener = _FENCE_OPENER.match(head[head.rfind(_FENCE) :]).group(0)
+            opened = _FENCE_OPENER.match(head[head.rfind(_FENCE) :])
+            opener = opened.group(0) if opened else _FENCE
             head += _CLOSE
             rest = f"{opener}\n{rest.lstrip(chr(10))}"
         else:

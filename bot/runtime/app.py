@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 from contextlib import AsyncExitStack
 
+from bot.core.engine import Engine
 from bot.platform.adapter import Adapter, AdapterFactory, installed_adapters, load_adapter
 from bot.platform.sdk import Platform, error_name
 from bot.platform.settings import AdapterSettings
 from bot.runtime.config import Config
-from bot.core.engine import Engine
 from bot.runtime.metrics import Metrics
-from bot.state.store import SQLiteStore, Store
 from bot.state.postgres import PostgresStore
+from bot.state.store import SQLiteStore, Store
 from model.loading import CheckpointSettings
 from model.service import ModelService
 
@@ -30,7 +30,7 @@ def create_model(config: Config) -> ModelService:
 
         return TGIBackend(
             TGISettings(
-                url=settings.url,
+                url=settings.url or "",  # the config refuses backend = "tgi" without a url
                 token=settings.token.get_secret_value() if settings.token else None,
                 max_concurrency=settings.max_concurrency,
                 max_queue=settings.max_queue,

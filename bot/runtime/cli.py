@@ -14,15 +14,16 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
+from bot.core.conversation import Author, ConversationKey, ImageRef, Turn
+from bot.core.prompt import clean_text, render
+from bot.core.tasks import TASKS
 from bot.platform.adapter import AdapterMissing
 from bot.platform.settings import AdapterSettings
 from bot.runtime.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
-from bot.core.conversation import Author, ConversationKey, ImageRef, Turn
 from bot.runtime.logs import setup_logging
-from bot.core.prompt import clean_text, render
 from bot.state.store import StoreError
-from bot.core.tasks import TASKS
 from model.service import ModelImage, ModelLoadError
 
 EXIT_USAGE = 2
@@ -43,7 +44,7 @@ def _nothing_enabled(config: Config, source: str) -> str:
     for name in installed_adapters():
         section = config.section(name)
         needed = section.secrets_needed(section.__dict__) if isinstance(section, AdapterSettings) else []
-        if needed:
+        if isinstance(section, AdapterSettings) and needed:
             variables = " and ".join(section.environment[key] for key in needed)
             keys = " and ".join(f"[{name}] {key}" for key in needed)
             ways.append(f"To put the bot into {name}: set {variables} (or {keys} in config.toml).")
@@ -121,7 +122,7 @@ async def chat(config: Config) -> int:
     tgi = config.model.backend == "tgi"
     print(f"Connecting to the TGI server at {config.model.url} ..." if tgi else f"Loading {config.model.checkpoint} ...", file=sys.stderr)
     async with Runtime(config) as runtime:
-        session = runtime.adapter(TERMINAL)
+        session: Any = runtime.adapter(TERMINAL)  # the terminal adapter, which also has wait_closed()
         await session.start()
         try:
             await session.wait_closed()
@@ -134,9 +135,9 @@ async def chat(config: Config) -> int:
 
 
 async def ask(config: Config, images: list[str], question: str, task: str, labels: str) -> int:
-    from bot.runtime.app import Runtime
     from bot.core.messages import Final, TaskRequest
     from bot.platform.files import local_attachment
+    from bot.runtime.app import Runtime
     from bot.state.store import SQLiteStore
 
     with tempfile.TemporaryDirectory(prefix="idefics-ask-") as scratch:
@@ -207,7 +208,8 @@ def load_conversation(path: Path) -> tuple[list[Turn], bool, str | None]:
 def render_lines(config: Config, path: Path) -> list[str]:
     turns, shared, system_prompt = load_conversation(path)
     prompt = system_prompt if system_prompt is not None else config.conversation.system_prompt
-    return [f"<image {item.name}>" if isinstance(item, (ImageRef, ModelImage)) else json.dumps(item, ensure_ascii=False) for item in render(turns, prompt, shared)]
+    items = render(turns, prompt, shared)
+    return [f"<image {item.name}>" if isinstance(item, (ImageRef, ModelImage)) else json.dumps(item, ensure_ascii=False) for item in items]
 
 
 # -- the command line ------------------------------------------------------------------------

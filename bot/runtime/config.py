@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -183,10 +184,11 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _adapter_sections(self) -> Config:
-        for name, section in (self.__pydantic_extra__ or {}).items():
+        extra = self.__pydantic_extra__ or {}
+        for name, section in extra.items():
             model = adapter_settings_model(name)
             if not isinstance(section, model):
-                self.__pydantic_extra__[name] = model.model_validate(section if isinstance(section, dict) else {})
+                extra[name] = model.model_validate(section if isinstance(section, dict) else {})
         return self
 
     def section(self, name: str) -> BaseModel:
@@ -203,9 +205,10 @@ class Config(Section):
         return self.model_copy(update={"model": self.model.model_copy(update={"checkpoint": checkpoint})})
 
 
-def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Read `path` (default: ./config.toml if present, else built-in defaults) and the environment."""
-    environ = os.environ if environ is None else environ
+    if environ is None:
+        environ = os.environ
     if path is None:
         path = DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
     data: dict = {}

@@ -31,7 +31,7 @@ class HealthServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # the real one when 0 was asked for
+        self.port = self._runner.addresses[0][1]  # the real one when 0 was asked for
         log.info("health.listening", extra={"host": self.host, "port": self.port})
 
     async def stop(self) -> None:

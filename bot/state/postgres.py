@@ -153,8 +153,7 @@ class PostgresStore(Store):
             raise ValueError(f"max_connections must be more than {QUERY_CONNECTIONS}")
         self._url = url
         self._max_connections = max_connections
-        self._pool: asyncpg.Pool | None = None  # queries
-        self._lock_pool: asyncpg.Pool | None = None  # one connection per conversation being answered
+        self._pools: tuple[asyncpg.Pool, asyncpg.Pool] | None = None  # queries; one connection per conversation being answered
         self._locks = ConversationLocks()
         self.where = describe_url(url)
 
@@ -195,8 +194,7 @@ class PostgresStore(Store):
                 ) from None
             raise
         # Lock connections wait on the server for as long as a conversation is busy: no command timeout.
-        self._lock_pool = await self._create_pool(0, self._max_connections - QUERY_CONNECTIONS, None)
-        self._pool = pool
+        self._pools = pool, await self._create_pool(0, self._max_connections - QUERY_CONNECTIONS, None)
         log.info("store.opened", extra={"store": "postgresql", "where": self.where, "schema": SCHEMA_VERSION})
 
     async def _migrate(self, connection: asyncpg.Connection) -> None:
@@ -216,16 +214,28 @@ class PostgresStore(Store):
                 await connection.execute("INSERT INTO schema_version (version) VALUES ($1)", number + 1)
                 log.info("store.migrated", extra={"where": self.where, "schema": number + 1})
 
+    @property
+    def _pool(self) -> asyncpg.Pool:
+        """The pool for queries."""
+        if self._pools is None:
+            raise StoreError("The store is not open: call `await store.open()` first.")
+        return self._pools[0]
+
+    @property
+    def _lock_pool(self) -> asyncpg.Pool:
+        """The pool whose connections hold conversations' advisory locks."""
+        if self._pools is None:
+            raise StoreError("The store is not open: call `await store.open()` first.")
+        return self._pools[1]
+
     async def close(self) -> None:
-        for pool in (self._lock_pool, self._pool):
-            if pool is None:
-                continue
+        for pool in reversed(self._pools or ()):
             try:  # a graceful close waits for connections in use; a stuck holder mustn't stop a shutdown
                 async with asyncio.timeout(_CLOSE_TIMEOUT_S):
                     await pool.close()
             except TimeoutError:
                 pool.terminate()
-        self._pool = self._lock_pool = None
+        self._pools = None
 
     # -- one conversation at a time --------------------------------------------------------
 
@@ -253,7 +263,7 @@ class PostgresStore(Store):
             finally:
                 try:
                     await connection.execute("SELECT pg_advisory_unlock($1, $2)", *lock)
-                except Exception as error:  # noqa: BLE001 (however it broke, releasing it below frees the lock)
+                except Exception as error:
                     # The connection broke, and with its session the lock ended, perhaps earlier
                     # than this holder thought: another process may have been in the conversation.
                     log.warning("store.conversation_lock_lost", extra={"conversation": str(key), "error": type(error).__name__})

@@ -151,7 +151,7 @@ class SQLiteStore(Store):
         self.path = Path(path)
         self.images_dir = self.path.parent / "images"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
-        self._db: sqlite3.Connection | None = None
+        self._connection: sqlite3.Connection | None = None  # set by open()
         self._locks = ConversationLocks()
 
     async def _run(self, function, *args):
@@ -197,12 +197,18 @@ class SQLiteStore(Store):
         except StoreError:
             db.close()
             raise
-        self._db = db
+        self._connection = db
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._connection is None:
+            raise StoreError("The store is not open: call `await store.open()` first.")
+        return self._connection
 
     async def close(self) -> None:
-        if self._db is not None:
-            await self._run(self._db.close)
-            self._db = None
+        if self._connection is not None:
+            await self._run(self._connection.close)
+            self._connection = None
         self._executor.shutdown(wait=True)
 
     # -- conversations -----------------------------------------------------------------------
