@@ -65,6 +65,8 @@ class Row:
     ids: list[int] = field(default_factory=list)
     cached: int = 0  # this row's tokens in the cache (its rightmost columns)
     generator: torch.Generator | None = None
+    _buffer: torch.Tensor | None = field(default=None, repr=False)  # `ids` as a tensor, filled on demand
+    _filled: int = 0
 
     def __post_init__(self) -> None:
         if not self.ids:
@@ -83,6 +85,17 @@ class Row:
         """The most cache this row can need: its prompt and its whole reply."""
         return len(self.prompt.ids) + self.max_new_tokens
 
+    def tokens(self, device: torch.device) -> torch.Tensor:
+        """`ids` as a tensor on `device` (for repetition penalties and the row's processors), kept up to
+        date a few tokens at a time instead of converted whole at every step."""
+        if self._buffer is None or self._buffer.device != device:
+            self._buffer = torch.empty(self.peak_tokens + 1, dtype=torch.long, device=device)
+            self._filled = 0
+        if self._filled < len(self.ids):
+            self._buffer[self._filled : len(self.ids)] = torch.tensor(self.ids[self._filled :])
+            self._filled = len(self.ids)
+        return self._buffer[: len(self.ids)]
+
     def image_mask(self) -> torch.Tensor:
         """The image mask of every token in `ids`: the prompt's, then the last prompt token's again for
         each reply token (what `generate` does while decoding)."""
@@ -97,20 +110,36 @@ def footprint(rows: Sequence[Row]) -> int:
     return len(rows) * max((row.peak_tokens for row in rows), default=0)
 
 
-def encode_prompt(model, processor, items: list) -> Prompt:
-    """Tokenize a prompt (text and PIL images) and run the vision encoder and perceiver once for it."""
+@dataclass(frozen=True)
+class ProcessedPrompt:
+    """A prompt through the processor (CPU work, done off the model's thread): token ids, which
+    images each token sees, and the images' pixels."""
+
+    ids: list[int]
+    image_mask: torch.Tensor  # (len(ids), images) bool
+    pixels: torch.Tensor | None  # (images, channels, height, width)
+
+
+def process_prompt(processor, items: list) -> ProcessedPrompt:
+    """Tokenize a prompt (text and PIL images) and turn its images into pixels."""
     inputs = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False)
     ids = inputs["input_ids"][0].tolist()
     count = sum(not isinstance(item, str) for item in items)
     if count == 0:
-        return Prompt(ids, torch.zeros((len(ids), 0), dtype=torch.bool, device=model.device), None)
-    image_mask = inputs["image_attention_mask"][0, :, :count].to(model.device, torch.bool)
-    pixels = inputs["pixel_values"][0, :count].to(model.device, model.dtype)
+        return ProcessedPrompt(ids, torch.zeros((len(ids), 0), dtype=torch.bool), None)
+    return ProcessedPrompt(ids, inputs["image_attention_mask"][0, :, :count].bool(), inputs["pixel_values"][0, :count])
+
+
+def encode_prompt(model, processed: ProcessedPrompt) -> Prompt:
+    """Run the prompt's images through the vision encoder and perceiver, once for the whole reply."""
+    image_mask = processed.image_mask.to(model.device)
+    if processed.pixels is None:
+        return Prompt(processed.ids, image_mask, None)
     with torch.inference_mode():
-        states = model.model.vision_model(pixel_values=pixels).last_hidden_state
+        states = model.model.vision_model(pixel_values=processed.pixels.to(model.device, model.dtype)).last_hidden_state
         if model.config.use_resampler:
             states = model.model.perceiver_resampler(states)
-    return Prompt(ids, image_mask, states)
+    return Prompt(processed.ids, image_mask, states)
 
 
 def image_state_shape(config) -> tuple[int, int]:
@@ -226,7 +255,7 @@ class Batch:
         for index, row in enumerate(self.rows):
             penalty = row.sampling.repetition_penalty
             if penalty != 1.0:
-                seen = torch.tensor(row.ids, device=scores.device)
+                seen = row.tokens(scores.device)
                 picked = scores[index].gather(0, seen)
                 scores[index].scatter_(0, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
         scores[:, list(banned)] = -float("inf")
@@ -234,7 +263,7 @@ class Batch:
         for index, row in enumerate(self.rows):
             for processor in row.processors:
                 try:
-                    scores[index : index + 1] = processor(torch.tensor([row.ids], device=scores.device), scores[index : index + 1])
+                    scores[index : index + 1] = processor(row.tokens(scores.device)[None], scores[index : index + 1])
                 except Exception as exc:  # a row's own processor fails that row only
                     failed[index] = exc
         tokens = scores.argmax(-1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
-from model.batch import Batch, Row, Sampling, encode_prompt, image_state_shape
+from model.batch import Batch, Row, Sampling, encode_prompt, image_state_shape, process_prompt
 from model.loading import CheckpointSettings, load_checkpoint
 from model.local import LocalBackend
 from tests.test_model_service import BLUE, PROMPTS, RED
@@ -84,7 +84,7 @@ def run(loaded, arrivals: list[tuple], max_rows: int, leave: dict[int, int] | No
         joining = []
         while waiting and waiting[0][1][0] <= step and len(joining) + (len(batch) if batch else 0) < max_rows:
             number, (_, name, sampling) = waiting.popleft()
-            prompt = encode_prompt(model, processor, LocalBackend._processor_items(PROMPTS[name]))
+            prompt = encode_prompt(model, process_prompt(processor, LocalBackend._processor_items(PROMPTS[name])))
             row = Row(number, prompt, LENGTHS[name], sampling or Sampling(), [no_end])
             replies[number] = row
             joining.append(row)
@@ -141,7 +141,7 @@ def test_sampled_and_greedy_rows_share_a_batch(loaded):
 def test_splitting_and_merging_keep_the_cache_consistent(loaded):
     """Rows split into halves (as when a step fails) and merged back go on as if nothing happened."""
     model, processor, no_end = loaded
-    rows = [Row(name, encode_prompt(model, processor, LocalBackend._processor_items(PROMPTS[name])), LENGTHS[name], Sampling(), [no_end]) for name in NAMES]
+    rows = [Row(name, encode_prompt(model, process_prompt(processor, LocalBackend._processor_items(PROMPTS[name]))), LENGTHS[name], Sampling(), [no_end]) for name in NAMES]
     batch = Batch.prefill(model, rows, image_state_shape(model.config), processor.tokenizer.pad_token_id)
     batch.choose(banned(processor))
     for _ in range(2):
@@ -157,7 +157,7 @@ def test_splitting_and_merging_keep_the_cache_consistent(loaded):
 
 def test_a_failed_step_leaves_the_batch_as_it_was(loaded):
     model, processor, no_end = loaded
-    rows = [Row(name, encode_prompt(model, processor, LocalBackend._processor_items(PROMPTS[name])), 4, Sampling(), [no_end]) for name in NAMES[:3]]
+    rows = [Row(name, encode_prompt(model, process_prompt(processor, LocalBackend._processor_items(PROMPTS[name]))), 4, Sampling(), [no_end]) for name in NAMES[:3]]
     batch = Batch.prefill(model, rows, image_state_shape(model.config), processor.tokenizer.pad_token_id)
     batch.choose(banned(processor))
     length = batch.length
