@@ -116,7 +116,7 @@ async def test_after_a_kill_only_the_process_of_the_shard_answers_what_was_left(
         key = ConversationKey("discord", one["id"], question["id"])
         store = PostgresStore(postgres_url)
         await store.open()
-        await store.add_turn(key, Turn("user", (question["content"],), Author(bob["id"], "Bob"), question["id"]))
+        await store.add_turn(key, Turn("user", (question["content"],), Author(bob["id"], "Bob"), question["id"]), answerer="killed")
         await store.close()
 
         with logged() as logs:

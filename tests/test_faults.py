@@ -486,7 +486,7 @@ async def test_discord_answers_what_a_killed_process_left_unanswered_where_it_wa
     store = SQLiteStore(config.state.path)
     await store.open()
     for key, (person, message) in left.items():
-        await store.add_turn(key, Turn("user", (message["content"],), Author(person["id"], person["global_name"]), message["id"]))
+        await store.add_turn(key, Turn("user", (message["content"],), Author(person["id"], person["global_name"]), message["id"]), answerer="killed")
     await store.close()
 
     tap.say = "the late answer"

@@ -1,32 +1,82 @@
 """Answering after a hard stop: the store finds the user turns a killed process never answered (both
-stores), and the engine answers such a turn once, in place, without adding a new one."""
+stores), one process adopts each, and the engine answers such a turn once, in place, without adding a
+new one."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+
+import asyncpg
 
 from bot.runtime.app import Runtime
 from bot.core.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
 from bot.core.engine import Engine
 from bot.core.messages import Final
+from bot.state.postgres import PostgresStore
 from tests.test_store import new_store, store  # noqa: F401 (fixtures: SQLite and PostgreSQL)
 
 ANN = Author("u1", "Ann")
+KILLED = "a-process-that-was-killed"  # the answerer of a question left unanswered: no lease, no holds
 
 
 async def test_the_store_finds_conversations_whose_last_turn_was_never_answered(store):
     answered, left, elsewhere = ConversationKey("discord", "c1", "t1"), ConversationKey("discord", "c2"), ConversationKey("slack", "C1", "1.2")
-    await store.add_turn(answered, Turn("user", ("hi",), ANN, "m1"))
+    overtaken, in_hand = ConversationKey("discord", "c3"), ConversationKey("discord", "c4")
+    await store.add_turn(answered, Turn("user", ("hi",), ANN, "m1"), answerer=KILLED)
     await store.add_turn(answered, Turn("assistant", ("hello",)))
-    await store.add_turn(left, Turn("user", ("first",), ANN, "m2"))
+    await store.add_turn(left, Turn("user", ("first",), ANN, "m2"), answerer=KILLED)
     await store.add_turn(left, Turn("assistant", ("one",)))
-    question = await store.add_turn(left, Turn("user", ("look", ImageRef("a" * 64, "cat.png")), ANN, "m3"))
-    await store.add_turn(elsewhere, Turn("user", ("other platform",), ANN, "m4"))
+    question = await store.add_turn(left, Turn("user", ("look", ImageRef("a" * 64, "cat.png")), ANN, "m3"), answerer=KILLED)
+    await store.record_reply("discord", "m3", ["r1", "r2"])
+    await store.add_turn(elsewhere, Turn("user", ("other platform",), ANN, "m4"), answerer=KILLED)
+    await store.add_turn(overtaken, Turn("user", ("nobody answers this one",), ANN, "m5"))  # a newer message overtook it
+    await store.add_turn(in_hand, Turn("user", ("being answered",), ANN, "m6"), answerer=store.process_id)
 
     [found] = await store.unanswered("discord", since=time.time() - 60)
-    assert found == Unanswered(left, Turn("user", ("look", ImageRef("a" * 64, "cat.png")), ANN, "m3"))
+    assert found == Unanswered(left, Turn("user", ("look", ImageRef("a" * 64, "cat.png")), ANN, "m3"), KILLED, ("r1", "r2"))
     assert found.turn.id == question.id
     assert await store.unanswered("discord", since=time.time() + 60) == []  # too old to answer now
+
+
+async def test_one_process_adopts_a_question_however_many_try(new_store):  # noqa: F811
+    stores = [new_store() for _ in range(3)]
+    for each in stores:
+        await each.open()
+    try:
+        key = ConversationKey("slack", "C1", "1.1")
+        await stores[0].add_turn(key, Turn("user", ("hello?",), ANN, "1.1"), answerer=KILLED)
+        found = await stores[0].unanswered("slack", since=time.time() - 60)
+        assert len(found) == 1
+        assert sorted(await asyncio.gather(*(each.adopt(found[0]) for each in stores))) == [False, False, True]
+        assert await stores[0].adopt(found[0]) is False
+    finally:
+        for each in stores:
+            await each.close()
+
+
+async def test_a_question_is_found_once_its_process_has_neither_a_lease_nor_a_hold(postgres_url):
+    """PostgreSQL: a question stays with the process answering it while that process renews its lease
+    or holds the conversation (a stalled process whose lease ran out still holds it)."""
+    mine, theirs = PostgresStore(postgres_url), PostgresStore(postgres_url, lease_s=600)  # no renewal during the test
+    await mine.open()
+    await theirs.open()
+    try:
+        key = ConversationKey("slack", "C1", "1.1")
+        async with theirs.hold_conversation(key):
+            await theirs.add_turn(key, Turn("user", ("hello?",), ANN, "1.1"), answerer=theirs.process_id)
+            assert await mine.unanswered("slack", since=time.time() - 60) == []  # its lease is fresh
+            connection = await asyncpg.connect(postgres_url)
+            try:
+                await connection.execute("UPDATE processes SET seen = now() - interval '1 hour' WHERE id = $1", theirs.process_id)
+            finally:
+                await connection.close()
+            assert await mine.unanswered("slack", since=time.time() - 60) == []  # it still holds the conversation
+        [found] = await mine.unanswered("slack", since=time.time() - 60)
+        assert found.answerer == theirs.process_id
+    finally:
+        await theirs.close()
+        await mine.close()
 
 
 async def test_a_turn_left_unanswered_is_answered_once_in_its_conversation(config):
@@ -35,7 +85,7 @@ async def test_a_turn_left_unanswered_is_answered_once_in_its_conversation(confi
         store, engine = runtime.store, runtime.engine
         await store.add_turn(key, Turn("user", ("hello",), ANN, "m1"))
         await store.add_turn(key, Turn("assistant", ("hi there",)))
-        await store.add_turn(key, Turn("user", ("and now?",), ANN, "m2"))  # the process was killed while answering this
+        await store.add_turn(key, Turn("user", ("and now?",), ANN, "m2"), answerer=KILLED)  # killed while answering this
 
         [pending] = await engine.unanswered("test")
         events = [event async for event in engine.resume(pending, shared=True)]
@@ -48,6 +98,6 @@ async def test_a_turn_left_unanswered_is_answered_once_in_its_conversation(confi
         assert [event async for event in engine.resume(pending, shared=True)] == [Final("")]
         assert len(await store.load_turns(key)) == 4
 
-        await store.add_turn(key, Turn("user", ("one more",), ANN, "m3"))
+        await store.add_turn(key, Turn("user", ("one more",), ANN, "m3"), answerer=KILLED)
         off = config.model_copy(update={"bot": config.bot.model_copy(update={"resume_window_s": 0})})
         assert await Engine(off, runtime.model, store, runtime.metrics).unanswered("test") == []

@@ -62,8 +62,11 @@ class Turn:
 
 @dataclass(frozen=True)
 class Unanswered:
-    """A user turn that was stored but never answered: the bot was stopped hard (killed, a crash,
-    a power cut) while replying to it. `turn` carries its id, author and platform message id."""
+    """A user turn that was stored but never answered: the process answering it (`answerer`) was
+    stopped hard (killed, a crash, a power cut) while replying. `turn` carries its id, author and
+    platform message id; `reply` the ids of the messages that process had posted for its answer."""
 
     key: ConversationKey
     turn: Turn
+    answerer: str = ""
+    reply: tuple[str, ...] = ()

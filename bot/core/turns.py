@@ -109,7 +109,8 @@ class Conversations:
         # Under the conversation's hold, so that a process still answering it finishes first.
         async with self.store.hold_conversation(pending.key):
             history = await self.store.load_turns(pending.key)
-            if history and history[-1].id == pending.turn.id:
+            # Still unanswered, and this process is the one to take it over (exactly one is).
+            if history and history[-1].id == pending.turn.id and await self.store.adopt(pending):
                 log.info("turn.resuming", extra={"conversation": str(pending.key)})
                 async with aclosing(self._answer(pending.key, history[:-1], history[-1], shared, [_RESUMED], started)) as events:
                     async for event in events:
@@ -149,7 +150,7 @@ class Conversations:
                 yield Final("", (*notes, str(error)))
                 return
             if stored is None:
-                stored = await self.store.add_turn(key, user_turn)
+                stored = await self.store.add_turn(key, user_turn, answerer=self.store.process_id)
             async for event in self.generation.stream(fitted.items, budget, str(key)):
                 if isinstance(event, Final):
                     answer, notes = event.text, [*notes, *event.notes]

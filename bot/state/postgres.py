@@ -12,6 +12,9 @@ safe when several processes use one database at once:
   machine, then reads the same images without a shared disk, and one backup holds the turns with
   the images they name. They are small (JPEG within the `[images]` limits), stored once per
   content, and read only to build a prompt.
+- Each process keeps a lease (a row in `processes`, renewed every `lease_s / 3`), and the user
+  turns it is answering name it. When a process dies, its lease runs out and its holds end with its
+  connections; `unanswered` then finds the questions it left, and another process `adopt`s them.
 - The schema is versioned (table `schema_version`); missing migrations are applied at start-up in
   one transaction under an advisory lock, so two processes starting together don't race.
 
@@ -26,7 +29,8 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -77,6 +81,17 @@ _MIGRATIONS = [
         data BYTEA NOT NULL,
         created TIMESTAMPTZ NOT NULL DEFAULT now()
     );
+    """,
+    # Answers a process may leave unfinished: who is answering a question, what it has posted, and
+    # each process's lease.
+    """
+    ALTER TABLE turns ADD COLUMN answerer TEXT;
+    CREATE INDEX questions_by_time ON turns (created) WHERE role = 'user';
+    CREATE TABLE replies (
+        platform TEXT NOT NULL, question TEXT NOT NULL, messages JSONB NOT NULL, seen TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (platform, question)
+    );
+    CREATE TABLE processes (id TEXT PRIMARY KEY, started TIMESTAMPTZ NOT NULL DEFAULT now(), seen TIMESTAMPTZ NOT NULL DEFAULT now());
     """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -148,12 +163,18 @@ def _start_up_error(url: str, error: BaseException) -> StoreError:
 class PostgresStore(Store):
     """The shared store: all state in one PostgreSQL database. `url` is a postgresql:// URL."""
 
-    def __init__(self, url: str, max_connections: int = 20):
+    shared = True
+
+    def __init__(self, url: str, max_connections: int = 20, lease_s: float = 10.0):
+        """`lease_s`: a process that hasn't renewed its lease for this long is taken for dead."""
         if max_connections <= QUERY_CONNECTIONS:
             raise ValueError(f"max_connections must be more than {QUERY_CONNECTIONS}")
         self._url = url
         self._max_connections = max_connections
         self._pools: tuple[asyncpg.Pool, asyncpg.Pool] | None = None  # queries; one connection per conversation being answered
+        self.lease_s = lease_s
+        self.process_id = uuid.uuid4().hex
+        self._renewing: asyncio.Task | None = None
         self._locks = ConversationLocks()
         self.where = describe_url(url)
 
@@ -180,9 +201,9 @@ class PostgresStore(Store):
         try:
             async with pool.acquire() as connection:
                 await self._migrate(connection)
-                await connection.execute(
-                    "DELETE FROM events WHERE seen < now() - make_interval(secs => $1)", float(EVENT_MEMORY_S)
-                )
+                for table in ("events", "replies", "processes"):
+                    await connection.execute(f"DELETE FROM {table} WHERE seen < now() - make_interval(secs => $1)", float(EVENT_MEMORY_S))
+                await connection.execute("INSERT INTO processes (id) VALUES ($1)", self.process_id)
         except BaseException as error:
             pool.terminate()
             if isinstance(error, asyncpg.PostgresConnectionError | asyncpg.InsufficientPrivilegeError | OSError | TimeoutError):
@@ -195,7 +216,17 @@ class PostgresStore(Store):
             raise
         # Lock connections wait on the server for as long as a conversation is busy: no command timeout.
         self._pools = pool, await self._create_pool(0, self._max_connections - QUERY_CONNECTIONS, None)
-        log.info("store.opened", extra={"store": "postgresql", "where": self.where, "schema": SCHEMA_VERSION})
+        self._renewing = asyncio.create_task(self._renew_lease(), name="store-lease")
+        log.info("store.opened", extra={"store": "postgresql", "where": self.where, "schema": SCHEMA_VERSION, "process": self.process_id})
+
+    async def _renew_lease(self) -> None:
+        """Keep this process's lease fresh: three renewals per `lease_s`, so one slow one is no death."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await self._pool.execute("UPDATE processes SET seen = now() WHERE id = $1", self.process_id)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                log.warning("store.lease_not_renewed", extra={"error": type(error).__name__})
 
     async def _migrate(self, connection: asyncpg.Connection) -> None:
         async with connection.transaction():
@@ -229,6 +260,14 @@ class PostgresStore(Store):
         return self._pools[1]
 
     async def close(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            await asyncio.gather(self._renewing, return_exceptions=True)
+            self._renewing = None
+            try:  # a process that stops cleanly leaves nothing unanswered; its lease goes with it
+                await self._pool.execute("DELETE FROM processes WHERE id = $1", self.process_id)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                log.warning("store.lease_not_removed", extra={"error": type(error).__name__})
         for pool in reversed(self._pools or ()):
             try:  # a graceful close waits for connections in use; a stuck holder mustn't stop a shutdown
                 async with asyncio.timeout(_CLOSE_TIMEOUT_S):
@@ -308,13 +347,13 @@ class PostgresStore(Store):
             for row in reversed(rows)
         ]
 
-    async def add_turn(self, key: ConversationKey, turn: Turn) -> Turn:
+    async def add_turn(self, key: ConversationKey, turn: Turn, answerer: str | None = None) -> Turn:
         async with self._pool.acquire() as connection:
             conversation = await self._conversation_id(connection, key)
             author = turn.author
             turn_id = await connection.fetchval(
-                "INSERT INTO turns (conversation_id, role, author_id, author_name, parts, message_id, dropped)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                "INSERT INTO turns (conversation_id, role, author_id, author_name, parts, message_id, dropped, answerer)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
                 conversation,
                 turn.role,
                 author.id if author else None,
@@ -322,6 +361,7 @@ class PostgresStore(Store):
                 encode_parts(turn.parts),
                 turn.message_id,
                 turn.dropped,
+                answerer,
             )
         return Turn(turn.role, turn.parts, turn.author, turn.message_id, turn.dropped, id=turn_id)
 
@@ -330,25 +370,51 @@ class PostgresStore(Store):
 
     async def unanswered(self, platform: str, since: float) -> list[Unanswered]:
         rows = await self._pool.fetch(
-            """SELECT c.channel, c.thread, t.id, t.author_id, t.author_name, t.parts, t.message_id
-               FROM conversations c JOIN turns t ON t.id = (SELECT max(id) FROM turns WHERE conversation_id = c.id)
-               WHERE c.platform=$1 AND t.role='user' AND t.created >= to_timestamp($2) ORDER BY t.id""",
+            """SELECT c.channel, c.thread, t.id, t.author_id, t.author_name, t.parts, t.message_id, t.answerer, r.messages
+               FROM turns t JOIN conversations c ON c.id = t.conversation_id
+               LEFT JOIN replies r ON r.platform = c.platform AND r.question = t.message_id AND t.message_id <> ''
+               WHERE t.role = 'user' AND t.created >= to_timestamp($2) AND c.platform = $1 AND t.answerer <> $3
+                 AND NOT EXISTS (SELECT 1 FROM turns later WHERE later.conversation_id = t.conversation_id AND later.id > t.id)
+                 AND NOT EXISTS (SELECT 1 FROM processes p WHERE p.id = t.answerer AND p.seen > now() - make_interval(secs => $4))
+               ORDER BY t.id""",
             platform,
             since,
+            self.process_id,
+            self.lease_s,
         )
-        return [
-            Unanswered(
-                ConversationKey(platform, row["channel"], row["thread"]),
-                Turn(
-                    "user",
-                    decode_parts(row["parts"]),
-                    Author(row["author_id"], row["author_name"]) if row["author_id"] is not None else None,
-                    row["message_id"],
-                    id=row["id"],
-                ),
+        # A lease can run out while its process lives on (stalled); the process still holds the
+        # conversation then, and its questions are left to it.
+        held = {
+            row["objid"]
+            for row in await self._pool.fetch(
+                "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = $1 AND objsubid = 2 AND granted",
+                _CONVERSATION_LOCKS,
             )
-            for row in rows
-        ]
+        }
+        found = []
+        for row in rows:
+            key = ConversationKey(platform, row["channel"], row["thread"])
+            if conversation_lock(key)[1] & 0xFFFFFFFF in held:
+                continue
+            author = Author(row["author_id"], row["author_name"]) if row["author_id"] is not None else None
+            turn = Turn("user", decode_parts(row["parts"]), author, row["message_id"], id=row["id"])
+            found.append(Unanswered(key, turn, row["answerer"], tuple(json.loads(row["messages"])) if row["messages"] else ()))
+        return found
+
+    async def adopt(self, pending: Unanswered) -> bool:
+        status = await self._pool.execute(
+            "UPDATE turns SET answerer = $1 WHERE id = $2 AND answerer = $3", self.process_id, pending.turn.id, pending.answerer
+        )
+        return status == "UPDATE 1"
+
+    async def record_reply(self, platform: str, question: str, messages: Sequence[str]) -> None:
+        await self._pool.execute(
+            "INSERT INTO replies (platform, question, messages) VALUES ($1, $2, $3)"
+            " ON CONFLICT (platform, question) DO UPDATE SET messages = EXCLUDED.messages, seen = now()",
+            platform,
+            question,
+            json.dumps(list(messages)),
+        )
 
     async def reset(self, key: ConversationKey) -> int:
         return await self._pool.fetchval(

@@ -14,7 +14,8 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -29,7 +30,14 @@ class StoreError(Exception):
 
 
 class Store(abc.ABC):
-    """Conversations, their turns and images, and the small memories the adapters need."""
+    """Conversations, their turns and images, and the small memories the adapters need.
+
+    Each open store is one process's view of the state, known by `process_id`: the user turns it is
+    answering carry that id, so that when the process dies another can tell them apart and take them
+    over (`unanswered`, `adopt`). `shared` says whether other processes may use the same state."""
+
+    process_id: str
+    shared: bool = False
 
     @abc.abstractmethod
     async def open(self) -> None: ...
@@ -47,8 +55,9 @@ class Store(abc.ABC):
         """The newest `limit` turns of the conversation, oldest first."""
 
     @abc.abstractmethod
-    async def add_turn(self, key: ConversationKey, turn: Turn) -> Turn:
-        """Append a turn; returns it with its `id`."""
+    async def add_turn(self, key: ConversationKey, turn: Turn, answerer: str | None = None) -> Turn:
+        """Append a turn; returns it with its `id`. `answerer`: the process that is answering this
+        user turn now (None for a turn nobody answers, like one a newer message overtook)."""
 
     @abc.abstractmethod
     async def remove_turn(self, turn_id: int) -> None:
@@ -57,7 +66,19 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def unanswered(self, platform: str, since: float) -> list[Unanswered]:
         """The conversations of `platform` whose last turn is a user turn stored at or after `since`
-        (Unix time), oldest first: replies that a stopped process never finished."""
+        (Unix time) that a process began to answer and can't finish any more: it stopped (SQLite:
+        any process but this one; PostgreSQL: one whose lease ran out and whose hold on the
+        conversation is gone). Oldest first."""
+
+    @abc.abstractmethod
+    async def adopt(self, pending: Unanswered) -> bool:
+        """Make this process the answerer of `pending` if it still has the answerer it was found
+        with; True for exactly one of several processes that try."""
+
+    @abc.abstractmethod
+    async def record_reply(self, platform: str, question: str, messages: Sequence[str]) -> None:
+        """Remember the platform ids of the messages posted so far in answer to the message
+        `question`, so that a process taking the question over can edit them."""
 
     @abc.abstractmethod
     async def reset(self, key: ConversationKey) -> int:
@@ -130,6 +151,14 @@ _MIGRATIONS = [
         PRIMARY KEY (platform, channel)
     );
     """,
+    # Answers a process may leave unfinished: who is answering a question, what it has posted.
+    """
+    ALTER TABLE turns ADD COLUMN answerer TEXT;
+    CREATE TABLE replies (
+        platform TEXT NOT NULL, question TEXT NOT NULL, messages TEXT NOT NULL, seen REAL NOT NULL,
+        PRIMARY KEY (platform, question)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # Platforms re-deliver an event for minutes at most; a week of event ids is plenty.
@@ -153,6 +182,7 @@ class SQLiteStore(Store):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._connection: sqlite3.Connection | None = None  # set by open()
         self._locks = ConversationLocks()
+        self.process_id = uuid.uuid4().hex  # a SQLite file has one process at a time: this run
 
     async def _run(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
@@ -188,6 +218,7 @@ class SQLiteStore(Store):
                         db.execute("ROLLBACK")
                     raise
             db.execute("DELETE FROM events WHERE seen < ?", (time.time() - EVENT_MEMORY_S,))
+            db.execute("DELETE FROM replies WHERE seen < ?", (time.time() - EVENT_MEMORY_S,))
         except sqlite3.DatabaseError as exc:
             db.close()
             raise StoreError(
@@ -245,14 +276,14 @@ class SQLiteStore(Store):
 
         return await self._run(load)
 
-    async def add_turn(self, key: ConversationKey, turn: Turn) -> Turn:
+    async def add_turn(self, key: ConversationKey, turn: Turn, answerer: str | None = None) -> Turn:
         def add() -> Turn:
             with self._transaction():
                 conversation = self._conversation_id(key, create=True)
                 author = turn.author
                 turn_id = self._db.execute(
-                    "INSERT INTO turns (conversation_id, role, author_id, author_name, parts, message_id, dropped, created)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO turns (conversation_id, role, author_id, author_name, parts, message_id, dropped, created, answerer)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         conversation,
                         turn.role,
@@ -262,6 +293,7 @@ class SQLiteStore(Store):
                         turn.message_id,
                         turn.dropped,
                         time.time(),
+                        answerer,
                     ),
                 ).lastrowid
             return Turn(turn.role, turn.parts, turn.author, turn.message_id, turn.dropped, id=turn_id)
@@ -274,20 +306,39 @@ class SQLiteStore(Store):
     async def unanswered(self, platform: str, since: float) -> list[Unanswered]:
         def find() -> list[Unanswered]:
             rows = self._db.execute(
-                """SELECT c.channel, c.thread, t.id, t.author_id, t.author_name, t.parts, t.message_id
+                """SELECT c.channel, c.thread, t.id, t.author_id, t.author_name, t.parts, t.message_id, t.answerer, r.messages
                    FROM conversations c JOIN turns t ON t.id = (SELECT max(id) FROM turns WHERE conversation_id = c.id)
-                   WHERE c.platform=? AND t.role='user' AND t.created >= ? ORDER BY t.id""",
-                (platform, since),
+                   LEFT JOIN replies r ON r.platform = c.platform AND r.question = t.message_id AND t.message_id != ''
+                   WHERE c.platform=? AND t.role='user' AND t.created >= ? AND t.answerer != ? ORDER BY t.id""",
+                (platform, since, self.process_id),
             ).fetchall()
             return [
                 Unanswered(
                     ConversationKey(platform, channel, thread),
                     Turn("user", decode_parts(parts), Author(author_id, author_name) if author_id is not None else None, message_id, id=id_),
+                    answerer,
+                    tuple(json.loads(reply)) if reply else (),
                 )
-                for channel, thread, id_, author_id, author_name, parts, message_id in rows
+                for channel, thread, id_, author_id, author_name, parts, message_id, answerer, reply in rows
             ]
 
         return await self._run(find)
+
+    async def adopt(self, pending: Unanswered) -> bool:
+        def adopt() -> bool:
+            cursor = self._db.execute(
+                "UPDATE turns SET answerer=? WHERE id=? AND answerer=?", (self.process_id, pending.turn.id, pending.answerer)
+            )
+            return cursor.rowcount == 1
+
+        return await self._run(adopt)
+
+    async def record_reply(self, platform: str, question: str, messages: Sequence[str]) -> None:
+        await self._run(
+            self._write,
+            "INSERT OR REPLACE INTO replies (platform, question, messages, seen) VALUES (?, ?, ?, ?)",
+            (platform, question, json.dumps(list(messages)), time.time()),
+        )
 
     async def reset(self, key: ConversationKey) -> int:
         def reset() -> int:
