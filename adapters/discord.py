@@ -180,7 +180,8 @@ class DiscordAdapter:
         self._gateway: asyncio.Task | None = None
         self._answering: dict[int, asyncio.Task] = {}  # question message id -> the task answering it
         self._deleted: set[int] = set()
-        self._resuming: asyncio.Task | None = None
+        self._watching: asyncio.Task | None = None  # looks for questions that stopped processes left
+        self._resumes: set[asyncio.Task] = set()
         self._uses_addresses = False
 
     # -- connecting --------------------------------------------------------------------------
@@ -213,7 +214,7 @@ class DiscordAdapter:
         self._gateway.add_done_callback(self._gateway_ended)
         shards = {"shards": ",".join(map(str, self.client.shard_ids)), "shard_count": settings.shard_count} if settings.shard_count else {}
         log.info("discord.connected", extra={"user": self.client.user.id, "guilds": len(self.client.guilds), **shards})
-        self._resuming = asyncio.create_task(self._resume_unanswered(), name="discord-resume")
+        self._watching = asyncio.create_task(self.platform.watch_unanswered(self._take_over), name="discord-unanswered")
 
     @property
     def connected(self) -> bool:
@@ -246,7 +247,7 @@ class DiscordAdapter:
             log.error("discord.disconnected", extra={"reason": reason})
 
     async def stop(self) -> None:
-        for task in [*self._answering.values(), *([self._resuming] if self._resuming else [])]:
+        for task in [*self._answering.values(), *self._resumes, *([self._watching] if self._watching else [])]:
             task.cancel()
         if self.client is not None:
             await self.client.close()
@@ -370,9 +371,10 @@ class DiscordAdapter:
 
         return link
 
-    async def _resume_unanswered(self) -> None:
-        """Answer the messages that a stopped process left unanswered, where they were asked."""
-        await asyncio.gather(*(self._resume(unanswered) for unanswered in await self.platform.unanswered()))
+    def _take_over(self, pending: Unanswered) -> None:
+        task = asyncio.create_task(self._resume(pending), name="discord-resume")
+        self._resumes.add(task)
+        task.add_done_callback(self._resumes.discard)
 
     async def _resume(self, pending: Unanswered) -> None:
         key, question = pending.key, int(pending.turn.message_id or 0)
@@ -384,7 +386,9 @@ class DiscordAdapter:
                 log.info("discord.resume_skipped", extra={"conversation": str(key), "reason": reason})
                 return
             shared = not isinstance(channel, discord.DMChannel)
-            live = live_reply(ChannelSurface(channel, reply_to, on_post=self._linker(key)))
+            # In the messages the stopped process had begun for the answer, if it got as far as posting them.
+            begun = [channel.get_partial_message(int(message_id)) for message_id in pending.reply]
+            live = live_reply(ChannelSurface(channel, reply_to, on_post=self._linker(key)), messages=begun)
             await self.platform.resume(pending, live, shared, message_id=question)
         except self.delivery_errors as error:  # the place couldn't be looked up
             self.platform.lost(key, **self.describe_error(error))

@@ -10,6 +10,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
+from typing import Any
 
 import discord
 from discord.utils import escape_markdown
@@ -31,9 +32,10 @@ def note(text: str) -> str:
     return f"*{escape_markdown(text)}*"
 
 
-def live_reply(surface: Surface) -> LiveReply:
-    """A streamed reply the Discord way: 2,000 characters a message, notes in italics."""
-    return LiveReply(surface, limit=MESSAGE_LIMIT, note=note)
+def live_reply(surface: Surface, **options: Any) -> LiveReply:
+    """A streamed reply the Discord way: 2,000 characters a message, notes in italics (`options`: as
+    `LiveReply` takes them)."""
+    return LiveReply(surface, limit=MESSAGE_LIMIT, note=note, **options)
 
 
 class ChannelSurface:
@@ -62,8 +64,13 @@ class ChannelSurface:
             await self.on_post(message)
         return message
 
-    async def edit(self, message: discord.Message, text: str) -> None:
+    async def edit(self, message: discord.Message | discord.PartialMessage, text: str) -> None:
         await message.edit(content=text, allowed_mentions=NO_PINGS)
+
+    @staticmethod
+    def message_id(message: discord.Message) -> str:
+        """A posted message's id, as the platform SDK keeps it."""
+        return str(message.id)
 
     async def discard(self) -> None:
         """Delete what was posted (the question was deleted, so its answer goes too)."""

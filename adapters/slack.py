@@ -126,6 +126,7 @@ class SlackAdapter:
         self._tasks: set[asyncio.Task] = set()
         self._socket: AsyncSocketModeHandler | None = None
         self._server: web.AppRunner | None = None
+        self._watching: asyncio.Task | None = None  # looks for questions that stopped processes left
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -144,7 +145,7 @@ class SlackAdapter:
             await self._listen()
         else:
             await self._connect()
-        self._spawn(self._resume_unanswered(), "slack-resume")
+        self._watching = asyncio.create_task(self.platform.watch_unanswered(self._take_over), name="slack-unanswered")
         log.info("slack.started", extra={"mode": self.settings.mode, "team": self.identity.team, "bot_user": self.identity.user_id})
 
     @property
@@ -172,6 +173,10 @@ class SlackAdapter:
 
     async def stop(self) -> None:
         """Stop taking events, give replies in flight a moment to be posted, cancel the rest."""
+        if self._watching is not None:
+            self._watching.cancel()
+            await asyncio.gather(self._watching, return_exceptions=True)
+            self._watching = None
         if self._socket is not None:
             await self._socket.close_async()
             self._socket = None
@@ -275,14 +280,15 @@ class SlackAdapter:
         live = LiveReply(SlackThread(self.client, event["channel"], reply_thread), limit=MESSAGE_LIMIT, placeholder=PLACEHOLDER)
         await self.platform.answer(message, live, event_id=event_id)
 
-    async def _resume_unanswered(self) -> None:
-        """Answer, in their threads, the messages that a stopped process left unanswered."""
-        for pending in await self.platform.unanswered():
-            self._spawn(self._resume(pending), "slack-resume")
+    def _take_over(self, pending: Unanswered) -> None:
+        self._spawn(self._resume(pending), "slack-resume")
 
     async def _resume(self, pending: Unanswered) -> None:
+        """Answer, in its thread, a message that a stopped process left unanswered: in the messages it
+        had begun for the answer (their handles are Slack's ts), if it got as far as posting them."""
         key = pending.key
-        live = LiveReply(SlackThread(self.client, key.channel, key.thread or None), limit=MESSAGE_LIMIT)
+        thread = SlackThread(self.client, key.channel, key.thread or None)
+        live = LiveReply(thread, limit=MESSAGE_LIMIT, placeholder=PLACEHOLDER, messages=pending.reply)
         await self.platform.resume(pending, live, shared=bool(key.thread), message_ts=pending.turn.message_id)
 
     async def _route(self, event: dict, event_id: str) -> tuple[ConversationKey, str | None] | None:

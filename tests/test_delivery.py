@@ -114,6 +114,21 @@ async def test_a_long_reply_continues_in_more_messages():
     assert len(surface.messages) == 3
 
 
+async def test_a_reply_continues_in_the_messages_posted_for_it_before_and_reports_new_ones():
+    surface = RecordingSurface()
+    surface.messages = ["Half an answ", "er that went on"]  # left by a process that died while writing it
+    posted = []
+
+    async def on_post(messages):
+        posted.append(messages)
+
+    reply = LiveReply(surface, limit=20, interval=0, messages=[0, 1], placeholder="Thinking…", on_post=on_post)
+    await reply.run(events(Final("A whole answer, now in three messages.")))
+    assert surface.messages == ["A whole answer,", "now in three", "messages."]
+    assert surface.calls == [("edit", 0), ("edit", 0), ("edit", 1), ("post", 2)]  # the placeholder, then the answer
+    assert posted == [[0, 1, 2]]
+
+
 async def test_placeholder_then_queue_position_then_text():
     surface = RecordingSurface()
     reply = LiveReply(surface, limit=2000, interval=0, status_after=0, placeholder="Thinking…")

@@ -483,10 +483,15 @@ async def test_discord_answers_what_a_killed_process_left_unanswered_where_it_wa
         ConversationKey("discord", dm["id"]): (bob, in_dm),
         ConversationKey("discord", fake.text_channel["id"], inline["id"]): (cat, inline),
     }
+    # It had begun the inline answer: that message is edited into the whole one.
+    channel = fake.text_channel
+    reference = {"message_id": inline["id"], "channel_id": channel["id"], "guild_id": channel["guild_id"]}
+    begun = fake._message(channel["id"], fake.bot, "The late", type=19, message_reference=reference, referenced_message=inline)
     store = SQLiteStore(config.state.path)
     await store.open()
     for key, (person, message) in left.items():
         await store.add_turn(key, Turn("user", (message["content"],), Author(person["id"], person["global_name"]), message["id"]), answerer="killed")
+    await store.record_reply("discord", inline["id"], [begun["id"]])
     await store.close()
 
     tap.say = "the late answer"
@@ -498,6 +503,6 @@ async def test_discord_answers_what_a_killed_process_left_unanswered_where_it_wa
     late = f"{tap.spelled('the late answer')}\n\n*I was restarted while writing this answer, so it comes late.*"
     assert fake.bot_texts(post["id"]) == [late] and fake.bot_texts(dm["id"]) == [late]
     [reply] = fake.bot_messages(fake.text_channel["id"])
-    assert reply["content"] == late and str(reply["message_reference"]["message_id"]) == inline["id"]  # inline: a reply to the question
+    assert reply["id"] == begun["id"] and reply["content"] == late and str(reply["message_reference"]["message_id"]) == inline["id"]
     assert len(tap.prompts) == 3
     assert_whole(stored_conversations(config.state.path))

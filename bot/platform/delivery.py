@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from bot.core.messages import Final, Partial, ReplyEvent, Waiting, Working
@@ -85,7 +85,11 @@ WRITING = "✍️ Writing…"
 
 
 class LiveReply:
-    """Drives one reply on a `Surface` from the engine's events."""
+    """Drives one reply on a `Surface` from the engine's events.
+
+    `messages`: handles of messages already posted for this reply (by a process that died while
+    writing it), which are edited before any new one is posted. `on_post` is told the handles of
+    the reply's messages whenever one more was posted."""
 
     def __init__(
         self,
@@ -96,6 +100,8 @@ class LiveReply:
         interval: float = 1.0,
         status_after: float = 2.0,
         placeholder: str | None = None,
+        messages: Sequence[Any] = (),
+        on_post: Callable[[list[Any]], Awaitable[None]] | None = None,
     ):
         self.surface = surface
         self.limit = limit
@@ -103,8 +109,9 @@ class LiveReply:
         self.interval = interval
         self.status_after = status_after
         self.placeholder = placeholder
-        self.messages: list[Any] = []
-        self._shown: list[str] = []
+        self.messages: list[Any] = list(messages)
+        self._shown: list[str | None] = [None] * len(self.messages)  # what those show is not known here
+        self.on_post = on_post
 
     async def run(self, events: AsyncIterator[ReplyEvent]) -> Final:
         """Show the reply as it comes; returns the final event once it is shown."""
@@ -179,3 +186,5 @@ class LiveReply:
             else:
                 self.messages.append(await self.surface.post(chunk))
                 self._shown.append(chunk)
+                if self.on_post is not None:
+                    await self.on_post(list(self.messages))

@@ -5,9 +5,11 @@
 
 `Platform` offers: turns and commands (`answer`, `command`, `link`), the threads the bot follows
 (`follow`, `follows`, `conversation_of`), once-only events (`first_delivery`), counting events for
-/metrics (`record`), and resuming, after a restart, the questions a killed process left unanswered
-(`unanswered`, `resume`). It runs every adapter's messages through the same steps and logs them the
-same way (`<adapter>.replied`, `.duplicate`, `.reply_lost`, `.resumed`, with their conversation).
+/metrics (`record`), and answering the questions a killed process left unanswered, after a restart
+or, with processes sharing PostgreSQL, as soon as another notices (`watch_unanswered`, `resume`). It
+runs every adapter's messages through the same steps and logs them the same way (`<adapter>.replied`,
+`.duplicate`, `.reply_lost`, `.resumed`, with their conversation), and keeps the ids of the messages
+each reply posts, so that a process taking a question over continues in them.
 What an adapter implements in return: a `bot.platform.delivery.Surface` (post, edit) per reply, the
 errors that mean its platform didn't take a reply (`delivery_errors`), and its own settings and access
 rules (see `bot.platform.adapter`).
@@ -15,6 +17,7 @@ rules (see `bot.platform.adapter`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -119,6 +122,7 @@ class Platform:
         event once shown, or None if the platform didn't take the reply (counted and logged)."""
         self.record("message")
         started = time.perf_counter()
+        self._keep_message_ids(live, message.message_id)
         final = await self.show(live, self._engine.reply(message), message.key, **about)
         if final is not None:
             seconds = round(time.perf_counter() - started, 3)
@@ -141,18 +145,54 @@ class Platform:
         self.record("reply_lost")
         self.log.error(f"{self.name}.reply_lost", extra={"conversation": str(key), **about})
 
-    async def unanswered(self) -> list[Unanswered]:
-        """The questions of this platform that a stopped process left unanswered, oldest first."""
-        pending = await self._engine.unanswered(self.name)
-        if pending:
-            self.log.info(f"{self.name}.resuming", extra={"conversations": len(pending)})
-        return pending
+    async def watch_unanswered(self, take_over: Callable[[Unanswered], object]) -> None:
+        """Hand each question of this platform that a stopped process left unanswered to `take_over`
+        (which starts answering it with `resume`), once: those there at start-up and, when processes
+        share the state, those a process leaves when it dies, looked for four times per
+        [bot] adopt_after_s. Runs until cancelled, or, with a state of one process, until the
+        start-up ones are handed out."""
+        handed: set[int | None] = set()
+        first = True
+        while True:
+            try:
+                found = [pending for pending in await self._engine.unanswered(self.name) if pending.turn.id not in handed]
+            except Exception as error:  # noqa: BLE001 (the state may be out of reach for a while: look again later)
+                self.log.warning(f"{self.name}.unanswered_unknown", extra={"error": type(error).__name__})
+                found = []
+            if found or first:
+                self.log.info(f"{self.name}.unanswered", extra={"found": len(found)})
+            first = False
+            for pending in found:
+                handed.add(pending.turn.id)
+                take_over(pending)
+            if not self._store.shared:
+                return
+            await asyncio.sleep(self._engine.config.bot.adopt_after_s / 4)
 
     async def resume(self, pending: Unanswered, live: LiveReply, shared: bool, **about: Any) -> Final | None:
-        """Answer a question left unanswered, on `live`, saying the answer comes late."""
+        """Answer a question left unanswered, on `live`, saying the answer comes late. Build `live`
+        with `messages=` the handles of `pending.reply` (the messages the stopped process had posted
+        for it) to continue in them."""
         key = pending.key
+        self._keep_message_ids(live, pending.turn.message_id)
         final = await self.show(live, self._engine.resume(pending, shared), key, **about)
         if final is not None:
             self.record("resumed")
             self.log.info(f"{self.name}.resumed", extra={"conversation": str(key), **about, "answered": bool(final.text), "messages": len(live.messages)})
         return final
+
+    def _keep_message_ids(self, live: LiveReply, question: str) -> None:
+        """Keep the platform ids of `live`'s messages as they are posted in answer to the message
+        `question`, so that a process taking the question over can edit them. A surface whose
+        handles are not the ids themselves says how to get one (`message_id(handle)`)."""
+        if not question:
+            return
+        message_id = getattr(live.surface, "message_id", str)
+
+        async def record(messages: list[Any]) -> None:
+            try:
+                await self._store.record_reply(self.name, question, [message_id(message) for message in messages])
+            except Exception as error:  # noqa: BLE001 (the reply goes on; only a process taking it over would post anew)
+                self.log.warning(f"{self.name}.reply_not_recorded", extra={"error": type(error).__name__})
+
+        live.on_post = record

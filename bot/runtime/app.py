@@ -63,7 +63,9 @@ def create_store(config: Config) -> Store:
     """The state store the config asks for (not opened yet): PostgreSQL if `[state] url` is set."""
     state = config.state
     if state.url is not None:
-        return PostgresStore(state.url.get_secret_value(), max_connections=state.max_connections)
+        # A lease of half the adoption delay, checked every quarter of it: a dead process's questions
+        # are found at most three quarters of the delay after its last renewal.
+        return PostgresStore(state.url.get_secret_value(), max_connections=state.max_connections, lease_s=config.bot.adopt_after_s / 2)
     return SQLiteStore(state.path)
 
 

@@ -150,6 +150,9 @@ class BotConfig(Section):
     # At start-up, messages that a stopped process stored but never answered (it was killed while
     # replying) are answered if they are at most this old; 0 turns that off.
     resume_window_s: float = Field(900.0, ge=0)
+    # Processes sharing PostgreSQL: at most this long after one dies, another answers the questions
+    # it left (in the messages it had posted for them).
+    adopt_after_s: float = Field(20.0, ge=1, le=3600)
 
 
 class HealthConfig(Section):

@@ -217,7 +217,7 @@ class PostgresStore(Store):
         # Lock connections wait on the server for as long as a conversation is busy: no command timeout.
         self._pools = pool, await self._create_pool(0, self._max_connections - QUERY_CONNECTIONS, None)
         self._renewing = asyncio.create_task(self._renew_lease(), name="store-lease")
-        log.info("store.opened", extra={"store": "postgresql", "where": self.where, "schema": SCHEMA_VERSION, "process": self.process_id})
+        log.info("store.opened", extra={"store": "postgresql", "where": self.where, "schema": SCHEMA_VERSION, "process_id": self.process_id})
 
     async def _renew_lease(self) -> None:
         """Keep this process's lease fresh: three renewals per `lease_s`, so one slow one is no death."""
