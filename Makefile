@@ -39,6 +39,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/image_intake.py
 	$(BIN)/python benchmarks/load.py
+	$(BIN)/python benchmarks/adoption.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
