@@ -34,7 +34,7 @@ lint: $(VENV)/.installed
 test: $(VENV)/.installed postgres
 	$(BIN)/python -m pytest $(ARGS)
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed postgres
 	$(BIN)/python benchmarks/mixed_load.py
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/image_intake.py
