@@ -209,20 +209,18 @@ async def test_retry_after_beyond_the_queue_timeout_gives_up_at_once(fake, servi
     assert len(fake.generate_requests) == 1
 
 
-async def test_a_stream_cut_mid_answer_fails_clearly_and_is_never_resent(fake, service):
-    fake.replies.append(Reply(["Once", " upon", " a", " time"], cut_after=2))
+@pytest.mark.parametrize(
+    "ending, message",
+    [
+        ({"cut_after": 2}, "broke off in the middle of the reply"),
+        ({"incomplete_after": 2}, "stopped in the middle of the reply"),  # TGI's incomplete_generation_stream
+    ],
+    ids=["connection-cut", "ended-by-the-server"],
+)
+async def test_a_stream_ended_mid_answer_fails_clearly_and_is_never_resent(fake, service, ending, message):
+    fake.replies.append(Reply(["Once", " upon", " a", " time"], **ending))
     seen = []
-    with pytest.raises(GenerationFailed, match="broke off in the middle of the reply"):
-        async for event in service.stream(request()):
-            seen.append(event)
-    assert deltas(seen) == "Once upon"
-    assert len(fake.generate_requests) == 1
-
-
-async def test_a_stream_the_server_ends_early_says_the_reply_stopped_midway(fake, service):
-    fake.replies.append(Reply(["Once", " upon", " a", " time"], incomplete_after=2))
-    seen = []
-    with pytest.raises(GenerationFailed, match="stopped in the middle of the reply"):
+    with pytest.raises(GenerationFailed, match=message):
         async for event in service.stream(request()):
             seen.append(event)
     assert deltas(seen) == "Once upon"
