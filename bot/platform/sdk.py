@@ -156,7 +156,7 @@ class Platform:
         while True:
             try:
                 found = [pending for pending in await self._engine.unanswered(self.name) if pending.turn.id not in handed]
-            except Exception as error:  # noqa: BLE001 (the state may be out of reach for a while: look again later)
+            except Exception as error:  # the state may be out of reach for a while: look again later
                 self.log.warning(f"{self.name}.unanswered_unknown", extra={"error": type(error).__name__})
                 found = []
             if found or first:
@@ -192,7 +192,7 @@ class Platform:
         async def record(messages: list[Any]) -> None:
             try:
                 await self._store.record_reply(self.name, question, [message_id(message) for message in messages])
-            except Exception as error:  # noqa: BLE001 (the reply goes on; only a process taking it over would post anew)
+            except Exception as error:  # the reply goes on; only a process taking it over would post anew
                 self.log.warning(f"{self.name}.reply_not_recorded", extra={"error": type(error).__name__})
 
         live.on_post = record
