@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from model.service import ModelLoadError
+from model.service import SPECIAL_TOKENS, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,9 @@ def load_checkpoint(settings: CheckpointSettings):
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     try:
-        processor = AutoProcessor.from_pretrained(checkpoint)
+        # The PIL image backend, whatever else is installed: image intake resizes as it does
+        # (bot/images.py), so the processor's own resize of a stored image changes nothing.
+        processor = AutoProcessor.from_pretrained(checkpoint, backend="pil")
         model = IdeficsForVisionText2Text.from_pretrained(checkpoint, **kwargs)
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
         raise ModelLoadError(
@@ -139,6 +141,7 @@ def load_checkpoint(settings: CheckpointSettings):
             f"device_map {device_map}) failed: {_first_line(exc)}. Check that the checkpoint is complete and that "
             "the device has room for it (4-bit quantization needs about 7 GB for the 9B model)."
         ) from exc
+    _check_special_tokens(checkpoint, processor.tokenizer)
     if processor.tokenizer.padding_side != "left":
         processor.tokenizer.padding_side = "left"  # batched generation is only correct with left padding
     model.eval()
@@ -147,6 +150,18 @@ def load_checkpoint(settings: CheckpointSettings):
         extra={"checkpoint": checkpoint, "dtype": str(dtype), "quantization": settings.quantization, "device": str(model.device)},
     )
     return model, processor
+
+
+def _check_special_tokens(checkpoint: str, tokenizer) -> None:
+    """Refuse a tokenizer that matches a token in raw text that the bot doesn't clean out of what
+    people type: such a token would reach the model as itself."""
+    declared = {*tokenizer.all_special_tokens, *(token.content for token in tokenizer.added_tokens_decoder.values())}
+    unknown = sorted(declared - set(SPECIAL_TOKENS))
+    if unknown:
+        raise ModelLoadError(
+            f"The tokenizer of {checkpoint} declares special tokens the bot doesn't know ({', '.join(unknown)}), so it "
+            f"can't keep them out of what people type. idefics-bot runs IDEFICS checkpoints such as {DEFAULT_CHECKPOINT}."
+        )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -15,7 +15,10 @@ from typing import Protocol
 END_OF_UTTERANCE = "<end_of_utterance>"
 IMAGE_TOKEN = "<image>"
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
-SPECIAL_TOKENS = (FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE)
+# The tokens IDEFICS adds to LLaMA's vocabulary, and every token its tokenizer matches in raw text:
+# LLaMA's own three as well (a typed "</s>" would end the document, and with it the image context).
+IDEFICS_TOKENS = (FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE)
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", *IDEFICS_TOKENS)
 
 # The reference chat demo stops here too: the model starting the user's next turn by itself.
 USER_TURN_STOP = "\nUser:"

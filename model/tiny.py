@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from model.service import SPECIAL_TOKENS
+from model.service import IDEFICS_TOKENS
 
 _WORDS = (
     "the a an of in on at is are was what who which this that these those and or with without user assistant "
@@ -36,7 +36,7 @@ def _tokenizer(vocab_size: int, seed: int):
     trained = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
     tokenizer = LlamaTokenizer(vocab=trained["vocab"], merges=merges, pad_token="<unk>", padding_side="left")
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+    tokenizer.add_special_tokens({"additional_special_tokens": list(IDEFICS_TOKENS)})
     return tokenizer, len(trained["vocab"])
 
 
@@ -54,7 +54,7 @@ def write_tiny_checkpoint(directory: str | Path, seed: int = 0) -> Path:
     image_size = 30
     config = IdeficsConfig(
         vocab_size=base_vocab,
-        additional_vocab_size=len(SPECIAL_TOKENS),  # every added token needs an embedding row
+        additional_vocab_size=len(IDEFICS_TOKENS),  # every added token needs an embedding row
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,

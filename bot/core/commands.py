@@ -25,11 +25,13 @@ from typing import Literal
 from bot.core.conversation import ConversationKey
 from bot.core.generation import Generation
 from bot.core.messages import CommandRequest, Final, Refusal, ReplyEvent, TaskRequest
+from bot.core.prompt import PromptTooLong, check_fits
 from bot.core.tasks import FewShotPair, TaskError, build_task
 from bot.core.turns import Conversations
 from bot.images.attachments import ImageIntake
 from bot.runtime.config import Config
 from bot.runtime.metrics import Metrics
+from model.service import ModelError
 
 
 @dataclass(frozen=True)
@@ -143,9 +145,15 @@ class Commands:
                 system_prompt=self.config.conversation.system_prompt,
                 max_new_tokens={str(task): tokens for task, tokens in self.config.tasks.max_new_tokens.items()},
             )
-        except (Refusal, TaskError) as refusal:
-            self.metrics.error("input_refused")
+            model = self.generation.model
+            await check_fits(prompt.items, model.count_tokens, context_tokens=model.info.context_tokens, reserve_tokens=prompt.max_new_tokens)
+        except (Refusal, TaskError, PromptTooLong) as refusal:
+            self.metrics.error("too_long" if isinstance(refusal, PromptTooLong) else "input_refused")
             yield Final("", (*notes, str(refusal)))
+            return
+        except ModelError as error:  # a remote model counts tokens on its server, which can fail
+            self.metrics.error(type(error).__name__)
+            yield Final("", (*notes, str(error)))
             return
         async for event in self.generation.stream(prompt.items, prompt.max_new_tokens, f"{request.key} task={request.task}"):
             if isinstance(event, Final):

@@ -5,7 +5,9 @@
     \\nUser:  <image>  And who is that?<end_of_utterance>
     \\nAssistant:
 
-Anything a person typed is cleaned first, so it can neither inject image markers nor forge turns.
+Anything a person typed is cleaned first, and so is every reply of the model before it goes back into
+a prompt, so neither can inject the tokenizer's special tokens (image markers, end of utterance, end of
+document) nor forge turns.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ _INVISIBLE = {"Cf", "Zs", "Zl", "Zp", "Cc"}
 
 
 def clean_text(text: str) -> str:
-    """User text made safe for the prompt: special tokens removed (repeatedly, so that removing one
-    can't assemble another), turn prefixes at line starts defused, control characters dropped; ""
-    if nothing visible is left."""
+    """User text made safe for the prompt: every special token of the tokenizer removed (repeatedly,
+    so that removing one can't assemble another), turn prefixes at line starts defused, control
+    characters dropped; "" if nothing visible is left."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in _CONTROL)
     while True:
@@ -53,8 +55,10 @@ def clean_name(name: str) -> str:
 def render(turns: Sequence[Turn], system_prompt: str = "", shared: bool = False) -> PromptItems:
     """The instruct-format items for `turns`, ending with the cue for the assistant's next reply.
 
-    Text in turns is expected to be cleaned already. In `shared` conversations each user turn
-    starts with the speaker's name in brackets, so the model can tell people apart.
+    User text in turns is expected to be cleaned already; the assistant's replies are cleaned here,
+    since a reply can spell a special token in ordinary tokens that the tokenizer would read back as
+    the special itself. In `shared` conversations each user turn starts with the speaker's name in
+    brackets, so the model can tell people apart.
     """
     items: PromptItems = []
     if system_prompt.strip():
@@ -62,7 +66,7 @@ def render(turns: Sequence[Turn], system_prompt: str = "", shared: bool = False)
     for turn in turns:
         newline = "\n" if items else ""
         if turn.role == "assistant":
-            items.append(f"{newline}Assistant: {turn.text.strip()}{END_OF_UTTERANCE}")
+            items.append(f"{newline}Assistant: {clean_text(turn.text)}{END_OF_UTTERANCE}")
             continue
         label = f"{newline}User:"
         if shared and turn.author is not None:
@@ -83,6 +87,21 @@ def render(turns: Sequence[Turn], system_prompt: str = "", shared: bool = False)
 
 class PromptTooLong(Exception):
     """Even the newest message alone does not fit; the message says so to the person who wrote it."""
+
+    @classmethod
+    def tokens(cls, tokens: int, budget: int) -> PromptTooLong:
+        return cls(f"Your message is too long for me: it takes about {tokens} tokens and I can read about {budget}. Please shorten it.")
+
+
+async def check_fits(
+    items: PromptItems, count_tokens: Callable[[PromptItems], Awaitable[int]], *, context_tokens: int, reserve_tokens: int
+) -> int:
+    """The token count of a prompt that can't be shortened (a task's), or `PromptTooLong` if it
+    leaves less than `reserve_tokens` of the context for the reply."""
+    tokens = await count_tokens(items)
+    if tokens > context_tokens - reserve_tokens:
+        raise PromptTooLong.tokens(tokens, context_tokens - reserve_tokens)
+    return tokens
 
 
 @dataclass(frozen=True)
@@ -128,10 +147,7 @@ async def fit(
     low, high = 0, len(candidates) - 1
     items, tokens, fits = await measure(candidates[high])
     if tokens > budget:
-        raise PromptTooLong(
-            f"Your message is too long for me: it takes about {tokens} tokens and I can read about {budget}. "
-            "Please shorten it."
-        )
+        raise PromptTooLong.tokens(tokens, budget)
     if not fits:
         raise PromptTooLong("Your images are more than the model server takes in one request. Please send fewer at a time.")
     best = (candidates[high], items, tokens)

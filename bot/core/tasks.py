@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from bot.core.conversation import Author, ImageRef, Turn
 from bot.core.prompt import PromptItems, clean_text, render
 
-TASKS = ("chat", "caption", "prompted_caption", "vqa", "classify", "story", "few_shot")
+TASKS = ("chat", "caption", "prompted_caption", "vqa", "classify", "classify_generate", "story", "few_shot")
 
 DEFAULT_MAX_NEW_TOKENS = {
     "chat": 512,
@@ -21,6 +21,7 @@ DEFAULT_MAX_NEW_TOKENS = {
     "prompted_caption": 20,
     "vqa": 20,
     "classify": 6,
+    "classify_generate": 6,
     "story": 200,
     "few_shot": 30,
 }
@@ -82,7 +83,7 @@ def build_task(
         if not question:
             raise TaskError("The vqa task needs a question.")
         items = ["Instruction: Provide an answer to the question. Use the image to answer.\n", image, f"Question: {question} Answer:"]
-    elif task == "classify":
+    elif task in ("classify", "classify_generate"):
         labels = parse_labels(labels)
         if len(labels) < 2:
             raise TaskError('The classify task needs at least two labels, e.g. "cat, dog, bird".')
@@ -98,6 +99,6 @@ def build_task(
             raise TaskError("The few_shot task needs examples: add [[tasks.few_shot]] entries (image, text) to the config.")
         items = []
         for example in examples:
-            items += ["User:", example.image, f"Describe this image.\nAssistant: {example.text}\n"]
+            items += ["User:", example.image, f"Describe this image.\nAssistant: {clean_text(example.text)}\n"]
         items += ["User:", image, "Describe this image.\nAssistant:"]
     return TaskPrompt(items, lengths[task])

@@ -93,7 +93,7 @@ class FewShotExample(Section):
     text: str
 
 
-TaskName = Literal["caption", "prompted_caption", "vqa", "classify", "story", "few_shot", "chat"]
+TaskName = Literal["caption", "prompted_caption", "vqa", "classify", "classify_generate", "story", "few_shot", "chat"]
 
 
 class TasksConfig(Section):
