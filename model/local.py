@@ -149,7 +149,11 @@ class LocalBackend(ModelService):
         byte_ids = tokenizer.convert_tokens_to_ids([f"<0x{byte:02X}>" for byte in range(256)])
         self._byte_ids = frozenset(byte_ids) - {tokenizer.unk_token_id}
         self._image_shape = image_state_shape(self._model.config)
-        self.info = ModelInfo(name=self.checkpoint.checkpoint, context_tokens=self._model.config.max_position_embeddings)
+        self.info = ModelInfo(
+            name=self.checkpoint.checkpoint,
+            context_tokens=self._model.config.max_position_embeddings,
+            image_size=self._processor.image_processor.size.height,
+        )
         self._watchdog = asyncio.create_task(self._watch(), name="idefics-watchdog")
 
     async def close(self) -> None:

@@ -149,6 +149,7 @@ class ModelInfo:
     context_tokens: int = 2048
     # The largest request the backend can send (a remote server's body limit); None: no such limit.
     max_request_bytes: int | None = None
+    image_size: int = 224  # the processor resizes every image to this square; intake keeps exactly that
 
 
 class ModelService(abc.ABC):

@@ -1,7 +1,7 @@
 """The remote backend: IDEFICS served by text-generation-inference (TGI), over HTTP.
 
 The prompt goes to TGI as one string, each image inline as a markdown data URI
-(`![](data:image/jpeg;base64,...)`), within the server's request size limit (--payload-limit); the
+(`![](data:image/png;base64,...)`), within the server's request size limit (--payload-limit); the
 reply streams back from `POST /generate_stream` as server-sent events, one per token. The server
 batches requests from every bot process itself; this backend keeps at most `max_concurrency` of this process's requests there at once, and the rest wait
 here in arrival order (with their position reported). Retries happen only where nothing can be

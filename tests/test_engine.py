@@ -67,7 +67,7 @@ async def test_a_restart_keeps_the_conversation(config):
         _, final = await run(second.engine.reply(IncomingMessage(KEY, ANN, "Still there?")))
         assert final.text
         assert len(await second.store.load_turns(KEY)) == 4
-        assert (await second.store.get_image(turns[0].images[0])).data.startswith(b"\xff\xd8\xff")
+        assert (await second.store.get_image(turns[0].images[0])).data.startswith(b"\x89PNG")
 
 
 async def test_reset_forgets_only_that_conversation(runtime):

@@ -1,4 +1,5 @@
-"""Image intake: every kind of bad image gets a refusal that names it; good ones come out small and RGB."""
+"""Image intake: every kind of bad image gets a refusal that names it; good ones keep exactly the pixels
+IDEFICS' processor makes of them (within a documented tolerance where a large JPEG is draft-decoded)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import io
 import struct
 import zlib
 
+import numpy as np
 import pytest
 from PIL import Image, ImageFile
+from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
 
+from benchmarks.image_intake import photo
 from model.pictures import decode
-from bot.images.intake import MAX_SIDE, ImageLimits, ImageRejected, prepare_image
+from bot.images.intake import ImageLimits, ImageRejected, prepare_image
 from tests.conftest import image_bytes
 
 
@@ -58,11 +62,60 @@ def test_a_real_thirty_megapixel_png_is_refused_before_decoding():
 
 
 @pytest.mark.parametrize("kind", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
-def test_accepted_formats_become_small_rgb_jpegs(kind):
+def test_accepted_formats_become_the_models_square_in_png(kind):
     image = prepare_image(image_bytes(size=(1200, 900), kind=kind), f"photo.{kind.lower()}")
     decoded = decode(image)
-    assert decoded.mode == "RGB" and max(decoded.size) == MAX_SIDE
-    assert image.data.startswith(b"\xff\xd8\xff") and len(image.digest) == 64
+    assert decoded.mode == "RGB" and decoded.size == (224, 224)
+    assert image.data.startswith(b"\x89PNG") and len(image.digest) == 64
+
+
+def test_an_image_smaller_than_the_models_input_keeps_its_pixels():
+    data = image_bytes(size=(64, 48))
+    assert decode(prepare_image(data, "small.png")).tobytes() == Image.open(io.BytesIO(data)).convert("RGB").tobytes()
+    assert decode(prepare_image(data, "small.png", size=30)).size == (30, 30)
+
+
+def pixel_values(size: int, image: Image.Image) -> np.ndarray:
+    """What IDEFICS' processor (the PIL backend, as the local backend loads it) gives the model."""
+    return np.asarray(IdeficsImageProcessorPil(image_size=size)(image, return_tensors="np"))[0]
+
+
+def textured(size: tuple[int, int], kind: str) -> bytes:
+    """A picture with detail at every scale, small enough to make quickly."""
+    rng = np.random.default_rng(7)
+    noise = Image.fromarray(rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    fine = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    Image.blend(noise, fine, 0.25).save(buffer, kind, **({"quality": 90} if kind == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+# Tolerances, in the processor's normalised units (one 8-bit level is about 0.015): exact unless the
+# JPEG is draft-decoded (both sides at least 2 x 6 x the input size); then a mean |delta| of 0.002.
+@pytest.mark.parametrize(
+    "size, make, mean_delta",
+    [
+        (224, lambda: textured((160, 120), "PNG"), 0.0),
+        (224, lambda: textured((1600, 1200), "PNG"), 0.0),
+        (224, lambda: textured((300, 120), "PNG"), 0.0),  # downscaled one way, upscaled the other
+        (224, lambda: textured((160, 120), "JPEG"), 0.0),
+        (224, lambda: textured((2400, 1800), "JPEG"), 0.0),  # too small for a draft: decoded in full
+        (224, lambda: photo(True, 2700, 2700), 0.002),  # draft-decoded at 1/2: the closest to the limit
+        (224, lambda: photo(False, 4000, 3000), 0.002),  # 12 megapixels at 1/2
+        (30, lambda: textured((1600, 1200), "PNG"), 0.0),  # the tiny checkpoint's processor
+        (30, lambda: textured((1600, 1200), "JPEG"), 0.002),  # draft-decoded at 1/4
+    ],
+    ids=["png-small", "png-large", "png-wide", "jpeg-small", "jpeg-large", "jpeg-draft-detailed", "jpeg-draft-12mp", "tiny-png", "tiny-jpeg-draft"],
+)
+def test_the_model_sees_what_the_processor_makes_of_the_original(size, make, mean_delta):
+    data = make()
+    original = Image.open(io.BytesIO(data))
+    expected = pixel_values(size, original)
+    seen = pixel_values(size, decode(prepare_image(data, "photo", size=size)))
+    delta = np.abs(seen - expected)
+    assert delta.mean() <= mean_delta
+    if not mean_delta:
+        assert delta.max() == 0.0
 
 
 def test_same_picture_same_digest_and_names_do_not_matter():
@@ -102,5 +155,7 @@ def test_large_jpeg_is_decoded_at_reduced_scale(monkeypatch):
         return original_load(self)
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
-    assert decode(prepare_image(photo, "photo.jpg")).size == (448, 336)
-    assert decoded_sizes[0] == (500, 375)  # decoded at 1/8 scale: a 64th of the pixels
+    assert decode(prepare_image(photo, "photo.jpg")).size == (224, 224)
+    assert decoded_sizes[0] == (2000, 1500)  # decoded at 1/2 scale: a quarter of the pixels, still 6x the input
+    prepare_image(photo, "photo.jpg", size=30)
+    assert decoded_sizes[-2] == (500, 375)  # for a 30-pixel input, at 1/8

@@ -422,7 +422,7 @@ path = "{tmp_path / 'state' / 'bot.sqlite3'}"
     assert [event.text for event in events if isinstance(event, Partial)][-1] == "It is a red picture."
     inputs = fake.generate_requests[0]["inputs"]
     assert inputs.startswith(config.conversation.system_prompt) and inputs.endswith("<end_of_utterance>\nAssistant:")
-    assert "User: What is in this image?![](data:image/jpeg;base64," in inputs
+    assert "User: What is in this image?![](data:image/png;base64," in inputs
     assert fake.tokenize_requests, "the engine fitted the conversation with the server's tokenizer"
 
 

@@ -32,7 +32,7 @@ class Engine:
     def __init__(self, config: Config, model: ModelService, store: Store, metrics: Metrics):
         self.config = config
         self.admission = Admission(config.limits, metrics)
-        self.intake = ImageIntake(config.images, store)
+        self.intake = ImageIntake(config.images, store, model)
         self.generation = Generation(config, model, store, metrics)
         self.conversations = Conversations(config, store, self.intake, self.generation, metrics)
         self.commands = Commands(config, self.intake, self.generation, self.conversations, metrics)

@@ -15,7 +15,7 @@ from bot.images.fetch import FetchLimits, FetchRefused, fetch, file_name
 from bot.images.intake import ACCEPTED, ImageLimits, ImageRejected, prepare_image
 from bot.runtime.config import ImagesConfig
 from bot.state.store import Store
-from model.service import ModelImage
+from model.service import ModelImage, ModelService
 
 _IMAGE_LINK = re.compile(r"https?://[^\s<>\"')]+?\.(?:png|jpe?g|gif|webp|bmp)(?:\?[^\s<>\"')]*)?(?=[\s<>\"')]|$)", re.IGNORECASE)
 
@@ -23,9 +23,11 @@ _IMAGE_LINK = re.compile(r"https?://[^\s<>\"')]+?\.(?:png|jpe?g|gif|webp|bmp)(?:
 class ImageIntake:
     """A message's images -> stored `ImageRef`s, under the `[images]` limits."""
 
-    def __init__(self, settings: ImagesConfig, store: Store):
+    def __init__(self, settings: ImagesConfig, store: Store, model: ModelService):
+        """`model`: whose processor's input size the images are kept at (known once it has started)."""
         self.settings = settings
         self.store = store
+        self.model = model
         self.limits = ImageLimits(settings.max_bytes, settings.max_pixels, settings.max_aspect_ratio)
         self.fetch_limits = FetchLimits(
             max_bytes=settings.max_bytes,
@@ -74,5 +76,5 @@ class ImageIntake:
         return await self.prepare(await attachment.read(limit), attachment.name)
 
     async def prepare(self, data: bytes, name: str) -> ModelImage:
-        """Check and shrink one image's bytes, off the event loop."""
-        return await asyncio.to_thread(prepare_image, data, name, self.limits)
+        """Check one image's bytes and keep what the model's processor makes of it, off the event loop."""
+        return await asyncio.to_thread(prepare_image, data, name, self.limits, self.model.info.image_size)

@@ -1,8 +1,16 @@
-"""Image intake: bytes from anywhere -> a small RGB JPEG for the model, or a refusal that names the file.
+"""Image intake: bytes from anywhere -> the model's pixels as a lossless PNG, or a refusal that names the file.
 
 The content is identified by its bytes, never by its name or Content-Type. Size, pixel count and
-shape are checked from the header before anything is decoded, so a decompression bomb costs nothing;
-large JPEGs are decoded at reduced scale (PIL's draft mode), since the model sees 224 pixels.
+shape are checked from the header before anything is decoded, so a decompression bomb costs nothing.
+
+What is kept is what the model's processor would make of the original: an image larger than the
+processor's square input (224 x 224 for IDEFICS) in either side is resized to exactly that square,
+with the processor's own filter (PIL bicubic), so the processor's resize of the stored image changes
+nothing; a smaller image keeps its pixels, and the processor upscales it as it would the original.
+Either way the model sees `processor(original image)`, bit for bit. The one approximation: a JPEG
+at least twice `DRAFT_FACTOR` times the input size is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
+draft mode, several times faster), never below `DRAFT_FACTOR` times the input size, which keeps the
+pixels within a mean of 0.002 (normalised units) of a full decode (benchmarks/image_intake.py).
 """
 
 from __future__ import annotations
@@ -16,8 +24,12 @@ from PIL import Image, ImageOps
 
 from model.service import ModelImage
 
-# Kept a little above the model's 224 pixels, so a remote backend or a future model loses nothing.
-MAX_SIDE = 448
+# IDEFICS' processor input: every image becomes this square (ModelInfo.image_size has the loaded model's).
+MODEL_IMAGE_SIZE = 224
+# A draft-decoded JPEG keeps at least this many times the input size on each side, so the resize to
+# the input averages out the draft's differences from a full decode: a mean |delta| of 0.0014-0.0019
+# on detailed photos at 6 (0.0020-0.0027 at 4), in the processor's units (an 8-bit level is 0.015).
+DRAFT_FACTOR = 6
 
 _FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "GIF": "GIF", "WEBP": "WebP", "BMP": "BMP"}
 ACCEPTED = "PNG, JPEG, WebP, GIF and BMP"
@@ -71,8 +83,9 @@ def _megabytes(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MB"
 
 
-def prepare_image(data: bytes, name: str, limits: ImageLimits = ImageLimits()) -> ModelImage:
-    """Check and normalise one image. CPU-bound: call it off the event loop."""
+def prepare_image(data: bytes, name: str, limits: ImageLimits = ImageLimits(), size: int = MODEL_IMAGE_SIZE) -> ModelImage:
+    """Check one image and keep the pixels the model's processor makes of it for a `size` x `size`
+    input. CPU-bound: call it off the event loop."""
     if len(data) > limits.max_bytes:
         raise ImageRejected(f"{name} is {_megabytes(len(data))}; the limit is {_megabytes(limits.max_bytes)} per image.")
     kind = sniff(data)
@@ -89,12 +102,12 @@ def prepare_image(data: bytes, name: str, limits: ImageLimits = ImageLimits()) -
             width, height = image.size
             _check_shape(name, width, height, limits)
             if kind == "JPEG":
-                # Decode at 1/2, 1/4 or 1/8 scale as long as the long side stays >= MAX_SIDE.
-                scale = MAX_SIDE / max(width, height)
-                image.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
+                # The largest reduction that leaves both sides at least DRAFT_FACTOR x size (none if that's 1/1).
+                image.draft("RGB", (size * DRAFT_FACTOR, size * DRAFT_FACTOR))
             image.load()  # a GIF or animated WebP: only the first frame is decoded
             image = _to_rgb(ImageOps.exif_transpose(image))
-            image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BICUBIC, reducing_gap=2.0)
+            if image.width > size or image.height > size:
+                image = image.resize((size, size), Image.Resampling.BICUBIC)  # as IDEFICS' processor does
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -105,10 +118,8 @@ def prepare_image(data: bytes, name: str, limits: ImageLimits = ImageLimits()) -
         raise ImageRejected(f"{name} could not be read: the {label} file is damaged.") from None
     except (ValueError, SyntaxError, IndexError, EOFError, MemoryError):
         raise ImageRejected(f"{name} could not be read: the {label} file is damaged.") from None
-    # JPEG at quality 95 without chroma subsampling: visually lossless at this size, and several
-    # times faster to write than PNG for a photo.
     buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=95, subsampling=0)
+    image.save(buffer, "PNG")
     encoded = buffer.getvalue()
     return ModelImage(digest=hashlib.sha256(encoded).hexdigest(), data=encoded, name=name)
 

@@ -1,7 +1,7 @@
 """Where conversations live between messages and across restarts.
 
 `Store` is the interface; `SQLiteStore` is the default: one SQLite file (WAL, one transaction per
-change, a versioned schema) and the images beside it as JPEG files named by their content hash.
+change, a versioned schema) and the images beside it as files named by their content hash.
 All SQLite and file work runs on one dedicated thread, never on the event loop. SQLite state belongs
 to one process; state that several processes share lives in PostgreSQL (`bot.state.postgres`).
 """
