@@ -26,6 +26,7 @@ import torch
 from transformers import LogitsProcessor
 
 from model.batch import Batch, ProcessedPrompt, Row, Sampling, encode_prompt, footprint, image_state_shape, process_prompt
+from model.beams import search_beams
 from model.loading import CheckpointSettings, load_checkpoint
 from model.markers import marked_text
 from model.pictures import decode
@@ -38,6 +39,7 @@ from model.service import (
     GenerationFailed,
     GenerationRequest,
     ModelBusy,
+    ModelError,
     ModelImage,
     ModelInfo,
     ModelService,
@@ -47,6 +49,7 @@ from model.service import (
     Queued,
     Started,
     StreamEvent,
+    TextDelta,
 )
 from model.streamer import ReplyStream
 
@@ -195,6 +198,10 @@ class LocalBackend(ModelService):
         return len(self._counting_tokenizer(self._tokenizer.bos_token + marked_text(prompt), add_special_tokens=False).input_ids)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        if request.params.num_beams > 1:
+            async for event in self._searched(request):
+                yield event
+            return
         job = self._submit(request)
         loop = job.loop
         deadline = None if request.queue_timeout is None else loop.time() + request.queue_timeout
@@ -229,6 +236,49 @@ class LocalBackend(ModelService):
             self._between.append((work, done))
             self._lock.notify()
         return await asyncio.wrap_future(done)
+
+    async def _searched(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """A beam-search reply (model/beams.py): one `generate` call between two steps of the running
+        batch, which pauses meanwhile; the reply is sent whole."""
+        yield Started(batch_size=1)
+
+        def search(model, processor) -> Finished:
+            items = self._processor_items(request.prompt)
+            return search_beams(
+                model,
+                processor,
+                items,
+                request,
+                end_ids=self._end_ids,
+                banned_ids=self._banned,
+                row_processors=self.row_processors,
+                decode=self._decode,
+                on_step=self._progressed,
+            )
+
+        finished = await self._one_off(search, request, lambda: ModelTimeout.after(request, started=True))
+        if finished.text:
+            yield TextDelta(finished.text)
+        yield finished
+
+    async def _one_off(self, work: Callable[[Any, Any], T], request: GenerationRequest, timed_out: Callable[[], ModelError]) -> T:
+        """`work` run between steps, within the request's time limits (queue and work together), its
+        failure told as a `ModelError`."""
+        limits = [limit for limit in (request.queue_timeout, request.timeout) if limit is not None]
+        try:
+            async with asyncio.timeout(sum(limits) if limits else None):
+                return await self.call_between_steps(work)
+        except TimeoutError:
+            raise timed_out() from None
+        except ModelError:
+            raise
+        except Exception as exc:
+            log.exception("request.failed", extra={"request": request.label})
+            detail = "it ran out of memory" if _is_out_of_memory(exc) else "it hit an internal error"
+            raise GenerationFailed(f"Sorry, the model could not answer this one ({detail}). Please try again.") from None
+
+    def _progressed(self) -> None:
+        self._last_progress = time.monotonic()
 
     # -- the queue (event loop side) ---------------------------------------------------------
 

@@ -63,6 +63,9 @@ class GenerationParams:
     top_p: float = 0.8
     repetition_penalty: float = 1.0
     seed: int | None = None  # for sampling: the same seed gives the same reply; None picks one at random
+    # Beam search (the guide's story task) keeps several candidates and picks the best at the end, so
+    # such a reply can't stream: it arrives whole. Backends without beam search decode greedily.
+    num_beams: int = 1
 
 
 @dataclass(frozen=True)

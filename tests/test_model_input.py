@@ -6,15 +6,18 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from PIL import Image
-from transformers import AutoProcessor
+from transformers import AutoProcessor, LogitsProcessor
 
 from bot.runtime.app import Runtime
 from bot.core.conversation import Author, ConversationKey, ImageRef, Turn
-from bot.core.engine import IncomingMessage, TaskRequest
+from bot.core.engine import IncomingMessage, Partial, TaskRequest
 from bot.core.prompt import PromptItems, clean_name, clean_text, render
 from bot.core.tasks import FewShotPair, build_task
-from model.service import END_OF_UTTERANCE, SPECIAL_TOKENS
+from bot.images.intake import prepare_image
+from bot.runtime.cli import main
+from model.service import END_OF_UTTERANCE, SPECIAL_TOKENS, Finished, GenerationParams, GenerationRequest, TextDelta
 from tests.conftest import image_bytes
 from tests.model_tap import tap  # noqa: F401 (fixture)
 from tests.test_engine import attachment
@@ -130,3 +133,54 @@ async def test_a_task_prompt_too_long_is_refused(tap, runtime):
     assert len(events) == 1 and events[0].text == ""
     assert re.fullmatch(r"Your message is too long for me: it takes about \d{4} tokens and I can read about 2028\. Please shorten it\.", events[0].notes[0])
     assert tap.prompts == []
+
+
+def test_tasks_default_to_the_guides_settings(capsys):
+    assert main(["render", "--task", "caption", "--image", "door.jpg"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["<image door.jpg>", "# max_new_tokens=10 num_beams=1"]
+    assert main(["render", "--task", "prompted_caption", "--image", "door.jpg"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "# max_new_tokens=10 num_beams=1"
+    assert main(["render", "--task", "story", "--image", "door.jpg"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        '"Instruction: Use the image to write a story. \\n"',
+        "<image door.jpg>",
+        '"Story: \\n"',
+        "# max_new_tokens=200 num_beams=2",
+    ]
+
+
+class _Rows(LogitsProcessor):
+    """Records how many rows each generation step scores."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.rows.append(input_ids.shape[0])
+        return scores
+
+
+async def test_a_story_is_searched_with_beams_and_arrives_whole(backend):
+    rows = _Rows()
+    backend.row_processors.append(lambda prompt_ids: rows)
+    image = prepare_image(image_bytes(), "door.png", size=backend.info.image_size)
+
+    async def collect(request: GenerationRequest) -> list:
+        return [event async for event in backend.stream(request)]
+
+    story = await collect(GenerationRequest(["Instruction: Use the image to write a story. \n", image, "Story: \n"], GenerationParams(max_new_tokens=12, num_beams=2)))
+    assert rows.rows and set(rows.rows) == {2}  # two beams
+    texts = [event for event in story if isinstance(event, TextDelta)]
+    finished = story[-1]
+    assert isinstance(finished, Finished) and 0 < finished.tokens <= 12
+    assert len(texts) <= 1 and "".join(text.text for text in texts) == finished.text
+    # Greedy requests still run one row each in the running batch, streaming token by token.
+    greedy = await collect(GenerationRequest(["Describe", image], GenerationParams(max_new_tokens=12)))
+    assert rows.rows[-1] == 1 and isinstance(greedy[-1], Finished)
+
+
+async def test_the_story_task_posts_the_finished_story(runtime):
+    request = TaskRequest("story", KEY, Author("u1", "Ann"), (attachment("door.png", image_bytes()),))
+    events = [event async for event in runtime.engine.run_task(request)]
+    assert not [event for event in events if isinstance(event, Partial)]
+    assert events[-1].text

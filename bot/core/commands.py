@@ -144,6 +144,7 @@ class Commands:
                 examples=await self._few_shot_examples() if request.task == "few_shot" else (),
                 system_prompt=self.config.conversation.system_prompt,
                 max_new_tokens={str(task): tokens for task, tokens in self.config.tasks.max_new_tokens.items()},
+                num_beams={str(task): beams for task, beams in self.config.tasks.num_beams.items()},
             )
             model = self.generation.model
             await check_fits(prompt.items, model.count_tokens, context_tokens=model.info.context_tokens, reserve_tokens=prompt.max_new_tokens)
@@ -155,7 +156,7 @@ class Commands:
             self.metrics.error(type(error).__name__)
             yield Final("", (*notes, str(error)))
             return
-        async for event in self.generation.stream(prompt.items, prompt.max_new_tokens, f"{request.key} task={request.task}"):
+        async for event in self.generation.stream(prompt.items, prompt.max_new_tokens, f"{request.key} task={request.task}", prompt.num_beams):
             if isinstance(event, Final):
                 event = Final(event.text, (*notes, *event.notes))
                 if not event.text and not event.notes:

@@ -68,12 +68,13 @@ class Generation:
 
         return sendable
 
-    async def stream(self, items: PromptItems, max_new_tokens: int, label: str) -> AsyncIterator[ReplyEvent]:
-        """Stream the model's answer to `items`: Waiting and Partial events, then a Final."""
+    async def stream(self, items: PromptItems, max_new_tokens: int, label: str, num_beams: int = 1) -> AsyncIterator[ReplyEvent]:
+        """Stream the model's answer to `items`: Waiting and Partial events, then a Final. A beam
+        search answer has no Partials: it is shown whole, with the working status until then."""
         prompt = await self.model_prompt(items)
         request = GenerationRequest(
             prompt=prompt,
-            params=replace(self.params, max_new_tokens=max_new_tokens),
+            params=replace(self.params, max_new_tokens=max_new_tokens, num_beams=num_beams),
             queue_timeout=self.settings.queue_timeout_s,
             timeout=self.settings.generation_timeout_s,
             label=label,
@@ -99,7 +100,8 @@ class Generation:
                     yield Working()
                 elif isinstance(event, TextDelta):
                     text += event.text
-                    yield Partial(text)
+                    if num_beams == 1:
+                        yield Partial(text)
                 elif isinstance(event, Finished):
                     if generating_since is not None:
                         metrics.generation.observe(clock() - generating_since)

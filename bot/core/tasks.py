@@ -2,7 +2,9 @@
 
 `chat` is the instruct conversation format with a single user turn; the others are the guide's
 templates (captioning, prompted captioning, visual question answering, classification, image-guided
-story, few-shot) with its reply lengths as defaults.
+story, few-shot) with its settings as defaults: reply lengths, and beam search for the story.
+`classify` ranks the labels by likelihood instead of letting the model write freely (the guide's
+form, which may name no label at all, is `classify_generate`).
 """
 
 from __future__ import annotations
@@ -15,16 +17,18 @@ from bot.core.prompt import PromptItems, clean_text, render
 
 TASKS = ("chat", "caption", "prompted_caption", "vqa", "classify", "classify_generate", "story", "few_shot")
 
+# The guide's settings; chat has the reference chat demo's.
 DEFAULT_MAX_NEW_TOKENS = {
     "chat": 512,
-    "caption": 20,
-    "prompted_caption": 20,
+    "caption": 10,
+    "prompted_caption": 10,
     "vqa": 20,
     "classify": 6,
     "classify_generate": 6,
     "story": 200,
     "few_shot": 30,
 }
+DEFAULT_NUM_BEAMS = {"story": 2}
 
 
 class TaskError(ValueError):
@@ -43,6 +47,7 @@ class FewShotPair:
 class TaskPrompt:
     items: PromptItems
     max_new_tokens: int
+    num_beams: int = 1
 
 
 def parse_labels(labels: str | Sequence[str]) -> list[str]:
@@ -61,17 +66,19 @@ def build_task(
     examples: Sequence[FewShotPair] = (),
     system_prompt: str = "",
     max_new_tokens: dict[str, int] | None = None,
+    num_beams: dict[str, int] | None = None,
 ) -> TaskPrompt:
     """The prompt for `task` on `images` (the guide's tasks take exactly one image; chat takes any)."""
     if task not in TASKS:
         raise TaskError(f"Unknown task '{task}'. Choose one of: {', '.join(TASKS)}.")
     question = clean_text(question)
     lengths = {**DEFAULT_MAX_NEW_TOKENS, **(max_new_tokens or {})}
+    beams = {**DEFAULT_NUM_BEAMS, **(num_beams or {})}.get(task, 1)
     if task == "chat":
         if not question and not images:
             raise TaskError("Ask a question or give an image.")
         turn = Turn("user", (*((question,) if question else ()), *images), Author("user", "user"))
-        return TaskPrompt(render([turn], system_prompt), lengths[task])
+        return TaskPrompt(render([turn], system_prompt), lengths[task], beams)
     if len(images) != 1:
         raise TaskError(f"The {task} task takes exactly one image ({len(images)} given).")
     image = images[0]
@@ -101,4 +108,4 @@ def build_task(
         for example in examples:
             items += ["User:", example.image, f"Describe this image.\nAssistant: {clean_text(example.text)}\n"]
         items += ["User:", image, "Describe this image.\nAssistant:"]
-    return TaskPrompt(items, lengths[task])
+    return TaskPrompt(items, lengths[task], beams)

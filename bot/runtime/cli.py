@@ -18,7 +18,7 @@ from typing import Any
 
 from bot.core.conversation import Author, ConversationKey, ImageRef, Turn
 from bot.core.prompt import clean_text, render
-from bot.core.tasks import TASKS
+from bot.core.tasks import TASKS, FewShotPair, TaskError, build_task
 from bot.platform.adapter import AdapterMissing
 from bot.platform.settings import AdapterSettings
 from bot.runtime.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
@@ -205,11 +205,32 @@ def load_conversation(path: Path) -> tuple[list[Turn], bool, str | None]:
     return turns, bool(data.get("shared", False)), system_prompt if isinstance(system_prompt, str) else None
 
 
+def _item_lines(items: list) -> list[str]:
+    return [f"<image {item.name}>" if isinstance(item, (ImageRef, ModelImage)) else json.dumps(item, ensure_ascii=False) for item in items]
+
+
 def render_lines(config: Config, path: Path) -> list[str]:
     turns, shared, system_prompt = load_conversation(path)
     prompt = system_prompt if system_prompt is not None else config.conversation.system_prompt
-    items = render(turns, prompt, shared)
-    return [f"<image {item.name}>" if isinstance(item, (ImageRef, ModelImage)) else json.dumps(item, ensure_ascii=False) for item in items]
+    return _item_lines(render(turns, prompt, shared))
+
+
+def render_task_lines(config: Config, task: str, images: list[str], question: str, labels: str) -> list[str]:
+    """The prompt of a one-off task on images named `images` (not read), then its generation settings."""
+    try:
+        prompt = build_task(
+            task,
+            [ImageRef(digest="", name=name) for name in images],
+            question=question,
+            labels=labels,
+            examples=[FewShotPair(ImageRef(digest="", name=example.image.name), example.text) for example in config.tasks.few_shot],
+            system_prompt=config.conversation.system_prompt,
+            max_new_tokens={str(task): tokens for task, tokens in config.tasks.max_new_tokens.items()},
+            num_beams={str(task): beams for task, beams in config.tasks.num_beams.items()},
+        )
+    except TaskError as error:
+        raise CommandError(str(error)) from None
+    return [*_item_lines(prompt.items), f"# max_new_tokens={prompt.max_new_tokens} num_beams={prompt.num_beams}"]
 
 
 # -- the command line ------------------------------------------------------------------------
@@ -233,8 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     ask_command.add_argument("--task", choices=TASKS, default="chat", help="prompt template (default: chat)")
     ask_command.add_argument("--labels", default="", help='labels for --task classify, e.g. "cat, dog, bird"')
     ask_command.add_argument("question", nargs="?", default="", help="the question (optional for caption, classify and story)")
-    render_command = add("render", "Print the exact model input for a conversation given as JSON.", model=False)
-    render_command.add_argument("--conversation", type=Path, required=True, metavar="FILE.json")
+    render_command = add("render", "Print the exact model input for a conversation given as JSON, or for a task.", model=False)
+    source = render_command.add_mutually_exclusive_group(required=True)
+    source.add_argument("--conversation", type=Path, metavar="FILE.json")
+    source.add_argument("--task", choices=TASKS, help="a one-off task: prints its prompt and generation settings")
+    render_command.add_argument("--image", action="append", default=[], metavar="NAME", help="an image name for --task (not read; repeatable)")
+    render_command.add_argument("--question", default="", help="the question for --task vqa or chat")
+    render_command.add_argument("--labels", default="", help='labels for --task classify, e.g. "cat, dog, bird"')
     tiny = commands.add_parser("tiny-checkpoint", help="Write a tiny random IDEFICS checkpoint (for trying the bot offline and for tests).")
     tiny.add_argument("directory", type=Path)
     return parser
@@ -251,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = _config(args)
         if args.command == "render":
-            print("\n".join(render_lines(config, args.conversation)))
+            if args.task:
+                print("\n".join(render_task_lines(config, args.task, args.image, args.question, args.labels)))
+            else:
+                print("\n".join(render_lines(config, args.conversation)))
             return 0
         if args.command == "ask":
             if args.task == "classify" and not args.labels:

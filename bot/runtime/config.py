@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -98,7 +98,8 @@ TaskName = Literal["caption", "prompted_caption", "vqa", "classify", "classify_g
 
 class TasksConfig(Section):
     few_shot: list[FewShotExample] = []
-    max_new_tokens: dict[TaskName, int] = {}
+    max_new_tokens: dict[TaskName, Annotated[int, Field(ge=1, le=2048)]] = {}
+    num_beams: dict[TaskName, Annotated[int, Field(ge=1, le=8)]] = {}
 
 
 class ImagesConfig(Section):
