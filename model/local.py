@@ -30,6 +30,7 @@ from model.beams import search_beams
 from model.loading import CheckpointSettings, load_checkpoint
 from model.markers import marked_text
 from model.pictures import decode
+from model.scoring import score_continuations
 from model.service import (
     END_OF_UTTERANCE,
     FAKE_IMAGE_TOKEN,
@@ -47,6 +48,7 @@ from model.service import (
     ModelUnavailable,
     Prompt,
     Queued,
+    ScoreRequest,
     Started,
     StreamEvent,
     TextDelta,
@@ -197,6 +199,14 @@ class LocalBackend(ModelService):
         # The same text the processor builds: <s>, then the shared marker rules (model/markers.py).
         return len(self._counting_tokenizer(self._tokenizer.bos_token + marked_text(prompt), add_special_tokens=False).input_ids)
 
+    async def score(self, request: ScoreRequest) -> list[float]:
+        # All continuations in one forward pass, between two steps of the running batch.
+        def weigh(model, processor) -> list[float]:
+            items = self._processor_items(request.prompt)
+            return score_continuations(model, processor, items, request.continuations, self.row_processors)
+
+        return await self._one_off(weigh, request, lambda: ModelTimeout.scoring(request))
+
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         if request.params.num_beams > 1:
             async for event in self._searched(request):
@@ -261,7 +271,7 @@ class LocalBackend(ModelService):
             yield TextDelta(finished.text)
         yield finished
 
-    async def _one_off(self, work: Callable[[Any, Any], T], request: GenerationRequest, timed_out: Callable[[], ModelError]) -> T:
+    async def _one_off(self, work: Callable[[Any, Any], T], request: GenerationRequest | ScoreRequest, timed_out: Callable[[], ModelError]) -> T:
         """`work` run between steps, within the request's time limits (queue and work together), its
         failure told as a `ModelError`."""
         limits = [limit for limit in (request.queue_timeout, request.timeout) if limit is not None]

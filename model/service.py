@@ -81,6 +81,19 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class ScoreRequest:
+    """Continuations to weigh after one prompt (whose last item is text): how likely the model
+    finds each as the next words, e.g. a classification's labels after "Category: ". Each is read
+    as the prompt `continued` by it."""
+
+    prompt: Prompt
+    continuations: tuple[str, ...]
+    queue_timeout: float | None = None
+    timeout: float | None = None
+    label: str = ""  # for logs only: which conversation asked
+
+
+@dataclass(frozen=True)
 class Queued:
     """The request waits; `position` 1 means it goes into the next batch."""
 
@@ -113,6 +126,14 @@ class Finished:
 StreamEvent = Queued | Started | TextDelta | Finished
 
 
+def continued(prompt: Sequence, continuation: str) -> list:
+    """`prompt` with `continuation` appended to its last item, which must be text."""
+    *head, last = prompt
+    if not isinstance(last, str):
+        raise ValueError("a scored prompt ends with text")
+    return [*head, last + continuation]
+
+
 class ModelError(Exception):
     """A request could not be answered; `str(error)` is fit to show to the person who asked."""
 
@@ -130,6 +151,12 @@ class ModelTimeout(ModelError):
         if started:
             return cls(f"The reply took longer than {request.timeout:g} s, so I stopped it. Please try a shorter question.")
         return cls(f"The model was busy and your request waited more than {request.queue_timeout:g} s in the queue. Please try again.")
+
+    @classmethod
+    def scoring(cls, request: ScoreRequest) -> ModelTimeout:
+        """The error for a `ScoreRequest` that ran out of its (queue + work) time."""
+        seconds = (request.queue_timeout or 0) + (request.timeout or 0)
+        return cls(f"The model was busy and couldn't weigh the labels within {seconds:g} s. Please try again.")
 
 
 class GenerationFailed(ModelError):
@@ -185,6 +212,11 @@ class ModelService(abc.ABC):
     def health(self) -> dict[str, bool]:
         """Named checks for /healthz, each True when fine (e.g. "loaded", "worker_alive")."""
         return {"started": True}
+
+    @abc.abstractmethod
+    async def score(self, request: ScoreRequest) -> list[float]:
+        """The model's log-likelihood of each continuation right after the prompt (natural log,
+        summed over the continuation's tokens), in order. Raises a `ModelError` on failure."""
 
     async def generate(self, request: GenerationRequest) -> Finished:
         """Run `request` to the end and return the finished reply."""

@@ -53,9 +53,11 @@ from model.service import (
     Prompt,
     PromptItem,
     Queued,
+    ScoreRequest,
     Started,
     StreamEvent,
     TextDelta,
+    continued,
 )
 
 log = logging.getLogger(__name__)
@@ -575,6 +577,45 @@ class TGIBackend(ModelService):
                     payload = await self._within(anext(events, None), deadline, request, started)
         finally:
             self._line.leave(place)
+
+    async def score(self, request: ScoreRequest) -> list[float]:
+        """Each continuation's log-likelihood from TGI's prefill details (`decoder_input_details`):
+        one /generate call per continuation, generating a single token, which the server batches.
+        The tokens scored are those after the prompt's own (by /tokenize); were the two to differ
+        earlier, the extra prompt tokens would add the same amount to every continuation."""
+        self._check_open()
+        limits = [limit for limit in (request.queue_timeout, request.timeout) if limit is not None]
+        deadline = asyncio.get_running_loop().time() + sum(limits) if limits else None
+
+        async def answer(response: aiohttp.ClientResponse) -> object:
+            async with response:
+                await _check_status(response)
+                return await response.json(content_type=None)
+
+        async def call(path: str, body: dict) -> object:
+            async with self._tokenizing:
+                return await self._call(path, json.dumps(body).encode(), answer, deadline, timeout=None if path == "/generate" else self._quick_timeout())
+
+        async def weigh(prompt_ids: list, continuation: str) -> float:
+            parameters = {"max_new_tokens": 1, "details": True, "decoder_input_details": True}
+            reply = await call("/generate", {"inputs": render_inputs(continued(request.prompt, continuation)), "parameters": parameters})
+            prefill = reply.get("details", {}).get("prefill") if isinstance(reply, dict) else None
+            if not isinstance(prefill, list) or not all(isinstance(token, dict) for token in prefill):
+                raise GenerationFailed("The model server's answer had no prefill details, so I couldn't weigh the labels. Please try again.")
+            start = 0
+            while start < min(len(prompt_ids), len(prefill)) and prompt_ids[start] == prefill[start].get("id"):
+                start += 1
+            return sum(float(token.get("logprob") or 0.0) for token in prefill[max(start, 1) :])
+
+        try:
+            async with asyncio.timeout_at(deadline):
+                tokens = await call("/tokenize", {"inputs": counted_text(request.prompt)})
+                if not isinstance(tokens, list):
+                    raise GenerationFailed("The model server's tokenizer gave an answer I couldn't read. Please try again.")
+                prompt_ids = [token.get("id") if isinstance(token, dict) else None for token in tokens]
+                return list(await asyncio.gather(*(weigh(prompt_ids, text) for text in request.continuations)))
+        except TimeoutError:
+            raise ModelTimeout.scoring(request) from None
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -5,6 +5,9 @@
 - `POST /generate_stream` `{"inputs": ..., "parameters": {...}}`: server-sent events
   `data:{"index":..,"token":{"id":..,"text":..,"logprob":..,"special":..},"generated_text":null,"details":null}`,
   the last one with `generated_text` and `details.finish_reason` ("length", "eos_token", "stop_sequence").
+- `POST /generate` (the same body): one JSON answer; with `details` and `decoder_input_details`,
+  `details.prefill` lists every input token `{"id", "text", "logprob"}` (the first one's logprob
+  null), each logprob given by `FakeTGI.prefill_logprob(text)`.
 - Errors are `{"error": "...", "error_type": "..."}`: as an HTTP status (422, 429, 503...) or, as
   TGI's router sends them once the stream has begun, as an event of a 200 stream (a stream the model
   ends without its final token: `incomplete_generation_stream`).
@@ -101,6 +104,7 @@ class FakeTGI:
         self.default_reply = Reply(["A", " red", " square", ".", "<end_of_utterance>"])
         self.failures: deque[Failure] = deque()
         self.release = asyncio.Event()
+        self.prefill_logprob: Callable[[str], float] = lambda text: -1.0
         self.generate_requests: list[dict] = []
         self.generate_headers: list[dict[str, str]] = []
         self.tokenize_requests: list[dict] = []
@@ -111,7 +115,7 @@ class FakeTGI:
         self.most_streaming = 0
         self._changed = asyncio.Condition()
         self.server = LoopbackServer(
-            {"/info": self._info, "/tokenize": self._tokenize, "/generate_stream": self._generate_stream},
+            {"/info": self._info, "/tokenize": self._tokenize, "/generate_stream": self._generate_stream, "/generate": self._generate},
             cancel_on_disconnect=True,
         )
 
@@ -210,6 +214,29 @@ class FakeTGI:
         if problem is not None:
             return await self._stream_error(request, {"error": f"Input validation error: {problem}", "error_type": "validation"})
         return await self._stream(request, body)
+
+    async def _generate(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.Response(status=401)
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        await self._record(lambda: (self.generate_requests.append(body), self.generate_headers.append(dict(request.headers))))
+        problem = self._validate(body)
+        if problem is not None:
+            return web.json_response({"error": f"Input validation error: {problem}", "error_type": "validation"}, status=422)
+        parameters = body.get("parameters", {})
+        reply = self.replies.popleft() if self.replies else self.default_reply
+        tokens = reply.tokens[: parameters.get("max_new_tokens", 100)]
+        answer: dict = {"generated_text": "".join(text for text in tokens if text not in SPECIAL)}
+        if parameters.get("details"):
+            answer["details"] = {"finish_reason": "length", "generated_tokens": len(tokens), "seed": None}
+            if parameters.get("decoder_input_details"):
+                prefill = tokenize(_IMAGE.sub("<image>", body["inputs"]))
+                answer["details"]["prefill"] = [
+                    {"id": token["id"], "text": token["text"], "logprob": None if at == 0 else self.prefill_logprob(token["text"])} for at, token in enumerate(prefill)
+                ]
+        return web.json_response(answer)
 
     def _validate(self, body: dict) -> str | None:
         inputs, parameters = body.get("inputs"), body.get("parameters", {})

@@ -282,19 +282,21 @@ def ephemeral_note(interaction) -> str:
 
 
 @pytest.mark.parametrize(
-    "command, options, prompt_part",
+    "command, options, prompt_part, said, shown",
     [
-        ("ask", {"question": "What colour is it?"}, "User: What colour is it?"),
-        ("caption", {}, ""),
-        ("classify", {"labels": "cat, dog, bird"}, "from the following list: ['cat', 'dog', 'bird']"),
-        ("story", {}, "Use the image to write a story."),
+        ("ask", {"question": "What colour is it?"}, "User: What colour is it?", "a red square", None),
+        ("caption", {}, "", "a red square", None),
+        # The model made to say "dog": that label has all the probability.
+        ("classify", {"labels": "cat, dog, bird"}, "from the following list: ['cat', 'dog', 'bird']", "dog", "dog (100%), then cat (<1%)"),
+        ("story", {}, "Use the image to write a story.", "a red square", None),
     ],
 )
-async def test_slash_commands_defer_then_answer(fake, start_bot, tap, command, options, prompt_part):
+async def test_slash_commands_defer_then_answer(fake, start_bot, tap, command, options, prompt_part, said, shown):
     await start_bot()
     ann = fake.user("Ann")
     image = fake.upload("red.png", image_bytes(), "image/png")
-    answer = tap.force_next("a red square")
+    spelled = tap.force_next(said)
+    answer = shown or spelled
     interaction = await fake.run_command(ann, fake.text_channel, command, {**options, "image": image["id"]}, attachments={image["id"]: image})
     await command_answer(fake, interaction, answer)
     assert deferred(interaction)

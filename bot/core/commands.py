@@ -24,14 +24,15 @@ from typing import Literal
 
 from bot.core.conversation import ConversationKey
 from bot.core.generation import Generation
-from bot.core.messages import CommandRequest, Final, Refusal, ReplyEvent, TaskRequest
+from bot.core.messages import CommandRequest, Final, Refusal, ReplyEvent, TaskRequest, Working
 from bot.core.prompt import PromptTooLong, check_fits
+from bot.core.ranking import classify
 from bot.core.tasks import FewShotPair, TaskError, build_task
 from bot.core.turns import Conversations
 from bot.images.attachments import ImageIntake
 from bot.runtime.config import Config
 from bot.runtime.metrics import Metrics
-from model.service import ModelError
+from model.service import ModelError, continued
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,9 @@ class Commands:
                 num_beams={str(task): beams for task, beams in self.config.tasks.num_beams.items()},
             )
             model = self.generation.model
-            await check_fits(prompt.items, model.count_tokens, context_tokens=model.info.context_tokens, reserve_tokens=prompt.max_new_tokens)
+            # A ranking reads each label after the prompt instead of a reply: the longest must fit.
+            longest = continued(prompt.items, max(prompt.labels, key=len)) if prompt.labels else prompt.items
+            await check_fits(longest, model.count_tokens, context_tokens=model.info.context_tokens, reserve_tokens=prompt.max_new_tokens)
         except (Refusal, TaskError, PromptTooLong) as refusal:
             self.metrics.error("too_long" if isinstance(refusal, PromptTooLong) else "input_refused")
             yield Final("", (*notes, str(refusal)))
@@ -155,6 +158,23 @@ class Commands:
         except ModelError as error:  # a remote model counts tokens on its server, which can fail
             self.metrics.error(type(error).__name__)
             yield Final("", (*notes, str(error)))
+            return
+        if prompt.labels:
+            yield Working()
+            try:
+                ranking = await classify(
+                    self.generation.model,
+                    await self.generation.model_prompt(prompt.items),
+                    prompt.labels,
+                    queue_timeout=self.config.model.queue_timeout_s,
+                    timeout=self.config.model.generation_timeout_s,
+                    label=f"{request.key} task=classify",
+                )
+            except ModelError as error:
+                self.metrics.error(type(error).__name__)
+                yield Final("", (*notes, str(error)))
+                return
+            yield Final(ranking.answer(), tuple(notes))
             return
         async for event in self.generation.stream(prompt.items, prompt.max_new_tokens, f"{request.key} task={request.task}", prompt.num_beams):
             if isinstance(event, Final):

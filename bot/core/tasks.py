@@ -23,8 +23,7 @@ DEFAULT_MAX_NEW_TOKENS = {
     "caption": 10,
     "prompted_caption": 10,
     "vqa": 20,
-    "classify": 6,
-    "classify_generate": 6,
+    "classify_generate": 6,  # classify generates nothing: it ranks its labels
     "story": 200,
     "few_shot": 30,
 }
@@ -43,18 +42,33 @@ class FewShotPair:
     text: str
 
 
+MAX_LABELS = 50  # each is one row of the batch that weighs them
+MAX_LABEL_CHARS = 100
+
+
 @dataclass(frozen=True)
 class TaskPrompt:
+    """A task's prompt and settings. `labels`: for `classify`, the labels to rank after the prompt
+    (which ends with "Category: ") instead of generating."""
+
     items: PromptItems
     max_new_tokens: int
     num_beams: int = 1
+    labels: tuple[str, ...] = ()
 
 
 def parse_labels(labels: str | Sequence[str]) -> list[str]:
-    """Labels from "cat, dog, bird" or a list, cleaned, empty ones dropped."""
+    """Labels from "cat, dog, bird" or a list: cleaned like anything typed, empty ones and repeats
+    dropped; more than MAX_LABELS, or one longer than MAX_LABEL_CHARS, is refused."""
     if isinstance(labels, str):
-        labels = labels.split(",")
-    return [label for label in (clean_text(label) for label in labels) if label]
+        labels = labels.split(",", MAX_LABELS * 4)  # bounded: the excess is refused below anyway
+    cleaned = list(dict.fromkeys(label for label in (" ".join(clean_text(label).split()) for label in labels) if label))
+    if len(cleaned) > MAX_LABELS:
+        raise TaskError(f"That's more than {MAX_LABELS} labels; please give at most {MAX_LABELS}.")
+    for label in cleaned:
+        if len(label) > MAX_LABEL_CHARS:
+            raise TaskError(f'The label "{label[:30]}..." is {len(label)} characters long; labels can have at most {MAX_LABEL_CHARS}.')
+    return cleaned
 
 
 def build_task(
@@ -99,6 +113,8 @@ def build_task(
             image,
             "Category: ",
         ]
+        if task == "classify":
+            return TaskPrompt(items, 0, beams, tuple(labels))
     elif task == "story":
         items = ["Instruction: Use the image to write a story. \n", image, "Story: \n"]
     else:

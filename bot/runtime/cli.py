@@ -230,6 +230,8 @@ def render_task_lines(config: Config, task: str, images: list[str], question: st
         )
     except TaskError as error:
         raise CommandError(str(error)) from None
+    if prompt.labels:
+        return [*_item_lines(prompt.items), f"# ranks {len(prompt.labels)} labels by likelihood: {json.dumps(prompt.labels, ensure_ascii=False)}"]
     return [*_item_lines(prompt.items), f"# max_new_tokens={prompt.max_new_tokens} num_beams={prompt.num_beams}"]
 
 
