@@ -197,13 +197,19 @@ class FakeTGI:
             return [token]
         return [{"id": 50 + i, "text": ch, "start": token["start"] + i, "stop": token["start"] + i + 1} for i, ch in enumerate(token["text"])]
 
-    async def _generate_stream(self, request: web.Request) -> web.StreamResponse:
+    async def _generation_body(self, request: web.Request) -> dict | web.Response:
+        """A generation request's body, recorded; or the answer to an unauthorized or too large one."""
         if not self._authorized(request):
             return web.Response(status=401)
         body = await self._body(request)
+        if isinstance(body, dict):
+            await self._record(lambda: (self.generate_requests.append(body), self.generate_headers.append(dict(request.headers))))
+        return body
+
+    async def _generate_stream(self, request: web.Request) -> web.StreamResponse:
+        body = await self._generation_body(request)
         if isinstance(body, web.Response):
             return body
-        await self._record(lambda: (self.generate_requests.append(body), self.generate_headers.append(dict(request.headers))))
         if self.failures:
             failure = self.failures.popleft()
             error = {"error": failure.error, "error_type": failure.error_type}
@@ -216,12 +222,9 @@ class FakeTGI:
         return await self._stream(request, body)
 
     async def _generate(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return web.Response(status=401)
-        body = await self._body(request)
+        body = await self._generation_body(request)
         if isinstance(body, web.Response):
             return body
-        await self._record(lambda: (self.generate_requests.append(body), self.generate_headers.append(dict(request.headers))))
         problem = self._validate(body)
         if problem is not None:
             return web.json_response({"error": f"Input validation error: {problem}", "error_type": "validation"}, status=422)

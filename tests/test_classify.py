@@ -9,7 +9,7 @@ import torch
 from transformers import LogitsProcessor
 
 from bot.core.conversation import Author, ConversationKey
-from bot.core.engine import Final, TaskRequest, Working
+from bot.core.messages import Final, TaskRequest, Working
 from bot.core.ranking import rank
 from bot.core.tasks import TaskError, parse_labels
 from bot.runtime.app import Runtime

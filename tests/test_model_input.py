@@ -12,7 +12,7 @@ from transformers import AutoProcessor, LogitsProcessor
 
 from bot.runtime.app import Runtime
 from bot.core.conversation import Author, ConversationKey, ImageRef, Turn
-from bot.core.engine import IncomingMessage, Partial, TaskRequest
+from bot.core.messages import IncomingMessage, Partial, TaskRequest
 from bot.core.prompt import PromptItems, clean_name, clean_text, render
 from bot.core.tasks import FewShotPair, build_task
 from bot.images.intake import prepare_image
