@@ -23,7 +23,7 @@ class _Progress(StoppingCriteria):
     def __init__(self, on_step: Callable[[], None]):
         self._on_step = on_step
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         self._on_step()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
