@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.conftest import image_bytes
@@ -74,11 +77,39 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
 
 
 def test_run_without_any_platform_says_what_to_configure(tmp_path):
+    (tmp_path / "config.toml").write_text("[web]\nenabled = false\n")
     result = idefics_bot("run", cwd=tmp_path)
     assert result.returncode == 1
-    for needed in ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "idefics-bot chat", "tiny-checkpoint"):
+    for needed in ("[web] enabled", "DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "idefics-bot chat", "tiny-checkpoint"):
         assert needed in result.stderr
     assert_no_traceback(result)
+
+
+async def test_run_with_nothing_configured_serves_the_web_chat_and_says_how_to_add_platforms(tmp_path, tiny_checkpoint):
+    (tmp_path / "config.toml").write_text("[web]\nport = 0\n")  # the default port 8080 may be taken on a test machine
+    bot = await asyncio.create_subprocess_exec(
+        *COMMAND, "run", "--model", str(tiny_checkpoint), cwd=tmp_path, env=environment(), stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        said = []
+        async with asyncio.timeout(120):
+            while not (said and said[-1].startswith("Web chat: ")):
+                line = await bot.stderr.readline()
+                assert line, f"the bot ended before serving the page: {said}"
+                said.append(line.decode().strip())
+        url = said[-1].removeprefix("Web chat: ")
+        assert url.startswith("http://127.0.0.1:")
+        assert "DISCORD_TOKEN" in "\n".join(said) and "SLACK_BOT_TOKEN" in "\n".join(said)
+        async with aiohttp.ClientSession() as client, client.get(url) as page:
+            assert page.status == 200 and "<title>IDEFICS</title>" in await page.text()
+        bot.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            assert await bot.wait() == 0
+        assert "Traceback" not in (await bot.stderr.read()).decode()
+    finally:
+        if bot.returncode is None:
+            bot.kill()
+            await bot.wait()
 
 
 def test_config_errors_name_the_key(tmp_path):

@@ -3,7 +3,8 @@
     adapter event -> (route, access) -> Platform.first_delivery -> Platform.answer -> Engine.reply
                                                        -> LiveReply on the adapter's Surface
 
-`Platform` offers: turns and commands (`answer`, `command`, `link`), the threads the bot follows
+`Platform` offers: turns and commands (`answer`, `command`, `link`), what was said in a channel's
+conversations (`conversations`, `turns`, `image`, for showing it again), the threads the bot follows
 (`follow`, `follows`, `conversation_of`), once-only events (`first_delivery`), counting events for
 /metrics (`record`), and answering the questions a killed process left unanswered, after a restart
 or, with processes sharing PostgreSQL, as soon as another notices (`watch_unanswered`, `resume`). It
@@ -23,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from bot.core.conversation import ConversationKey, Unanswered
+from bot.core.conversation import ConversationKey, ImageRef, Turn, Unanswered
 from bot.core.engine import Engine
 from bot.core.messages import Attachment, CommandRequest, Final, IncomingMessage, ReplyEvent
 from bot.platform.delivery import LiveReply
@@ -31,6 +32,7 @@ from bot.platform.files import local_attachment
 from bot.runtime.config import ImagesConfig
 from bot.runtime.metrics import Metrics
 from bot.state.store import Store
+from model.service import ModelImage
 
 ErrorFields = Callable[[BaseException], Mapping[str, Any]]
 
@@ -83,6 +85,20 @@ class Platform:
     async def reset(self, key: ConversationKey) -> int:
         """Forget one conversation; returns how many turns it had."""
         return await self._engine.reset(key)
+
+    # -- what was said, for showing it again ----------------------------------------------------
+
+    async def conversations(self, channel: str) -> list[ConversationKey]:
+        """The conversations of a channel (one person's web chat, say) that have turns, oldest first."""
+        return await self._store.conversations_in(self.name, channel)
+
+    async def turns(self, key: ConversationKey) -> list[Turn]:
+        """The newest turns of a conversation (up to 200), oldest first."""
+        return await self._store.load_turns(key)
+
+    async def image(self, ref: ImageRef) -> ModelImage:
+        """A stored image (its encoded bytes), as the turns name it."""
+        return await self._store.get_image(ref)
 
     # -- the threads the bot follows ---------------------------------------------------------
 

@@ -21,8 +21,11 @@ class AdapterSettings(Section):
 
     # Secret keys of the section that may come from an environment variable: key -> variable.
     environment: ClassVar[dict[str, str]] = {}
+    # An adapter that needs no account anywhere (the web chat) can be the one that runs when no other
+    # is enabled: with `enabled` left out of its section, `enabled` is None, which means exactly that.
+    runs_alone: ClassVar[bool] = False
 
-    enabled: bool = False
+    enabled: bool | None = False
 
     @classmethod
     def secrets_needed(cls, section: Mapping[str, Any]) -> list[str]:
@@ -35,7 +38,7 @@ class AdapterSettings(Section):
     def _enabled_by_secrets(cls, data: Any) -> Any:
         if isinstance(data, dict) and "enabled" not in data:
             needed = cls.secrets_needed(data)
-            data = {**data, "enabled": bool(needed) and all(data.get(key) for key in needed)}
+            data = {**data, "enabled": None if cls.runs_alone else bool(needed) and all(data.get(key) for key in needed)}
         return data
 
     @model_validator(mode="after")

@@ -55,8 +55,10 @@ def create_model(config: Config) -> ModelService:
 
 
 def enabled_adapters(config: Config) -> list[str]:
-    """The adapters `idefics-bot run` starts: those whose section is enabled."""
-    return [name for name in installed_adapters() if isinstance(section := config.section(name), AdapterSettings) and section.enabled]
+    """The adapters `idefics-bot run` starts: those whose section is enabled; with none, those that run
+    alone unless their section says `enabled = false` (see `AdapterSettings.runs_alone`)."""
+    sections = {name: section for name in installed_adapters() if isinstance(section := config.section(name), AdapterSettings)}
+    return [name for name, section in sections.items() if section.enabled] or [name for name, section in sections.items() if section.enabled is None]
 
 
 def create_store(config: Config) -> Store:

@@ -37,7 +37,8 @@ class CommandError(Exception):
     """Ends the command with this message on stderr."""
 
 
-def _nothing_enabled(config: Config, source: str) -> str:
+def _ways_to_enable(config: Config) -> list[str]:
+    """How to turn on each installed adapter that needs secrets, in one line each."""
     from bot.platform.adapter import installed_adapters
 
     ways = []
@@ -48,9 +49,17 @@ def _nothing_enabled(config: Config, source: str) -> str:
             variables = " and ".join(section.environment[key] for key in needed)
             keys = " and ".join(f"[{name}] {key}" for key in needed)
             ways.append(f"To put the bot into {name}: set {variables} (or {keys} in config.toml).")
-    return f"""No chat platform is enabled ({source}), so there is nothing to run yet.
+    return ways
 
-{chr(10).join(ways)}
+
+def _nothing_enabled(config: Config, source: str) -> str:
+    from bot.platform.adapter import installed_adapters
+
+    alone = [name for name in installed_adapters() if getattr(config.section(name), "runs_alone", False)]
+    unblock = "".join(f"\nFor the {name} adapter, which needs no account: leave out [{name}] enabled = false." for name in alone)
+    return f"""No chat platform is enabled ({source}), so there is nothing to run yet.
+{unblock}
+{chr(10).join(_ways_to_enable(config))}
 The README's sections on each platform list the permissions and set-up they need.
 Then run `idefics-bot run` again.
 
@@ -58,6 +67,14 @@ To chat with the model in this terminal instead:
   idefics-bot chat            (downloads HuggingFaceM4/idefics-9b-instruct, about 20 GB)
   idefics-bot tiny-checkpoint ./tiny-idefics && idefics-bot chat --model ./tiny-idefics
                               (offline, a tiny random model: it answers gibberish)"""
+
+
+def _running_alone(config: Config, names: list[str]) -> str:
+    """Said when only adapters that run alone run: what else there is."""
+    keep = " and ".join(f"[{name}] enabled = true" for name in names)
+    return f"""No other chat platform is configured, so the bot runs: {", ".join(names)} (its address follows once the model is loaded).
+{chr(10).join(_ways_to_enable(config))}
+(The README's sections on each platform say how; with {keep} it keeps running alongside them.)"""
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -80,6 +97,8 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
     names = enabled_adapters(config)
     if not names:
         raise CommandError(_nothing_enabled(config, source))
+    if all(getattr(config.section(name), "enabled", False) is None for name in names):
+        print(_running_alone(config, names), file=sys.stderr, flush=True)
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -1,0 +1,441 @@
+"""The web chat: the bot in a browser tab, served by the bot itself (aiohttp; the page is plain HTML,
+CSS and JavaScript from `adapters/web_page`, no build step, nothing from the internet).
+
+    browser POST /api/conversations/{id}/messages -> WebAdapter._post_message -> IncomingMessage
+        -> Platform.reply (in a task of its own) -> one JSON line per event streamed back to the page
+
+- Everything it asks of the core goes through its `Platform` (the SDK).
+- A browser session is a user (`adapters.web_guard`): its conversations are
+  ConversationKey("web", <session's user id>, <conversation id>), kept in the same store as Discord's
+  and Slack's, so they survive a restart; nobody else can list or read them.
+- The reply runs in a task of the adapter, not of the request: closing the tab doesn't lose the
+  answer, and Stop cancels that task.
+- Bound to 127.0.0.1 unless `[web] host` says otherwise, which needs `[web] token`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import sys
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from contextlib import aclosing
+from pathlib import Path, PurePath
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+from pydantic import Field, SecretStr, model_validator
+
+from adapters.web_guard import COOKIE, USER, Sessions, add_security_headers, guard, is_loopback, json_error
+from bot.core.conversation import Author, ConversationKey, Turn, Unanswered
+from bot.core.messages import Attachment, Final, IncomingMessage, Partial, ReplyEvent, Waiting, Working
+from bot.platform.delivery import WRITING, LiveReply, waiting_text
+from bot.platform.sdk import Platform
+from bot.platform.settings import AdapterSettings
+from bot.runtime.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+PAGE = Path(__file__).with_name("web_page")
+_STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+_CONVERSATION_ID = re.compile(r"[0-9a-f]{16}")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_MAX_TEXT_BYTES = 64 * 1024
+_MAX_CONVERSATIONS_LISTED = 100
+_TITLE_CHARS = 60
+_CHUNK = 64 * 1024
+_STOP_GRACE_S = 5.0
+STOPPED = "Stopped. This question and the unfinished answer are not kept in the conversation."
+_FAILED = "Something went wrong on my side while answering; please try again."
+
+
+_MAKE_A_TOKEN = "make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(24))'"
+
+
+class WebSettings(AdapterSettings):
+    """[web]. Left out of the file, `enabled` means: on exactly when no other chat platform is, so
+    that `idefics-bot run` does something out of the box."""
+
+    environment = {"token": "IDEFICS_WEB_TOKEN"}
+    runs_alone = True
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)  # 0: any free port (the address is printed)
+    # Required when `host` is not a loopback address: people type it once, then a cookie remembers them.
+    token: SecretStr | None = None
+
+    @classmethod
+    def secrets_needed(cls, section: Mapping[str, Any]) -> list[str]:
+        return []  # the token only when exposed, which the check below asks for
+
+    @model_validator(mode="after")
+    def _exposed_needs_a_token(self) -> WebSettings:
+        if self.token is not None and len(self.token.get_secret_value()) < 16:
+            raise ValueError(f"token must be at least 16 characters; {_MAKE_A_TOKEN}")
+        if self.enabled is not False and self.token is None and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} exposes the web chat beyond this machine, so it needs an access token: set [web] token or "
+                f"IDEFICS_WEB_TOKEN ({_MAKE_A_TOKEN})"
+            )
+        return self
+
+
+class _Unwatched:
+    """The surface of an answer nobody is watching (resumed after a restart): it is stored, and the
+    page shows it when its conversation is opened."""
+
+    async def post(self, text: str) -> None:
+        return None
+
+    async def edit(self, message: object, text: str) -> None:
+        return None
+
+
+class _Stopped:
+    """Queued for the page when its reply task was cancelled by Stop."""
+
+
+class WebAdapter:
+    """The web chat on one host and port."""
+
+    Settings = WebSettings
+    delivery_errors = ()  # the page reads the stored conversation again when it loses a reply
+    name = "web"
+
+    def __init__(self, platform: Platform, settings: WebSettings):
+        self.platform = platform
+        self.settings = settings
+        self.images = platform.images
+        self.sessions = Sessions(settings.token.get_secret_value() if settings.token else None)
+        self.files = {path.name: path.read_bytes() for path in PAGE.iterdir() if path.suffix in _STATIC_TYPES}
+        self.index = (PAGE / "index.html").read_bytes()
+        self.login = (PAGE / "login.html").read_text(encoding="utf-8")
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._replies: dict[ConversationKey, set[asyncio.Task]] = {}
+        # Uploads: every image of a turn at its size limit, and one more (refused with its size), plus the text.
+        self._max_upload = (self.images.max_per_turn + 1) * self.images.max_bytes + _MAX_TEXT_BYTES
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _app(self) -> web.Application:
+        loopback_only = is_loopback(self.settings.host) and not self.sessions.token_required
+        app = web.Application(middlewares=[guard(self.sessions, loopback_only, frozenset({"/", "/login"}))], client_max_size=_MAX_TEXT_BYTES)
+        app.on_response_prepare.append(add_security_headers)
+        app.router.add_get("/", self._page)
+        app.router.add_post("/login", self._login)
+        app.router.add_get("/static/{name}", self._static)
+        app.router.add_get("/api/conversations", self._list)
+        app.router.add_get("/api/conversations/{conversation}", self._show)
+        app.router.add_get("/api/conversations/{conversation}/images/{digest}", self._image)
+        app.router.add_post("/api/conversations/{conversation}/messages", self._post_message)
+        app.router.add_post("/api/conversations/{conversation}/stop", self._stop_replies)
+        app.router.add_post("/api/conversations/{conversation}/reset", self._reset)
+        return app
+
+    async def start(self) -> None:
+        """Listen, print the address, and answer what a killed process left unanswered."""
+        host, port = self.settings.host, self.settings.port
+        runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=_STOP_GRACE_S)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as error:
+            await runner.cleanup()
+            raise ConfigError(f"The web chat can't listen on {host}:{port} ({error.strerror}): free the port or change [web] port.") from None
+        self._runner = runner
+        bound = runner.addresses[0][1]
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        self.url = f"http://{f'[{shown}]' if ':' in shown else shown}:{bound}/"
+        print(f"Web chat: {self.url}" + (" (asks for the [web] token)" if self.sessions.token_required else ""), file=sys.stderr, flush=True)
+        self._spawn(self._resume_unanswered(), "web-resume")
+        log.info("web.started", extra={"url": self.url, "token_required": self.sessions.token_required})
+
+    @property
+    def connected(self) -> bool:
+        return self._runner is not None
+
+    async def stop(self) -> None:
+        """Stop listening; replies still running get a moment, then are cancelled."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=_STOP_GRACE_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        log.info("web.stopped")
+
+    def _spawn(self, work: Awaitable[None], name: str) -> asyncio.Task:
+        task = asyncio.create_task(self._logged(work, name), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @staticmethod
+    async def _logged(work: Awaitable[None], name: str) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("web.work_failed", extra={"work": name})
+
+    # -- the page ----------------------------------------------------------------------------
+
+    async def _page(self, request: web.Request) -> web.Response:
+        user = self.sessions.user_of(request.cookies.get(COOKIE))
+        if user is None and self.sessions.token_required:
+            return self._login_page(401)
+        response = web.Response(body=self.index, content_type="text/html", charset="utf-8", headers={"Cache-Control": "no-store"})
+        if user is None:
+            self.sessions.set_cookie(response, request)
+        return response
+
+    def _login_page(self, status: int, problem: str = "") -> web.Response:
+        shown = f'<p class="problem" role="alert">{problem}</p>' if problem else ""  # our own fixed strings only
+        return web.Response(status=status, text=self.login.replace("<!--problem-->", shown), content_type="text/html", headers={"Cache-Control": "no-store"})
+
+    async def _login(self, request: web.Request) -> web.Response:
+        if not self.sessions.token_required:
+            raise web.HTTPSeeOther("/")
+        form = await request.post()
+        token = form.get("token")
+        if not isinstance(token, str) or not self.sessions.token_matches(token):
+            log.info("web.login_refused")
+            return self._login_page(401, "That token isn't the one in [web] token. Check it and try again.")
+        signed_in = web.HTTPSeeOther("/")
+        self.sessions.set_cookie(signed_in, request)
+        log.info("web.login")
+        raise signed_in
+
+    async def _static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        body = self.files.get(name)
+        if body is None:
+            return json_error(404, f"No such file: {name}")
+        return web.Response(body=body, content_type=_STATIC_TYPES[PurePath(name).suffix], headers={"Cache-Control": "no-cache"})
+
+    # -- conversations -----------------------------------------------------------------------
+
+    def _key(self, request: web.Request) -> ConversationKey:
+        conversation = request.match_info["conversation"]
+        if not _CONVERSATION_ID.fullmatch(conversation):
+            raise web.HTTPNotFound(text=json.dumps({"error": "No such conversation."}), content_type="application/json")
+        return ConversationKey(self.name, request[USER], conversation)
+
+    async def _list(self, request: web.Request) -> web.Response:
+        keys = await self.platform.conversations(request[USER])
+        listed = []
+        for key in reversed(keys[-_MAX_CONVERSATIONS_LISTED:]):  # newest first
+            listed.append({"id": key.thread, "title": _title(await self.platform.turns(key))})
+        return web.json_response({"conversations": listed}, headers={"Cache-Control": "no-store"})
+
+    async def _show(self, request: web.Request) -> web.Response:
+        key = self._key(request)
+        turns = await self.platform.turns(key)
+        if not turns and key not in self._replies:
+            return json_error(404, "No such conversation: it was reset, or it belongs to another browser session.")
+        shown = [
+            {"role": turn.role, "text": turn.text, "images": [{"digest": image.digest, "name": image.name} for image in turn.images]}
+            for turn in turns
+        ]
+        busy = bool(self._replies.get(key))
+        return web.json_response({"id": key.thread, "title": _title(turns), "turns": shown, "busy": busy}, headers={"Cache-Control": "no-store"})
+
+    async def _image(self, request: web.Request) -> web.Response:
+        key, digest = self._key(request), request.match_info["digest"]
+        if not _DIGEST.fullmatch(digest):
+            return json_error(404, "No such image.")
+        turns = await self.platform.turns(key)
+        ref = next((image for turn in turns for image in turn.images if image.digest == digest), None)
+        if ref is None:  # only images of this session's own conversation
+            return json_error(404, "No such image in this conversation.")
+        image = await self.platform.image(ref)
+        kind = "image/png" if image.data.startswith(b"\x89PNG") else "image/jpeg"
+        return web.Response(body=image.data, content_type=kind, headers={"Cache-Control": "private, max-age=86400"})
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        key = self._key(request)
+        self._cancel(key)
+        forgotten = await self.platform.reset(key)
+        log.info("web.reset", extra={"conversation": str(key), "turns": forgotten})
+        return web.json_response({"forgotten": forgotten})
+
+    async def _stop_replies(self, request: web.Request) -> web.Response:
+        key = self._key(request)
+        stopped = self._cancel(key)
+        log.info("web.stopped_reply", extra={"conversation": str(key), "replies": stopped})
+        return web.json_response({"stopped": stopped})
+
+    def _cancel(self, key: ConversationKey) -> int:
+        tasks = self._replies.get(key, set())
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
+
+    # -- messages ----------------------------------------------------------------------------
+
+    async def _post_message(self, request: web.Request) -> web.StreamResponse:
+        """Where a browser's message becomes a turn and its reply: read the form, start the reply,
+        stream its events to the page as JSON lines."""
+        if request.match_info["conversation"] == "new":
+            key = ConversationKey(self.name, request[USER], secrets.token_hex(8))
+        else:
+            key = self._key(request)
+        try:
+            text, attachments = await self._read_form(request)
+        except _FormRefused as refused:
+            return json_error(refused.status, str(refused))
+        message = IncomingMessage(key, Author(request[USER], "you"), text, tuple(attachments), message_id=secrets.token_hex(8))
+        self.platform.record("message")
+        events: asyncio.Queue[ReplyEvent | _Stopped] = asyncio.Queue()
+        task = self._spawn(self._answer(message, events), "web-reply")
+        self._replies.setdefault(key, set()).add(task)
+        task.add_done_callback(lambda done: self._forget_reply(key, done))
+
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson; charset=utf-8", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        try:
+            await _send(response, {"type": "conversation", "id": key.thread})
+            async for update in _updates(events):
+                await _send(response, update)
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the page went away; the reply goes on and is stored for when it comes back
+        return response
+
+    def _forget_reply(self, key: ConversationKey, task: asyncio.Task) -> None:
+        running = self._replies.get(key, set())
+        running.discard(task)
+        if not running:
+            self._replies.pop(key, None)
+
+    async def _answer(self, message: IncomingMessage, events: asyncio.Queue) -> None:
+        started = asyncio.get_running_loop().time()
+        final: Final | None = None
+        try:
+            async with aclosing(self.platform.reply(message)) as replies:
+                async for event in replies:
+                    events.put_nowait(event)
+                    if isinstance(event, Final):
+                        final = event
+        except asyncio.CancelledError:
+            events.put_nowait(_Stopped())
+            raise
+        except Exception:
+            events.put_nowait(Final("", (_FAILED,)))
+            log.exception("web.reply_failed", extra={"conversation": str(message.key)})
+            return
+        log.info(
+            "web.replied",
+            extra={"conversation": str(message.key), "answered": bool(final and final.text), "seconds": round(asyncio.get_running_loop().time() - started, 3)},
+        )
+
+    async def _read_form(self, request: web.Request) -> tuple[str, list[Attachment]]:
+        """The text and files of a message form, read within the size limits."""
+        if request.content_type != "multipart/form-data":
+            raise _FormRefused(415, "Send messages as multipart/form-data, as the chat page does.")
+        if request.content_length is not None and request.content_length > self._max_upload:
+            raise _FormRefused(413, f"That message is {request.content_length / 2**20:.1f} MB; at most {self.images.max_per_turn} images of {self.images.max_bytes / 2**20:.0f} MB each fit in one.")
+        reader = await request.multipart()
+        text, attachments, total = "", [], 0
+        async for part in reader:
+            if not isinstance(part, BodyPartReader):
+                raise _FormRefused(400, "Nested multipart forms aren't accepted.")
+            if part.name == "text":
+                data, size = await _read_part(part, _MAX_TEXT_BYTES)
+                if size > _MAX_TEXT_BYTES:
+                    raise _FormRefused(413, f"That message is too long; keep it under {_MAX_TEXT_BYTES // 1024} KB of text.")
+                text = data.decode("utf-8", "replace")
+            elif part.name == "image":
+                data, size = await _read_part(part, self.images.max_bytes)
+                name = PurePath((part.filename or "image").replace("\\", "/")).name[:100] or "image"
+                attachments.append(_uploaded(name, data, size, part.headers.get("Content-Type")))
+            else:
+                await _read_part(part, 0)
+                size = 0
+            total += size
+            if total > self._max_upload:
+                raise _FormRefused(413, f"That message is too big; at most {self.images.max_per_turn} images of {self.images.max_bytes / 2**20:.0f} MB each fit in one.")
+        return text, attachments
+
+    async def _resume_unanswered(self) -> None:
+        """Answer what a killed process left unanswered, so the answers are there when the page opens."""
+        for pending in await self.platform.unanswered():
+            self._spawn(self._resume(pending), "web-resume")
+
+    async def _resume(self, pending: Unanswered) -> None:
+        await self.platform.resume(pending, LiveReply(_Unwatched(), limit=1_000_000), shared=False)
+
+
+class _FormRefused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+async def _read_part(part: BodyPartReader, limit: int) -> tuple[bytes, int]:
+    """Up to `limit` bytes of a part, and its whole size (the rest is read and dropped)."""
+    kept, size = bytearray(), 0
+    while chunk := await part.read_chunk(_CHUNK):
+        size += len(chunk)
+        if size <= limit:
+            kept += chunk
+    return bytes(kept), size
+
+
+def _uploaded(name: str, data: bytes, size: int, content_type: str | None) -> Attachment:
+    async def read(max_bytes: int) -> bytes:
+        return data
+
+    return Attachment(name=name, read=read, size=size, content_type=content_type)
+
+
+def _title(turns: list[Turn]) -> str:
+    """A conversation's name in the list: its first question's first line."""
+    first = next((turn for turn in turns if turn.role == "user"), None)
+    if first is None:
+        return "New conversation"
+    line = next((line.strip() for line in first.text.splitlines() if line.strip()), "")
+    if not line:
+        return first.images[0].name if first.images else "New conversation"
+    return line if len(line) <= _TITLE_CHARS else line[: _TITLE_CHARS - 1].rstrip() + "…"
+
+
+async def _updates(events: asyncio.Queue) -> AsyncIterator[dict]:
+    """The page's view of a reply's events, ending with a "final" update. Events that queued up
+    while the page was being written to are sent as one update."""
+    shown = ""
+    while True:
+        batch = [await events.get()]
+        while not events.empty():
+            batch.append(events.get_nowait())
+        end = next((event for event in batch if isinstance(event, (Final, _Stopped))), None)
+        if isinstance(end, Final):
+            yield {"type": "final", "text": end.text, "notes": list(end.notes)}
+            return
+        if isinstance(end, _Stopped):
+            yield {"type": "final", "text": shown, "notes": [STOPPED], "stopped": True}
+            return
+        latest = batch[-1]
+        if isinstance(latest, Waiting):
+            yield {"type": "status", "text": waiting_text(latest.position)}
+        elif isinstance(latest, Working):
+            yield {"type": "status", "text": WRITING}
+        elif isinstance(latest, Partial):
+            if latest.text.startswith(shown):
+                yield {"type": "delta", "text": latest.text[len(shown) :]}
+            else:
+                yield {"type": "text", "text": latest.text}
+            shown = latest.text
+
+
+async def _send(response: web.StreamResponse, update: dict) -> None:
+    await response.write(json.dumps(update, ensure_ascii=False).encode() + b"\n")
