@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint postgres bench clean
+.PHONY: run test lint postgres chromium screenshot bench clean
 
 # torch is installed first and pinned: 2.13.0 is the CPU build this project tests with. A GPU
 # machine keeps the CUDA build it already has in the venv (the range in pyproject.toml admits it).
@@ -31,8 +31,20 @@ lint: $(VENV)/.installed
 	$(BIN)/python -m ruff check bot model adapters
 	$(BIN)/python -m mypy bot model adapters
 
-test: $(VENV)/.installed postgres
+# The web chat's tests open it in Debian's headless chromium (driven by Playwright from PyPI, which
+# downloads no browser of its own here), installed here when missing.
+chromium:
+	@test -x /usr/bin/chromium || { \
+	    echo "Installing Debian's chromium package for the browser tests ..."; \
+	    $(SUDO) apt-get update -qq && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null; }
+
+test: $(VENV)/.installed postgres chromium
 	$(BIN)/python -m pytest $(ARGS)
+
+# The README's picture of the web chat, taken by its browser test.
+screenshot: $(VENV)/.installed chromium
+	SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_web_browser.py -k restart
 
 bench: $(VENV)/.installed postgres
 	$(BIN)/python benchmarks/mixed_load.py

@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 
 from adapters.web_guard import COOKIE, SECURITY_HEADERS, Sessions
-from bot.adapter import enabled_platforms
-from bot.config import ConfigError
+from bot.platform.adapter import enabled_platforms
+from bot.runtime.config import ConfigError
 from tests.conftest import image_bytes, write_config
 from tests.model_tap import ModelTap, tap  # noqa: F401 (a fixture)
 from tests.web_chat import TOKEN, web_bot, web_config

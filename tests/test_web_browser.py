@@ -161,9 +161,8 @@ async def test_browser_sessions_keep_their_conversations_to_themselves(tmp_path,
         assert seen == [404, 404, 0]  # Bob's reset reaches only his own (empty) conversation of that id
 
         # Reset forgets the open conversation; the other stays.
-        await ann.goto(f"{bot.url}#{first}")
-        await ann.wait_for_selector("body[data-ready]")
-        assert await ann.locator(".message.user .plain").all_inner_texts() == ["Ann's first question"]
+        await ann.goto(f"{bot.url}#{first}")  # the same page: only the address's fragment changes
+        await ann.locator(".message.user .plain", has_text="Ann's first question").wait_for()
         await ann.click("#reset")
         await ann.wait_for_function("() => document.querySelectorAll('#conversations li').length === 1")
         assert await ann.locator("#conversations li").all_inner_texts() == ["Ann's second question"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from bot.config import Config
+from bot.runtime.config import Config
 from tests.bots import BotRun, logged
 from tests.conftest import write_config
 from tests.fake_slack import Journal

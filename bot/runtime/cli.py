@@ -258,7 +258,7 @@ def render_task_lines(config: Config, task: str, images: list[str], question: st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="idefics-bot", description="IDEFICS, the vision-language model, in Discord, Slack and your terminal.")
+    parser = argparse.ArgumentParser(prog="idefics-bot", description="IDEFICS, the vision-language model, in Discord, Slack, a web chat and your terminal.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str, model: bool = True) -> argparse.ArgumentParser:
