@@ -8,11 +8,13 @@ import json
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from adapters.web_guard import COOKIE, SECURITY_HEADERS, Sessions
-from bot.platform.adapter import enabled_platforms
+from bot.runtime.app import enabled_adapters
 from bot.runtime.config import ConfigError
 from tests.conftest import image_bytes, write_config
+from tests.loopback import LoopbackServer
 from tests.model_tap import ModelTap, tap  # noqa: F401 (a fixture)
 from tests.web_chat import TOKEN, web_bot, web_config
 
@@ -132,3 +134,30 @@ def test_exposing_the_web_chat_needs_a_token(tmp_path, section, problem):
         write_config(tmp_path / "config.toml", f"[web]\n{section}\n")
     allowed = write_config(tmp_path / "ok.toml", f'[web]\nhost = "0.0.0.0"\ntoken = "{TOKEN}"\n')
     assert allowed.section("web").token.get_secret_value() == TOKEN and TOKEN not in repr(allowed)
+
+
+async def test_each_browser_session_has_its_own_rate_limit_and_image_links_are_fetched(tmp_path, tiny_checkpoint, tap: ModelTap):
+    config = web_config(tmp_path, tiny_checkpoint)
+    config = config.model_copy(
+        update={
+            "limits": config.limits.model_copy(update={"per_user_per_minute": 1, "per_user_burst": 1}),
+            "images": config.images.model_copy(update={"allowed_hosts": ["127.0.0.1"]}),
+        }
+    )
+
+    async def picture(request: web.Request) -> web.Response:
+        return web.Response(body=image_bytes(), content_type="image/png")
+
+    async with LoopbackServer({"/cat.png": picture}) as images, web_bot(config) as bot:
+        jar = aiohttp.CookieJar(unsafe=True)
+        async with aiohttp.ClientSession(cookie_jar=jar) as ann, aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as bob:
+            for client in (ann, bob):
+                await session_cookie(client, bot.url)
+            endpoint = f"{bot.url}api/conversations/new/messages"
+            async with ann.post(endpoint, data=form(f"What is this? {images.url('/cat.png')}")) as first:
+                assert (await lines(first))[-1]["text"]
+            assert images.requests == ["/cat.png"] and "<image>" in tap.prompt()
+            async with ann.post(endpoint, data=form("And again?")) as second:
+                assert (await lines(second))[-1]["notes"][0].startswith("You're sending requests faster than I can answer.")
+            async with bob.post(endpoint, data=form("Hello?")) as other:
+                assert (await lines(other))[-1]["text"]  # Bob's own allowance

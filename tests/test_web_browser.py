@@ -8,6 +8,7 @@ an image as DIR/web-chat.png: the README's picture.
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
@@ -104,6 +105,33 @@ async def test_a_refused_image_shows_its_reason(tmp_path, tiny_checkpoint, brows
         await note.wait_for()
         assert "scan.png is a PDF document, not an image" in await note.inner_text()
         assert not tap.prompts  # refused before the model
+        assert not problems.seen
+
+
+async def test_images_pasted_and_dropped_go_with_the_message(tmp_path, tiny_checkpoint, browser, tap: ModelTap):
+    config = web_config(tmp_path, tiny_checkpoint)
+    async with web_bot(config) as bot:
+        page, problems = await open_chat(browser, bot.url)
+        # What the browser hands the page when a person pastes an image, then drops one from their files.
+        await page.evaluate(
+            """async (png) => {
+                const bytes = Uint8Array.from(atob(png), (c) => c.charCodeAt(0));
+                const carrying = (name) => {
+                    const transfer = new DataTransfer();
+                    transfer.items.add(new File([bytes], name, {type: 'image/png'}));
+                    return transfer;
+                };
+                document.querySelector('#text').dispatchEvent(new ClipboardEvent('paste', {clipboardData: carrying('pasted.png'), bubbles: true}));
+                document.querySelector('#messages').dispatchEvent(new DragEvent('drop', {dataTransfer: carrying('dropped.png'), bubbles: true}));
+            }""",
+            base64.b64encode(image_bytes()).decode(),
+        )
+        assert await page.locator("#attachments img").evaluate_all("images => images.map((image) => image.alt)") == ["pasted.png", "dropped.png"]
+        await page.locator("#attachments .remove").first.click()  # changed their mind about the first
+        await ask(page, "What are these?")
+        await page.wait_for_selector(".message.assistant.done")
+        assert await page.locator(".message.user img").evaluate_all("images => images.map((image) => image.alt)") == ["dropped.png"]
+        assert tap.prompt().count("<image>") == 1
         assert not problems.seen
 
 

@@ -15,6 +15,7 @@ const stopButton = $("stop");
 let current = null; // the open conversation's id; null for a new one
 let pending = []; // images to send with the next message: {file, url}
 let replying = 0; // replies streaming into this page
+const answering = new Set(); // the conversations those replies belong to, for Stop
 
 async function api(path, options = {}) {
   const response = await fetch(path, { credentials: "same-origin", ...options });
@@ -128,7 +129,7 @@ async function open(id) {
   const conversation = await (await api(`/api/conversations/${id}`)).json();
   title.textContent = conversation.title;
   showTurns(conversation.turns);
-  if (conversation.busy) new Answer().setStatus("Still answering here (started in another tab); reopen the conversation in a moment.");
+  if (conversation.busy) new Answer().setStatus("An answer is still being written here; open this conversation again in a moment to see it.");
 }
 
 function startNew() {
@@ -194,6 +195,7 @@ async function send() {
   } catch (error) {
     answer.finish(answer.text, [error.message]);
   } finally {
+    answering.delete(answer.conversation);
     setReplying(-1);
   }
   await refreshList();
@@ -217,6 +219,8 @@ async function follow(response, answer) {
 
 function apply(update, answer) {
   if (update.type === "conversation") {
+    answer.conversation = update.id;
+    answering.add(update.id);
     if (current !== update.id) {
       current = update.id;
       location.hash = update.id;
@@ -236,7 +240,7 @@ function apply(update, answer) {
 }
 
 async function stop() {
-  if (current) await api(`/api/conversations/${current}/stop`, { method: "POST" });
+  await Promise.all([...answering].map((id) => api(`/api/conversations/${id}/stop`, { method: "POST" })));
 }
 
 async function reset() {
