@@ -24,7 +24,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import aclosing
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import BodyPartReader, web
 from pydantic import Field, SecretStr, model_validator
@@ -59,8 +59,8 @@ class WebSettings(AdapterSettings):
     """[web]. Left out of the file, `enabled` means: on exactly when no other chat platform is, so
     that `idefics-bot run` does something out of the box."""
 
-    environment = {"token": "IDEFICS_WEB_TOKEN"}
-    runs_alone = True
+    environment: ClassVar[dict[str, str]] = {"token": "IDEFICS_WEB_TOKEN"}
+    runs_alone: ClassVar[bool] = True
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)  # 0: any free port (the address is printed)
