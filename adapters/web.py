@@ -22,7 +22,6 @@ import re
 import secrets
 import sys
 from collections.abc import AsyncIterator, Awaitable, Mapping
-from contextlib import aclosing
 from pathlib import Path, PurePath
 from typing import Any, ClassVar
 
@@ -285,10 +284,8 @@ class WebAdapter:
     async def _post_message(self, request: web.Request) -> web.StreamResponse:
         """Where a browser's message becomes a turn and its reply: read the form, start the reply,
         stream its events to the page as JSON lines."""
-        if request.match_info["conversation"] == "new":
-            key = ConversationKey(self.name, request[USER], secrets.token_hex(8))
-        else:
-            key = self._key(request)
+        new = request.match_info["conversation"] == "new"
+        key = ConversationKey(self.name, request[USER], secrets.token_hex(8)) if new else self._key(request)
         try:
             text, attachments = await self._read_form(request)
         except _FormRefused as refused:
@@ -321,11 +318,12 @@ class WebAdapter:
         started = asyncio.get_running_loop().time()
         final: Final | None = None
         try:
-            async with aclosing(self.platform.reply(message)) as replies:
-                async for event in replies:
-                    events.put_nowait(event)
-                    if isinstance(event, Final):
-                        final = event
+            # Read to the end, never left early: Stop's cancellation arrives inside the reply's own
+            # awaits, so its clean-up (freeing the model, taking the question back) runs right then.
+            async for event in self.platform.reply(message):
+                events.put_nowait(event)
+                if isinstance(event, Final):
+                    final = event
         except asyncio.CancelledError:
             events.put_nowait(_Stopped())
             raise
@@ -343,7 +341,7 @@ class WebAdapter:
         if request.content_type != "multipart/form-data":
             raise _FormRefused(415, "Send messages as multipart/form-data, as the chat page does.")
         if request.content_length is not None and request.content_length > self._max_upload:
-            raise _FormRefused(413, f"That message is {request.content_length / 2**20:.1f} MB; at most {self.images.max_per_turn} images of {self.images.max_bytes / 2**20:.0f} MB each fit in one.")
+            raise _FormRefused(413, f"That message is {request.content_length / 2**20:.1f} MB; {self._what_fits()}.")
         reader = await request.multipart()
         text, attachments, total = "", [], 0
         async for part in reader:
@@ -363,8 +361,11 @@ class WebAdapter:
                 size = 0
             total += size
             if total > self._max_upload:
-                raise _FormRefused(413, f"That message is too big; at most {self.images.max_per_turn} images of {self.images.max_bytes / 2**20:.0f} MB each fit in one.")
+                raise _FormRefused(413, f"That message is too big; {self._what_fits()}.")
         return text, attachments
+
+    def _what_fits(self) -> str:
+        return f"at most {self.images.max_per_turn} images of {self.images.max_bytes / 2**20:.0f} MB each fit in one"
 
     async def _resume_unanswered(self) -> None:
         """Answer what a killed process left unanswered, so the answers are there when the page opens."""
