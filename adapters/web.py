@@ -114,6 +114,7 @@ class WebAdapter:
         self.login = (PAGE / "login.html").read_text(encoding="utf-8")
         self.url = ""
         self._runner: web.AppRunner | None = None
+        self._watching: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._replies: dict[ConversationKey, set[asyncio.Task]] = {}
         # Uploads: every image of a turn at its size limit, and one more (refused with its size), plus the text.
@@ -152,7 +153,8 @@ class WebAdapter:
         shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         self.url = f"http://{f'[{shown}]' if ':' in shown else shown}:{bound}/"
         print(f"Web chat: {self.url}" + (" (asks for the [web] token)" if self.sessions.token_required else ""), file=sys.stderr, flush=True)
-        self._spawn(self._resume_unanswered(), "web-resume")
+        # What a stopped process left unanswered is answered (and stored) for when its page opens.
+        self._watching = asyncio.create_task(self.platform.watch_unanswered(self._take_over), name="web-unanswered")
         log.info("web.started", extra={"url": self.url, "token_required": self.sessions.token_required})
 
     @property
@@ -161,6 +163,9 @@ class WebAdapter:
 
     async def stop(self) -> None:
         """Stop listening; replies still running get a moment, then are cancelled."""
+        if self._watching is not None:
+            self._watching.cancel()
+            await asyncio.gather(self._watching, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -171,14 +176,14 @@ class WebAdapter:
             await asyncio.gather(*pending, return_exceptions=True)
         log.info("web.stopped")
 
-    def _spawn(self, work: Awaitable[None], name: str) -> asyncio.Task:
+    def _spawn(self, work: Awaitable[object], name: str) -> asyncio.Task:
         task = asyncio.create_task(self._logged(work, name), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
     @staticmethod
-    async def _logged(work: Awaitable[None], name: str) -> None:
+    async def _logged(work: Awaitable[object], name: str) -> None:
         try:
             await work
         except asyncio.CancelledError:
@@ -367,13 +372,8 @@ class WebAdapter:
     def _what_fits(self) -> str:
         return f"at most {self.images.max_per_turn} images of {self.images.max_bytes / 2**20:.0f} MB each fit in one"
 
-    async def _resume_unanswered(self) -> None:
-        """Answer what a killed process left unanswered, so the answers are there when the page opens."""
-        for pending in await self.platform.unanswered():
-            self._spawn(self._resume(pending), "web-resume")
-
-    async def _resume(self, pending: Unanswered) -> None:
-        await self.platform.resume(pending, LiveReply(_Unwatched(), limit=1_000_000), shared=False)
+    def _take_over(self, pending: Unanswered) -> None:
+        self._spawn(self.platform.resume(pending, LiveReply(_Unwatched(), limit=1_000_000), shared=False), "web-resume")
 
 
 class _FormRefused(Exception):
