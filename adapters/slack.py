@@ -288,7 +288,9 @@ class SlackAdapter:
         had begun for the answer (their handles are Slack's ts), if it got as far as posting them."""
         key = pending.key
         thread = SlackThread(self.client, key.channel, key.thread or None)
-        live = LiveReply(thread, limit=MESSAGE_LIMIT, placeholder=PLACEHOLDER, messages=pending.reply)
+        # No placeholder: of several processes that try, only the one that adopts the question may
+        # touch those messages, and it learns that it did only once the engine's events begin.
+        live = LiveReply(thread, limit=MESSAGE_LIMIT, messages=pending.reply)
         await self.platform.resume(pending, live, shared=bool(key.thread), message_ts=pending.turn.message_id)
 
     async def _route(self, event: dict, event_id: str) -> tuple[ConversationKey, str | None] | None:

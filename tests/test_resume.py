@@ -13,7 +13,9 @@ from bot.runtime.app import Runtime
 from bot.core.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
 from bot.core.engine import Engine
 from bot.core.messages import Final
+from bot.platform.delivery import LiveReply
 from bot.state.postgres import PostgresStore
+from tests.test_delivery import RecordingSurface
 from tests.test_store import new_store, store  # noqa: F401 (fixtures: SQLite and PostgreSQL)
 
 ANN = Author("u1", "Ann")
@@ -101,3 +103,17 @@ async def test_a_turn_left_unanswered_is_answered_once_in_its_conversation(confi
         await store.add_turn(key, Turn("user", ("one more",), ANN, "m3"), answerer=KILLED)
         off = config.model_copy(update={"bot": config.bot.model_copy(update={"resume_window_s": 0})})
         assert await Engine(off, runtime.model, store, runtime.metrics).unanswered("test") == []
+
+
+async def test_a_process_that_does_not_adopt_a_question_leaves_it_and_its_messages_alone(config):
+    key = ConversationKey("test", "c1", "t1")
+    async with Runtime(config) as runtime:
+        store, engine = runtime.store, runtime.engine
+        await store.add_turn(key, Turn("user", ("and now?",), ANN, "m1"), answerer=KILLED)
+        [pending] = await engine.unanswered("test")
+        assert await store.adopt(pending)  # another process took it over first
+        surface = RecordingSurface()
+        surface.messages = ["Half an answer"]  # what the killed process had posted
+        final = await LiveReply(surface, limit=2000, messages=[0]).run(engine.resume(pending, shared=True))
+        assert final == Final("") and surface.messages == ["Half an answer"] and surface.calls == []
+        assert [turn.role for turn in await store.load_turns(key)] == ["user"]  # left to the process that adopted it
