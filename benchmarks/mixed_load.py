@@ -94,8 +94,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = write_tiny_checkpoint(directory)
         settings = BatchSettings(max_batch_size=args.max_batch_size, threads=args.threads or None)
-        service = LocalBackend(CheckpointSettings(str(checkpoint)), settings)
-        await service.start()
+        service = await LocalBackend.open(CheckpointSettings(str(checkpoint)), settings)
         import torch
 
         tokenizer = service._tokenizer

@@ -56,8 +56,7 @@ async def main() -> None:
 
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = write_tiny_checkpoint(directory)
-        service = LocalBackend(CheckpointSettings(str(checkpoint)), BatchSettings(max_batch_size=args.requests))
-        await service.start()
+        service = await LocalBackend.open(CheckpointSettings(str(checkpoint)), BatchSettings(max_batch_size=args.requests))
         tokenizer = service._tokenizer
         no_end = NoEarlyEnd([tokenizer.convert_tokens_to_ids("<end_of_utterance>"), tokenizer.eos_token_id])
         service.row_processors.append(lambda prompt_ids: no_end)

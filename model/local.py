@@ -104,7 +104,8 @@ class _Job:
 
 
 class LocalBackend(ModelService):
-    """IDEFICS loaded with transformers in this process, one running batch for all conversations."""
+    """IDEFICS loaded with transformers in this process, one running batch for all conversations.
+    Made ready by `await LocalBackend.open(checkpoint, batching)`."""
 
     def __init__(
         self,
@@ -137,7 +138,24 @@ class LocalBackend(ModelService):
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    @classmethod
+    async def open(
+        cls,
+        checkpoint: CheckpointSettings | None = None,
+        batching: BatchSettings | None = None,
+        row_processors: Sequence[RowProcessorFactory] = (),
+    ) -> LocalBackend:
+        """A backend with the checkpoint loaded (off the event loop), ready for requests; raises
+        `ModelLoadError` with a readable message when the checkpoint can't be loaded."""
+        backend = cls(checkpoint, batching, row_processors)
+        try:
+            await backend._load()
+        except BaseException:
+            backend._executor.shutdown(wait=False)
+            raise
+        return backend
+
+    async def _load(self) -> None:
         if self.batching.threads is not None:
             torch.set_num_threads(self.batching.threads)
         self._loop = asyncio.get_running_loop()

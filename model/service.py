@@ -183,13 +183,10 @@ class ModelInfo:
 
 
 class ModelService(abc.ABC):
-    """An async model service. Implementations: `model.local.LocalBackend` (in-process IDEFICS)."""
+    """An async model service, ready when made: `await LocalBackend.open(...)` (IDEFICS in this process)
+    or `await TGIBackend.open(...)` (a text-generation-inference server)."""
 
     info: ModelInfo
-
-    @abc.abstractmethod
-    async def start(self) -> None:
-        """Load or connect; raises `ModelLoadError` with a readable message when that fails."""
 
     @abc.abstractmethod
     async def close(self) -> None:

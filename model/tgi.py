@@ -355,44 +355,42 @@ class _Line:
 
 
 class TGIBackend(ModelService):
-    """IDEFICS on a text-generation-inference server, behind the same interface as the local backend."""
+    """IDEFICS on a text-generation-inference server, behind the same interface as the local backend.
+    Made ready by `await TGIBackend.open(settings)`, which checks the server first."""
 
     def __init__(self, settings: TGISettings):
+        """A backend with its HTTP session (in a running event loop); `open` makes sure the server answers."""
         self.settings = settings
         self.info = ModelInfo(name=settings.url, max_request_bytes=settings.payload_limit)
         self._base = settings.url.rstrip("/")
         self._line = _Line(settings.max_concurrency, settings.max_queue)
         self._tokenizing = asyncio.Semaphore(settings.max_concurrency)
         self._max_stops = 4  # TGI's default max_stop_sequences, until /info says otherwise
-        self._session: aiohttp.ClientSession | None = None
+        headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+        self._http = aiohttp.ClientSession(
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s),
+            connector=aiohttp.TCPConnector(limit=settings.max_concurrency * 2),  # streams, and token counts
+        )
         self._reachable = False
         self._closed = False
         self._streams: set[aiohttp.ClientResponse] = set()  # replies being read
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    @property
-    def _http(self) -> aiohttp.ClientSession:
-        """The HTTP session to the server, once started."""
-        if self._session is None:
-            raise ModelUnavailable("The TGI backend is not started.")
-        return self._session
-
-    async def start(self) -> None:
-        headers = {"Authorization": f"Bearer {self.settings.token}"} if self.settings.token else {}
-        self._session = aiohttp.ClientSession(
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout_s),
-            connector=aiohttp.TCPConnector(limit=self.settings.max_concurrency * 2),  # streams, and token counts
-        )
+    @classmethod
+    async def open(cls, settings: TGISettings) -> TGIBackend:
+        """A backend for the server at `settings.url`, which answered and serves a tokenizer that knows
+        IDEFICS's tokens; `ModelLoadError` saying what to fix otherwise."""
+        backend = cls(settings)
         try:
-            info = await self._server_info()
-            await self._check_tokenizer(info)
+            info = await backend._server_info()
+            await backend._check_tokenizer(info)
         except BaseException:
-            await self._session.close()
-            self._session = None
+            await backend._http.close()
             raise
-        self._reachable = True
+        backend._reachable = True
+        return backend
 
     async def close(self) -> None:
         if self._closed:
@@ -403,11 +401,10 @@ class TGIBackend(ModelService):
         # wake a reader: aiohttp's protocol lets go of the response before the connection is lost.
         for response in self._streams:
             response.content.set_exception(aiohttp.ClientConnectionError("the bot is shutting down"))
-        if self._session is not None:
-            await self._session.close()
+        await self._http.close()
 
     def health(self) -> dict[str, bool]:
-        return {"connected": self._session is not None and not self._closed, "server_reachable": self._reachable}
+        return {"connected": not self._closed, "server_reachable": self._reachable}
 
     async def _startup_call(self, method: str, path: str, payload: dict | None, purpose: str) -> object:
         """One start-up call, its JSON answer (None if it isn't JSON). What can go wrong becomes a
@@ -622,8 +619,6 @@ class TGIBackend(ModelService):
     def _check_open(self) -> None:
         if self._closed:
             raise ModelUnavailable(_SHUTTING_DOWN)
-        if self._session is None:
-            raise ModelUnavailable("The model server is not connected right now; please try again shortly.")
 
     def _broken_off(self, shown: str) -> ModelError:
         if self._closed:

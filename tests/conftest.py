@@ -30,8 +30,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture
 async def backend(tiny_checkpoint):
-    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(max_batch_size=8))
-    await service.start()
+    service = await LocalBackend.open(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(max_batch_size=8))
     yield service
     await service.close()
 

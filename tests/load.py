@@ -264,8 +264,7 @@ async def _run_load(checkpoint: Path, directory: Path, conversations: int, messa
         failures = slack_failures(logs.items[seen:])
         stray = discord.bot_texts(discord.text_channel["id"]) + [message.text for message in slack.thread(SLACK_CHANNEL, None)]
         await stack.aclose()  # stops the bot (it drains first); then what it stored is read
-    store = SQLiteStore(directory / "state" / "bot.sqlite3")
-    await store.open()
+    store = await SQLiteStore.open(directory / "state" / "bot.sqlite3")
     try:
         for conversation in measured:
             conversation.turns = await store.load_turns(conversation.key)

@@ -1,5 +1,5 @@
 """A window on the real model for tests: a row processor added to the local backend that `run_bot`
-creates (through the real `bot.runtime.app.create_model`). It records what the model was given, makes replies
+creates (through the real `bot.runtime.app.open_model`). It records what the model was given, makes replies
 say what a test wants, and can hold generation on the model's worker thread (a slow model) until the
 test lets it go.
 """
@@ -107,20 +107,20 @@ class _PlannedReply(LogitsProcessor):
 
 @contextmanager
 def tapping(tap: ModelTap) -> Iterator[ModelTap]:
-    """While inside, every model that `bot.runtime.app.create_model` makes (so every `run_bot` that starts)
+    """While inside, every model that `bot.runtime.app.open_model` opens (so every `run_bot` that starts)
     gets `tap`; the tap stays on those models afterwards."""
-    create_model = bot.runtime.app.create_model
+    open_model = bot.runtime.app.open_model
 
-    def tapped(config):
-        tap.backend = create_model(config)
+    async def tapped(config):
+        tap.backend = await open_model(config)
         tap.backend.row_processors.append(tap)
         return tap.backend
 
-    bot.runtime.app.create_model = tapped
+    bot.runtime.app.open_model = tapped
     try:
         yield tap
     finally:
-        bot.runtime.app.create_model = create_model
+        bot.runtime.app.open_model = open_model
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ def classify_request(labels: str) -> TaskRequest:
 
 @pytest.fixture
 async def runtime(config):
-    async with Runtime(config) as started:
+    async with Runtime.open(config) as started:
         yield started
 
 
@@ -99,7 +99,7 @@ async def test_classify_on_tgi_uses_the_prefill_details(tmp_path):
             tmp_path / "config.toml",
             f'[model]\nbackend = "tgi"\nurl = "{fake.url}"\n[state]\npath = "{tmp_path / "state" / "bot.sqlite3"}"\n',
         )
-        async with Runtime(config) as runtime:
+        async with Runtime.open(config) as runtime:
             final = [event async for event in runtime.engine.run_task(classify_request("cat, dog, bird"))][-1]
         assert final.text == "dog (90%), then cat (5%)", final
         scoring = [request for request in fake.generate_requests if request["parameters"].get("decoder_input_details")]

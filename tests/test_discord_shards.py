@@ -114,8 +114,7 @@ async def test_after_a_kill_only_the_process_of_the_shard_answers_what_was_left(
         bob = fake.user("Bob")
         question = await fake.say(bob, one, "what is left?", mention=True)  # no bot is connected yet
         key = ConversationKey("discord", one["id"], question["id"])
-        store = PostgresStore(postgres_url)
-        await store.open()
+        store = await PostgresStore.open(postgres_url)
         await store.add_turn(key, Turn("user", (question["content"],), Author(bob["id"], "Bob"), question["id"]), answerer="killed")
         await store.close()
 

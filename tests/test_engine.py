@@ -32,7 +32,7 @@ async def run(engine_call) -> tuple[list, Final]:
 
 @pytest.fixture
 async def runtime(config):
-    async with Runtime(config) as started:
+    async with Runtime.open(config) as started:
         yield started
 
 
@@ -59,9 +59,9 @@ async def test_a_conversation_with_two_images_keeps_both_turns(runtime):
 
 
 async def test_a_restart_keeps_the_conversation(config):
-    async with Runtime(config) as first:
+    async with Runtime.open(config) as first:
         await run(first.engine.reply(IncomingMessage(KEY, ANN, "Remember me", (attachment("a.png", image_bytes()),))))
-    async with Runtime(config) as second:
+    async with Runtime.open(config) as second:
         turns = await second.store.load_turns(KEY)
         assert [turn.text for turn in turns][:1] == ["Remember me"] and len(turns) == 2
         _, final = await run(second.engine.reply(IncomingMessage(KEY, ANN, "Still there?")))
@@ -132,7 +132,7 @@ async def test_messages_of_one_conversation_are_answered_in_order(runtime):
 
 async def test_history_drop_is_mentioned_once(config, tmp_path):
     small = config.model_copy(update={"conversation": config.conversation.model_copy(update={"max_images": 1})})
-    async with Runtime(small) as runtime:
+    async with Runtime.open(small) as runtime:
         notes = []
         for n in range(3):
             _, final = await run(runtime.engine.reply(IncomingMessage(KEY, ANN, f"picture {n}", (attachment(f"{n}.png", image_bytes((n * 90, 0, 0))),))))

@@ -86,7 +86,7 @@ async def test_a_waiting_message_learns_a_newer_one_overtook_it():
 
 async def test_the_engine_tells_a_fast_sender_when_to_come_back(config):
     limited = config.model_copy(update={"limits": config.limits.model_copy(update={"per_user_per_minute": 2, "per_user_burst": 2})})
-    async with Runtime(limited) as runtime:
+    async with Runtime.open(limited) as runtime:
         results = []
         for n in range(3):
             events = [event async for event in runtime.engine.reply(IncomingMessage(KEY, Author("u1", "Ann"), f"message {n}"))]
@@ -108,8 +108,8 @@ async def test_latest_mode_answers_the_newest_waiting_message(config, tiny_check
     from tests.test_model_service import Script
 
     latest = config.model_copy(update={"limits": config.limits.model_copy(update={"conversation_mode": "latest"})})
-    backend = LocalBackend(CheckpointSettings(str(tiny_checkpoint)))
-    async with Runtime(latest, model=backend) as runtime:
+    backend = await LocalBackend.open(CheckpointSettings(str(tiny_checkpoint)))
+    async with Runtime.open(latest, model=backend) as runtime:
         tokenizer = backend._tokenizer
         backend.row_processors.append(Script(ban=(tokenizer.convert_tokens_to_ids("<end_of_utterance>"), tokenizer.eos_token_id)))
         ann = Author("u1", "Ann")

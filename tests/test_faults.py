@@ -487,8 +487,7 @@ async def test_discord_answers_what_a_killed_process_left_unanswered_where_it_wa
     channel = fake.text_channel
     reference = {"message_id": inline["id"], "channel_id": channel["id"], "guild_id": channel["guild_id"]}
     begun = fake._message(channel["id"], fake.bot, "The late", type=19, message_reference=reference, referenced_message=inline)
-    store = SQLiteStore(config.state.path)
-    await store.open()
+    store = await SQLiteStore.open(config.state.path)
     for key, (person, message) in left.items():
         await store.add_turn(key, Turn("user", (message["content"],), Author(person["id"], person["global_name"]), message["id"]), answerer="killed")
     await store.record_reply("discord", inline["id"], [begun["id"]])

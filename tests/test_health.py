@@ -13,7 +13,7 @@ from bot.runtime.health import HealthServer
 
 
 async def test_health_and_metrics(config):
-    async with Runtime(config) as runtime:
+    async with Runtime.open(config) as runtime:
         adapters = {"discord": True}
         server = HealthServer("127.0.0.1", 0, runtime.model, runtime.metrics, lambda: dict(adapters))
         await server.start()

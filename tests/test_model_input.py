@@ -106,7 +106,7 @@ def test_task_texts_are_cleaned(processor, declared, task):
 
 @pytest.fixture
 async def runtime(config):
-    async with Runtime(config) as started:
+    async with Runtime.open(config) as started:
         yield started
 
 

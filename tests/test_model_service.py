@@ -71,8 +71,7 @@ class _ScriptedRow(LogitsProcessor):
 
 
 async def scripted_backend(checkpoint, script: Script, **batching) -> LocalBackend:
-    service = LocalBackend(CheckpointSettings(str(checkpoint)), BatchSettings(**batching), row_processors=[script])
-    await service.start()
+    service = await LocalBackend.open(CheckpointSettings(str(checkpoint)), BatchSettings(**batching), row_processors=[script])
     return service
 
 
@@ -261,8 +260,7 @@ class _HangingRow(LogitsProcessor):
 async def test_a_stuck_worker_is_replaced_and_its_requests_answered(tiny_checkpoint):
     hang = Hang()
     # Long enough that a healthy step on a busy machine never looks stuck, short enough for a test.
-    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(stall_timeout_s=3), row_processors=[hang])
-    await service.start()
+    service = await LocalBackend.open(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(stall_timeout_s=3), row_processors=[hang])
     try:
         stuck = asyncio.create_task(collect(service, request(PROMPTS["one image"], 20)))
         with pytest.raises(GenerationFailed, match="stopped responding"):
@@ -276,8 +274,7 @@ async def test_a_stuck_worker_is_replaced_and_its_requests_answered(tiny_checkpo
 
 async def test_requests_waiting_behind_a_stuck_batch_are_answered_by_the_new_worker(tiny_checkpoint):
     hang = Hang()
-    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(stall_timeout_s=3, max_batch_size=1), row_processors=[hang])
-    await service.start()
+    service = await LocalBackend.open(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(stall_timeout_s=3, max_batch_size=1), row_processors=[hang])
     try:
         stuck = service.stream(request(PROMPTS["one image"], 20))
         while not isinstance(await anext(stuck), Started):
@@ -365,8 +362,7 @@ async def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_are_unchan
 
         return Paused()
 
-    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(), row_processors=[pause_the_second_row_at_step_3])
-    await service.start()
+    service = await LocalBackend.open(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(), row_processors=[pause_the_second_row_at_step_3])
     try:
         first, victim, third = request(PROMPTS["one image"], 20), request(PROMPTS["no image"], 200), request(PROMPTS["two images"], 20)
         streams = [service.stream(req) for req in (first, victim, third)]
@@ -442,8 +438,7 @@ async def test_a_row_whose_forward_fails_fails_alone(tiny_checkpoint, tokenizer,
         wants = "tilde" in tokenizer.decode(prompt_ids)
         return Script(forced={2: tilde}, ban=script.ban)(prompt_ids) if wants else script(prompt_ids)
 
-    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(), row_processors=[says_tilde_when_asked])
-    await service.start()
+    service = await LocalBackend.open(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(), row_processors=[says_tilde_when_asked])
     faulty_models[0].poison = tilde
     try:
         good = MIXED

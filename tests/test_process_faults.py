@@ -143,8 +143,7 @@ from bot.core.conversation import Author, ConversationKey, Turn
 from bot.state.store import SQLiteStore
 
 async def main(path):
-    store = SQLiteStore(path)
-    await store.open()
+    store = await SQLiteStore.open(path)
     number = 0
     while True:
         key = ConversationKey("test", f"c{number % 7}")
@@ -169,8 +168,7 @@ async def test_the_store_killed_in_the_middle_of_writes_keeps_every_committed_tu
         await writer.wait()
 
     assert_whole_or_one_question_open(stored_conversations(path))
-    store = SQLiteStore(path)
-    await store.open()  # opens cleanly after the kill
+    store = await SQLiteStore.open(path)  # opens cleanly after the kill
     try:
         turns = [turn for n in range(7) for turn in await store.load_turns(ConversationKey("test", f"c{n}"), limit=10_000)]
     finally:

@@ -11,8 +11,7 @@ from model.service import GenerationParams, GenerationRequest
 
 @pytest.mark.parametrize("quantization, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
 async def test_quantized_checkpoint_generates_on_cpu(tiny_checkpoint, quantization, layer):
-    service = LocalBackend(CheckpointSettings(str(tiny_checkpoint), dtype="float32", quantization=quantization))
-    await service.start()
+    service = await LocalBackend.open(CheckpointSettings(str(tiny_checkpoint), dtype="float32", quantization=quantization))
     try:
         assert type(service._model.model.layers[0].mlp.down_proj).__name__ == layer
         finished = await service.generate(

@@ -42,9 +42,7 @@ async def test_the_store_finds_conversations_whose_last_turn_was_never_answered(
 
 
 async def test_one_process_adopts_a_question_however_many_try(new_store):  # noqa: F811
-    stores = [new_store() for _ in range(3)]
-    for each in stores:
-        await each.open()
+    stores = [await new_store() for _ in range(3)]
     try:
         key = ConversationKey("slack", "C1", "1.1")
         await stores[0].add_turn(key, Turn("user", ("hello?",), ANN, "1.1"), answerer=KILLED)
@@ -60,9 +58,7 @@ async def test_one_process_adopts_a_question_however_many_try(new_store):  # noq
 async def test_a_question_is_found_once_its_process_has_neither_a_lease_nor_a_hold(postgres_url):
     """PostgreSQL: a question stays with the process answering it while that process renews its lease
     or holds the conversation (a stalled process whose lease ran out still holds it)."""
-    mine, theirs = PostgresStore(postgres_url), PostgresStore(postgres_url, lease_s=600)  # no renewal during the test
-    await mine.open()
-    await theirs.open()
+    mine, theirs = await PostgresStore.open(postgres_url), await PostgresStore.open(postgres_url, lease_s=600)  # no renewal during the test
     try:
         key = ConversationKey("slack", "C1", "1.1")
         async with theirs.hold_conversation(key):
@@ -83,7 +79,7 @@ async def test_a_question_is_found_once_its_process_has_neither_a_lease_nor_a_ho
 
 async def test_a_turn_left_unanswered_is_answered_once_in_its_conversation(config):
     key = ConversationKey("test", "c1", "t1")
-    async with Runtime(config) as runtime:
+    async with Runtime.open(config) as runtime:
         store, engine = runtime.store, runtime.engine
         await store.add_turn(key, Turn("user", ("hello",), ANN, "m1"))
         await store.add_turn(key, Turn("assistant", ("hi there",)))
@@ -107,7 +103,7 @@ async def test_a_turn_left_unanswered_is_answered_once_in_its_conversation(confi
 
 async def test_a_process_that_does_not_adopt_a_question_leaves_it_and_its_messages_alone(config):
     key = ConversationKey("test", "c1", "t1")
-    async with Runtime(config) as runtime:
+    async with Runtime.open(config) as runtime:
         store, engine = runtime.store, runtime.engine
         await store.add_turn(key, Turn("user", ("and now?",), ANN, "m1"), answerer=KILLED)
         [pending] = await engine.unanswered("test")

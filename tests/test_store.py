@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -20,25 +20,23 @@ OTHER = ConversationKey("discord", "c1", "t2")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def new_store(request, tmp_path) -> Callable[[], Store]:
-    """Makes store objects on one and the same state, as a restart (or another process) would."""
+def new_store(request, tmp_path) -> Callable[[], Awaitable[Store]]:
+    """Opens store objects on one and the same state, as a restart (or another process) would."""
     if request.param == "sqlite":
-        return lambda: SQLiteStore(tmp_path / "state" / "bot.sqlite3")
+        return lambda: SQLiteStore.open(tmp_path / "state" / "bot.sqlite3")
     url = request.getfixturevalue("postgres_url")
-    return lambda: PostgresStore(url)
+    return lambda: PostgresStore.open(url)
 
 
 @pytest.fixture
 async def store(new_store):
-    opened = new_store()
-    await opened.open()
+    opened = await new_store()
     yield opened
     await opened.close()
 
 
 async def test_turns_and_images_survive_a_restart(new_store):
-    first = new_store()
-    await first.open()
+    first = await new_store()
     image = prepare_image(image_bytes(), "cat.png")
     ref = await first.put_image(image)
     assert await first.put_image(image) == ref  # stored once per content
@@ -47,8 +45,7 @@ async def test_turns_and_images_survive_a_restart(new_store):
     await first.link_message("discord", "m2", KEY)
     await first.close()
 
-    second = new_store()
-    await second.open()
+    second = await new_store()
     try:
         turns = await second.load_turns(KEY)
         assert turns == [
@@ -66,8 +63,7 @@ async def test_turns_and_images_survive_a_restart(new_store):
 
 async def test_a_new_state_file_gets_the_current_schema(tmp_path):
     path = tmp_path / "bot.sqlite3"
-    opened = SQLiteStore(path)
-    await opened.open()
+    opened = await SQLiteStore.open(path)
     await opened.close()
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
@@ -171,11 +167,11 @@ async def test_a_corrupt_state_file_is_a_clear_start_up_error(tmp_path):
     path = tmp_path / "bot.sqlite3"
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match=rf"The state file {path} is not a readable idefics-bot database .*Move it aside"):
-        await SQLiteStore(path).open()
+        await SQLiteStore.open(path)
 
 
 async def test_a_newer_schema_is_refused(tmp_path):
     path = tmp_path / "bot.sqlite3"
     sqlite3.connect(path).execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     with pytest.raises(StoreError, match="newer idefics-bot"):
-        await SQLiteStore(path).open()
+        await SQLiteStore.open(path)

@@ -13,7 +13,7 @@ from contextlib import AsyncExitStack
 import asyncpg
 import pytest
 
-from bot.runtime.app import Runtime, create_store
+from bot.runtime.app import Runtime
 from bot.runtime.config import ConfigError, load_config
 from bot.core.conversation import Author, ConversationKey, Turn
 from bot.core.messages import Final, IncomingMessage, Partial
@@ -34,8 +34,7 @@ async def stores(postgres_url) -> AsyncIterator[Callable[[], Awaitable[PostgresS
     async with AsyncExitStack() as stack:
 
         async def open_store() -> PostgresStore:
-            store = PostgresStore(postgres_url)
-            await store.open()
+            store = await PostgresStore.open(postgres_url)
             stack.push_async_callback(store.close)
             return store
 
@@ -144,8 +143,7 @@ async def test_a_lock_is_freed_when_its_holder_or_a_waiter_is_cancelled_or_its_p
 
 
 async def test_processes_starting_together_set_up_the_schema_once(postgres_url):
-    starting = [PostgresStore(postgres_url) for _ in range(4)]
-    await asyncio.gather(*(store.open() for store in starting))
+    starting = await asyncio.gather(*(PostgresStore.open(postgres_url) for _ in range(4)))
     try:
         async with starting[0]._pool.acquire() as connection:
             assert await connection.fetch("SELECT version FROM schema_version ORDER BY version") == [
@@ -153,8 +151,7 @@ async def test_processes_starting_together_set_up_the_schema_once(postgres_url):
             ]
     finally:
         await asyncio.gather(*(store.close() for store in starting))
-    again = PostgresStore(postgres_url)
-    await again.open()
+    again = await PostgresStore.open(postgres_url)
     await again.close()
 
 
@@ -168,7 +165,7 @@ async def test_a_newer_schema_is_refused(postgres_url, stores):
     with pytest.raises(
         StoreError, match=rf"written by a newer idefics-bot \(schema {SCHEMA_VERSION + 1}, this one knows {SCHEMA_VERSION}\)"
     ):
-        await PostgresStore(postgres_url).open()
+        await PostgresStore.open(postgres_url)
 
 
 async def test_a_database_that_other_software_uses_is_left_alone(postgres_url):
@@ -179,7 +176,7 @@ async def test_a_database_that_other_software_uses_is_left_alone(postgres_url):
             StoreError,
             match=r"can't be set up for idefics-bot \(relation \"turns\" already exists\)\. Give idefics-bot a database",
         ):
-            await PostgresStore(postgres_url).open()
+            await PostgresStore.open(postgres_url)
         assert await connection.fetchval("SELECT to_regclass('schema_version') IS NULL AND to_regclass('images') IS NULL")
     finally:
         await connection.close()
@@ -200,7 +197,7 @@ async def test_start_up_errors_name_the_database_and_what_to_do_but_never_the_pa
     ]
     for url, message in cases:
         with pytest.raises(StoreError, match=message) as raised:
-            await PostgresStore(url).open()
+            await PostgresStore.open(url)
         assert postgres_server.password not in str(raised.value) and "hunter2" not in str(raised.value)
 
 
@@ -215,9 +212,8 @@ def test_the_url_selects_postgresql_and_may_come_from_the_environment(tmp_path):
     url = "postgresql://bot:s3cret@db.example/state"
     config = load_config(path, environ={"DATABASE_URL": url})
     assert config.state.url.get_secret_value() == url and "s3cret" not in repr(config)
-    store = create_store(config)
-    assert isinstance(store, PostgresStore) and "s3cret" not in repr(store)
-    assert not isinstance(create_store(load_config(path, environ={})), PostgresStore)
+    assert config.state.max_connections == 8 and "s3cret" not in repr(PostgresStore(config.state.url.get_secret_value()))
+    assert load_config(path, environ={}).state.url is None  # the SQLite file then
 
     path.write_text('[state]\nurl = "mysql://bot:s3cret@db.example/state"\n')
     with pytest.raises(ConfigError, match=r"\[state\]: url must be a postgresql:// URL") as raised:
@@ -247,10 +243,10 @@ async def test_two_bot_processes_answer_one_conversation_in_order_each_seeing_th
         f'[state]\nurl = "{postgres_url}"\n',
     )
 
-    def model() -> PromptRecorder:
-        return PromptRecorder(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(max_batch_size=4))
+    async def model() -> LocalBackend:
+        return await PromptRecorder.open(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(max_batch_size=4))
 
-    async with Runtime(config, model=model()) as first, Runtime(config, model=model()) as second:
+    async with Runtime.open(config, model=await model()) as first, Runtime.open(config, model=await model()) as second:
         assert isinstance(first.store, PostgresStore) and first.store is not second.store
         one = first.engine.reply(IncomingMessage(KEY, ANN, "Question one", message_id="m1"))
         async with asyncio.timeout(60), asyncio.TaskGroup() as tasks:

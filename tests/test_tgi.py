@@ -69,8 +69,7 @@ async def fake():
 
 
 async def connected(fake: FakeTGI, **settings) -> TGIBackend:
-    service = TGIBackend(TGISettings(url=fake.url, retry_backoff_s=0.01, **settings))
-    await service.start()
+    service = await TGIBackend.open(TGISettings(url=fake.url, retry_backoff_s=0.01, **settings))
     return service
 
 
@@ -363,18 +362,17 @@ async def test_the_context_keeps_prompts_within_the_servers_limits(max_input, ma
 )
 async def test_start_up_refuses_what_it_cannot_serve(fake_settings, backend_settings, message):
     async with FakeTGI(**fake_settings) as fake:
-        service = TGIBackend(TGISettings(url=fake.url, **backend_settings))
         with pytest.raises(ModelLoadError, match=message):
-            await service.start()
+            await TGIBackend.open(TGISettings(url=fake.url, **backend_settings))
 
 
 async def test_start_up_explains_an_unreachable_server_and_a_wrong_address(fake):
     url = fake.url
     with pytest.raises(ModelLoadError, match="answered GET /info with HTTP 404.*root address"):
-        await TGIBackend(TGISettings(url=f"{url}/v1")).start()
+        await TGIBackend.open(TGISettings(url=f"{url}/v1"))
     await fake.server.__aexit__(None, None, None)
     with pytest.raises(ModelLoadError, match=f"Can't reach the TGI server at {url}.*Check \\[model\\] url"):
-        await TGIBackend(TGISettings(url=url)).start()
+        await TGIBackend.open(TGISettings(url=url))
 
 
 # -- configuration and the engine ------------------------------------------------------------
@@ -416,7 +414,7 @@ path = "{tmp_path / 'state' / 'bot.sqlite3'}"
         text="What is in this image?",
         attachments=(Attachment("red.png", read, len(png), "image/png"),),
     )
-    async with Runtime(config) as runtime:
+    async with Runtime.open(config) as runtime:
         events = [event async for event in runtime.engine.reply(message)]
     assert isinstance(events[-1], Final) and events[-1].text == "It is a red picture."
     assert [event.text for event in events if isinstance(event, Partial)][-1] == "It is a red picture."
@@ -481,7 +479,7 @@ def image_sides(fake: FakeTGI) -> set[tuple[int, int]]:
 async def test_eight_detailed_images_travel_within_the_servers_default_payload_limit(fake, tmp_path):
     # Four photos (the most one message takes) and four more in the history, each as detailed as
     # a photo can be: all eight reach the model, at the 224 px it sees, within the server's limit.
-    async with Runtime(tgi_config(tmp_path, fake)) as runtime:
+    async with Runtime.open(tgi_config(tmp_path, fake)) as runtime:
         first = await final_of(runtime, with_images("What are these?", range(4)))
         second = await final_of(runtime, with_images("And these?", range(4, 8)))
     assert first.text == second.text == "A red square." and not first.notes and not second.notes
@@ -491,7 +489,7 @@ async def test_eight_detailed_images_travel_within_the_servers_default_payload_l
 
 
 async def test_a_request_that_fits_as_stored_is_sent_as_stored(fake, tmp_path):
-    async with Runtime(tgi_config(tmp_path, fake)) as runtime:
+    async with Runtime.open(tgi_config(tmp_path, fake)) as runtime:
         await final_of(runtime, with_images("What is this?", range(1)))
         store = runtime.store
         [question, _] = await store.load_turns(ConversationKey("test", "channel"))
@@ -501,7 +499,7 @@ async def test_a_request_that_fits_as_stored_is_sent_as_stored(fake, tmp_path):
 
 async def test_when_even_small_images_are_too_many_the_oldest_turns_are_left_out(fake, tmp_path):
     fake.payload_limit = 100_000  # two photos at 224 px fit (about 43 kB each as base64), three do not
-    async with Runtime(tgi_config(tmp_path, fake, "payload_limit = 100_000")) as runtime:
+    async with Runtime.open(tgi_config(tmp_path, fake, "payload_limit = 100_000")) as runtime:
         finals = [await final_of(runtime, with_images(f"Photo {n}?", range(n, n + 1))) for n in range(3)]
     assert [final.text for final in finals] == ["A red square."] * 3
     assert finals[2].notes == ("This conversation is now longer than I can read at once, so I no longer see its oldest messages.",)
@@ -512,7 +510,7 @@ async def test_when_even_small_images_are_too_many_the_oldest_turns_are_left_out
 
 async def test_a_message_whose_images_alone_are_too_large_is_told_to_send_fewer(fake, tmp_path):
     fake.payload_limit = 100_000
-    async with Runtime(tgi_config(tmp_path, fake, "payload_limit = 100_000")) as runtime:
+    async with Runtime.open(tgi_config(tmp_path, fake, "payload_limit = 100_000")) as runtime:
         final = await final_of(runtime, with_images("What are these?", range(4)))
         assert final.text == "" and "send fewer" in final.notes[0]
         assert await runtime.store.load_turns(ConversationKey("test", "channel")) == []

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from bot.core.engine import Engine
 from bot.platform.adapter import Adapter, AdapterFactory, installed_adapters, load_adapter
@@ -22,13 +23,13 @@ log = logging.getLogger(__name__)
 _NOTICE_S = 5.0
 
 
-def create_model(config: Config) -> ModelService:
-    """The model service the config asks for (not started yet)."""
+async def open_model(config: Config) -> ModelService:
+    """The model service the config asks for, loaded or connected."""
     settings = config.model
     if settings.backend == "tgi":
         from model.tgi import TGIBackend, TGISettings
 
-        return TGIBackend(
+        return await TGIBackend.open(
             TGISettings(
                 url=settings.url or "",  # the config refuses backend = "tgi" without a url
                 token=settings.token.get_secret_value() if settings.token else None,
@@ -42,7 +43,7 @@ def create_model(config: Config) -> ModelService:
         )
     from model.local import BatchSettings, LocalBackend
 
-    return LocalBackend(
+    return await LocalBackend.open(
         CheckpointSettings(settings.checkpoint, settings.dtype, settings.quantization, settings.device_map),
         BatchSettings(
             max_batch_size=settings.max_batch_size,
@@ -61,36 +62,39 @@ def enabled_adapters(config: Config) -> list[str]:
     return [name for name, section in sections.items() if section.enabled] or [name for name, section in sections.items() if section.enabled is None]
 
 
-def create_store(config: Config) -> Store:
-    """The state store the config asks for (not opened yet): PostgreSQL if `[state] url` is set."""
+async def open_store(config: Config) -> Store:
+    """The state store the config asks for, open: PostgreSQL if `[state] url` is set."""
     state = config.state
     if state.url is not None:
         # A lease of half the adoption delay, checked every quarter of it: a dead process's questions
         # are found at most three quarters of the delay after its last renewal.
-        return PostgresStore(state.url.get_secret_value(), max_connections=state.max_connections, lease_s=config.bot.adopt_after_s / 2)
-    return SQLiteStore(state.path)
+        return await PostgresStore.open(state.url.get_secret_value(), max_connections=state.max_connections, lease_s=config.bot.adopt_after_s / 2)
+    return await SQLiteStore.open(state.path)
 
 
 class Runtime:
-    """The shared services of a process, opened on enter and closed on exit (model last in, first out)."""
+    """The shared services of a process: its store, model service, metrics and engine."""
 
-    def __init__(self, config: Config, store: Store | None = None, model: ModelService | None = None):
+    def __init__(self, config: Config, store: Store, model: ModelService):
         self.config = config
-        self.store = store or create_store(config)
-        self.model = model or create_model(config)
+        self.store = store
+        self.model = model
         self.metrics = Metrics()
         self.engine = Engine(config, self.model, self.store, self.metrics)
-        self._stack = AsyncExitStack()
 
-    async def __aenter__(self) -> Runtime:
-        await self.store.open()
-        self._stack.push_async_callback(self.store.close)
-        await self.model.start()
-        self._stack.push_async_callback(self.model.close)
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        await self._stack.aclose()
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, config: Config, store: Store | None = None, model: ModelService | None = None) -> AsyncIterator[Runtime]:
+        """`async with Runtime.open(config) as runtime:` the process's services, opened as the config
+        says (unless given), and closed on exit, given ones too (the model first, then the store)."""
+        async with AsyncExitStack() as stack:
+            if store is None:
+                store = await open_store(config)
+            stack.push_async_callback(store.close)
+            if model is None:
+                model = await open_model(config)
+            stack.push_async_callback(model.close)
+            yield cls(config, store, model)
 
     def platform(self, name: str, factory: AdapterFactory) -> Platform:
         """The core as adapter `name` (made by `factory`) sees it."""

@@ -104,7 +104,7 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-    async with Runtime(config) as runtime:
+    async with Runtime.open(config) as runtime:
         adapters = [runtime.adapter(name) for name in names]
         started = []
         health = None
@@ -140,7 +140,7 @@ async def chat(config: Config) -> int:
 
     tgi = config.model.backend == "tgi"
     print(f"Connecting to the TGI server at {config.model.url} ..." if tgi else f"Loading {config.model.checkpoint} ...", file=sys.stderr)
-    async with Runtime(config) as runtime:
+    async with Runtime.open(config) as runtime:
         session: Any = runtime.adapter(TERMINAL)  # the terminal adapter, which also has wait_closed()
         await session.start()
         try:
@@ -161,7 +161,7 @@ async def ask(config: Config, images: list[str], question: str, task: str, label
 
     with tempfile.TemporaryDirectory(prefix="idefics-ask-") as scratch:
         # One-off questions leave no state behind.
-        async with Runtime(config, store=SQLiteStore(Path(scratch) / "state.sqlite3")) as runtime:
+        async with Runtime.open(config, store=await SQLiteStore.open(Path(scratch) / "state.sqlite3")) as runtime:
             engine = runtime.engine
             request = TaskRequest(
                 task=task,

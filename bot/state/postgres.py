@@ -161,7 +161,12 @@ def _start_up_error(url: str, error: BaseException) -> StoreError:
 
 
 class PostgresStore(Store):
-    """The shared store: all state in one PostgreSQL database. `url` is a postgresql:// URL."""
+    """The shared store: all state in one PostgreSQL database. `url` is a postgresql:// URL. Made
+    ready by `await PostgresStore.open(url)`."""
+
+    _pool: asyncpg.Pool  # for queries
+    _lock_pool: asyncpg.Pool  # its connections hold conversations' advisory locks
+    _renewing: asyncio.Task  # keeps this process's lease fresh
 
     shared = True
 
@@ -171,10 +176,8 @@ class PostgresStore(Store):
             raise ValueError(f"max_connections must be more than {QUERY_CONNECTIONS}")
         self._url = url
         self._max_connections = max_connections
-        self._pools: tuple[asyncpg.Pool, asyncpg.Pool] | None = None  # queries; one connection per conversation being answered
         self.lease_s = lease_s
         self.process_id = uuid.uuid4().hex
-        self._renewing: asyncio.Task | None = None
         self._locks = ConversationLocks()
         self.where = describe_url(url)
 
@@ -193,7 +196,16 @@ class PostgresStore(Store):
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def open(self) -> None:
+    @classmethod
+    async def open(cls, url: str, max_connections: int = 20, lease_s: float = 10.0) -> PostgresStore:
+        """The store on the database at `url`, its schema brought up to this version's, this process's
+        lease taken; `StoreError` saying what to do when it can't be used. `max_connections` bounds the
+        connections it keeps; a process that hasn't renewed its lease for `lease_s` is taken for dead."""
+        store = cls(url, max_connections, lease_s)
+        await store._connect()
+        return store
+
+    async def _connect(self) -> None:
         try:
             pool = await self._create_pool(1, QUERY_CONNECTIONS, _QUERY_TIMEOUT_S)
         except (OSError, TimeoutError, ValueError, asyncpg.PostgresError) as error:
@@ -214,8 +226,12 @@ class PostgresStore(Store):
                     "or check the server's log."
                 ) from None
             raise
-        # Lock connections wait on the server for as long as a conversation is busy: no command timeout.
-        self._pools = pool, await self._create_pool(0, self._max_connections - QUERY_CONNECTIONS, None)
+        self._pool = pool
+        try:  # lock connections wait on the server for as long as a conversation is busy: no command timeout
+            self._lock_pool = await self._create_pool(0, self._max_connections - QUERY_CONNECTIONS, None)
+        except BaseException:
+            pool.terminate()
+            raise
         self._renewing = asyncio.create_task(self._renew_lease(), name="store-lease")
         log.info("store.opened", extra={"store": "postgresql", "where": self.where, "schema": SCHEMA_VERSION, "process_id": self.process_id})
 
@@ -245,36 +261,19 @@ class PostgresStore(Store):
                 await connection.execute("INSERT INTO schema_version (version) VALUES ($1)", number + 1)
                 log.info("store.migrated", extra={"where": self.where, "schema": number + 1})
 
-    @property
-    def _pool(self) -> asyncpg.Pool:
-        """The pool for queries."""
-        if self._pools is None:
-            raise StoreError("The store is not open: call `await store.open()` first.")
-        return self._pools[0]
-
-    @property
-    def _lock_pool(self) -> asyncpg.Pool:
-        """The pool whose connections hold conversations' advisory locks."""
-        if self._pools is None:
-            raise StoreError("The store is not open: call `await store.open()` first.")
-        return self._pools[1]
-
     async def close(self) -> None:
-        if self._renewing is not None:
-            self._renewing.cancel()
-            await asyncio.gather(self._renewing, return_exceptions=True)
-            self._renewing = None
-            try:  # a process that stops cleanly leaves nothing unanswered; its lease goes with it
-                await self._pool.execute("DELETE FROM processes WHERE id = $1", self.process_id)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                log.warning("store.lease_not_removed", extra={"error": type(error).__name__})
-        for pool in reversed(self._pools or ()):
+        self._renewing.cancel()
+        await asyncio.gather(self._renewing, return_exceptions=True)
+        try:  # a process that stops cleanly leaves nothing unanswered; its lease goes with it
+            await self._pool.execute("DELETE FROM processes WHERE id = $1", self.process_id)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            log.warning("store.lease_not_removed", extra={"error": type(error).__name__})
+        for pool in (self._lock_pool, self._pool):
             try:  # a graceful close waits for connections in use; a stuck holder mustn't stop a shutdown
                 async with asyncio.timeout(_CLOSE_TIMEOUT_S):
                     await pool.close()
             except TimeoutError:
                 pool.terminate()
-        self._pools = None
 
     # -- one conversation at a time --------------------------------------------------------
 

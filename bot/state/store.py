@@ -40,10 +40,8 @@ class Store(abc.ABC):
     shared: bool = False
 
     @abc.abstractmethod
-    async def open(self) -> None: ...
-
-    @abc.abstractmethod
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release the connections; the store is not used afterwards."""
 
     @abc.abstractmethod
     def hold_conversation(self, key: ConversationKey) -> AbstractAsyncContextManager[None]:
@@ -174,13 +172,15 @@ def decode_parts(text: str) -> tuple[Part, ...]:
 
 
 class SQLiteStore(Store):
-    """The default store: a SQLite file at `path`, images in `images/` next to it."""
+    """The default store: a SQLite file at `path`, images in `images/` next to it. Made ready by
+    `await SQLiteStore.open(path)`."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    _db: sqlite3.Connection  # used on the executor's thread only
+
+    def __init__(self, path: Path):
+        self.path = path
         self.images_dir = self.path.parent / "images"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
-        self._connection: sqlite3.Connection | None = None  # set by open()
         self._locks = ConversationLocks()
         self.process_id = uuid.uuid4().hex  # a SQLite file has one process at a time: this run
 
@@ -189,8 +189,17 @@ class SQLiteStore(Store):
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def open(self) -> None:
-        await self._run(self._open)
+    @classmethod
+    async def open(cls, path: str | Path) -> SQLiteStore:
+        """The store at `path`, created or brought up to this version's schema; `StoreError` saying
+        what to do when it can't be used."""
+        store = cls(Path(path))
+        try:
+            await store._run(store._open)
+        except BaseException:
+            store._executor.shutdown(wait=False)
+            raise
+        return store
 
     def _open(self) -> None:
         try:
@@ -228,18 +237,10 @@ class SQLiteStore(Store):
         except StoreError:
             db.close()
             raise
-        self._connection = db
-
-    @property
-    def _db(self) -> sqlite3.Connection:
-        if self._connection is None:
-            raise StoreError("The store is not open: call `await store.open()` first.")
-        return self._connection
+        self._db = db
 
     async def close(self) -> None:
-        if self._connection is not None:
-            await self._run(self._connection.close)
-            self._connection = None
+        await self._run(self._db.close)
         self._executor.shutdown(wait=True)
 
     # -- conversations -----------------------------------------------------------------------
