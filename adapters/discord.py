@@ -26,12 +26,11 @@ import yarl
 
 from adapters.discord_commands import BotCommands
 from adapters.discord_delivery import NO_PINGS, ChannelSurface, live_reply
-from adapters.discord_input import PLATFORM, attachments_of, mentions_me, question_text, refusal, refusal_notice, thread_name
+from adapters.discord_input import PLATFORM, Channel, attachments_of, mentions_me, question_text, refusal, refusal_notice, thread_name
 from adapters.discord_settings import DiscordSettings
 from bot.core.conversation import Author, ConversationKey, Unanswered
 from bot.core.messages import IncomingMessage
-from bot.platform.sdk import Platform
-from bot.runtime.config import ConfigError
+from bot.platform.sdk import ConfigError, Platform
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +49,8 @@ SHARDING_REQUIRED = (
 )
 CONNECT_TIMEOUT_S = 60.0
 _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+# Where a stopped process's question can be answered later: the places the bot posts in by itself.
+_Resumable = discord.TextChannel | discord.VoiceChannel | discord.StageChannel | discord.Thread | discord.DMChannel
 
 
 def _intents() -> discord.Intents:
@@ -65,11 +66,19 @@ def _intents() -> discord.Intents:
 class _Route:
     """Which conversation a message continues, and how to answer it."""
 
-    channel: discord.abc.Messageable  # where the message was posted
+    channel: Channel  # where the message was posted
     key: ConversationKey
     shared: bool = True  # several people talk here: speakers are named in the prompt
     open_thread: bool = False  # open a thread on the message and answer there
     reply: bool = False  # answer as a reply to the message
+
+
+def _current_task() -> asyncio.Task:
+    """The task running the caller (under asyncio a coroutine always runs in one)."""
+    task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError("called outside an asyncio task")
+    return task
 
 
 def _client_options() -> dict:
@@ -152,7 +161,7 @@ class _ProcessAddresses:
 
     def release(self) -> None:
         self._users -= 1
-        if not self._users:
+        if not self._users and self._previous is not None:
             discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = self._previous
 
 
@@ -172,10 +181,17 @@ class DiscordAdapter:
         return {"status": error.status, "code": error.code} if isinstance(error, discord.HTTPException) else {"error": type(error).__name__}
 
     def __init__(self, platform: Platform, settings: DiscordSettings):
+        if settings.token is None:  # the settings refuse an enabled adapter without one
+            raise ConfigError("[discord] has no token: set token in [discord], or DISCORD_TOKEN.")
         self.settings = settings
         self.platform = platform
-        self.client: _Client | _ShardedClient | None = None
-        self.commands: BotCommands | None = None
+        self._token = settings.token.get_secret_value()
+        # With sharding, this process runs `_shard_ids` of the bot's `settings.shard_count` shards.
+        self._shard_ids = settings.shard_ids or list(range(settings.shard_count or 0))
+        self.client: _Client | _ShardedClient = (
+            _Client(self) if settings.shard_count is None else _ShardedClient(self, settings.shard_count, self._shard_ids)
+        )
+        self.commands = BotCommands(self.client, platform, settings)
         self.opened = asyncio.Event()  # set when the gateway first opens: `start` waits for it
         self._gateway: asyncio.Task | None = None
         self._answering: dict[int, asyncio.Task] = {}  # question message id -> the task answering it
@@ -190,13 +206,8 @@ class DiscordAdapter:
         settings = self.settings
         _ADDRESSES.use(settings.api_base_url, settings.gateway_url)  # every REST and gateway call goes there
         self._uses_addresses = True
-        if settings.shard_count is None:
-            self.client = _Client(self)
-        else:
-            self.client = _ShardedClient(self, settings.shard_count, settings.shard_ids or list(range(settings.shard_count)))
-        self.commands = BotCommands(self.client, self.platform, self.settings)
         try:
-            await self.client.login(self.settings.token.get_secret_value())
+            await self.client.login(self._token)
             self._gateway = asyncio.create_task(self.client.connect(), name="discord-gateway")
             waiting = asyncio.create_task(self.opened.wait())
             await asyncio.wait({self._gateway, waiting}, timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
@@ -212,15 +223,16 @@ class DiscordAdapter:
                 raise
             raise failure from None
         self._gateway.add_done_callback(self._gateway_ended)
-        shards = {"shards": ",".join(map(str, self.client.shard_ids)), "shard_count": settings.shard_count} if settings.shard_count else {}
-        log.info("discord.connected", extra={"user": self.client.user.id, "guilds": len(self.client.guilds), **shards})
+        shards = {"shards": ",".join(map(str, self._shard_ids)), "shard_count": settings.shard_count} if settings.shard_count else {}
+        user = self.client.user  # known since login
+        log.info("discord.connected", extra={"user": user.id if user else None, "guilds": len(self.client.guilds), **shards})
         self._watching = asyncio.create_task(self.platform.watch_unanswered(self._take_over), name="discord-unanswered")
 
     @property
     def connected(self) -> bool:
         """Whether the gateway connection is up now (every shard's, when sharded): for /healthz."""
         client = self.client
-        if client is None or client.is_closed() or not self.opened.is_set():
+        if client.is_closed() or not self.opened.is_set():
             return False
         if isinstance(client, discord.AutoShardedClient):
             return all(not shard.is_closed() for shard in client.shards.values())
@@ -249,8 +261,7 @@ class DiscordAdapter:
     async def stop(self) -> None:
         for task in [*self._answering.values(), *self._resumes, *([self._watching] if self._watching else [])]:
             task.cancel()
-        if self.client is not None:
-            await self.client.close()
+        await self.client.close()
         if self._gateway is not None:
             await asyncio.gather(self._gateway, return_exceptions=True)
         if self._uses_addresses:
@@ -261,7 +272,7 @@ class DiscordAdapter:
 
     async def on_message(self, message: discord.Message) -> None:
         me = self.client.user
-        if message.type not in _ANSWERED_TYPES or message.author.id == me.id:
+        if me is None or message.type not in _ANSWERED_TYPES or message.author.id == me.id:
             return  # joins, pins, "thread created" notices; and its own messages
         record = self.platform.record
         channel = await self._channel_of(message)
@@ -288,17 +299,18 @@ class DiscordAdapter:
         if await self.platform.first_delivery(str(message.id), message_id=message.id):  # not a gateway replay
             await self._answer(message, route, me)
 
-    async def _channel_of(self, message: discord.Message) -> discord.abc.Messageable | None:
+    async def _channel_of(self, message: discord.Message) -> Channel | None:
         """The message's channel; a thread that fell out of discord.py's cache is fetched, to know its parent."""
         if message.guild is None or not isinstance(message.channel, discord.PartialMessageable):
             return message.channel
         try:
-            return await self.client.fetch_channel(message.channel.id)
+            fetched = await self.client.fetch_channel(message.channel.id)
         except discord.HTTPException as error:
             log.warning("discord.channel_unknown", extra={"status": error.status, "channel": message.channel.id})
             return None
+        return fetched if isinstance(fetched, Channel) else None  # not a category: messages aren't posted there
 
-    async def _route(self, message: discord.Message, channel: discord.abc.Messageable, me: discord.ClientUser) -> _Route | None:
+    async def _route(self, message: discord.Message, channel: Channel, me: discord.ClientUser) -> _Route | None:
         """The conversation `message` continues, or None when it isn't for the bot."""
         if message.guild is None:
             return _Route(channel, ConversationKey(PLATFORM, str(channel.id)), shared=False)
@@ -309,9 +321,9 @@ class DiscordAdapter:
                 return _Route(channel, key)
             return None
         if message.reference is not None and message.reference.message_id is not None:
-            key = await self.platform.conversation_of(str(message.reference.message_id))
-            if key is not None:
-                return _Route(channel, key, reply=True)
+            replied = await self.platform.conversation_of(str(message.reference.message_id))
+            if replied is not None:
+                return _Route(channel, replied, reply=True)
         if not mentioned:
             return None
         # A new conversation, known by its first message (a thread opened on a message has its id).
@@ -324,7 +336,7 @@ class DiscordAdapter:
         text = question_text(message, me)
         files = attachments_of(message.attachments)
         channel, key, reply_to = route.channel, route.key, message if route.reply else None
-        self._answering[message.id] = asyncio.current_task()
+        self._answering[message.id] = _current_task()
         surface: ChannelSurface | None = None
         try:
             if route.open_thread:
@@ -355,7 +367,7 @@ class DiscordAdapter:
             self._deleted.discard(message.id)
 
     @staticmethod
-    async def _typing(channel: discord.abc.Messageable) -> None:
+    async def _typing(channel: Channel) -> None:
         """Show that the bot is typing in `channel` until cancelled; if Discord won't, the reply goes on."""
         try:
             async with channel.typing():
@@ -378,7 +390,7 @@ class DiscordAdapter:
 
     async def _resume(self, pending: Unanswered) -> None:
         key, question = pending.key, int(pending.turn.message_id or 0)
-        self._answering[question] = asyncio.current_task()  # deleting the question cancels this too
+        self._answering[question] = _current_task()  # deleting the question cancels this too
         try:
             channel, reply_to = await self._place_of(key, question)
             if channel is None or not self._runs_shard_of(channel):
@@ -396,15 +408,16 @@ class DiscordAdapter:
             self._answering.pop(question, None)
             self._deleted.discard(question)
 
-    def _runs_shard_of(self, channel: discord.abc.Messageable) -> bool:
+    def _runs_shard_of(self, channel: Channel) -> bool:
         """Whether this process runs the shard that `channel` is on (always, unsharded): the process
         of that shard answers there. Guilds go to shard (guild id >> 22) % shard_count, DMs to 0."""
-        if not isinstance(self.client, discord.AutoShardedClient):
+        count = self.settings.shard_count
+        if count is None:
             return True
         guild = getattr(channel, "guild", None)
-        return ((guild.id >> 22) % self.client.shard_count if guild else 0) in self.client.shard_ids
+        return ((guild.id >> 22) % count if guild else 0) in self._shard_ids
 
-    async def _place_of(self, key: ConversationKey, question: int) -> tuple[discord.abc.Messageable | None, discord.PartialMessage | None]:
+    async def _place_of(self, key: ConversationKey, question: int) -> tuple[_Resumable | None, discord.PartialMessage | None]:
         """Where a conversation's answers go: its thread, or else its channel (a DM, or a channel where
         the bot answers inline, as a reply to the question)."""
         for channel_id in filter(None, (key.thread, key.channel)):
@@ -412,11 +425,11 @@ class DiscordAdapter:
                 channel = self.client.get_channel(int(channel_id)) or await self.client.fetch_channel(int(channel_id))
             except (discord.NotFound, discord.Forbidden):
                 continue  # gone, or no longer ours; an inline conversation's "thread" is its first message
-            if not isinstance(channel, discord.abc.Messageable):
-                continue  # a forum whose post is gone
-            if isinstance(channel, (discord.Thread, discord.DMChannel)):
+            if isinstance(channel, discord.Thread | discord.DMChannel):
                 return channel, None
-            return channel, channel.get_partial_message(question)
+            if isinstance(channel, discord.TextChannel | discord.VoiceChannel | discord.StageChannel):
+                return channel, channel.get_partial_message(question)
+            # else a forum whose post is gone, or a category
         return None, None
 
     async def _open_thread(self, message: discord.Message, name: str) -> discord.Thread | None:

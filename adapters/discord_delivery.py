@@ -45,7 +45,7 @@ class ChannelSurface:
     def __init__(
         self,
         channel: discord.abc.Messageable,
-        reply_to: discord.Message | None = None,
+        reply_to: discord.Message | discord.PartialMessage | None = None,
         on_post: Callable[[discord.Message], Awaitable[None]] | None = None,
     ):
         self.channel = channel

@@ -11,10 +11,14 @@ import discord
 
 from adapters.discord_settings import DiscordSettings, discord_refusal
 from bot.core.messages import Attachment
-from bot.images.intake import ImageRejected
 from bot.platform.access import SILENT, Requester
+from bot.platform.sdk import ImageRejected
 
 PLATFORM = "discord"  # the platform part of conversation keys and message links
+# The places a message can be posted in (discord.py names this union only while type checking).
+Channel = (
+    discord.TextChannel | discord.VoiceChannel | discord.StageChannel | discord.Thread | discord.DMChannel | discord.GroupChannel | discord.PartialMessageable
+)
 THREAD_NAME_LIMIT = 100
 _MENTION = re.compile(r"<@[!&]?\d+>|<#\d+>")
 

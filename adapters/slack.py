@@ -42,8 +42,7 @@ from bot.core.conversation import Author, ConversationKey, Unanswered
 from bot.core.messages import IncomingMessage
 from bot.platform.access import SILENT, AccessSettings, Requester, refusal_reason
 from bot.platform.delivery import LiveReply
-from bot.platform.sdk import Platform
-from bot.runtime.config import ConfigError
+from bot.platform.sdk import ConfigError, Platform
 
 log = logging.getLogger(__name__)
 

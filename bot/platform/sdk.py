@@ -13,7 +13,8 @@ runs every adapter's messages through the same steps and logs them the same way 
 each reply posts, so that a process taking a question over continues in them.
 What an adapter implements in return: a `bot.platform.delivery.Surface` (post, edit) per reply, the
 errors that mean its platform didn't take a reply (`delivery_errors`), and its own settings and access
-rules (see `bot.platform.adapter`).
+rules (see `bot.platform.adapter`). An attachment whose file can't be had raises `ImageRejected` from
+its `read`, with words for the asker.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from typing import Any
 from bot.core.conversation import ConversationKey, ImageRef, Turn, Unanswered
 from bot.core.engine import Engine
 from bot.core.messages import Attachment, CommandRequest, Final, IncomingMessage, ReplyEvent
+from bot.images.intake import ImageRejected as ImageRejected  # an attachment's `read` raises it to refuse a file, saying why
 from bot.platform.delivery import LiveReply
 from bot.platform.files import local_attachment
+from bot.runtime.config import ConfigError as ConfigError  # what an adapter raises for a start-up problem its admin can fix
 from bot.runtime.config import ImagesConfig
 from bot.runtime.metrics import Metrics
 from bot.state.store import Store
