@@ -2,25 +2,25 @@
 
 A file's `url_private` needs the bot token (`Authorization: Bearer ...`) and the `files:read` scope.
 Without them Slack does not answer with an error but with its HTML login page, so a page is never
-taken for an image: it ends in a message saying what is wrong. Redirects are followed by hand so the
-token goes only to Slack's own hosts. These links come from Slack, not from people, so they are not
+taken for an image: it ends in a message saying what is wrong. Redirects are followed by hand (the
+SDK's `download`) so the token goes only to Slack's own hosts. These links come from Slack, not from people, so they are not
 held to the link policy for private addresses, but the byte limit and the timeouts apply.
 """
 
 from __future__ import annotations
 
-from urllib.parse import urljoin, urlsplit
+from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.core.messages import Attachment
-from bot.images.fetch import MAX_REDIRECTS, FetchRefused, read_body
+from bot.platform.sdk import FetchRefused, download
 
 # Hosts that serve Slack's files (commercial and GovSlack); the token is sent to these only.
 SLACK_FILE_DOMAINS = ("slack.com", "slack-edge.com", "slack-files.com", "slack-gov.com")
-_REDIRECTS = (301, 302, 303, 307, 308)
 
 
 class SlackFiles:
@@ -65,26 +65,16 @@ class SlackFiles:
         url = file.get("url_private")
         if not url:
             raise FetchRefused(f"I can't open {name}: Slack doesn't let apps download it (file mode: {file.get('mode', 'unknown')}).")
-        token_sent = True
-        try:
-            async with aiohttp.ClientSession(timeout=self.timeout, trust_env=False) as session:
-                for _ in range(MAX_REDIRECTS + 1):
-                    token_sent = self.trusts(url)
-                    headers = {"Authorization": f"Bearer {self.token}"} if token_sent else {}
-                    async with session.get(url, headers=headers, allow_redirects=False) as response:
-                        if response.status in _REDIRECTS and "Location" in response.headers:
-                            url = urljoin(url, response.headers["Location"])
-                            continue
-                        if response.status != 200:
-                            raise FetchRefused(f"I couldn't download {name} from Slack: it answered {response.status} {response.reason or ''}".rstrip() + ".")
-                        if response.content_type == "text/html":
-                            raise FetchRefused(self._login_page(name, url, token_sent))
-                        return await read_body(name, response, max_bytes)
-        except TimeoutError:
-            raise FetchRefused(f"I couldn't download {name} from Slack: it took longer than {self.timeout.total:g} s.") from None
-        except aiohttp.ClientError as exc:
-            raise FetchRefused(f"I couldn't download {name} from Slack: the connection failed ({type(exc).__name__}).") from None
-        raise FetchRefused(f"I couldn't download {name} from Slack: it redirects more than {MAX_REDIRECTS} times.")
+
+        def hop(url: str) -> Mapping[str, str]:
+            return {"Authorization": f"Bearer {self.token}"} if self.trusts(url) else {}
+
+        def check(response: aiohttp.ClientResponse, url: str) -> None:
+            if response.content_type == "text/html":
+                raise FetchRefused(self._login_page(name, url, self.trusts(url)))
+
+        async with aiohttp.ClientSession(timeout=self.timeout, trust_env=False) as session:
+            return await download(session, url, max_bytes, name=name, source=" from Slack", hop=hop, check=check)
 
     async def _file_info(self, file_id: str, name: str) -> dict:
         try:

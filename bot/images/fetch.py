@@ -5,6 +5,8 @@ to must be public (loopback, private, link-local, multicast, reserved, and their
 and Teredo forms are refused), and the connection goes to exactly the addresses that were checked:
 the check happens inside the resolver aiohttp connects with, so there is no second lookup to race.
 Connect and total timeouts apply, and the body is read in chunks and cut at the byte limit.
+`download` is the one redirect-following download loop: links people post go through `fetch`, files
+on a platform (Slack's, with its token) through an adapter's own hop rule.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import unquote, urljoin, urlsplit
@@ -21,6 +23,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)
 _CHUNK = 64 * 1024
 
 
@@ -122,24 +125,54 @@ async def fetch(url: str, limits: FetchLimits) -> bytes:
     resolver = _CheckingResolver(policy)
     connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False, family=socket.AF_UNSPEC)
     timeout = aiohttp.ClientTimeout(total=limits.total_timeout, sock_connect=limits.connect_timeout)
-    original = url
+
+    def hop(next_url: str) -> Mapping[str, str]:
+        _check_url(url, next_url, policy)
+        resolver.url = next_url
+        return {"Accept": "image/*"}
+
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
-        try:
-            for _ in range(MAX_REDIRECTS + 1):
-                _check_url(original, url, policy)
-                resolver.url = url
-                async with session.get(url, allow_redirects=False, headers={"Accept": "image/*"}) as response:
-                    if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
-                        url = urljoin(url, response.headers["Location"])
-                        continue
-                    if response.status != 200:
-                        raise FetchRefused(f"I couldn't fetch {short(original)}: the server answered {response.status} {response.reason or ''}".rstrip() + ".")
-                    return await read_body(original, response, limits.max_bytes)
-            raise FetchRefused(f"I couldn't fetch {short(original)}: it redirects more than {MAX_REDIRECTS} times.")
-        except TimeoutError:
-            raise FetchRefused(f"I couldn't fetch {short(original)}: it took longer than {limits.total_timeout:g} s.") from None
-        except aiohttp.ClientError as exc:
-            raise FetchRefused(f"I couldn't fetch {short(original)}: {_client_error(exc)}.") from None
+        return await download(session, url, limits.max_bytes, name=short(url), hop=hop)
+
+
+def _no_headers(url: str) -> Mapping[str, str]:
+    return {}
+
+
+def _any_body(response: aiohttp.ClientResponse, url: str) -> None:
+    return None
+
+
+async def download(
+    session: aiohttp.ClientSession,
+    url: str,
+    max_bytes: int,
+    *,
+    name: str,
+    source: str = "",
+    hop: Callable[[str], Mapping[str, str]] = _no_headers,
+    check: Callable[[aiohttp.ClientResponse, str], None] = _any_body,
+) -> bytes:
+    """The body of `url` (at most `max_bytes`), with redirects followed by hand, or `FetchRefused`
+    saying in plain words why not. Every hop's link goes through `hop`, which refuses it (raising
+    `FetchRefused`) or returns the headers to send there; the final answer must be a 200 that `check`
+    (given it and its link) lets through. Refusals name the file `name`, found at `source` (" from
+    Slack"); the session's timeouts apply."""
+    try:
+        for _ in range(MAX_REDIRECTS + 1):
+            async with session.get(url, allow_redirects=False, headers=hop(url)) as response:
+                if response.status in _REDIRECTS and "Location" in response.headers:
+                    url = urljoin(url, response.headers["Location"])
+                    continue
+                if response.status != 200:
+                    raise FetchRefused(f"I couldn't fetch {name}{source}: the server answered {response.status} {response.reason or ''}".rstrip() + ".")
+                check(response, url)
+                return await read_body(name, response, max_bytes)
+        raise FetchRefused(f"I couldn't fetch {name}{source}: it redirects more than {MAX_REDIRECTS} times.")
+    except TimeoutError:
+        raise FetchRefused(f"I couldn't fetch {name}{source}: it took longer than {session.timeout.total:g} s.") from None
+    except aiohttp.ClientError as exc:
+        raise FetchRefused(f"I couldn't fetch {name}{source}: {_client_error(exc)}.") from None
 
 
 def _check_url(original: str, url: str, policy: AddressPolicy) -> None:

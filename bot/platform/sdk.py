@@ -13,8 +13,8 @@ runs every adapter's messages through the same steps and logs them the same way 
 each reply posts, so that a process taking a question over continues in them.
 What an adapter implements in return: a `bot.platform.delivery.Surface` (post, edit) per reply, the
 errors that mean its platform didn't take a reply (`delivery_errors`), and its own settings and access
-rules (see `bot.platform.adapter`). An attachment whose file can't be had raises `ImageRejected` from
-its `read`, with words for the asker.
+rules (see `bot.platform.adapter`). An attachment whose file can't be had raises `ImageRejected` (or
+`FetchRefused`, from `download`) from its `read`, with words for the asker.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from typing import Any
 from bot.core.conversation import ConversationKey, ImageRef, Turn, Unanswered
 from bot.core.engine import Engine
 from bot.core.messages import Attachment, CommandRequest, Final, IncomingMessage, ReplyEvent
+from bot.images.fetch import FetchRefused as FetchRefused  # what `download` and an attachment's `read` raise to refuse a file
+from bot.images.fetch import download as download  # a platform's file, redirects followed by the adapter's rule
 from bot.images.intake import ImageRejected as ImageRejected  # an attachment's `read` raises it to refuse a file, saying why
 from bot.platform.delivery import LiveReply
 from bot.platform.files import local_attachment
