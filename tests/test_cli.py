@@ -158,3 +158,39 @@ def test_terminal_chat_streams_and_remembers(tmp_path, tiny_checkpoint):
     assert "(missing.png can't be read: No such file or directory.)" in result.stdout
     assert "(Forgot this conversation: 2 turns.)" in result.stdout
     assert_no_traceback(result)
+
+
+def test_files_that_are_not_regular_files_are_refused_without_reading_them(tmp_path, tiny_checkpoint):
+    """A FIFO would block forever and /dev/zero never ends: both are named and refused at once."""
+    os.mkfifo(tmp_path / "conversation.json")
+    os.mkfifo(tmp_path / "photo.png")
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "config.toml")
+    cases = [
+        (("render", "--conversation", "conversation.json"), "conversation.json is a named pipe (FIFO), not a regular file."),
+        (("ask", "--model", str(tiny_checkpoint), "--image", "photo.png", "What?"), "photo.png is a named pipe (FIFO)"),
+        (("ask", "--model", str(tiny_checkpoint), "--image", "/dev/zero", "What?"), "/dev/zero is a character device"),
+        (("render", "--config", "fifo/config.toml", "--conversation", "x.json"), "config.toml is a named pipe (FIFO), not a regular file."),
+        (("render", "--conversation", str(tmp_path)), "is a directory, not a regular file."),
+    ]
+    for args, message in cases:
+        result = idefics_bot(*args, cwd=tmp_path)
+        assert result.returncode in (1, 2) and message in result.stderr, (args, result.stderr)
+        assert_no_traceback(result)
+
+
+def test_a_bad_conversation_file_is_reported_in_one_line(tmp_path):
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "broken.json").write_text('{"turns": [')
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
+    (tmp_path / "huge.json").write_bytes(b" " * (17 * 1024 * 1024))
+    expected = {
+        "deep.json": "deep.json is not a conversation: its JSON is nested too deeply.",
+        "broken.json": "broken.json is not valid JSON: Expecting value: line 1 column 12 (char 11).",
+        "binary.json": "binary.json is not valid JSON: 'utf-8' codec can't decode byte 0xff",
+        "huge.json": "huge.json is 17.0 MB; a conversation file may have 16 MB.",
+    }
+    for name, message in expected.items():
+        result = idefics_bot("render", "--conversation", name, cwd=tmp_path)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr

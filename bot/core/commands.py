@@ -30,7 +30,9 @@ from bot.core.ranking import classify
 from bot.core.tasks import FewShotPair, TaskError, build_task
 from bot.core.turns import Conversations
 from bot.images.attachments import ImageIntake
+from bot.images.intake import ImageRejected
 from bot.runtime.config import Config
+from bot.runtime.files import FileTooLarge, NotARegularFile, read_regular_file
 from bot.runtime.metrics import Metrics
 from model.service import ModelError, continued
 
@@ -188,10 +190,12 @@ class Commands:
             pairs = []
             for example in self.config.tasks.few_shot:
                 try:
-                    data = await asyncio.to_thread(example.image.read_bytes)
+                    data = await asyncio.to_thread(read_regular_file, example.image, self.config.images.max_bytes)
+                    image = await self.intake.prepare(data, example.image.name)
                 except OSError as exc:
                     raise Refusal(f"The few-shot example image {example.image} can't be read ({exc.strerror}); fix [[tasks.few_shot]].") from None
-                image = await self.intake.prepare(data, example.image.name)
+                except (NotARegularFile, FileTooLarge, ImageRejected) as reason:
+                    raise Refusal(f"The few-shot example image {example.image} can't be used ({reason}); fix [[tasks.few_shot]].") from None
                 pairs.append(FewShotPair(await self.intake.store.put_image(image), example.text))
             self._few_shot = pairs
         return self._few_shot

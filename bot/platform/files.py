@@ -9,6 +9,7 @@ from pathlib import Path
 from bot.core.messages import Attachment
 from bot.images.attachments import ImageIntake
 from bot.images.intake import ImageRejected
+from bot.runtime.files import FileTooLarge, NotARegularFile, read_regular_file
 
 
 def local_attachment(source: str, intake: ImageIntake) -> Attachment:
@@ -19,10 +20,11 @@ def local_attachment(source: str, intake: ImageIntake) -> Attachment:
 
     async def read(max_bytes: int) -> bytes:
         try:
-            size = path.stat().st_size
-            if size > max_bytes:
-                raise ImageRejected(f"{path.name} is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.1f} MB per image.")
-            return await asyncio.to_thread(path.read_bytes)
+            return await asyncio.to_thread(read_regular_file, path, max_bytes)
+        except FileTooLarge as too_large:
+            raise ImageRejected(f"{path.name} is {too_large.size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.1f} MB per image.") from None
+        except NotARegularFile as odd:
+            raise ImageRejected(f"{odd} I read images from files only.") from None
         except OSError as exc:
             raise ImageRejected(f"{source} can't be read: {exc.strerror or exc}.") from None
 

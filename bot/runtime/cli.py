@@ -19,9 +19,11 @@ from typing import Any
 from bot.core.conversation import Author, ConversationKey, ImageRef, Turn
 from bot.core.prompt import clean_text, render
 from bot.core.tasks import TASKS, FewShotPair, TaskError, build_task
+from bot.images.fetch import short
 from bot.platform.adapter import AdapterMissing
 from bot.platform.settings import AdapterSettings
-from bot.runtime.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from bot.runtime.config import DEFAULT_CONFIG_PATH, Config, ConfigError, MiB, load_config
+from bot.runtime.files import FileTooLarge, NotARegularFile, read_regular_file
 from bot.runtime.logs import setup_logging
 from bot.state.store import StoreError
 from model.service import ModelImage, ModelLoadError
@@ -29,6 +31,8 @@ from model.service import ModelImage, ModelLoadError
 EXIT_USAGE = 2
 # The adapter `idefics-bot chat` runs: a conversation in this terminal.
 TERMINAL = "terminal"
+# Far more than any conversation the model can read; enough to bound what a stray file costs.
+MAX_CONVERSATION_BYTES = 16 * 1024 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -192,11 +196,17 @@ def load_conversation(path: Path) -> tuple[list[Turn], bool, str | None]:
         {"role": "user", "name": "Ann", "parts": ["What is this?", {"image": "dog.png"}]},
         {"role": "assistant", "text": "A dog."}]}"""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular_file(path, MAX_CONVERSATION_BYTES).decode("utf-8"))
     except OSError as exc:
         raise CommandError(f"{path} can't be read: {exc.strerror}.") from None
+    except NotARegularFile as odd:
+        raise CommandError(str(odd)) from None
+    except FileTooLarge as too_large:
+        raise CommandError(f"{path} is {too_large.size / MiB:.1f} MB; a conversation file may have {MAX_CONVERSATION_BYTES / MiB:g} MB.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CommandError(f"{path} is not valid JSON: {exc}.") from None
+    except RecursionError:
+        raise CommandError(f"{path} is not a conversation: its JSON is nested too deeply.") from None
     if not isinstance(data, dict) or not isinstance(data.get("turns"), list):
         raise CommandError(f'{path}: expected an object with a "turns" list.')
     turns = []
@@ -217,7 +227,7 @@ def load_conversation(path: Path) -> tuple[list[Turn], bool, str | None]:
             elif isinstance(part, dict) and isinstance(part.get("image"), str):
                 converted.append(ImageRef(digest="", name=part["image"]))
             else:
-                raise CommandError(f'{where}: each part is a text or {{"image": "file name"}}, not {part!r}.')
+                raise CommandError(f'{where}: each part is a text or {{"image": "file name"}}, not {short(repr(part))}.')
         name = str(raw.get("name", "user"))
         turns.append(Turn("user", tuple(converted), Author(name, name)))
     system_prompt = data.get("system_prompt")

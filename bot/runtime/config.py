@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from bot.platform.adapter import adapter_settings_model, installed_adapters
+from bot.runtime.files import FileTooLarge, NotARegularFile, read_regular_file
 from model.loading import DEFAULT_CHECKPOINT
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
@@ -33,6 +34,7 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 MiB = 1024 * 1024
+MAX_CONFIG_BYTES = MiB
 
 
 class ConfigError(Exception):
@@ -221,11 +223,15 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         path = Path(path)
         source = str(path)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            data = tomllib.loads(read_regular_file(path, MAX_CONFIG_BYTES).decode("utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file. Copy config.example.toml to start one, or leave out --config.") from None
         except OSError as exc:
             raise ConfigError(f"{path}: can't be read ({exc.strerror}).") from None
+        except NotARegularFile as odd:
+            raise ConfigError(str(odd)) from None
+        except FileTooLarge as too_large:
+            raise ConfigError(f"{path}: {too_large.size / MiB:.1f} MB is far too large for a config file.") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}.") from None
     errors: list[str] = []  # the core's sections' first, then the adapters'
