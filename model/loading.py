@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from model.service import SPECIAL_TOKENS, ModelLoadError
+from model.service import IDEFICS_TOKENS, SPECIAL_TOKENS, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,11 @@ def load_checkpoint(settings: CheckpointSettings):
         # The PIL image backend, whatever else is installed: image intake resizes as it does
         # (bot/images.py), so the processor's own resize of a stored image changes nothing.
         processor = AutoProcessor.from_pretrained(checkpoint, backend="pil")
+        _check_tokenizer(checkpoint, processor.tokenizer)
         model = IdeficsForVisionText2Text.from_pretrained(checkpoint, **kwargs)
-    except (OSError, ValueError, RuntimeError, ImportError) as exc:
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # safetensors, torch and bitsandbytes each raise their own kinds
         raise ModelLoadError(
             f"Loading {checkpoint} (dtype {str(dtype).removeprefix('torch.')}, quantization {settings.quantization}, "
             f"device_map {device_map}) failed: {_first_line(exc)}. Check that the checkpoint is complete and that "
@@ -161,6 +164,18 @@ def _check_special_tokens(checkpoint: str, tokenizer) -> None:
         raise ModelLoadError(
             f"The tokenizer of {checkpoint} declares special tokens the bot doesn't know ({', '.join(unknown)}), so it "
             f"can't keep them out of what people type. idefics-bot runs IDEFICS checkpoints such as {DEFAULT_CHECKPOINT}."
+        )
+
+
+def _check_tokenizer(checkpoint: str, tokenizer) -> None:
+    """transformers makes an empty tokenizer of a directory without tokenizer files; the model would
+    load and then fail every request. It must know the tokens IDEFICS's prompts are made of."""
+    missing = [token for token in IDEFICS_TOKENS if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id)]
+    if missing:
+        raise ModelLoadError(
+            f"The tokenizer of {checkpoint} doesn't know the IDEFICS tokens {', '.join(missing)}: its tokenizer files "
+            "(tokenizer.json, tokenizer_config.json) are missing or belong to another model. Copy them from the "
+            "checkpoint it was made from, e.g. AutoProcessor.from_pretrained(original).save_pretrained(directory)."
         )
 
 

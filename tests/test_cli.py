@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import signal
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +196,37 @@ def test_a_bad_conversation_file_is_reported_in_one_line(tmp_path):
         result = idefics_bot("render", "--conversation", name, cwd=tmp_path)
         assert result.returncode == 1 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_start_up_problems_are_one_paragraph(tmp_path, tiny_checkpoint):
+    """What an admin gets wrong before the bot runs ends in one paragraph that says what to do."""
+    truncated = shutil.copytree(tiny_checkpoint, tmp_path / "truncated")
+    os.truncate(truncated / "model.safetensors", (truncated / "model.safetensors").stat().st_size // 2)
+    no_tokenizer = shutil.copytree(tiny_checkpoint, tmp_path / "no-tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (no_tokenizer / name).unlink()
+    cases = [
+        (("ask", "--model", "truncated", "hi"), {}, "Loading truncated (dtype float32, quantization none, device_map cpu) failed: Error while deserializing header"),
+        (("ask", "--model", "no-tokenizer", "hi"), {}, "The tokenizer of no-tokenizer doesn't know the IDEFICS tokens <image>"),
+        (("ask", "--model", str(tiny_checkpoint), "hi"), {"DATABASE_URL": "postgresql://idefics:s3cret@[::1/idefics"}, "[state]: url (or DATABASE_URL) can't be parsed as a URL"),
+    ]
+    for args, env, message in cases:
+        result = idefics_bot(*args, cwd=tmp_path, env=env)
+        assert result.returncode in (1, 2) and message in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "s3cret" not in result.stderr, result.stderr
+        assert_no_traceback(result)
+
+
+def test_a_health_port_in_use_is_one_paragraph(tmp_path, tiny_checkpoint):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "config.toml").write_text(
+            f'[model]\ncheckpoint = "{tiny_checkpoint}"\n[discord]\ntoken = "not-used"\n'
+            f'[health]\nenabled = true\nport = {port}\n[state]\npath = "{tmp_path / "state.sqlite3"}"\n'
+        )
+        result = idefics_bot("run", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert f"The health endpoint can't listen on 127.0.0.1:{port} (" in result.stderr and "[health] port" in result.stderr
+    assert_no_traceback(result)

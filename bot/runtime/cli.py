@@ -24,6 +24,7 @@ from bot.platform.adapter import AdapterMissing
 from bot.platform.settings import AdapterSettings
 from bot.runtime.config import DEFAULT_CONFIG_PATH, Config, ConfigError, MiB, load_config
 from bot.runtime.files import FileTooLarge, NotARegularFile, read_regular_file
+from bot.runtime.health import HealthUnavailable
 from bot.runtime.logs import setup_logging
 from bot.state.store import StoreError
 from model.service import ModelImage, ModelLoadError
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         source = args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else "built-in defaults")
         asyncio.run(run_bot(config, str(source)))
         return 0
-    except (CommandError, ConfigError, ModelLoadError, StoreError, AdapterMissing) as error:
+    except (CommandError, ConfigError, ModelLoadError, StoreError, AdapterMissing, HealthUnavailable) as error:
         print(f"idefics-bot: {error}", file=sys.stderr)
         return EXIT_USAGE if isinstance(error, ConfigError) else 1
     except KeyboardInterrupt:

@@ -136,8 +136,19 @@ class StateConfig(Section):
 
     @model_validator(mode="after")
     def _url_is_postgresql(self) -> StateConfig:
-        if self.url is not None and not self.url.get_secret_value().startswith(("postgresql://", "postgres://")):
+        if self.url is None:
+            return self
+        url = self.url.get_secret_value()
+        if not url.startswith(("postgresql://", "postgres://")):
             raise ValueError("url must be a postgresql:// URL, like postgresql://idefics:secret@db.example:5432/idefics")
+        try:
+            urlsplit(url).port  # noqa: B018 (parsing the port is the check)
+        except ValueError:
+            # The URL's text stays out of the message: it may hold the password.
+            raise ValueError(
+                "url (or DATABASE_URL) can't be parsed as a URL: check the brackets around an IPv6 address, the port number, and that "
+                "the password's special characters are percent-encoded (@ as %40, / as %2F, [ as %5B)"
+            ) from None
         return self
 
 

@@ -15,6 +15,10 @@ from model.service import ModelService
 log = logging.getLogger(__name__)
 
 
+class HealthUnavailable(Exception):
+    """The endpoint can't listen where the config says; the message says where and what to change."""
+
+
 class HealthServer:
     """Serves health and metrics on `host:port` while the bot runs."""
 
@@ -32,6 +36,16 @@ class HealthServer:
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self.port = self._runner.addresses[0][1]  # the real one when 0 was asked for
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise HealthUnavailable(
+                f"The health endpoint can't listen on {self.host}:{self.port} ({exc.strerror or exc}). Another program "
+                "(or another idefics-bot) may be using that port: choose a free one in [health] port, or set "
+                "[health] enabled = false."
+            ) from None
+        self.port = site._server.sockets[0].getsockname()[1]  # the real one when 0 was asked for
         log.info("health.listening", extra={"host": self.host, "port": self.port})
 
     async def stop(self) -> None:
