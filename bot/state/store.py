@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import stat
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -171,6 +172,10 @@ def decode_parts(text: str) -> tuple[Part, ...]:
     return tuple(part if isinstance(part, str) else ImageRef(part["image"], part["name"]) for part in json.loads(text))
 
 
+def _reason(error: Exception) -> str:
+    return (error.strerror if isinstance(error, OSError) else None) or str(error)
+
+
 class SQLiteStore(Store):
     """The default store: a SQLite file at `path`, images in `images/` next to it. Made ready by
     `await SQLiteStore.open(path)`."""
@@ -207,7 +212,7 @@ class SQLiteStore(Store):
             self.images_dir.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"The state file {self.path} can't be opened ({exc}). Check [state] path and its permissions.") from None
+            raise self._unwritable(exc) from None
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # with WAL: a killed process loses no committed change
@@ -230,14 +235,43 @@ class SQLiteStore(Store):
             db.execute("DELETE FROM replies WHERE seen < ?", (time.time() - EVENT_MEMORY_S,))
         except sqlite3.DatabaseError as exc:
             db.close()
-            raise StoreError(
-                f"The state file {self.path} is not a readable idefics-bot database ({exc}). Move it aside to start with "
-                "empty state, or restore it from a backup."
-            ) from None
+            if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+                raise StoreError(
+                    f"The state file {self.path} is not a readable idefics-bot database ({exc}). Move it aside to start with "
+                    "empty state, or restore it from a backup."
+                ) from None
+            raise self._unwritable(exc) from None
         except StoreError:
             db.close()
             raise
         self._db = db
+
+    def _unwritable(self, error: Exception) -> StoreError:
+        """Why the state can't be opened for writing, naming the place to fix: a valid database on a
+        read-only mount or with the wrong owner must not be taken for a damaged one."""
+        directory = self.path.parent
+        existing = next(folder for folder in (directory, *directory.parents) if folder.exists())
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            why = f"{existing} is on a read-only file system"
+        elif existing != directory:
+            why = f"the directory {directory} does not exist and can't be created in {existing} ({_reason(error)})"
+        elif not existing.is_dir():
+            why = f"{existing} is not a directory"
+        elif self.path.exists() and not os.access(self.path, os.R_OK | os.W_OK):
+            info = self.path.stat()
+            why = f"this user (uid {os.getuid()}) may not write the file (owner uid {info.st_uid}, mode {stat.filemode(info.st_mode)})"
+        elif not os.access(directory, os.W_OK | os.X_OK):
+            info = directory.stat()
+            why = (
+                f"this user (uid {os.getuid()}) may not write in its directory {directory} (owner uid {info.st_uid}, mode "
+                f"{stat.filemode(info.st_mode)}), where SQLite keeps its -wal and -shm files and the images"
+            )
+        else:
+            why = _reason(error)
+        return StoreError(
+            f"The state file {self.path} can't be opened for writing: {why}. Nothing in it was changed. Fix the mount or "
+            "the permissions, or point [state] path at a writable place."
+        )
 
     async def close(self) -> None:
         await self._run(self._db.close)
