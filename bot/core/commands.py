@@ -28,13 +28,14 @@ from bot.core.messages import CommandRequest, Final, Refusal, ReplyEvent, TaskRe
 from bot.core.prompt import PromptTooLong, check_fits
 from bot.core.ranking import classify
 from bot.core.tasks import FewShotPair, TaskError, build_task
-from bot.core.turns import Conversations
+from bot.core.turns import Conversations, unsaved
 from bot.images.attachments import ImageIntake
 from bot.images.intake import ImageRejected
 from bot.runtime.config import Config
 from bot.runtime.files import FileTooLarge, NotARegularFile, read_regular_file
 from bot.runtime.metrics import Metrics
 from model.service import ModelError, continued
+from bot.state.store import StoreUnavailable
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,9 @@ class Commands:
         except ModelError as error:  # a remote model counts tokens on its server, which can fail
             self.metrics.error(type(error).__name__)
             yield Final("", (*notes, str(error)))
+            return
+        except StoreUnavailable as error:
+            yield unsaved(self.metrics, f"{request.key} task={request.task}", error)
             return
         if prompt.labels:
             yield Working()

@@ -22,13 +22,26 @@ from bot.core.prompt import PromptTooLong, clean_text, fit
 from bot.images.attachments import ImageIntake
 from bot.runtime.config import Config
 from bot.runtime.metrics import Metrics
-from bot.state.store import Store
+from bot.state.store import Store, StoreUnavailable
 from model.service import ModelError
 
 log = logging.getLogger(__name__)
 
 _RESUMED = "I was restarted while writing this answer, so it comes late."
 _OVERTAKEN = "A newer message arrived while this one waited, so I'll answer that one with this in mind."
+UNSAVED = "I couldn't save this conversation right now, so I can't answer it. Please try again in a little while."
+_NOT_REMEMBERED = "I couldn't save this conversation right now, so I won't remember this exchange."
+
+
+def unsaved(metrics: Metrics, label: str, error: StoreUnavailable) -> Final:
+    """The answer when the state can't be written: the asker is told, the admin gets one line."""
+    _log_unsaved(metrics, label, error)
+    return Final("", (UNSAVED,))
+
+
+def _log_unsaved(metrics: Metrics, label: str, error: StoreUnavailable) -> None:
+    metrics.error("state_unavailable")
+    log.error("state.unavailable", extra={"conversation": label, "error": str(error)})
 
 
 class Arrivals:
@@ -70,29 +83,32 @@ class Conversations:
         # The message takes its place in the conversation as it arrives, before its images are taken
         # in: one whose image is slow to download is not overtaken by the messages sent after it.
         with self._arrivals.arriving(message.key) as overtaken:
-            async with self.store.hold_conversation(message.key):
-                try:
-                    refs, notes = await self.intake.take_in(message.key, message.attachments, message.text)
-                except Refusal as refusal:
-                    self.metrics.error("input_refused")
-                    final = Final("", (str(refusal),))
-                else:
-                    text = clean_text(message.text)
-                    user_turn = Turn("user", (*((text,) if text else ()), *refs), message.author, message.message_id)
-                    if not text and not refs:
-                        final = Final("", (*notes, "Send me a question, an image, or both, and I'll answer."))
-                    elif self.latest_wins and overtaken():
-                        # A newer message is waiting; this one joins the history unanswered.
-                        await self.store.add_turn(message.key, user_turn)
-                        final = Final("", (*notes, _OVERTAKEN))
+            try:
+                async with self.store.hold_conversation(message.key):
+                    try:
+                        refs, notes = await self.intake.take_in(message.key, message.attachments, message.text)
+                    except Refusal as refusal:
+                        self.metrics.error("input_refused")
+                        final = Final("", (str(refusal),))
                     else:
-                        history = await self.store.load_turns(message.key)
-                        async with aclosing(self._answer(message.key, history, user_turn, message.shared, notes, started)) as events:
-                            async for event in events:
-                                if isinstance(event, Final):
-                                    final = event
-                                else:
-                                    yield event
+                        text = clean_text(message.text)
+                        user_turn = Turn("user", (*((text,) if text else ()), *refs), message.author, message.message_id)
+                        if not text and not refs:
+                            final = Final("", (*notes, "Send me a question, an image, or both, and I'll answer."))
+                        elif self.latest_wins and overtaken():
+                            # A newer message is waiting; this one joins the history unanswered.
+                            await self.store.add_turn(message.key, user_turn)
+                            final = Final("", (*notes, _OVERTAKEN))
+                        else:
+                            history = await self.store.load_turns(message.key)
+                            async with aclosing(self._answer(message.key, history, user_turn, message.shared, notes, started)) as events:
+                                async for event in events:
+                                    if isinstance(event, Final):
+                                        final = event
+                                    else:
+                                        yield event
+            except StoreUnavailable as error:
+                final = unsaved(self.metrics, str(message.key), error)
         yield final  # shown once the conversation is free for its next message
 
     async def unanswered(self, platform: str) -> list[Unanswered]:
@@ -107,17 +123,20 @@ class Conversations:
         started = time.perf_counter()
         final = Final("")
         # Under the conversation's hold, so that a process still answering it finishes first.
-        async with self.store.hold_conversation(pending.key):
-            history = await self.store.load_turns(pending.key)
-            # Still unanswered, and this process is the one to take it over (exactly one is).
-            if history and history[-1].id == pending.turn.id and await self.store.adopt(pending):
-                log.info("turn.resuming", extra={"conversation": str(pending.key)})
-                async with aclosing(self._answer(pending.key, history[:-1], history[-1], shared, [_RESUMED], started)) as events:
-                    async for event in events:
-                        if isinstance(event, Final):
-                            final = event
-                        else:
-                            yield event
+        try:
+            async with self.store.hold_conversation(pending.key):
+                history = await self.store.load_turns(pending.key)
+                # Still unanswered, and this process is the one to take it over (exactly one is).
+                if history and history[-1].id == pending.turn.id and await self.store.adopt(pending):
+                    log.info("turn.resuming", extra={"conversation": str(pending.key)})
+                    async with aclosing(self._answer(pending.key, history[:-1], history[-1], shared, [_RESUMED], started)) as events:
+                        async for event in events:
+                            if isinstance(event, Final):
+                                final = event
+                            else:
+                                yield event
+        except StoreUnavailable as error:
+            final = unsaved(self.metrics, str(pending.key), error)
         yield final
 
     async def _answer(
@@ -125,7 +144,8 @@ class Conversations:
     ) -> AsyncGenerator[ReplyEvent, None]:
         """Answer `user_turn` after `history` and store the answer; the last event is a Final. The
         user turn is stored first unless it already is (a resumed one). A turn that ends unanswered
-        (failed, too long, cancelled) is taken back: no question stays in the store without its answer."""
+        (failed, too long, cancelled) is taken back: no question stays in the store without its answer.
+        An answer that can't be stored is still given, with a note that it won't be remembered."""
         stored = user_turn if user_turn.id is not None else None
         answer: str | None = None
         model, budget = self.generation.model, self.generation.params.max_new_tokens
@@ -159,19 +179,33 @@ class Conversations:
         finally:
             if not answer and stored is not None and stored.id is not None:
                 # Cancelled (message deleted, shutdown) or failed: the turn was never answered.
-                await asyncio.shield(self.store.remove_turn(stored.id))
+                await asyncio.shield(self._take_back(key, stored.id))
         if not answer:
             yield Final("", tuple(notes) or ("The model gave an empty reply; try asking differently.",))
             return
         previous = next((turn for turn in reversed(history) if turn.role == "assistant"), None)
         if fitted.dropped and (previous is None or not previous.dropped):
             notes.append("This conversation is now longer than I can read at once, so I no longer see its oldest messages.")
-        await self.store.add_turn(key, Turn("assistant", (answer,), dropped=fitted.dropped))
+        try:
+            await self.store.add_turn(key, Turn("assistant", (answer,), dropped=fitted.dropped))
+        except StoreUnavailable as error:
+            _log_unsaved(self.metrics, str(key), error)
+            notes.append(_NOT_REMEMBERED)
+            if stored is not None and stored.id is not None:
+                await self._take_back(key, stored.id)  # else a restart would answer it again
         log.info(
             "turn.answered",
             extra={"conversation": str(key), "images": len(user_turn.images), "dropped": fitted.dropped, "seconds": round(time.perf_counter() - started, 3)},
         )
         yield Final(answer, tuple(notes))
+
+    async def _take_back(self, key: ConversationKey, turn_id: int) -> None:
+        """Remove a stored turn that ends unanswered. If the state can't be written, it stays (a
+        restart within [bot] resume_window_s would answer it late)."""
+        try:
+            await self.store.remove_turn(turn_id)
+        except StoreUnavailable as error:
+            log.warning("state.turn_kept", extra={"conversation": str(key), "error": str(error)})
 
     async def reset(self, key: ConversationKey) -> int:
         """Forget a conversation (waits for a reply in progress there to finish first)."""

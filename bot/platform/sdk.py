@@ -36,7 +36,7 @@ from bot.platform.files import local_attachment
 from bot.runtime.config import ConfigError as ConfigError  # what an adapter raises for a start-up problem its admin can fix
 from bot.runtime.config import ImagesConfig
 from bot.runtime.metrics import Metrics
-from bot.state.store import Store
+from bot.state.store import Store, StoreUnavailable
 from model.service import ModelImage
 
 ErrorFields = Callable[[BaseException], Mapping[str, Any]]
@@ -108,8 +108,12 @@ class Platform:
     # -- the threads the bot follows ---------------------------------------------------------
 
     async def follow(self, key: ConversationKey, message_id: str) -> None:
-        """Link a message (one the bot posted, or a thread's first) to `key`: replies to it continue it."""
-        await self._store.link_message(self.name, message_id, key)
+        """Link a message (one the bot posted, or a thread's first) to `key`: replies to it continue
+        it. If the state can't be written just now, the link is left out (and logged)."""
+        try:
+            await self._store.link_message(self.name, message_id, key)
+        except StoreUnavailable as error:
+            self.log.warning("state.message_not_linked", extra={"conversation": str(key), "error": str(error)})
 
     async def conversation_of(self, message_id: str) -> ConversationKey | None:
         """The conversation a message was linked to by `follow`, if any."""
@@ -130,9 +134,15 @@ class Platform:
 
     async def first_delivery(self, *event_ids: str, **about: Any) -> bool:
         """True the first time any process sees these ids (all of them new); a re-delivery is counted
-        and logged (`<adapter>.duplicate`, with `about`), and gets False."""
+        and logged (`<adapter>.duplicate`, with `about`), and gets False. If the state can't be
+        written just now, True: answering a re-delivery twice beats answering nothing."""
         for event_id in event_ids:
-            if not await self._store.claim_event(self.name, event_id):
+            try:
+                claimed = await self._store.claim_event(self.name, event_id)
+            except StoreUnavailable as error:
+                self.log.warning("state.event_not_claimed", extra={"error": str(error), **about})
+                return True
+            if not claimed:
                 self.record("duplicate")
                 self.log.info(f"{self.name}.duplicate", extra=dict(about))
                 return False

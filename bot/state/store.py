@@ -30,6 +30,11 @@ class StoreError(Exception):
     """The state can't be opened or used; the message names the file and what to do."""
 
 
+class StoreUnavailable(StoreError):
+    """The state can't be written (or read) right now: a full disk, an I/O error. The bot goes on
+    serving; the message says what failed, for the admin's log."""
+
+
 class Store(abc.ABC):
     """Conversations, their turns and images, and the small memories the adapters need.
 
@@ -190,7 +195,10 @@ class SQLiteStore(Store):
         self.process_id = uuid.uuid4().hex  # a SQLite file has one process at a time: this run
 
     async def _run(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        except (sqlite3.OperationalError, OSError) as exc:  # SQLITE_FULL, SQLITE_IOERR, ENOSPC writing an image, ...
+            raise StoreUnavailable(f"{self.path}: {_reason(exc)}") from None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
