@@ -104,7 +104,7 @@ async def test_bad_input_gets_a_clear_answer_and_nothing_is_stored(runtime, text
 async def test_an_ignored_file_beside_a_question_is_mentioned(runtime):
     message = IncomingMessage(KEY, ANN, "What do you think?", (attachment("notes.txt", b"hello", "text/plain"),))
     _, final = await run(runtime.engine.reply(message))
-    assert final.text and final.notes == ("notes.txt isn't an image, so I left it out. I can read PNG, JPEG, WebP, GIF and BMP.",)
+    assert final.text and final.notes == ("notes.txt isn't an image, so I left it out. I can read PNG, JPEG, WebP, GIF, BMP, HEIC and AVIF.",)
 
 
 async def test_cancelling_a_reply_takes_the_unanswered_turn_back(runtime):

@@ -61,7 +61,7 @@ def test_a_real_thirty_megapixel_png_is_refused_before_decoding():
         prepare_image(buffer.getvalue(), "big.png")
 
 
-@pytest.mark.parametrize("kind", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+@pytest.mark.parametrize("kind", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "HEIF", "AVIF"])
 def test_accepted_formats_become_the_models_square_in_png(kind):
     image = prepare_image(image_bytes(size=(1200, 900), kind=kind), f"photo.{kind.lower()}")
     decoded = decode(image)
@@ -159,3 +159,22 @@ def test_large_jpeg_is_decoded_at_reduced_scale(monkeypatch):
     assert decoded_sizes[0] == (2000, 1500)  # decoded at 1/2 scale: a quarter of the pixels, still 6x the input
     prepare_image(photo, "photo.jpg", size=30)
     assert decoded_sizes[-2] == (500, 375)  # for a 30-pixel input, at 1/8
+
+
+@pytest.mark.parametrize("kind, label", [("HEIF", "HEIC"), ("AVIF", "AVIF")])
+def test_iphone_photos_and_avif_are_held_to_the_same_limits_before_decoding(monkeypatch, kind, label):
+    decoded = []
+    original_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or original_load(self))
+    photo = image_bytes(size=(1200, 900), kind=kind)
+    with pytest.raises(ImageRejected, match=r"photo is 1200x900 pixels \(1.1 megapixels\); the limit is 1 megapixels"):
+        prepare_image(photo, "photo", ImageLimits(max_pixels=1_000_000))
+    with pytest.raises(ImageRejected, match=r"strip is 1050x50 pixels, too long and thin"):
+        prepare_image(image_bytes(size=(1050, 50), kind=kind), "strip")
+    assert decoded == []  # refused from the header alone
+    with pytest.raises(ImageRejected, match=r"photo is \d+.\d MB; the limit is 0.0 MB per image"):
+        prepare_image(photo, "photo", ImageLimits(max_bytes=len(photo) - 1))
+    with pytest.raises(ImageRejected, match=rf"(cut off: the|could not be read: the) {label} file"):
+        prepare_image(photo[: len(photo) // 2], "photo")
+    red, green, blue = prepare_image(image_bytes((200, 30, 30), size=(64, 48), kind=kind), "red").open().getpixel((30, 20))
+    assert red > 180 and green < 60 and blue < 60

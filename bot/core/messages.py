@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bot.core.conversation import Author, ConversationKey
 
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp"}
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".heic", ".heif", ".avif"}
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
+import pillow_heif
 from PIL import Image, ImageOps
 
 from model.service import ModelImage
@@ -31,8 +32,14 @@ MODEL_IMAGE_SIZE = 224
 # on detailed photos at 6 (0.0020-0.0027 at 4), in the processor's units (an 8-bit level is 0.015).
 DRAFT_FACTOR = 6
 
-_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "GIF": "GIF", "WEBP": "WebP", "BMP": "BMP"}
-ACCEPTED = "PNG, JPEG, WebP, GIF and BMP"
+# HEIC (iPhone photos) through libheif; Pillow itself reads AVIF.
+pillow_heif.register_heif_opener()
+
+_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "GIF": "GIF", "WEBP": "WebP", "BMP": "BMP", "HEIF": "HEIC", "AVIF": "AVIF"}
+ACCEPTED = "PNG, JPEG, WebP, GIF, BMP, HEIC and AVIF"
+# ISO base media files (HEIF, AVIF) name their kind in brands of the leading `ftyp` box.
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
+_AVIF_BRANDS = {b"avif", b"avis"}
 
 
 class ImageRejected(ValueError):
@@ -58,6 +65,21 @@ def sniff(data: bytes) -> str | None:
         return "WEBP"
     if data[:2] == b"BM":
         return "BMP"
+    return _iso_media_kind(data)
+
+
+def _iso_media_kind(data: bytes) -> str | None:
+    """"HEIF" or "AVIF" from the brands of a leading `ftyp` box (AVIF wins: it is built on HEIF)."""
+    if data[4:8] != b"ftyp":
+        return None
+    box_size = int.from_bytes(data[:4], "big")
+    if not 16 <= box_size <= min(len(data), 1024):
+        return None
+    brands = {data[8:12]} | {data[offset : offset + 4] for offset in range(16, box_size - 3, 4)}
+    if brands & _AVIF_BRANDS:
+        return "AVIF"
+    if brands & _HEIF_BRANDS:
+        return "HEIF"
     return None
 
 
@@ -70,8 +92,8 @@ def describe_non_image(data: bytes) -> str:
         return "a web page (HTML), not an image"
     if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
         return "an SVG drawing, which I can't read"
-    if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
-        return "a HEIC/AVIF photo, which I can't read"
+    if data[4:8] == b"ftyp":
+        return "a video or another media file, not an image"
     if head.startswith(b"pk\x03\x04"):
         return "a ZIP archive, not an image"
     if not data:
