@@ -334,7 +334,7 @@ class DiscordAdapter:
 
     async def _answer(self, message: discord.Message, route: _Route, me: discord.ClientUser) -> None:
         text = question_text(message, me)
-        files = attachments_of(message.attachments)
+        files = attachments_of(message.attachments, self.platform.images)
         channel, key, reply_to = route.channel, route.key, message if route.reply else None
         self._answering[message.id] = _current_task()
         surface: ChannelSurface | None = None

@@ -123,7 +123,7 @@ class BotCommands(app_commands.CommandTree):
             await self._run(interaction, "reset", [])
 
         async def describe(interaction: discord.Interaction, message: discord.Message):
-            files = [file for file in attachments_of(message.attachments) if file.looks_like_image()]
+            files = [file for file in attachments_of(message.attachments, self.platform.images) if file.looks_like_image()]
             if not files:
                 await interaction.response.send_message(note("That message has no image attached."), ephemeral=True, allowed_mentions=NO_PINGS)
                 return
@@ -132,7 +132,7 @@ class BotCommands(app_commands.CommandTree):
         self.add_command(app_commands.ContextMenu(name="Describe image", callback=describe))
 
     def _images(self, image: discord.Attachment | None, link: str | None) -> list[Attachment]:
-        files = [attachment_of(image)] if image is not None else []
+        files = [attachment_of(image, self.platform.images)] if image is not None else []
         if link:
             files.append(self.platform.link(link.strip()))
         return files

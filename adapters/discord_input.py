@@ -12,7 +12,8 @@ import discord
 from adapters.discord_settings import DiscordSettings, discord_refusal
 from bot.core.messages import Attachment
 from bot.platform.access import SILENT, Requester
-from bot.platform.sdk import ImageRejected
+from bot.platform.sdk import ImageRejected, download
+from bot.runtime.config import ImagesConfig
 
 PLATFORM = "discord"  # the platform part of conversation keys and message links
 # The places a message can be posted in (discord.py names this union only while type checking).
@@ -81,20 +82,20 @@ def question_text(message: discord.Message, me: discord.ClientUser) -> str:
     return text.strip()
 
 
-def attachment_of(file: discord.Attachment) -> Attachment:
-    """A Discord attachment for the engine. The engine checks the size Discord reports before it reads."""
+def attachment_of(file: discord.Attachment, images: ImagesConfig) -> Attachment:
+    """A Discord attachment for the engine. The engine checks the size Discord reports before it
+    reads; the download stops at the limit all the same, since the file may be larger than it claims."""
+    timeout = aiohttp.ClientTimeout(total=images.fetch_timeout_s, sock_connect=images.connect_timeout_s)
 
     async def read(max_bytes: int) -> bytes:
-        try:
-            return await file.read()
-        except (discord.HTTPException, aiohttp.ClientError, TimeoutError):
-            raise ImageRejected(f"I couldn't download {file.filename} from Discord; please send it again.") from None
+        async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
+            return await download(session, file.url, max_bytes, name=file.filename, source=" from Discord")
 
     return Attachment(name=file.filename, read=read, size=file.size, content_type=file.content_type)
 
 
-def attachments_of(files: Iterable[discord.Attachment]) -> tuple[Attachment, ...]:
-    return tuple(attachment_of(file) for file in files)
+def attachments_of(files: Iterable[discord.Attachment], images: ImagesConfig) -> tuple[Attachment, ...]:
+    return tuple(attachment_of(file, images) for file in files)
 
 
 def thread_name(question: str, attachments: Iterable[Attachment] = ()) -> str:

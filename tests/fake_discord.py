@@ -31,7 +31,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from tests.loopback import serve
+from tests.loopback import serve, stream_oversized
 
 INTENT_MESSAGE_CONTENT = 1 << 15
 DISCORD_EPOCH_MS = 1420070400000
@@ -170,6 +170,8 @@ class FakeDiscord:
         self.forum = self._channel("questions", 15)
         self.messages: dict[str, dict] = {}
         self.attachment_files: dict[str, tuple[bytes, str]] = {}
+        self.oversized: dict[str, int] = {}
+        self.cdn_sent: dict[str, int] = {}
         self.interactions: dict[str, Interaction] = {}
         self.commands: dict[str, list[dict]] = {}  # "global" or a guild id -> registered commands
         self.command_syncs: list[str] = []  # the scope ("global" or a guild id) of each bulk overwrite
@@ -347,10 +349,15 @@ class FakeDiscord:
             "joined_at": TIMESTAMP,
         }
 
-    def upload(self, name: str, data: bytes, content_type: str | None) -> dict:
-        """An attachment as it appears in a message, served by the fake's CDN route."""
+    def upload(self, name: str, data: bytes, content_type: str | None, *, served_bytes: int | None = None) -> dict:
+        """An attachment as it appears in a message, served by the fake's CDN route. With
+        `served_bytes`, the CDN sends that many bytes (`data`, then zeros, without a Content-Length)
+        while the message says the file has len(data): a file larger than it claims.
+        `cdn_sent[id]` counts the bytes the CDN got to send before the client stopped reading."""
         attachment_id = self.new_id()
         self.attachment_files[attachment_id] = (data, content_type or "application/octet-stream")
+        if served_bytes is not None:
+            self.oversized[attachment_id] = served_bytes
         url = f"http://127.0.0.1:{self.port}/cdn/attachments/{attachment_id}/{name}"
         attachment = {"id": attachment_id, "filename": name, "size": len(data), "url": url, "proxy_url": url}
         if content_type:
@@ -673,9 +680,13 @@ class FakeDiscord:
         await self._notify()
         return _json({"message": "404: Not Found", "code": 0}, 404)
 
-    async def _cdn(self, request: web.Request) -> web.Response:
-        data, content_type = self.attachment_files[request.match_info["id"]]
-        return web.Response(body=data, headers={"Content-Type": content_type})
+    async def _cdn(self, request: web.Request) -> web.StreamResponse:
+        attachment_id = request.match_info["id"]
+        data, content_type = self.attachment_files[attachment_id]
+        if attachment_id not in self.oversized:
+            return web.Response(body=data, headers={"Content-Type": content_type})
+        self.cdn_sent[attachment_id] = 0
+        return await stream_oversized(request, data, self.oversized[attachment_id], content_type, lambda count: self.cdn_sent.__setitem__(attachment_id, count))
 
     async def _me(self, request, body) -> web.Response:
         return _json(self.bot)

@@ -35,7 +35,7 @@ from urllib.parse import urlencode
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from tests.loopback import serve
+from tests.loopback import serve, stream_oversized
 
 BOT_TOKEN = "xoxb-test-bot-token"
 APP_TOKEN = "xapp-test-app-token"
@@ -182,6 +182,8 @@ class FakeSlack:
         self.suggested: dict[tuple[str, str | None], list[dict]] = {}  # assistant thread -> its suggested prompts
         self.assistant_threads: set[tuple[str, str]] = set()  # (DM channel, thread_ts) opened in the assistant panel
         self._files: dict[str, tuple[bytes, str]] = {}
+        self._oversized: dict[str, int] = {}
+        self.file_sent: dict[str, int] = {}
         self._file_objects: dict[str, dict] = {}
         self._ids = itertools.count(1)
         self._sockets: list[web.WebSocketResponse] = []
@@ -224,10 +226,14 @@ class FakeSlack:
         slash commands' response URLs) with these errors, one call each, in order."""
         self.failures.setdefault(method, []).extend(failures)
 
-    def add_file(self, name: str, data: bytes, mimetype: str = "image/png", route: str = "files") -> dict:
+    def add_file(self, name: str, data: bytes, mimetype: str = "image/png", route: str = "files", *, served_bytes: int | None = None) -> dict:
         """Host `data` and return the Slack file object a message would carry (`route`: "files",
-        "redirect" (same host) or "elsewhere" (redirects to another host name))."""
+        "redirect" (same host) or "elsewhere" (redirects to another host name)). With `served_bytes`
+        the file host sends that many bytes while the file object says len(data); `file_sent[name]`
+        counts what it got to send."""
         self._files[name] = (data, mimetype)
+        if served_bytes is not None:
+            self._oversized[name] = served_bytes
         file = {
             "id": f"F{next(self._ids):08d}",
             "name": name,
@@ -616,6 +622,9 @@ class FakeSlack:
         if name not in self._files or not authorized:
             return web.Response(text=LOGIN_PAGE, content_type="text/html")
         data, mimetype = self._files[name]
+        if name in self._oversized:
+            self.file_sent[name] = 0
+            return await stream_oversized(request, data, self._oversized[name], mimetype, lambda count: self.file_sent.__setitem__(name, count))
         return web.Response(body=data, content_type=mimetype)
 
     async def _redirect(self, request: web.Request) -> web.Response:

@@ -46,3 +46,22 @@ class LoopbackServer:
         if handler is None:
             return web.Response(status=404, text="not found")
         return await handler(request)
+
+
+async def stream_oversized(request: web.Request, head: bytes, total: int, content_type: str, sent: Callable[[int], None]) -> web.StreamResponse:
+    """A body of `total` bytes (`head`, then zeros) in 1 MiB chunks, without a Content-Length: a file
+    larger than it claims. `sent(count)` is told the bytes written so far after each chunk; the
+    response ends quietly when the client stops reading."""
+    response = web.StreamResponse(headers={"Content-Type": content_type})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    chunk, count = head + bytes(max(0, 1024 * 1024 - len(head))), 0
+    try:
+        while count < total:
+            await response.write(chunk)
+            count += len(chunk)
+            sent(count)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass
+    return response

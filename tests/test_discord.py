@@ -243,6 +243,22 @@ async def test_bad_files_get_a_clear_answer_and_the_bot_keeps_answering(fake, st
     await bot_says(fake, thread, after)
 
 
+async def test_a_file_larger_than_it_claims_is_read_only_up_to_the_limit(fake, start_bot, tap, config):
+    """An attachment that says it has 1 KB while the CDN sends 150 MiB: the download stops at the limit."""
+    images = config.images.model_copy(update={"max_bytes": 1024 * 1024, "allowed_hosts": ["127.0.0.1"]})
+    await start_bot({"images": images})
+    ann = fake.user("Ann")
+    liar = fake.upload("small.png", image_bytes()[:1024], "image/png", served_bytes=150 * 1024 * 1024)
+    thread = await thread_of(fake, await fake.say(ann, fake.text_channel, "what is this?", mention=True, attachments=(liar,)))
+    expected = "I won't fetch small.png: it is larger than the 1.0 MB limit."
+    await fake.wait_for(lambda: any(expected in m["content"] for m in fake.bot_messages(thread["id"])))
+    assert fake.cdn_sent[liar["id"]] < 16 * 1024 * 1024  # what loopback's socket buffers hold, at most
+    assert tap.prompts == []
+    after = tap.force_next("a red square")
+    await fake.say(ann, thread, "and this one?", attachments=(fake.upload("ok.png", image_bytes(), "image/png"),))
+    await bot_says(fake, thread, after)
+
+
 # -- while the model works ---------------------------------------------------------------------
 
 

@@ -266,6 +266,15 @@ async def test_a_login_page_instead_of_the_image_is_explained(tmp_path, tiny_che
 
 
 @ALSO_TWO_PROCESSES
+async def test_a_file_larger_than_it_claims_is_read_only_up_to_the_limit(start_bots, slack, tap):
+    harness = await start_bots()
+    liar = slack.add_file("small.png", image_bytes()[:1024], served_bytes=150 * 1024 * 1024)
+    (reply,) = await harness.answer(slack.mention(CHANNEL, ANN, "what is this?", files=[liar]))
+    assert "I won't fetch small.png: it is larger than the 20.0 MB limit." in reply.text
+    assert slack.file_sent["small.png"] < 20 * 1024 * 1024 + 16 * 1024 * 1024  # the limit, and loopback's socket buffers
+    assert tap.prompts == []
+
+
 async def test_slash_command_subcommands_answer_through_response_url(start_bots, slack, tap):
     harness = await start_bots(command="/look")
     red = slack.add_image("red.png", image_bytes((220, 20, 20)))
