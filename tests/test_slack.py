@@ -13,6 +13,7 @@ Runtime, model and HTTP listener) on one PostgreSQL database behind a load balan
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -209,6 +210,53 @@ async def test_events_are_acknowledged_at_once_while_the_model_is_busy(harness, 
     tap.gate.set()
     await harness.outcome(first_id)
     await harness.outcome(second["event_id"])
+
+
+def nested_tokens(depth: int) -> str:
+    """A special token hidden in itself: each removal assembles the next one."""
+    text = "<image>"
+    for _ in range(depth):
+        text = f"<ima{text}ge>"
+    return text
+
+
+async def test_hostile_text_never_holds_up_the_acks_of_other_requests(harness, slack, tap):
+    """Text that made the old link pattern and token cleaning take seconds on the event loop: 40,000
+    characters (refused at once) and just under the limit (read, then found too long by the
+    tokenizer). Meanwhile, other requests are acknowledged as fast as ever."""
+    await harness.answer(slack.mention(CHANNEL, ANN, "warming up"))
+    hostile = {
+        "C1": "http://." * 5000,
+        "C2": nested_tokens(5700),
+        "C3": "http://." * 995,
+        "C4": "x" + nested_tokens(1140)[:7900],
+    }
+    mentions = {channel: slack.mention(channel, ANN, text) for channel, text in hostile.items()}
+    acks: list[float] = []
+
+    async def deliver(event: dict) -> str:
+        body = slack.envelope(event)
+        delivery = await slack.deliver(harness.endpoint, body)
+        assert delivery.status == 200
+        acks.append(delivery.seconds)
+        return body["event_id"]
+
+    async def chatter() -> None:  # messages not for the bot: acknowledged, then ignored
+        while True:
+            await deliver(slack.message(OTHER_CHANNEL, BOB, f"chatter {len(acks)}"))
+
+    talking = asyncio.create_task(chatter())
+    waiting = [await deliver(event) for event in mentions.values()]
+    for event_id in waiting:
+        await harness.outcome(event_id, timeout=120)
+    talking.cancel()
+    print(f"{len(acks)} acks while hostile text was processed: max {max(acks) * 1000:.0f} ms, mean {sum(acks) / len(acks) * 1000:.1f} ms")
+    assert max(acks) < 1.0, acks
+    answers = {channel: slack.thread(channel, event["ts"])[-1].text for channel, event in mentions.items()}
+    for channel in ("C1", "C2"):  # refused before anything reads them
+        assert re.search(r"Your message is too long for me: it has \d\d,\d{3} characters and I can read about 8,000\.", answers[channel])
+    for channel in ("C3", "C4"):  # cleaned, scanned for links and counted by the tokenizer
+        assert "Your message is too long for me: it takes about" in answers[channel]
 
 
 @ALSO_TWO_PROCESSES

@@ -62,13 +62,23 @@ _RESTARTING = "I'm shutting down for a moment; please send that again in a minut
 class Admission:
     """Takes requests in, or says why not; tracks those in flight so that `drain` can wait for them."""
 
-    def __init__(self, limits: LimitsConfig, metrics: Metrics):
+    def __init__(self, limits: LimitsConfig, metrics: Metrics, max_message_chars: int):
         self.metrics = metrics
+        self.max_message_chars = max_message_chars
         self.rates = RateLimiter(limits.per_user_per_minute, limits.per_user_burst) if limits.per_user_per_minute else None
         self.closing = False
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def too_long(self, *texts: str) -> str | None:
+        """A refusal for text longer than [conversation] max_message_chars, before anything reads it
+        (no pattern, no tokenizer), or None."""
+        length = sum(map(len, texts))
+        if length <= self.max_message_chars:
+            return None
+        self.metrics.error("too_long")
+        return f"Your message is too long for me: it has {length:,} characters and I can read about {self.max_message_chars:,}. Please shorten it."
 
     def refusal(self, platform: str, author: Author | None) -> str | None:
         """Why a request can't be taken now (shutting down, or too many from this person), or None.

@@ -31,7 +31,7 @@ class Engine:
 
     def __init__(self, config: Config, model: ModelService, store: Store, metrics: Metrics):
         self.config = config
-        self.admission = Admission(config.limits, metrics)
+        self.admission = Admission(config.limits, metrics, config.conversation.max_message_chars)
         self.intake = ImageIntake(config.images, store, model)
         self.generation = Generation(config, model, store, metrics)
         self.conversations = Conversations(config, store, self.intake, self.generation, metrics)
@@ -41,8 +41,8 @@ class Engine:
         """Stop taking requests and wait up to `timeout` s for those in flight; True if all finished."""
         return await self.admission.drain(timeout)
 
-    async def _admitted(self, platform: str, author: Author | None, work: AsyncIterator[ReplyEvent]) -> AsyncIterator[ReplyEvent]:
-        refusal = self.admission.refusal(platform, author)
+    async def _admitted(self, platform: str, author: Author | None, work: AsyncIterator[ReplyEvent], *texts: str) -> AsyncIterator[ReplyEvent]:
+        refusal = self.admission.too_long(*texts) or self.admission.refusal(platform, author)
         if refusal:
             yield Final("", (refusal,))
             return
@@ -52,7 +52,7 @@ class Engine:
 
     def reply(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
         """Answer one message in its conversation, streaming the reply."""
-        return self._admitted(message.key.platform, message.author, self.conversations.reply(message))
+        return self._admitted(message.key.platform, message.author, self.conversations.reply(message), message.text)
 
     async def unanswered(self, platform: str) -> list[Unanswered]:
         """Messages of `platform` that a stopped process stored but never answered (it was killed while
@@ -67,11 +67,11 @@ class Engine:
 
     def command(self, request: CommandRequest) -> AsyncIterator[ReplyEvent]:
         """Run a command of the shared table (`bot.core.commands`)."""
-        return self._admitted(request.key.platform, request.author, self.commands.run(request))
+        return self._admitted(request.key.platform, request.author, self.commands.run(request), request.text)
 
     def run_task(self, request: TaskRequest) -> AsyncIterator[ReplyEvent]:
         """Run a one-off task on the given image; nothing is added to the conversation."""
-        return self._admitted(request.key.platform, request.author, self.commands.run_task(request))
+        return self._admitted(request.key.platform, request.author, self.commands.run_task(request), request.question, request.labels)
 
     async def reset(self, key: ConversationKey) -> int:
         """Forget a conversation (waits for a reply in progress there to finish first)."""

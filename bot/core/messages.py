@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bot.core.conversation import Author, ConversationKey
 
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".heic", ".heif", ".avif"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".heic", ".heif", ".avif"}
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Attachment:
         """False only when both the type and the name say it is something else."""
         if self.content_type is None or self.content_type.startswith("image/"):
             return True
-        return Path(self.name).suffix.lower() in _IMAGE_SUFFIXES
+        return Path(self.name).suffix.lower() in IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from model.service import END_OF_UTTERANCE, SPECIAL_TOKENS
 PromptItems = list[str | ImageRef]
 
 _SPECIAL = re.compile("|".join(re.escape(token) for token in SPECIAL_TOKENS))
+_TOKENS_ENDING = {end: tuple(token for token in SPECIAL_TOKENS if token.endswith(end)) for end in {token[-1] for token in SPECIAL_TOKENS}}
 # A line that starts like a turn ("Assistant:", "User:") would let a user write the model's lines.
 _FORGED_TURN = re.compile(r"(?im)^([ \t]*)(user|assistant)([ \t]*):")
 _CONTROL = {"Cc", "Cs", "Co"}
@@ -31,17 +32,29 @@ _CONTROL = {"Cc", "Cs", "Co"}
 _INVISIBLE = {"Cf", "Zs", "Zl", "Zp", "Cc"}
 
 
+def _without_special_tokens(text: str) -> str:
+    """`text` without special tokens, including those that removing one would assemble
+    ("<ima<image>ge>"). One pass, in time linear in the text: a token is cut as soon as its last
+    character arrives, so what is kept never contains one."""
+    if _SPECIAL.search(text) is None:
+        return text
+    kept: list[str] = []
+    for character in text:
+        kept.append(character)
+        for token in _TOKENS_ENDING.get(character, ()):
+            if len(kept) >= len(token) and "".join(kept[-len(token) :]) == token:
+                del kept[-len(token) :]
+                break
+    return "".join(kept)
+
+
 def clean_text(text: str) -> str:
     """User text made safe for the prompt: every special token of the tokenizer removed (repeatedly,
     so that removing one can't assemble another), turn prefixes at line starts defused, control
     characters dropped; "" if nothing visible is left."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in _CONTROL)
-    while True:
-        cleaned = _SPECIAL.sub("", text)
-        if cleaned == text:
-            break
-        text = cleaned
+    text = _without_special_tokens(text)
     text = _FORGED_TURN.sub(r"\1\2\3 :", text).strip()
     return text if any(unicodedata.category(ch) not in _INVISIBLE for ch in text) else ""
 

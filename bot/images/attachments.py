@@ -8,16 +8,27 @@ import asyncio
 import re
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import PurePosixPath
+from urllib.parse import urlsplit
 
 from bot.core.conversation import ConversationKey, ImageRef
-from bot.core.messages import Attachment, Refusal
+from bot.core.messages import IMAGE_SUFFIXES, Attachment, Refusal
 from bot.images.fetch import FetchLimits, FetchRefused, fetch, file_name
 from bot.images.intake import ACCEPTED, ImageLimits, ImageRejected, prepare_image
 from bot.runtime.config import ImagesConfig
 from bot.state.store import Store
 from model.service import ModelImage, ModelService
 
-_IMAGE_LINK = re.compile(r"https?://[^\s<>\"')]+?\.(?:png|jpe?g|gif|webp|bmp)(?:\?[^\s<>\"')]*)?(?=[\s<>\"')]|$)", re.IGNORECASE)
+# A link runs to the next space or delimiter: greedy and with nothing after it to backtrack into, so
+# finding them takes time linear in the text, whatever the text is.
+_LINK = re.compile(r"https?://[^\s<>\"')]+", re.IGNORECASE)
+
+
+def image_links(text: str) -> list[str]:
+    """The http(s) links in `text` whose path ends like an image file's (trailing punctuation is
+    the sentence's, not the link's)."""
+    links = (match.rstrip(".,;:!?") for match in _LINK.findall(text))
+    return [link for link in links if PurePosixPath(urlsplit(link).path).suffix.lower() in IMAGE_SUFFIXES]
 
 
 class ImageIntake:
@@ -54,7 +65,7 @@ class ImageIntake:
         for ignored in (a for a in attachments if not a.looks_like_image()):
             notes.append(f"{ignored.name} isn't an image, so I left it out. I can read {ACCEPTED}.")
         if self.settings.fetch_links:
-            wanted += [self.link(url) for url in dict.fromkeys(_IMAGE_LINK.findall(text))]
+            wanted += [self.link(url) for url in dict.fromkeys(image_links(text))]
         limit = self.settings.max_per_turn
         if len(wanted) > limit:
             raise Refusal(f"That's {len(wanted)} images; I can take {limit} per message. Please send fewer.")

@@ -88,6 +88,8 @@ class GenerationConfig(Section):
 class ConversationConfig(Section):
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_images: int = Field(8, ge=1, le=64)  # images in one model input, history included
+    # Longer messages are refused before anything reads them; 2,048 tokens hold about 8,000 characters.
+    max_message_chars: int = Field(8000, ge=100, le=100_000)
 
 
 class FewShotExample(Section):
