@@ -100,6 +100,37 @@ async def test_a_bot_killed_while_replying_answers_after_a_restart_with_its_stor
     assert len(conversations) == 4
 
 
+async def test_sigterm_with_a_full_queue_exits_within_a_short_grace(tmp_path):
+    """A grace of 4 s with 8 replies streaming that will never finish and 16 waiting: every asker is
+    told, and the process ends within the 4 s, whatever is still running."""
+    grace = 4.0
+    async with FakeSlack() as slack, FakeTGI() as tgi:
+        config = bot_config(tmp_path, slack, tgi, grace=grace)
+        config.write_text(config.read_text().replace('[model]\n', "[model]\nmax_concurrency = 8\n"))
+        bot = BotProcess(config)
+        await bot.start()
+        never = asyncio.Event()
+        tgi.replies.extend(Reply(["Never", " done"], hold_after=1, gate=never) for _ in range(24))
+        mentions = [slack.mention(f"C{n}", f"U{n}", "a long one, please") for n in range(24)]
+        for mention in mentions:
+            await deliver(slack, bot, mention)
+        await tgi.wait_for(lambda: tgi.streaming == 8, timeout=60)
+        try:
+            loop = asyncio.get_running_loop()
+            signalled = loop.time()
+            bot.process.terminate()
+            status = await asyncio.wait_for(bot.process.wait(), grace + 30)
+            elapsed = loop.time() - signalled
+        finally:
+            await bot.stop()
+    print(f"SIGTERM with 8 streaming and 16 waiting, grace {grace:g} s: exited after {elapsed:.2f} s")
+    assert status == 0 and elapsed <= grace, elapsed
+    assert bot.errors() == []
+    for mention in mentions:
+        *_, last = slack.thread(mention["channel"], mention["ts"])
+        assert "The bot is shutting down; your request was not answered." in last.text or "I'm shutting down for a moment" in last.text
+
+
 async def test_sigterm_finishes_the_reply_in_flight_tells_the_others_and_exits_0_within_the_grace(tmp_path):
     grace = 8.0
     async with FakeSlack() as slack, FakeTGI() as tgi:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -19,8 +20,10 @@ from model.service import ModelService
 
 log = logging.getLogger(__name__)
 
-# Of the shutdown grace, the part kept for telling the askers of unfinished replies that the bot stops.
+# Of the shutdown grace, the parts kept for telling the askers of unfinished replies that the bot
+# stops, and for closing the platforms' connections and the state afterwards.
 _NOTICE_S = 5.0
+_CLOSING_S = 1.0
 
 
 async def open_model(config: Config) -> ModelService:
@@ -107,11 +110,19 @@ class Runtime:
         return factory(self.platform(name, factory), self.config.section(name))
 
     async def shutdown(self, grace: float) -> None:
-        """Stop taking requests and end the ones in flight within `grace` seconds: they finish if they
-        can by then; the rest are cancelled and their askers told the bot is stopping, in a part of
-        the grace kept for that."""
-        notice = min(_NOTICE_S, grace / 4)
-        if not await self.engine.drain(grace - notice):
+        """Stop taking requests and end the ones in flight within `grace` seconds, less a part kept
+        for closing connections afterwards: they finish if they can; the rest are cancelled and
+        their askers told the bot is stopping, in a part of the grace kept for that."""
+        loop = asyncio.get_running_loop()
+        notice, closing = min(_NOTICE_S, grace / 4), min(_CLOSING_S, grace / 4)
+        notice_at = loop.time() + grace - notice - closing
+        if not await self.engine.drain(notice_at - loop.time()):
             log.warning("shutdown.cancelling", extra={"grace_s": grace})
-        await self.model.close()  # anything still waiting gets a "shutting down" answer
-        await self.engine.drain(notice)  # let adapters post those answers
+        try:
+            # Anything still waiting gets a "shutting down" answer; a model step still running
+            # (its rows stop at the next one) is not waited for past the notice.
+            async with asyncio.timeout_at(notice_at + notice):
+                await self.model.close()
+        except TimeoutError:
+            log.warning("shutdown.model_busy")
+        await self.engine.drain(max(0.0, notice_at + notice - loop.time()))  # let adapters post those answers

@@ -10,11 +10,12 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from bot.core.conversation import Author, ConversationKey, ImageRef, Turn
 from bot.core.prompt import clean_text, render
@@ -32,6 +33,8 @@ from model.service import ModelImage, ModelLoadError
 EXIT_USAGE = 2
 # The adapter `idefics-bot chat` runs: a conversation in this terminal.
 TERMINAL = "terminal"
+# Of [bot] shutdown_grace_s, the last part: for closing the state and ending the process.
+_EXIT_S = 0.5
 # Far more than any conversation the model can read; enough to bound what a stray file costs.
 MAX_CONVERSATION_BYTES = 16 * 1024 * 1024
 
@@ -113,6 +116,7 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
         adapters = [runtime.adapter(name) for name in names]
         started = []
         health = None
+        deadline: float | None = None  # set when the shutdown starts: the end of its grace
         try:
             if config.health.enabled:
                 health = HealthServer(
@@ -127,11 +131,18 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
                 await adapter.start()
                 started.append(adapter)
             await stop.wait()
-            log.info("shutdown.started", extra={"grace_s": config.bot.shutdown_grace_s})
-            await runtime.shutdown(config.bot.shutdown_grace_s)
+            grace = config.bot.shutdown_grace_s
+            # Adapters close by then; the rest is kept for closing the state and ending the process.
+            deadline = asyncio.get_running_loop().time() + grace - min(_EXIT_S, grace / 8)
+            log.info("shutdown.started", extra={"grace_s": grace})
+            await runtime.shutdown(grace)
         finally:
             for adapter in reversed(started):
-                await adapter.stop()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await adapter.stop()
+                except TimeoutError:
+                    log.warning("shutdown.adapter_slow", extra={"adapter": adapter.name})
             if health is not None:
                 await health.stop()
 
@@ -298,6 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _end_now(status: int) -> NoReturn:
+    """End the process at once, with the log flushed: threads that outlive the event loop (a model
+    step still running, a stuck worker) are not waited for, so `run` ends within
+    [bot] shutdown_grace_s. The state is closed by then; nothing is lost."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -322,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(chat(config))
         source = args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else "built-in defaults")
         asyncio.run(run_bot(config, str(source)))
-        return 0
+        _end_now(0)
     except (CommandError, ConfigError, ModelLoadError, StoreError, AdapterMissing, HealthUnavailable) as error:
         print(f"idefics-bot: {error}", file=sys.stderr)
         return EXIT_USAGE if isinstance(error, ConfigError) else 1
