@@ -115,10 +115,10 @@ class SlashCommands:
         try:
             parsed = parse_command(plain_text(command.get("text", "")), self.command)
         except UsageError as error:
-            await ack(text=str(error))
+            await ack(text=escape(str(error)))  # it quotes what was typed
             return
         if parsed.action == "help":
-            await ack(text=help_text(self.command))
+            await ack(text=escape(help_text(self.command)))
             return
         await ack(text=WORKING)
         log.info("slack.command", extra={"action": parsed.action, "channel": who.channel_id, "image_url": parsed.image_url is not None})

@@ -323,6 +323,15 @@ async def test_a_file_larger_than_it_claims_is_read_only_up_to_the_limit(start_b
     assert tap.prompts == []
 
 
+async def test_a_usage_error_quotes_what_was_typed_escaped(harness, slack, tap):
+    """Slack sends typed <, > and & escaped; quoting them back unescaped would ping the channel."""
+    for typed, shown in [("&lt;!channel&gt;", "&lt;!channel&gt;"), ("&lt;!here&gt; now", "&lt;!here&gt;"), ("&lt;@U0000002&gt;", "&lt;@u0000002&gt;")]:
+        delivery, _ = await slack.command(harness.endpoint, typed)
+        assert delivery.status == 200 and delivery.body.startswith(f"I don't know “{shown}”."), delivery.body
+        assert "<!" not in delivery.body and "<@" not in delivery.body
+    assert tap.prompts == []
+
+
 async def test_slash_command_subcommands_answer_through_response_url(start_bots, slack, tap):
     harness = await start_bots(command="/look")
     red = slack.add_image("red.png", image_bytes((220, 20, 20)))
@@ -333,7 +342,7 @@ async def test_slash_command_subcommands_answer_through_response_url(start_bots,
         return await slack.responses.wait_for(lambda items: next((body for rid, body in items if rid == response_id), None))
 
     helped, _ = await slack.command(harness.endpoint, "help", command="/look")
-    assert "/look ask <image url> <question>" in helped.body
+    assert "/look ask &lt;image url&gt; &lt;question&gt;" in helped.body  # shown as typed, not read as a link
     unknown, _ = await slack.command(harness.endpoint, "dance wildly", command="/look")
     assert unknown.body.startswith("I don't know “dance”.")
 
@@ -432,7 +441,7 @@ async def test_socket_mode_acknowledges_envelopes_and_answers(tmp_path, tiny_che
 
         payload = slack.command_payload("help", channel=CHANNEL, user=ANN, command="/idefics", response_id="R1")
         ack = await acknowledged(await slack.push("slash_commands", payload))
-        assert "/idefics caption <image url>" in ack["payload"]["text"]
+        assert "/idefics caption &lt;image url&gt;" in ack["payload"]["text"]
     assert len(slack.thread(CHANNEL, mention["ts"])) == 1 and len(tap.prompts) == 1
 
 
