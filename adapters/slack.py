@@ -38,6 +38,7 @@ from adapters.slack_commands import SlashCommands
 from adapters.slack_delivery import SlackThread, retry_handlers
 from adapters.slack_files import SlackFiles
 from adapters.slack_text import plain_text
+from adapters.slack_http import request_check
 from bot.core.conversation import Author, ConversationKey, Unanswered
 from bot.core.messages import IncomingMessage
 from bot.platform.access import SILENT, AccessSettings, Requester, refusal_reason
@@ -208,7 +209,9 @@ class SlackAdapter:
 
     async def _listen(self) -> None:
         host, port = self.settings.http_host, self.settings.http_port
-        runner = web.AppRunner(self.app.web_app(path=self.settings.events_path), access_log=None)
+        endpoint = self.app.web_app(path=self.settings.events_path)
+        endpoint.middlewares.append(request_check(self.settings.signing_secret.get_secret_value()))
+        runner = web.AppRunner(endpoint, access_log=None)
         await runner.setup()
         try:
             await web.TCPSite(runner, host, port).start()

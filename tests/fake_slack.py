@@ -397,9 +397,17 @@ class FakeSlack:
             "trigger_id": f"trigger-{response_id}",
         }
 
-    async def _post(self, endpoint: str, raw: bytes, headers: dict, secret: str, age: float) -> Delivery:
+    async def deliver_raw(self, endpoint: str, raw: bytes, content_type: str = "application/json", *, signed: bool = True, timestamp: str | None = None) -> Delivery:
+        """POST any bytes: signed with the real secret (over `timestamp`, if given, instead of now),
+        or with a signature that doesn't match."""
+        timestamp = timestamp if timestamp is not None else str(int(time.time()))
+        signature = sign(raw, timestamp) if signed else "v0=" + "0" * 64
+        return await self._post(endpoint, raw, {"Content-Type": content_type}, SIGNING_SECRET, 0.0, (timestamp, signature))
+
+    async def _post(self, endpoint: str, raw: bytes, headers: dict, secret: str, age: float, stamp: tuple[str, str] | None = None) -> Delivery:
         timestamp = str(int(time.time() - age))
-        headers = {**headers, "X-Slack-Request-Timestamp": timestamp, "X-Slack-Signature": sign(raw, timestamp, secret)}
+        timestamp, signature = stamp or (timestamp, sign(raw, timestamp, secret))
+        headers = {**headers, "X-Slack-Request-Timestamp": timestamp, "X-Slack-Signature": signature}
         started = time.monotonic()
         async with aiohttp.ClientSession() as session:
             async with session.post(endpoint, data=raw, headers=headers) as response:

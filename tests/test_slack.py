@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import socket
 from contextlib import AsyncExitStack
@@ -257,6 +258,39 @@ async def test_hostile_text_never_holds_up_the_acks_of_other_requests(harness, s
         assert re.search(r"Your message is too long for me: it has \d\d,\d{3} characters and I can read about 8,000\.", answers[channel])
     for channel in ("C3", "C4"):  # cleaned, scanned for links and counted by the tokenizer
         assert "Your message is too long for me: it takes about" in answers[channel]
+
+
+async def test_malformed_requests_get_401_or_400_and_no_traceback(harness, slack, tap):
+    """What a stranger or a broken proxy might send: a bad signature gets 401 whatever the body, a
+    signed but malformed body 400; never a 500, and the bot goes on answering."""
+    with logged("slack_bolt") as bolt, logged("aiohttp") as server:
+        unsigned = [
+            (b"\xff\xfe not UTF-8", "application/json", None),
+            (b'{"type": "event_callback"}', "application/json", "yesterday"),
+            (b'{"type": "event_callback"}', "application/json", "9" * 400),
+            (b'{"type": "event_callback"}', "application/json", "-5"),
+        ]
+        for raw, content_type, timestamp in unsigned:
+            delivery = await slack.deliver_raw(harness.endpoint, raw, content_type, signed=timestamp is not None, timestamp=timestamp)
+            assert delivery.status == 401, (raw, timestamp, delivery)
+        signed = [
+            (b'{"type": "event_callback", "event": ', "application/json"),
+            (b'["a", "JSON", "array"]', "application/json"),
+            (b"\xff\xfe not UTF-8", "application/json"),
+            (b"[" * 100_000, "application/json"),
+            (b"payload=%7Bnot+json", "application/x-www-form-urlencoded"),
+            (b"payload=%5B1%2C2%5D", "application/x-www-form-urlencoded"),
+            (b"<xml/>", "text/xml"),
+        ]
+        for raw, content_type in signed:
+            delivery = await slack.deliver_raw(harness.endpoint, raw, content_type)
+            assert delivery.status == 400, (raw, delivery)
+    logged_errors = [r for r in [*bolt.items, *server.items] if r.levelno >= logging.ERROR or r.exc_info]
+    assert logged_errors == []
+    refusals = [r for r in harness.logs.items if r.msg == "slack.request_refused"]
+    assert len(refusals) == len(unsigned) + len(signed) and not any(r.exc_info for r in refusals)
+    (reply,) = await harness.answer(slack.mention(CHANNEL, ANN, "still there?"))
+    assert reply.text
 
 
 @ALSO_TWO_PROCESSES
