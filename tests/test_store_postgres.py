@@ -16,6 +16,8 @@ import pytest
 from bot.runtime.app import Runtime
 from bot.runtime.config import ConfigError, load_config
 from bot.core.conversation import Author, ConversationKey, Turn
+from bot.core.engine import Engine
+from bot.runtime.metrics import Metrics
 from bot.core.messages import Final, IncomingMessage, Partial
 from bot.state.store import StoreError
 from bot.state.postgres import SCHEMA_VERSION, PostgresStore, describe_url
@@ -272,3 +274,25 @@ async def test_two_bot_processes_answer_one_conversation_in_order_each_seeing_th
 
 async def last_event(events):
     return [event async for event in events][-1]
+
+
+async def test_the_per_user_rate_limit_is_one_bucket_for_every_process(stores):
+    """Two processes taking a person's requests at once: the burst is granted once in all, not once
+    per process (one atomic statement per take)."""
+    first, second = await stores(), await stores()
+    buckets = [first.request_buckets(per_minute=1, burst=5), second.request_buckets(per_minute=1, burst=5)]
+    waits = await asyncio.gather(*(buckets[n % 2].take("slack:U1") for n in range(20)))
+    assert sorted(waits)[:5] == [0.0] * 5 and all(55 < wait <= 60 for wait in sorted(waits)[5:]), waits
+    assert await buckets[1].take("slack:U2") == 0.0  # another person has a bucket of their own
+
+
+async def test_two_processes_tell_a_person_over_the_rate_to_wait(stores, config, backend):
+    limits = config.limits.model_copy(update={"per_user_per_minute": 1.0, "per_user_burst": 2})
+    settings = config.model_copy(update={"limits": limits})
+    engines = [Engine(settings, backend, await stores(), Metrics()) for _ in range(2)]
+    finals = []
+    for number in range(3):
+        message = IncomingMessage(ConversationKey("slack", f"C{number}"), ANN, "hello")
+        finals.append([event async for event in engines[number % 2].reply(message) if isinstance(event, Final)][-1])
+    assert finals[0].text and finals[1].text
+    assert finals[2].text == "" and finals[2].notes[0].startswith("You're sending requests faster than I can answer. Please try again in")

@@ -9,9 +9,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from bot.core.conversation import Author
-from bot.runtime.config import LimitsConfig
 from bot.runtime.metrics import Metrics
 
 
@@ -21,8 +21,15 @@ class _Bucket:
     updated: float
 
 
+class RequestBuckets(Protocol):
+    """Token buckets per key: `take(key)` is 0 if a request may go now, else the seconds until one may."""
+
+    async def take(self, key: str) -> float: ...
+
+
 class RateLimiter:
-    """A token bucket per key: `per_minute` requests on average, up to `burst` at once.
+    """A token bucket per key, in this process's memory: `per_minute` requests on average, up to
+    `burst` at once.
 
     Buckets that have filled up again are forgotten, so memory follows the active users only.
     """
@@ -33,6 +40,10 @@ class RateLimiter:
         self.clock = clock
         self._buckets: dict[Hashable, _Bucket] = {}
         self._calls = 0
+
+    async def take(self, key: str) -> float:
+        """`acquire`, as `RequestBuckets` (buckets kept elsewhere, like `bot.state.postgres.SharedRateLimiter`)."""
+        return self.acquire(key)
 
     def acquire(self, key: Hashable) -> float:
         """Take one request for `key`. Returns 0 if allowed, else the seconds until it would be."""
@@ -62,10 +73,11 @@ _RESTARTING = "I'm shutting down for a moment; please send that again in a minut
 class Admission:
     """Takes requests in, or says why not; tracks those in flight so that `drain` can wait for them."""
 
-    def __init__(self, limits: LimitsConfig, metrics: Metrics, max_message_chars: int):
+    def __init__(self, metrics: Metrics, max_message_chars: int, rates: RequestBuckets | None):
+        """`rates`: the per-user token buckets (None: no rate limit)."""
         self.metrics = metrics
         self.max_message_chars = max_message_chars
-        self.rates = RateLimiter(limits.per_user_per_minute, limits.per_user_burst) if limits.per_user_per_minute else None
+        self.rates = rates
         self.closing = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -80,13 +92,13 @@ class Admission:
         self.metrics.error("too_long")
         return f"Your message is too long for me: it has {length:,} characters and I can read about {self.max_message_chars:,}. Please shorten it."
 
-    def refusal(self, platform: str, author: Author | None) -> str | None:
+    async def refusal(self, platform: str, author: Author | None) -> str | None:
         """Why a request can't be taken now (shutting down, or too many from this person), or None.
         Without an `author` (a resumed reply) no rate limit applies."""
         if self.closing:
             self.metrics.error("shutting_down")
             return _RESTARTING
-        wait = self.rates.acquire((platform, author.id)) if self.rates and author else 0
+        wait = await self.rates.take(f"{platform}:{author.id}") if self.rates and author else 0
         if wait:
             self.metrics.error("rate_limited")
             return f"You're sending requests faster than I can answer. Please try again in {math.ceil(wait)} s."

@@ -31,7 +31,9 @@ class Engine:
 
     def __init__(self, config: Config, model: ModelService, store: Store, metrics: Metrics):
         self.config = config
-        self.admission = Admission(config.limits, metrics, config.conversation.max_message_chars)
+        limits = config.limits
+        rates = store.request_buckets(limits.per_user_per_minute, limits.per_user_burst) if limits.per_user_per_minute else None
+        self.admission = Admission(metrics, config.conversation.max_message_chars, rates)
         self.intake = ImageIntake(config.images, store, model)
         self.generation = Generation(config, model, store, metrics)
         self.conversations = Conversations(config, store, self.intake, self.generation, metrics)
@@ -42,7 +44,7 @@ class Engine:
         return await self.admission.drain(timeout)
 
     async def _admitted(self, platform: str, author: Author | None, work: AsyncIterator[ReplyEvent], *texts: str) -> AsyncIterator[ReplyEvent]:
-        refusal = self.admission.too_long(*texts) or self.admission.refusal(platform, author)
+        refusal = self.admission.too_long(*texts) or await self.admission.refusal(platform, author)
         if refusal:
             yield Final("", (refusal,))
             return

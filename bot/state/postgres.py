@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -37,6 +38,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import asyncpg
 
 from bot.core.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
+from bot.core.admission import RequestBuckets
 from bot.state.lock import ConversationLocks
 from bot.state.store import EVENT_MEMORY_S, Store, StoreError, decode_parts, encode_parts
 from model.service import ModelImage
@@ -93,8 +95,50 @@ _MIGRATIONS = [
     );
     CREATE TABLE processes (id TEXT PRIMARY KEY, started TIMESTAMPTZ NOT NULL DEFAULT now(), seen TIMESTAMPTZ NOT NULL DEFAULT now());
     """,
+    # The per-user token buckets every process takes from (`SharedRateLimiter`).
+    """
+    CREATE TABLE rate_buckets (
+        bucket TEXT PRIMARY KEY,
+        tokens DOUBLE PRECISION NOT NULL,
+        granted BOOLEAN NOT NULL,
+        updated TIMESTAMPTZ NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
+# A bucket that hasn't been used for a day is full again: its row can go.
+_IDLE_BUCKET_S = 24 * 3600
+
+# One request taken from a bucket, atomically however many processes take at once: the bucket is
+# refilled for the time since its last use (at `rate` tokens a second, up to `burst`), then one
+# token is taken if there is one. A new bucket starts full.
+_TAKE = """
+INSERT INTO rate_buckets AS b (bucket, tokens, granted, updated) VALUES ($1, $3 - 1, true, now())
+ON CONFLICT (bucket) DO UPDATE SET
+    tokens = least($3, b.tokens + extract(epoch FROM now() - b.updated) * $2)
+             - CASE WHEN least($3, b.tokens + extract(epoch FROM now() - b.updated) * $2) >= 1 THEN 1 ELSE 0 END,
+    granted = least($3, b.tokens + extract(epoch FROM now() - b.updated) * $2) >= 1,
+    updated = now()
+RETURNING tokens, granted
+"""
+
+
+class SharedRateLimiter:
+    """Token buckets in the database, shared by every process that uses it: with N processes, a
+    person still gets the documented rate, not N times it. One statement per request."""
+
+    def __init__(self, store: PostgresStore, per_minute: float, burst: int):
+        self.store, self.rate, self.burst = store, per_minute / 60.0, burst
+
+    async def take(self, key: str) -> float:
+        try:
+            tokens, granted = await self.store.take_token(key, self.rate, self.burst)
+        except (asyncpg.PostgresError, OSError, TimeoutError) as error:  # let the request in rather than fail it
+            log.warning("store.rate_limit_unavailable", extra={"error": type(error).__name__})
+            return 0.0
+        if granted:
+            return 0.0
+        return (1 - tokens) / self.rate if self.rate else math.inf
 
 # Advisory locks of idefics-bot use the two-int4 key space (apart from single-bigint keys), with
 # these first halves: one for the schema, one for conversations (the second half hashes the key).
@@ -216,6 +260,7 @@ class PostgresStore(Store):
                 for table in ("events", "replies", "processes"):
                     await connection.execute(f"DELETE FROM {table} WHERE seen < now() - make_interval(secs => $1)", float(EVENT_MEMORY_S))
                 await connection.execute("INSERT INTO processes (id) VALUES ($1)", self.process_id)
+                await connection.execute("DELETE FROM rate_buckets WHERE updated < now() - make_interval(secs => $1)", float(_IDLE_BUCKET_S))
         except BaseException as error:
             pool.terminate()
             if isinstance(error, asyncpg.PostgresConnectionError | asyncpg.InsufficientPrivilegeError | OSError | TimeoutError):
@@ -243,6 +288,14 @@ class PostgresStore(Store):
                 await self._pool.execute("UPDATE processes SET seen = now() WHERE id = $1", self.process_id)
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
                 log.warning("store.lease_not_renewed", extra={"error": type(error).__name__})
+
+    def request_buckets(self, per_minute: float, burst: int) -> RequestBuckets:
+        return SharedRateLimiter(self, per_minute, burst)
+
+    async def take_token(self, bucket: str, rate: float, burst: int) -> tuple[float, bool]:
+        """Take a token from `bucket` (see `_TAKE`): the tokens left, and whether one was taken."""
+        row = await self._pool.fetchrow(_TAKE, bucket, rate, float(burst))
+        return row["tokens"], row["granted"]
 
     async def _migrate(self, connection: asyncpg.Connection) -> None:
         async with connection.transaction():

@@ -22,6 +22,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 from bot.core.conversation import Author, ConversationKey, ImageRef, Part, Turn, Unanswered
+from bot.core.admission import RateLimiter, RequestBuckets
 from bot.state.lock import ConversationLocks
 from model.service import ModelImage
 
@@ -48,6 +49,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release the connections; the store is not used afterwards."""
+
+    def request_buckets(self, per_minute: float, burst: int) -> RequestBuckets:
+        """The per-user token buckets of the processes that share this state. One process's own
+        memory, by default: a SQLite state belongs to one process."""
+        return RateLimiter(per_minute, burst)
 
     @abc.abstractmethod
     def hold_conversation(self, key: ConversationKey) -> AbstractAsyncContextManager[None]:
