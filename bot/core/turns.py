@@ -15,14 +15,15 @@ from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable, Iterator
 from contextlib import aclosing, contextmanager
 
-from bot.core.conversation import ConversationKey, Turn, Unanswered
+from bot.core.conversation import Author, ConversationKey, Turn, Unanswered
 from bot.core.generation import Generation
 from bot.core.messages import Final, IncomingMessage, Refusal, ReplyEvent
 from bot.core.prompt import PromptTooLong, clean_text, fit
 from bot.images.attachments import ImageIntake
 from bot.runtime.config import Config
 from bot.runtime.metrics import Metrics
-from bot.state.store import Store, StoreUnavailable
+from bot.runtime.retention import kept_images
+from bot.state.store import Forgotten, Store, StoreUnavailable
 from model.service import ModelError
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class Conversations:
         self.metrics = metrics
         self.latest_wins = config.limits.conversation_mode == "latest"
         self._arrivals = Arrivals()
+        self._kept: frozenset[str] | None = None
 
     async def reply(self, message: IncomingMessage) -> AsyncIterator[ReplyEvent]:
         started = time.perf_counter()
@@ -208,9 +210,23 @@ class Conversations:
             log.warning("state.turn_kept", extra={"conversation": str(key), "error": str(error)})
 
     async def reset(self, key: ConversationKey) -> int:
-        """Forget a conversation (waits for a reply in progress there to finish first)."""
+        """Forget a conversation and the images only it used (waits for a reply in progress there
+        to finish first)."""
         async with self.store.hold_conversation(key):
-            return await self.store.reset(key)
+            return await self.store.reset(key, await self._kept_images())
+
+    async def forget(self, platform: str, author: Author) -> Forgotten:
+        """Forget a person everywhere on `platform`: their messages, the answers to them, and the
+        images only they sent."""
+        gone = await self.store.forget_author(platform, author.id, await self._kept_images())
+        log.info("state.forgot_author", extra={"platform": platform, "turns": gone.turns, "images": gone.images})
+        return gone
+
+    async def _kept_images(self) -> frozenset[str]:
+        """The few-shot examples' images: the config refers to them, so they are never forgotten."""
+        if self._kept is None:
+            self._kept = await kept_images(self.config)
+        return self._kept
 
     async def reset_channel(self, platform: str, channel: str) -> tuple[int, int]:
         """Forget every conversation of a channel, one by one as `reset` does; returns how many

@@ -101,6 +101,7 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
     SIGTERM (or until `stop` is set, for callers that manage their own signals, such as tests)."""
     from bot.runtime.app import Runtime, enabled_adapters
     from bot.runtime.health import HealthServer
+    from bot.runtime.retention import keep_pruned
 
     names = enabled_adapters(config)
     if not names:
@@ -117,6 +118,7 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
         started = []
         health = None
         deadline: float | None = None  # set when the shutdown starts: the end of its grace
+        pruning: asyncio.Task | None = None
         try:
             if config.health.enabled:
                 health = HealthServer(
@@ -130,6 +132,7 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
             for adapter in adapters:
                 await adapter.start()
                 started.append(adapter)
+            pruning = asyncio.create_task(keep_pruned(config, runtime.store), name="prune")
             await stop.wait()
             grace = config.bot.shutdown_grace_s
             # Adapters close by then; the rest is kept for closing the state and ending the process.
@@ -137,6 +140,8 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
             log.info("shutdown.started", extra={"grace_s": grace})
             await runtime.shutdown(grace)
         finally:
+            if pruning is not None:
+                pruning.cancel()
             for adapter in reversed(started):
                 try:
                     async with asyncio.timeout_at(deadline):
@@ -196,6 +201,28 @@ async def ask(config: Config, images: list[str], question: str, task: str, label
     if not final.text:
         return 1
     print(final.text)
+    return 0
+
+
+# -- prune -----------------------------------------------------------------------------------
+
+
+async def prune_state(config: Config, dry_run: bool) -> int:
+    """Delete now what the state no longer keeps (see bot.runtime.retention), or say what would go."""
+    from bot.runtime.app import create_store
+    from bot.runtime.retention import prune
+
+    store = create_store(config)
+    await store.open()
+    try:
+        gone = await prune(config, store, dry_run)
+    finally:
+        await store.close()
+    days = config.state.retention_days
+    turns = f"{gone.turns} turns older than {days:g} days" if days is not None else "no turns ([state] retention_days is not set)"
+    print(f"{'Would delete' if dry_run else 'Deleted'} {turns} and {gone.images} images nothing refers to ({gone.image_bytes / MiB:.1f} MB).")
+    if dry_run:
+        print("\n".join(f"  image {digest}" for digest in gone.digests))
     return 0
 
 
@@ -304,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     render_command.add_argument("--image", action="append", default=[], metavar="NAME", help="an image name for --task (not read; repeatable)")
     render_command.add_argument("--question", default="", help="the question for --task vqa or chat")
     render_command.add_argument("--labels", default="", help='labels for --task classify, e.g. "cat, dog, bird"')
+    prune_command = add("prune", "Delete now the turns older than [state] retention_days and the images nothing refers to.", model=False)
+    prune_command.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
     tiny = commands.add_parser("tiny-checkpoint", help="Write a tiny random IDEFICS checkpoint (for trying the bot offline and for tests).")
     tiny.add_argument("directory", type=Path)
     return parser
@@ -341,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(ask(config, args.image, args.question, args.task, args.labels))
         if args.command == "chat":
             return asyncio.run(chat(config))
+        if args.command == "prune":
+            return asyncio.run(prune_state(config, args.dry_run))
         source = args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else "built-in defaults")
         asyncio.run(run_bot(config, str(source)))
         _end_now(0)

@@ -135,6 +135,10 @@ class StateConfig(Section):
     path: Path = Path("state/idefics-bot.sqlite3")
     url: SecretStr | None = None  # postgresql://user:password@host:port/database; may carry a password
     max_connections: int = Field(20, ge=5, le=1000)  # to PostgreSQL, per process
+    # Turns older than this many days are deleted (unset: kept for good). Images nothing refers to
+    # any more are deleted once they are image_grace_minutes old, whatever retention_days says.
+    retention_days: float | None = Field(None, gt=0)
+    image_grace_minutes: float = Field(60.0, ge=0)
 
     @model_validator(mode="after")
     def _url_is_postgresql(self) -> StateConfig:

@@ -40,7 +40,7 @@ import asyncpg
 from bot.core.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
 from bot.core.admission import RequestBuckets
 from bot.state.lock import ConversationLocks
-from bot.state.store import EVENT_MEMORY_S, Store, StoreError, decode_parts, encode_parts
+from bot.state.store import EVENT_MEMORY_S, Store, StoreError, decode_parts, digests_in, encode_parts
 from model.service import ModelImage
 
 log = logging.getLogger(__name__)
@@ -468,15 +468,58 @@ class PostgresStore(Store):
             json.dumps(list(messages)),
         )
 
-    async def reset(self, key: ConversationKey) -> int:
-        return await self._pool.fetchval(
-            """WITH gone AS (
-                   DELETE FROM turns t USING conversations c
-                   WHERE c.id = t.conversation_id AND c.platform=$1 AND c.channel=$2 AND c.thread=$3 RETURNING 1
-               ) SELECT count(*) FROM gone""",
+    async def _reset(self, key: ConversationKey) -> tuple[int, set[str]]:
+        rows = await self._pool.fetch(
+            "DELETE FROM turns t USING conversations c"
+            " WHERE c.id = t.conversation_id AND c.platform=$1 AND c.channel=$2 AND c.thread=$3 RETURNING t.parts",
             key.platform,
             key.channel,
             key.thread,
+        )
+        return len(rows), digests_in(row["parts"] for row in rows)
+
+    async def _forget_author(self, platform: str, author_id: str) -> tuple[int, set[str]]:
+        async with self._pool.acquire() as connection, connection.transaction():
+            rows = await connection.fetch(
+                """WITH theirs AS (
+                       SELECT t.id, t.conversation_id FROM turns t JOIN conversations c ON c.id = t.conversation_id
+                       WHERE c.platform=$1 AND t.role='user' AND t.author_id=$2
+                   ), answers AS (
+                       SELECT (SELECT n.id FROM turns n WHERE n.conversation_id = th.conversation_id AND n.id > th.id
+                               ORDER BY n.id LIMIT 1) AS id FROM theirs th
+                   )
+                   DELETE FROM turns t WHERE t.id IN (SELECT id FROM theirs)
+                       OR (t.role = 'assistant' AND t.id IN (SELECT id FROM answers))
+                   RETURNING t.role, t.parts""",
+                platform,
+                author_id,
+            )
+            digests = digests_in(row["parts"] for row in rows if row["role"] == "user")
+            await connection.execute("DELETE FROM channel_images WHERE platform=$1 AND digest = ANY($2::text[])", platform, list(digests))
+        return len(rows), digests
+
+    async def _old_turns(self, before: float, delete: bool) -> int:
+        if delete:
+            return len(await self._pool.fetch("DELETE FROM turns WHERE created < to_timestamp($1) RETURNING 1", before))
+        return await self._pool.fetchval("SELECT count(*) FROM turns WHERE created < to_timestamp($1)", before)
+
+    async def _image_references(self, since: float | None) -> set[str]:
+        rows = await self._pool.fetch(
+            "SELECT e->>'image' FROM turns t, jsonb_array_elements(t.parts) e"
+            " WHERE jsonb_typeof(e) = 'object' AND ($1::float8 IS NULL OR t.created >= to_timestamp($1))"
+            " UNION SELECT digest FROM channel_images",
+            since,
+        )
+        return {row[0] for row in rows}
+
+    async def _stored_images(self) -> dict[str, tuple[int, float]]:
+        rows = await self._pool.fetch("SELECT digest, octet_length(data), extract(epoch FROM now() - created)::float8 FROM images")
+        return {row[0]: (row[1], row[2]) for row in rows}
+
+    async def _delete_images(self, digests: list[str], grace_s: float) -> None:
+        # The age is checked again in the statement: an image stored again meanwhile stays.
+        await self._pool.execute(
+            "DELETE FROM images WHERE digest = ANY($1::text[]) AND created <= now() - make_interval(secs => $2)", digests, grace_s
         )
 
     async def conversations_in(self, platform: str, channel: str) -> list[ConversationKey]:
@@ -501,7 +544,10 @@ class PostgresStore(Store):
 
     async def put_image(self, image: ModelImage) -> ImageRef:
         await self._pool.execute(
-            "INSERT INTO images (digest, data) VALUES ($1, $2) ON CONFLICT DO NOTHING", image.digest, image.data
+            # Stored again: a prune running now leaves it alone.
+            "INSERT INTO images (digest, data) VALUES ($1, $2) ON CONFLICT (digest) DO UPDATE SET created = now()",
+            image.digest,
+            image.data,
         )
         return ImageRef(image.digest, image.name)
 

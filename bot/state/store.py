@@ -16,9 +16,10 @@ import sqlite3
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from bot.core.conversation import Author, ConversationKey, ImageRef, Part, Turn, Unanswered
@@ -90,9 +91,68 @@ class Store(abc.ABC):
         """Remember the platform ids of the messages posted so far in answer to the message
         `question`, so that a process taking the question over can edit them."""
 
+    async def reset(self, key: ConversationKey, keep: frozenset[str] = frozenset()) -> int:
+        """Forget a conversation, and the images only it used (but those in `keep`); returns how
+        many turns it had."""
+        count, digests = await self._reset(key)
+        await self._release(digests, keep, RECENT_S)
+        return count
+
+    async def forget_author(self, platform: str, author_id: str, keep: frozenset[str] = frozenset()) -> Forgotten:
+        """Forget a person: their turns in every conversation of `platform`, the answers to them, and
+        the images only they sent."""
+        turns, digests = await self._forget_author(platform, author_id)
+        images, size = await self._release(digests, keep, RECENT_S)
+        return Forgotten(turns, images, size)
+
+    async def prune(self, turns_before: float | None, keep: frozenset[str], grace_s: float, dry_run: bool = False) -> Forgotten:
+        """Delete the turns stored before `turns_before` (Unix time; None: none), then the images
+        nothing refers to any more (no turn, no channel's last image, not in `keep`) that were not
+        stored in the last `grace_s` seconds. With `dry_run`, only say what would go."""
+        turns = await self._old_turns(turns_before, delete=not dry_run) if turns_before is not None else 0
+        referenced = await self._image_references(since=turns_before)
+        stored = await self._stored_images()
+        gone = {digest: size for digest, (size, age) in stored.items() if digest not in referenced and digest not in keep and age >= grace_s}
+        if not dry_run:
+            await self._delete_images(list(gone), grace_s)
+        return Forgotten(turns, len(gone), sum(gone.values()), tuple(sorted(gone)))
+
+    async def _release(self, digests: set[str], keep: frozenset[str], grace_s: float) -> tuple[int, int]:
+        """Delete those of `digests` that nothing refers to any more; returns how many, and their bytes."""
+        if not digests:
+            return 0, 0
+        referenced = await self._image_references(since=None)
+        stored = await self._stored_images()
+        gone = {d: stored[d][0] for d in digests - referenced - keep if d in stored and stored[d][1] >= grace_s}
+        await self._delete_images(list(gone), grace_s)
+        return len(gone), sum(gone.values())
+
+    # The primitives of forgetting, per store.
+
     @abc.abstractmethod
-    async def reset(self, key: ConversationKey) -> int:
-        """Forget a conversation; returns how many turns it had."""
+    async def _reset(self, key: ConversationKey) -> tuple[int, set[str]]:
+        """Delete a conversation's turns: how many, and the image digests they named."""
+
+    @abc.abstractmethod
+    async def _forget_author(self, platform: str, author_id: str) -> tuple[int, set[str]]:
+        """Delete a person's turns and the assistant turns that answered them, and the channels'
+        last images that were theirs: how many turns, and the image digests they named."""
+
+    @abc.abstractmethod
+    async def _old_turns(self, before: float, delete: bool) -> int:
+        """How many turns were stored before `before`; deleted too with `delete`."""
+
+    @abc.abstractmethod
+    async def _image_references(self, since: float | None) -> set[str]:
+        """The digests named by turns (stored at or after `since`, if given) and channels' last images."""
+
+    @abc.abstractmethod
+    async def _stored_images(self) -> dict[str, tuple[int, float]]:
+        """Every stored image: digest -> (bytes, seconds since it was last stored)."""
+
+    @abc.abstractmethod
+    async def _delete_images(self, digests: list[str], grace_s: float) -> None:
+        """Delete these images, each only if it was not stored again in the last `grace_s` seconds."""
 
     @abc.abstractmethod
     async def conversations_in(self, platform: str, channel: str) -> list[ConversationKey]:
@@ -125,6 +185,21 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def last_image(self, platform: str, channel: str) -> ImageRef | None: ...
+
+
+# An image that was stored this recently may be about to be named by a turn (in another process,
+# say), so forgetting leaves it for the next prune.
+RECENT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What forgetting or pruning deleted (or, in a dry run, would delete)."""
+
+    turns: int
+    images: int
+    image_bytes: int
+    digests: tuple[str, ...] = ()
 
 
 _MIGRATIONS = [
@@ -177,6 +252,11 @@ EVENT_MEMORY_S = 7 * 24 * 3600
 
 def encode_parts(parts: tuple[Part, ...]) -> str:
     return json.dumps([part if isinstance(part, str) else {"image": part.digest, "name": part.name} for part in parts])
+
+
+def digests_in(encoded: Iterable[str]) -> set[str]:
+    """The image digests named by turns' encoded parts."""
+    return {part.digest for text in encoded for part in decode_parts(text) if isinstance(part, ImageRef)}
 
 
 def decode_parts(text: str) -> tuple[Part, ...]:
@@ -389,17 +469,85 @@ class SQLiteStore(Store):
             (platform, question, json.dumps(list(messages)), time.time()),
         )
 
-    async def reset(self, key: ConversationKey) -> int:
-        def reset() -> int:
+    async def _reset(self, key: ConversationKey) -> tuple[int, set[str]]:
+        def reset() -> tuple[int, set[str]]:
             with self._transaction():
                 conversation = self._conversation_id(key, create=False)
                 if conversation is None:
-                    return 0
-                count = self._db.execute("SELECT count(*) FROM turns WHERE conversation_id=?", (conversation,)).fetchone()[0]
+                    return 0, set()
+                rows = self._db.execute("SELECT parts FROM turns WHERE conversation_id=?", (conversation,)).fetchall()
                 self._db.execute("DELETE FROM turns WHERE conversation_id=?", (conversation,))
-                return count
+                return len(rows), digests_in(parts for (parts,) in rows)
 
         return await self._run(reset)
+
+    async def _forget_author(self, platform: str, author_id: str) -> tuple[int, set[str]]:
+        def forget() -> tuple[int, set[str]]:
+            with self._transaction():
+                theirs = self._db.execute(
+                    "SELECT t.id, t.conversation_id, t.parts FROM turns t JOIN conversations c ON c.id = t.conversation_id"
+                    " WHERE c.platform=? AND t.role='user' AND t.author_id=?",
+                    (platform, author_id),
+                ).fetchall()
+                gone = [turn_id for turn_id, _, _ in theirs]
+                for turn_id, conversation, _ in theirs:
+                    answer = self._db.execute(
+                        "SELECT id, role FROM turns WHERE conversation_id=? AND id>? ORDER BY id LIMIT 1", (conversation, turn_id)
+                    ).fetchone()
+                    if answer is not None and answer[1] == "assistant":
+                        gone.append(answer[0])
+                self._db.executemany("DELETE FROM turns WHERE id=?", [(turn_id,) for turn_id in gone])
+                digests = digests_in(parts for _, _, parts in theirs)
+                self._db.executemany("DELETE FROM channel_images WHERE platform=? AND digest=?", [(platform, d) for d in digests])
+                return len(gone), digests
+
+        return await self._run(forget)
+
+    async def _old_turns(self, before: float, delete: bool) -> int:
+        def old() -> int:
+            with self._transaction():
+                count = self._db.execute("SELECT count(*) FROM turns WHERE created < ?", (before,)).fetchone()[0]
+                if delete:
+                    self._db.execute("DELETE FROM turns WHERE created < ?", (before,))
+                return count
+
+        return await self._run(old)
+
+    async def _image_references(self, since: float | None) -> set[str]:
+        def references() -> set[str]:
+            rows = self._db.execute(
+                "SELECT json_extract(j.value, '$.image') FROM turns t, json_each(t.parts) j WHERE j.type = 'object' AND t.created >= ?"
+                " UNION SELECT digest FROM channel_images",
+                (since if since is not None else float("-inf"),),
+            ).fetchall()
+            return {digest for (digest,) in rows}
+
+        return await self._run(references)
+
+    async def _stored_images(self) -> dict[str, tuple[int, float]]:
+        def stored() -> dict[str, tuple[int, float]]:
+            now, found = time.time(), {}
+            for path in self.images_dir.glob("??/*.jpg"):
+                try:
+                    info = path.stat()
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+                found[path.stem] = (info.st_size, now - info.st_mtime)
+            return found
+
+        return await self._run(stored)
+
+    async def _delete_images(self, digests: list[str], grace_s: float) -> None:
+        def delete() -> None:
+            for digest in digests:
+                path = self._image_path(digest)
+                try:
+                    if time.time() - path.stat().st_mtime >= grace_s:  # not stored again meanwhile
+                        path.unlink()
+                except FileNotFoundError:
+                    pass
+
+        await self._run(delete)
 
     async def conversations_in(self, platform: str, channel: str) -> list[ConversationKey]:
         def find() -> list[ConversationKey]:
@@ -436,6 +584,7 @@ class SQLiteStore(Store):
         def put() -> None:
             path = self._image_path(image.digest)
             if path.exists():
+                os.utime(path)  # stored again: a prune running now leaves it alone
                 return
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(f".{os.getpid()}.partial")

@@ -1,0 +1,164 @@
+"""What the state forgets, on both stores: a reset takes the images only its conversation used, a
+person can be forgotten everywhere, and a prune deletes old turns and the images nothing refers to
+after their grace period, with several processes on one database. Time is moved by back-dating what
+the stores keep (file times for SQLite's image files, the rows' times in PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+
+import asyncpg
+import pytest
+from PIL import Image
+
+from bot.core.conversation import Author, ConversationKey, ImageRef, Turn
+from bot.state.postgres import PostgresStore
+from bot.state.store import SQLiteStore, Store, StoreError
+from model.service import ModelImage
+from tests.test_cli import idefics_bot
+
+ANN, BOB = Author("U1", "Ann"), Author("U2", "Bob")
+HOUR = 3600.0
+
+
+def picture(color: tuple[int, int, int]) -> ModelImage:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buffer, "JPEG")
+    data = buffer.getvalue()
+    return ModelImage(hashlib.sha256(data).hexdigest(), data, f"{color}.jpg")
+
+
+RED, GREEN, BLUE = picture((255, 0, 0)), picture((0, 255, 0)), picture((0, 0, 255))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def open_store(request, tmp_path) -> AsyncIterator[Callable[[], Awaitable[Store]]]:
+    """Opens stores on one state (separate processes' views, for PostgreSQL); closes them at the end."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    async with AsyncExitStack() as stack:
+
+        async def open_one() -> Store:
+            store = PostgresStore(url) if url else SQLiteStore(tmp_path / "state" / "bot.sqlite3")
+            await store.open()
+            stack.push_async_callback(store.close)
+            return store
+
+        yield open_one
+
+
+async def age(store: Store, seconds: float) -> None:
+    """Make everything the store holds `seconds` older."""
+    if isinstance(store, SQLiteStore):
+        for path in store.images_dir.glob("??/*.jpg"):
+            stamp = path.stat().st_mtime - seconds
+            os.utime(path, (stamp, stamp))
+        db = sqlite3.connect(store.path)
+        db.execute("UPDATE turns SET created = created - ?", (seconds,))
+        db.commit()
+        db.close()
+    else:
+        connection = await asyncpg.connect(store._url)
+        await connection.execute("UPDATE images SET created = created - make_interval(secs => $1)", seconds)
+        await connection.execute("UPDATE turns SET created = created - make_interval(secs => $1)", seconds)
+        await connection.close()
+
+
+async def say(store: Store, key: ConversationKey, author: Author, *images: ModelImage) -> None:
+    refs = [await store.put_image(image) for image in images]
+    await store.add_turn(key, Turn("user", ("look", *refs), author))
+    await store.add_turn(key, Turn("assistant", ("I see.",)))
+
+
+async def has(store: Store, image: ModelImage) -> bool:
+    try:
+        await store.get_image(ImageRef(image.digest, image.name))
+        return True
+    except StoreError:
+        return False
+
+
+async def test_a_reset_deletes_the_images_only_its_conversation_used(open_store):
+    store = await open_store()
+    first, second = ConversationKey("slack", "C1", "1"), ConversationKey("slack", "C1", "2")
+    await say(store, first, ANN, RED, GREEN)
+    await say(store, second, BOB, GREEN)
+    await age(store, HOUR)
+    assert await store.reset(first) == 2
+    assert not await has(store, RED) and await has(store, GREEN)  # the other conversation still shows GREEN
+    assert await store.load_turns(second) != []
+
+
+async def test_a_person_is_forgotten_everywhere_with_the_images_only_they_sent(open_store):
+    store = await open_store()
+    shared, dm = ConversationKey("slack", "C1", "1"), ConversationKey("slack", "D1")
+    await say(store, shared, ANN, RED, BLUE)
+    await say(store, shared, BOB, BLUE)
+    await say(store, dm, ANN, GREEN)
+    await store.remember_image("slack", "C1", ImageRef(RED.digest, RED.name))
+    await age(store, HOUR)
+    gone = await store.forget_author("slack", ANN.id)
+    assert (gone.turns, gone.images, gone.image_bytes) == (4, 2, len(RED.data) + len(GREEN.data))
+    left = await store.load_turns(shared)
+    assert [(turn.role, turn.author) for turn in left] == [("user", BOB), ("assistant", None)]
+    assert await store.load_turns(dm) == []
+    assert await has(store, BLUE) and not await has(store, RED) and not await has(store, GREEN)
+    assert await store.last_image("slack", "C1") is None  # the channel's last image was Ann's
+
+
+async def test_a_prune_deletes_old_turns_and_images_nothing_refers_to_after_their_grace(open_store):
+    store = await open_store()
+    old, new = ConversationKey("slack", "C1", "1"), ConversationKey("slack", "C2", "2")
+    await say(store, old, ANN, RED)
+    await store.put_image(BLUE)  # a few-shot example, say
+    await age(store, 40 * 86400)
+    await say(store, new, BOB, GREEN)
+    await store.put_image(picture((9, 9, 9)))  # just stored, for a turn not stored yet
+    before = time.time() - 30 * 86400
+    dry = await store.prune(before, frozenset({BLUE.digest}), grace_s=HOUR, dry_run=True)
+    assert (dry.turns, dry.digests) == (2, (RED.digest,))
+    assert await has(store, RED) and len(await store.load_turns(old)) == 2  # a dry run deletes nothing
+    gone = await store.prune(before, frozenset({BLUE.digest}), grace_s=HOUR)
+    assert (gone.turns, gone.images) == (2, 1)
+    assert not await has(store, RED) and await has(store, BLUE) and await has(store, GREEN) and await has(store, picture((9, 9, 9)))
+    assert await store.load_turns(old) == [] and len(await store.load_turns(new)) == 2
+
+
+async def test_an_image_stored_again_by_another_process_survives_a_prune(open_store):
+    pruning, answering = await open_store(), await open_store()
+    await answering.put_image(RED)
+    await age(answering, 2 * HOUR)
+    await answering.put_image(RED)  # another message shows it again: it is fresh once more
+    gone = await pruning.prune(None, frozenset(), grace_s=HOUR)
+    assert gone.images == 0 and await has(answering, RED)
+    await age(answering, 2 * HOUR)
+    assert (await pruning.prune(None, frozenset(), grace_s=HOUR)).images == 1 and not await has(answering, RED)
+
+
+def test_the_prune_command_says_what_would_go_then_deletes_it(tmp_path):
+    state = tmp_path / "state" / "bot.sqlite3"
+
+    async def prepare() -> None:
+        store = SQLiteStore(state)
+        await store.open()
+        await say(store, ConversationKey("slack", "C1", "1"), ANN, RED)
+        await store.put_image(GREEN)  # nothing refers to it
+        await age(store, 100 * 86400)
+        await store.close()
+
+    asyncio.run(prepare())
+    (tmp_path / "config.toml").write_text(f'[state]\npath = "{state}"\nretention_days = 90\n')
+    dry = idefics_bot("prune", "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert "Would delete 2 turns older than 90 days and 2 images nothing refers to" in dry.stdout
+    assert f"  image {RED.digest}" in dry.stdout and f"  image {GREEN.digest}" in dry.stdout
+    done = idefics_bot("prune", cwd=tmp_path)
+    assert done.returncode == 0 and "Deleted 2 turns older than 90 days and 2 images" in done.stdout
+    again = idefics_bot("prune", cwd=tmp_path)
+    assert "Deleted 0 turns older than 90 days and 0 images" in again.stdout
