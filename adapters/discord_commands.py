@@ -5,6 +5,7 @@
     /classify labels:<"cat, dog, bird"> [image] [link]
     /story [image] [link]          a short story the image inspires
     /reset                         forget the conversation of this thread, or every one of this channel or DM
+    /forget                        forget the person who runs it, everywhere (the answer only they see)
     Describe image                 (message menu) describe the images of a message
 
 The commands are the shared table's (`bot.core.commands`), so they mean what they mean on every
@@ -122,6 +123,10 @@ class BotCommands(app_commands.CommandTree):
         async def reset(interaction: discord.Interaction):
             await self._run(interaction, "reset", [])
 
+        @self.command(description=summary("forget"))
+        async def forget(interaction: discord.Interaction):
+            await self._run(interaction, "forget", [], ephemeral=True)
+
         async def describe(interaction: discord.Interaction, message: discord.Message):
             files = [file for file in attachments_of(message.attachments, self.platform.images) if file.looks_like_image()]
             if not files:
@@ -137,8 +142,8 @@ class BotCommands(app_commands.CommandTree):
             files.append(self.platform.link(link.strip()))
         return files
 
-    async def _run(self, interaction: discord.Interaction, command: str, files: Sequence[Attachment], text: str = "") -> None:
-        await interaction.response.defer(thinking=True)
+    async def _run(self, interaction: discord.Interaction, command: str, files: Sequence[Attachment], text: str = "", ephemeral: bool = False) -> None:
+        await interaction.response.defer(thinking=True, ephemeral=ephemeral)
         user = interaction.user
         request = CommandRequest(command, conversation_here(interaction), Author(str(user.id), user.display_name), tuple(files), text)
         await answer_interaction(interaction, self.platform.command(request))

@@ -2,7 +2,8 @@
 
     /idefics ask <image url> <question>          /idefics caption <image url>
     /idefics classify <image url> <label, ...>   /idefics story <image url>
-    /idefics reset                               /idefics help
+    /idefics reset                               /idefics forget
+    /idefics help
 
 The commands are the shared table's (`bot.core.commands`), so they mean what they mean on every
 platform. The command is acknowledged at once (Slack waits 3 seconds at most) with an ephemeral
@@ -43,6 +44,7 @@ _USAGE = {
     "classify": "classify <image url> <label, label, ...>",
     "story": "story <image url>",
     "reset": "reset",
+    "forget": "forget",
     "help": "help",
 }
 WORKING = "⏳ Working on it…"
@@ -74,8 +76,8 @@ def parse_command(text: str, command: str = "/idefics") -> SlashCommand:
     action = action.lower()
     if action in ("", "help"):
         return SlashCommand("help")
-    if action == "reset":
-        return SlashCommand("reset")
+    if action in ("reset", "forget"):
+        return SlashCommand(action)
     if action not in IMAGE_COMMANDS:
         raise UsageError(f"I don't know “{action}”. Try:\n{help_text(command)}")
     rest = rest.strip()
@@ -137,7 +139,7 @@ class SlashCommands:
         async for event in self.platform.command(request):
             if isinstance(event, Final):
                 final = event
-        if parsed.action == "reset" or not final.text:  # nothing to show the channel: tell the asker only
+        if parsed.action in ("reset", "forget") or not final.text:  # nothing to show the channel: tell the asker only
             await self._respond(payload, parsed, text=escape(format_final(final, lambda note: note)))
             return
         answer = f"{self._heading(parsed, user)}\n{escape(format_final(final, lambda note: f'_{note}_'))}"

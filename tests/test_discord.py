@@ -339,7 +339,7 @@ async def test_ask_takes_an_image_link_and_story_and_ask_fall_back_to_the_last_i
 
 async def test_without_guild_ids_commands_are_global_and_work_in_dms(fake, start_bot, tap):
     await start_bot(command_guild_ids=[])
-    assert {command["name"] for command in fake.commands["global"]} == {"ask", "caption", "classify", "story", "reset", "Describe image"}
+    assert {command["name"] for command in fake.commands["global"]} == {"ask", "caption", "classify", "story", "reset", "forget", "Describe image"}
     assert fake.guild_id not in fake.commands
     ann = fake.user("Ann")
     image = fake.upload("red.png", image_bytes(), "image/png")
@@ -381,6 +381,30 @@ async def test_reset_forgets_the_threads_conversation_or_the_channels(fake, star
     await command_answer(fake, in_channel, "Forgot 1 conversation here (2 messages); the next message starts afresh.")
     again = await fake.run_command(ann, fake.text_channel, "reset")
     await command_answer(fake, again, "There was nothing to forget here.")
+
+
+async def test_forget_deletes_a_persons_messages_and_images_everywhere(fake, start_bot, tap):
+    await start_bot()
+    ann, bob = fake.user("Ann"), fake.user("Bob")
+    first = tap.force_next("a red square")
+    photo = fake.upload("red.png", image_bytes(), "image/png")
+    thread = await thread_of(fake, await fake.say(ann, fake.text_channel, "what is this?", mention=True, attachments=(photo,)))
+    await bot_says(fake, thread, first)
+    second = tap.force_next("hello Bob")
+    bobs = await thread_of(fake, await fake.say(bob, fake.text_channel, "remember the word banana", mention=True))
+    await bot_says(fake, bobs, second)
+    forget = await fake.run_command(ann, fake.text_channel, "forget")
+    await command_answer(fake, forget, "Done: I forgot you everywhere: 2 messages (yours and my answers to them) and 1 image only you sent.")
+    third = tap.force_next("what image?")
+    await fake.say(ann, thread, "what did I show you?")  # still the bot's thread, but it remembers nothing of Ann
+    await bot_says(fake, thread, third)
+    assert "<image>" not in tap.prompt() and "what is this?" not in tap.prompt()
+    fourth = tap.force_next("banana")
+    await fake.say(bob, bobs, "which word?")
+    await bot_says(fake, bobs, fourth)
+    assert "remember the word banana" in tap.prompt()  # Bob's conversation is untouched
+    again = await fake.run_command(bob, fake.text_channel, "forget")
+    await command_answer(fake, again, "Done: I forgot you everywhere: 4 messages (yours and my answers to them).")
 
 
 async def test_a_command_slower_than_discord_allows_gets_a_clear_message(fake, start_bot, tap):

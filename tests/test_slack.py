@@ -357,6 +357,19 @@ async def test_a_file_larger_than_it_claims_is_read_only_up_to_the_limit(start_b
     assert tap.prompts == []
 
 
+async def test_forget_deletes_a_persons_messages_everywhere(harness, slack, tap):
+    red, _ = red_and_blue(slack)
+    await harness.answer(slack.mention(CHANNEL, ANN, "what is this?", files=[red], name="Ann"))
+    bobs = slack.mention(OTHER_CHANNEL, BOB, "remember the word banana", name="Bob")
+    await harness.answer(bobs)
+    forgotten = await harness.command("forget")
+    assert forgotten["text"] == "Done: I forgot you everywhere: 2 messages (yours and my answers to them) and 1 image only you sent."
+    await harness.answer(slack.message(OTHER_CHANNEL, BOB, "which word?", thread_ts=bobs["ts"], name="Bob"))
+    assert "remember the word banana" in tap.prompts[-1]  # Bob's conversation is untouched
+    nothing = await harness.command("forget")
+    assert nothing["text"] == "There was nothing to forget: I have no messages from you."
+
+
 async def test_a_usage_error_quotes_what_was_typed_escaped(harness, slack, tap):
     """Slack sends typed <, > and & escaped; quoting them back unescaped would ping the channel."""
     for typed, shown in [("&lt;!channel&gt;", "&lt;!channel&gt;"), ("&lt;!here&gt; now", "&lt;!here&gt;"), ("&lt;@U0000002&gt;", "&lt;@u0000002&gt;")]:

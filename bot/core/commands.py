@@ -8,6 +8,8 @@
     reset     forget conversations: run in a thread, that thread's; run in a channel or DM, every
               conversation of the channel or DM (a Slack command can't say which thread it came from,
               so both platforms treat a channel alike)
+    forget    forget the person who runs it: their messages in every conversation of the platform,
+              the answers to them and the images only they sent (the answer is for them only)
     help      what the commands are (each adapter shows them in its own syntax)
 
 The image commands take an attached image or a link; without one, they use the last image the bot saw
@@ -34,8 +36,8 @@ from bot.images.intake import ImageRejected
 from bot.runtime.config import Config
 from bot.runtime.files import FileTooLarge, NotARegularFile, read_regular_file
 from bot.runtime.metrics import Metrics
+from bot.state.store import Forgotten, StoreUnavailable
 from model.service import ModelError, continued
-from bot.state.store import StoreUnavailable
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ COMMANDS: dict[str, Command] = {
         Command("classify", "pick the label that fits an image", "classify", "labels", last_image=True),
         Command("story", "write a short story about an image", "story", last_image=True),
         Command("reset", "forget the conversation of this thread, or every conversation of this channel or DM"),
+        Command("forget", "forget everything you said to me, everywhere, and the images only you sent"),
         Command("help", "show these commands"),
     )
 }
@@ -76,6 +79,14 @@ def command_named(name: str) -> Command:
     if command is None:
         raise CommandError(f"I don't know “{name}”. The commands are: {', '.join(COMMANDS)}.")
     return command
+
+
+def forgotten_text(gone: Forgotten) -> str:
+    """What `forget` says it did."""
+    if not gone.turns and not gone.images:
+        return "There was nothing to forget: I have no messages from you."
+    images = f" and {gone.images} image{'s' if gone.images != 1 else ''} only you sent" if gone.images else ""
+    return f"Done: I forgot you everywhere: {gone.turns} messages (yours and my answers to them){images}."
 
 
 def reset_text(key: ConversationKey, conversations: int, turns: int) -> str:
@@ -112,6 +123,9 @@ class Commands:
             else:
                 conversations, turns = await self.conversations.reset_channel(key.platform, key.channel)
             yield Final(reset_text(key, conversations, turns))
+            return
+        if command.name == "forget":
+            yield Final(forgotten_text(await self.conversations.forget(request.key.platform, request.author)))
             return
         assert command.task is not None
         text = request.text.strip()

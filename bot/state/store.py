@@ -95,14 +95,14 @@ class Store(abc.ABC):
         """Forget a conversation, and the images only it used (but those in `keep`); returns how
         many turns it had."""
         count, digests = await self._reset(key)
-        await self._release(digests, keep, RECENT_S)
+        await self._release(digests, keep)
         return count
 
     async def forget_author(self, platform: str, author_id: str, keep: frozenset[str] = frozenset()) -> Forgotten:
         """Forget a person: their turns in every conversation of `platform`, the answers to them, and
         the images only they sent."""
         turns, digests = await self._forget_author(platform, author_id)
-        images, size = await self._release(digests, keep, RECENT_S)
+        images, size = await self._release(digests, keep)
         return Forgotten(turns, images, size)
 
     async def prune(self, turns_before: float | None, keep: frozenset[str], grace_s: float, dry_run: bool = False) -> Forgotten:
@@ -117,14 +117,15 @@ class Store(abc.ABC):
             await self._delete_images(list(gone), grace_s)
         return Forgotten(turns, len(gone), sum(gone.values()), tuple(sorted(gone)))
 
-    async def _release(self, digests: set[str], keep: frozenset[str], grace_s: float) -> tuple[int, int]:
-        """Delete those of `digests` that nothing refers to any more; returns how many, and their bytes."""
+    async def _release(self, digests: set[str], keep: frozenset[str]) -> tuple[int, int]:
+        """Delete at once those of `digests` that nothing refers to any more (a person asked for it:
+        no grace period); returns how many, and their bytes."""
         if not digests:
             return 0, 0
         referenced = await self._image_references(since=None)
         stored = await self._stored_images()
-        gone = {d: stored[d][0] for d in digests - referenced - keep if d in stored and stored[d][1] >= grace_s}
-        await self._delete_images(list(gone), grace_s)
+        gone = {d: stored[d][0] for d in digests - referenced - keep if d in stored}
+        await self._delete_images(list(gone), 0.0)
         return len(gone), sum(gone.values())
 
     # The primitives of forgetting, per store.
@@ -185,11 +186,6 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def last_image(self, platform: str, channel: str) -> ImageRef | None: ...
-
-
-# An image that was stored this recently may be about to be named by a turn (in another process,
-# say), so forgetting leaves it for the next prune.
-RECENT_S = 60.0
 
 
 @dataclass(frozen=True)
