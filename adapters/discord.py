@@ -48,6 +48,8 @@ SHARDING_REQUIRED = (
     "(about one shard per 1,000 guilds), and shard_ids in each process if several share them."
 )
 CONNECT_TIMEOUT_S = 60.0
+_STABLE_S = 60.0  # a connection that lasted this long was a good one: failures are counted afresh
+_BACKOFF_MAX_S = 60.0
 _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 # Where a stopped process's question can be answered later: the places the bot posts in by itself.
 _Resumable = discord.TextChannel | discord.VoiceChannel | discord.StageChannel | discord.Thread | discord.DMChannel
@@ -188,9 +190,7 @@ class DiscordAdapter:
         self._token = settings.token.get_secret_value()
         # With sharding, this process runs `_shard_ids` of the bot's `settings.shard_count` shards.
         self._shard_ids = settings.shard_ids or list(range(settings.shard_count or 0))
-        self.client: _Client | _ShardedClient = (
-            _Client(self) if settings.shard_count is None else _ShardedClient(self, settings.shard_count, self._shard_ids)
-        )
+        self.client = self._new_client()
         self.commands = BotCommands(self.client, platform, settings)
         self.opened = asyncio.Event()  # set when the gateway first opens: `start` waits for it
         self._gateway: asyncio.Task | None = None
@@ -199,40 +199,95 @@ class DiscordAdapter:
         self._watching: asyncio.Task | None = None  # looks for questions that stopped processes left
         self._resumes: set[asyncio.Task] = set()
         self._uses_addresses = False
+        self._stopping = False
+        self.failed = asyncio.Event()  # set when the adapter gave up reconnecting; `failure` says why
+        self.failure: str | None = None
 
     # -- connecting --------------------------------------------------------------------------
+
+    def _new_client(self) -> _Client | _ShardedClient:
+        shard_count = self.settings.shard_count
+        return _Client(self) if shard_count is None else _ShardedClient(self, shard_count, self._shard_ids)
 
     async def start(self) -> None:
         settings = self.settings
         _ADDRESSES.use(settings.api_base_url, settings.gateway_url)  # every REST and gateway call goes there
         self._uses_addresses = True
         try:
-            await self.client.login(self._token)
-            self._gateway = asyncio.create_task(self.client.connect(), name="discord-gateway")
-            waiting = asyncio.create_task(self.opened.wait())
-            await asyncio.wait({self._gateway, waiting}, timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
-            waiting.cancel()
-            if not self.opened.is_set():
-                if not self._gateway.done():
-                    raise TimeoutError("no answer from the gateway")
-                raise self._gateway.exception() or ConnectionError("the gateway closed the connection")
+            connection = await self._connect()
         except BaseException as error:
             await self.stop()
             failure = self._startup_error(error)
             if failure is None:
                 raise
             raise failure from None
-        self._gateway.add_done_callback(self._gateway_ended)
+        self._gateway = asyncio.create_task(self._stay_connected(connection), name="discord-gateway")
         shards = {"shards": ",".join(map(str, self._shard_ids)), "shard_count": settings.shard_count} if settings.shard_count else {}
         user = self.client.user  # known since login
         log.info("discord.connected", extra={"user": user.id if user else None, "guilds": len(self.client.guilds), **shards})
         self._watching = asyncio.create_task(self.platform.watch_unanswered(self._take_over), name="discord-unanswered")
 
+    async def _connect(self) -> asyncio.Task:
+        """A new client, logged in, with its gateway connection open: returns the task running it."""
+        if self.client.is_closed():  # a reconnect: discord.py's clients don't connect again once closed
+            self.client = self._new_client()
+            self.commands = BotCommands(self.client, self.platform, self.settings)
+        self.opened = asyncio.Event()
+        await self.client.login(self._token)
+        connection = asyncio.create_task(self.client.connect(), name="discord-connection")
+        waiting = asyncio.create_task(self.opened.wait())
+        await asyncio.wait({connection, waiting}, timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if not self.opened.is_set():
+            if not connection.done():
+                connection.cancel()
+                raise TimeoutError("no answer from the gateway")
+            raise connection.exception() or ConnectionError("the gateway closed the connection")
+        return connection
+
+    async def _stay_connected(self, connection: asyncio.Task) -> None:
+        """Keep the gateway up. discord.py resumes the drops it expects by itself; a connection that
+        ends in anything else (a payload it can't parse, say) leaves the client deaf, so a new client
+        connects after a growing pause, and the log says so. After `reconnect_attempts` failures in a
+        row (a connection that lasted a minute starts the count afresh), the adapter gives up:
+        `failure` says why, /healthz reports it, and `run` stops with exit status 1."""
+        loop = asyncio.get_running_loop()
+        failures, since = 0, loop.time()
+        while True:
+            try:
+                await connection
+                return  # closed by `stop`
+            except Exception as error:  # whatever ended it, the bot must not stay deaf
+                if self._stopping:
+                    return
+                failures = failures + 1 if loop.time() - since < _STABLE_S else 1
+                reason = NO_MESSAGE_CONTENT if isinstance(error, discord.PrivilegedIntentsRequired) else type(error).__name__
+                log.error("discord.disconnected", extra={"reason": reason, "attempt": failures}, exc_info=error)
+            while True:
+                await self.client.close()
+                if failures > self.settings.reconnect_attempts:
+                    self.failure = f"the gateway connection failed {failures} times in a row; the last error was {reason}"
+                    log.error("discord.gave_up", extra={"failures": failures})
+                    self.failed.set()
+                    return
+                delay = min(_BACKOFF_MAX_S, self.settings.reconnect_backoff_s * 2 ** (failures - 1))
+                log.warning("discord.reconnecting", extra={"attempt": failures, "in_s": delay})
+                await asyncio.sleep(delay)
+                try:
+                    connection = await self._connect()
+                except Exception as error:
+                    failures, reason = failures + 1, type(error).__name__
+                    log.warning("discord.reconnect_failed", extra={"attempt": failures - 1, "reason": reason})
+                    continue
+                since = loop.time()
+                log.info("discord.reconnected", extra={"attempt": failures})
+                break
+
     @property
     def connected(self) -> bool:
         """Whether the gateway connection is up now (every shard's, when sharded): for /healthz."""
         client = self.client
-        if client.is_closed() or not self.opened.is_set():
+        if client.is_closed() or not self.opened.is_set() or self._gateway is None or self._gateway.done():
             return False
         if isinstance(client, discord.AutoShardedClient):
             return all(not shard.is_closed() for shard in client.shards.values())
@@ -252,17 +307,13 @@ class DiscordAdapter:
             return ConfigError(f"[discord]: couldn't connect to Discord ({where}): {reason}. Check the network, and api_base_url/gateway_url if set.")
         return None
 
-    def _gateway_ended(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            error = task.exception()
-            reason = NO_MESSAGE_CONTENT if isinstance(error, discord.PrivilegedIntentsRequired) else type(error).__name__
-            log.error("discord.disconnected", extra={"reason": reason})
-
     async def stop(self) -> None:
+        self._stopping = True
         for task in [*self._answering.values(), *self._resumes, *([self._watching] if self._watching else [])]:
             task.cancel()
         await self.client.close()
         if self._gateway is not None:
+            self._gateway.cancel()  # it may be pausing before a reconnect
             await asyncio.gather(self._gateway, return_exceptions=True)
         if self._uses_addresses:
             _ADDRESSES.release()

@@ -28,6 +28,10 @@ class DiscordSettings(AccessSettings):
     # runs `shard_ids` of them (default: all). Unset: one connection for every guild.
     shard_count: int | None = Field(None, ge=1, le=65536)
     shard_ids: list[int] | None = None
+    # A gateway connection that ends in an error discord.py doesn't handle is opened again after
+    # 1, 2, 4, ... seconds (at most 60); after this many failures in a row, `run` gives up and exits 1.
+    reconnect_attempts: int = Field(5, ge=0, le=100)
+    reconnect_backoff_s: float = Field(1.0, gt=0, le=60)
 
     @model_validator(mode="after")
     def _shards(self) -> DiscordSettings:

@@ -179,6 +179,7 @@ class FakeDiscord:
         self.calls: list[Call] = []
         self.unknown: list[str] = []
         self.sessions: list[str] = []  # "identify" or "resume", in order
+        self.unparseable_on_identify = False  # send `send_unparseable()` to every new session
         self.identified_shards: list[list[int] | None] = []  # the `shard` of each IDENTIFY
         self.no_threads_in: set[str] = set()  # channels where the bot lacks Create Public Threads
         self.rest_failures: list[RestFailure] = []
@@ -550,6 +551,14 @@ class FakeDiscord:
                 except ConnectionError:
                     pass  # the bot is reconnecting: it gets the event when it resumes
 
+    async def send_unparseable(self) -> None:
+        """A message whose author's roles are objects instead of ids, as an independent
+        Discord-compatible server (Spacebar) sent: discord.py's parser raises TypeError inside its
+        gateway task, which ends the connection."""
+        person = self.user("Ghost")
+        member = {**self._member(person, []), "roles": [{"id": self.guild_id, "name": "@everyone"}]}
+        await self.dispatch("MESSAGE_CREATE", self._message(self.text_channel["id"], person, "boo", keep=False, member=member))
+
     async def drop(self) -> None:
         """Drop every gateway connection (close code 1001, as a load balancer going away does)."""
         for session in self._sessions:
@@ -619,6 +628,8 @@ class FakeDiscord:
         for guild_id in self.guild_names:
             if session.serves(guild_id):
                 await self.dispatch("GUILD_CREATE", self.guild(guild_id))
+        if self.unparseable_on_identify:
+            await self.send_unparseable()
         self.identified_shards.append(shard)
         self.sessions.append("identify")
         await self._notify()

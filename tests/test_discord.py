@@ -5,18 +5,22 @@ logits processor on the local backend (`tests.model_tap.ModelTap`)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import time
+
+import aiohttp
 
 import discord
 import pytest
 from PIL import Image
 
 from adapters.discord_input import thread_name
+from bot.runtime.cli import CommandError
 from bot.runtime.config import Config, ConfigError
 from bot.core.messages import Attachment
-from tests.bots import BotRun, bot_says, command_answer, discord_connected, discord_section, thread_of
+from tests.bots import BotRun, bot_says, command_answer, discord_connected, discord_section, free_port, logged, thread_of
 from tests.conftest import image_bytes, write_config
 from tests.fake_discord import FakeDiscord
 from tests.model_tap import tap  # noqa: F401 (a fixture)
@@ -474,6 +478,41 @@ async def test_a_gateway_reconnect_mid_conversation_loses_nothing(fake, start_bo
     await bot_says(fake, thread, second)
     assert "remember the word banana" in tap.prompt() and f"Assistant: {first}" in tap.prompt()
     assert fake.sessions == ["identify", "resume"]
+
+
+async def test_a_gateway_payload_that_makes_discord_py_raise_ends_in_a_reconnect(fake, start_bot, tap, caplog):
+    await start_bot(reconnect_backoff_s=0.05)
+    ann = fake.user("Ann")
+    await fake.send_unparseable()  # discord.py's gateway task raises TypeError and ends
+    await fake.wait_for(lambda: fake.sessions == ["identify", "identify"])
+    answer = tap.force_next("still listening")
+    thread = await thread_of(fake, await fake.say(ann, fake.text_channel, "are you there?", mention=True))
+    await bot_says(fake, thread, answer)
+    said = [(r.getMessage(), r.levelname) for r in caplog.records if r.name == "adapters.discord"]
+    assert ("discord.disconnected", "ERROR") in said and ("discord.reconnecting", "WARNING") in said
+    (failure,) = [r for r in caplog.records if r.getMessage() == "discord.disconnected"]
+    assert failure.exc_info is not None and failure.reason == "TypeError"  # the traceback, once
+    caplog.clear()  # the errors above are this test's subject
+
+
+async def test_a_gateway_that_keeps_failing_makes_run_exit_with_an_error_and_healthz_say_so(fake, config, tap, caplog):
+    health = config.health.model_copy(update={"enabled": True, "port": free_port()})
+    settings = discord_config(config, fake, reconnect_attempts=1, reconnect_backoff_s=2.0).model_copy(update={"health": health})
+    bot = await RunningBot(settings, fake).start()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{health.port}/healthz") as response:
+            assert response.status == 200
+        fake.unparseable_on_identify = True
+        with logged("adapters.discord") as logs:
+            await fake.send_unparseable()
+            await logs.wait_for(lambda records: any(r.msg == "discord.reconnecting" for r in records))
+        async with http.get(f"http://127.0.0.1:{health.port}/healthz") as response:  # in the pause before reconnecting
+            assert response.status == 503 and (await response.json())["adapters"] == {"discord": False}
+        with pytest.raises(CommandError, match=r"The discord connection was lost and couldn't be restored \(the gateway connection failed 2 times in a row; the last error was TypeError\)"):
+            await asyncio.wait_for(bot.task, 60)
+    assert fake.sessions == ["identify", "identify"]
+    assert any(r.getMessage() == "discord.gave_up" for r in caplog.records)
+    caplog.clear()
 
 
 async def test_a_restarted_bot_continues_the_threads_conversation(fake, start_bot, tap):

@@ -133,12 +133,17 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
                 await adapter.start()
                 started.append(adapter)
             pruning = asyncio.create_task(keep_pruned(config, runtime.store), name="prune")
-            await stop.wait()
+            broken = await _until_stopped_or_broken(stop, started)
             grace = config.bot.shutdown_grace_s
             # Adapters close by then; the rest is kept for closing the state and ending the process.
             deadline = asyncio.get_running_loop().time() + grace - min(_EXIT_S, grace / 8)
             log.info("shutdown.started", extra={"grace_s": grace})
             await runtime.shutdown(grace)
+            if broken:
+                raise CommandError(
+                    "; ".join(f"The {adapter.name} connection was lost and couldn't be restored ({adapter.failure})" for adapter in broken)
+                    + ". Stopped, so that a service manager can restart the bot."
+                )
         finally:
             if pruning is not None:
                 pruning.cancel()
@@ -150,6 +155,21 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
                     log.warning("shutdown.adapter_slow", extra={"adapter": adapter.name})
             if health is not None:
                 await health.stop()
+
+
+async def _until_stopped_or_broken(stop: asyncio.Event, adapters: list) -> list:
+    """Wait for `stop`, or for an adapter to give up on its connection (an adapter that can fail
+    has a `failed` event and a `failure` reason); returns the adapters that gave up."""
+    waits = [asyncio.create_task(stop.wait())] + [asyncio.create_task(adapter.failed.wait()) for adapter in adapters if hasattr(adapter, "failed")]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+    broken = [adapter for adapter in adapters if getattr(adapter, "failure", None)]
+    for adapter in broken:
+        log.error("run.adapter_failed", extra={"adapter": adapter.name, "reason": adapter.failure})
+    return broken
 
 
 # -- chat ------------------------------------------------------------------------------------
