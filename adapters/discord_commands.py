@@ -31,6 +31,8 @@ from bot.core.messages import Attachment, CommandRequest
 from bot.platform.sdk import Platform
 
 log = logging.getLogger(__name__)
+# Discord's error code when the bot may not do this here (for commands: no applications.commands scope).
+_MISSING_ACCESS = 50001
 
 DESCRIBE = "Describe this image in detail."
 
@@ -62,11 +64,13 @@ class BotCommands(app_commands.CommandTree):
                 self.copy_global_to(guild=guild)
                 await self.sync(guild=guild)
         except discord.HTTPException as error:
-            # The bot can still chat; only the commands are missing.
-            log.warning(
-                "discord.commands_not_registered",
-                extra={"status": error.status, "hint": "invite the bot with the applications.commands scope"},
-            )
+            # The bot can still chat; only the commands are missing. Discord's own words say why.
+            extra = {"status": error.status, "code": error.code, "error": " | ".join(error.text.splitlines())[:1000]}
+            if error.code == _MISSING_ACCESS:
+                extra["hint"] = "invite the bot with the applications.commands scope"
+            log.warning("discord.commands_not_registered", extra=extra)
+        except Exception as error:  # noqa: BLE001 (an answer discord.py can't read must not stop the start)
+            log.error("discord.commands_not_registered", extra={"error": f"{type(error).__name__}: {error}"[:1000]}, exc_info=error)
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         me = self.client.user

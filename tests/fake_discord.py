@@ -98,6 +98,7 @@ class RestFailure:
     retry_after: float = 0.2  # for 429
     after: bool = False
     lasting: bool = False
+    body: Any = None  # the answer's JSON instead of {"message", "code"} (field errors; a 200 nobody can parse)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -662,6 +663,8 @@ class FakeDiscord:
                 if failure.after:
                     await handler(request, body)
                 self.failed.append(self.calls[-1])
+                if failure.body is not None:
+                    return _json(failure.body, failure.status)
                 answer = {"message": failure.message, "code": failure.code}
                 if failure.status == 429:  # discord.py takes a 429 without a Via header for a Cloudflare ban
                     answer |= {"retry_after": failure.retry_after, "global": False}

@@ -22,7 +22,7 @@ from bot.runtime.config import Config, ConfigError
 from bot.core.messages import Attachment
 from tests.bots import BotRun, bot_says, command_answer, discord_connected, discord_section, free_port, logged, thread_of
 from tests.conftest import image_bytes, write_config
-from tests.fake_discord import FakeDiscord
+from tests.fake_discord import FakeDiscord, RestFailure
 from tests.model_tap import tap  # noqa: F401 (a fixture)
 from tests.test_images import truncated_jpeg
 
@@ -513,6 +513,32 @@ async def test_a_gateway_that_keeps_failing_makes_run_exit_with_an_error_and_hea
     assert fake.sessions == ["identify", "identify"]
     assert any(r.getMessage() == "discord.gave_up" for r in caplog.records)
     caplog.clear()
+
+
+@pytest.mark.parametrize(
+    "failure, logged_as",
+    [
+        (
+            RestFailure("PUT", "/applications/*/commands", 400, body={"message": "Invalid Form Body", "code": 50035, "errors": {"0": {"name": {"_errors": [{"code": "APPLICATION_COMMAND_INVALID_NAME", "message": "Command name is invalid"}]}}}}),
+            ("WARNING", "In 0.name: Command name is invalid"),
+        ),
+        (RestFailure("PUT", "/applications/*/commands", 403, code=50001, message="Missing Access"), ("WARNING", "Missing Access")),
+        (RestFailure("PUT", "/applications/*/commands", 200, body={"not": "a list of commands"}), ("ERROR", "")),
+    ],
+    ids=["field errors", "missing access", "an answer discord.py can't read"],
+)
+async def test_commands_that_cant_be_registered_are_logged_with_discords_words_and_the_bot_starts(fake, start_bot, tap, caplog, failure, logged_as):
+    fake.rest_failures.append(failure)
+    await start_bot(command_guild_ids=[])
+    (record,) = [r for r in caplog.records if r.getMessage() == "discord.commands_not_registered"]
+    level, words = logged_as
+    assert record.levelname == level and words in record.error
+    if failure.status == 403:
+        assert record.code == 50001 and "applications.commands" in record.hint
+    answer = tap.force_next("still here")
+    thread = await thread_of(fake, await fake.say(fake.user("Ann"), fake.text_channel, "hello?", mention=True))
+    await bot_says(fake, thread, answer)  # the bot chats all the same
+    caplog.clear()  # the logged error is this test's subject
 
 
 async def test_a_restarted_bot_continues_the_threads_conversation(fake, start_bot, tap):
