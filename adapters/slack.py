@@ -54,6 +54,7 @@ SCOPES = frozenset({"app_mentions:read", "chat:write", "files:read", "im:history
 # Message subtypes that are somebody saying something (the others are edits, joins, deletions...).
 _SAID = {None, "file_share", "thread_broadcast"}
 _CONNECT_TIMEOUT_S = 30.0
+_WATCH_EVERY_S = 1.0
 _STOP_GRACE_S = 10.0
 
 
@@ -71,6 +72,9 @@ class SlackSettings(AccessSettings):
     events_path: str = "/slack/events"
     command: str = "/idefics"
     api_base_url: str | None = None
+    # Socket Mode: slack_sdk reconnects a dropped connection by itself; one that stays down this
+    # long ends `run` with exit status 1, for a service manager to restart the bot.
+    reconnect_timeout_s: float = Field(120.0, gt=0)
 
     @classmethod
     def secrets_needed(cls, section: Mapping[str, Any]) -> list[str]:
@@ -125,6 +129,9 @@ class SlackAdapter:
         self._files: SlackFiles | None = None
         self._tasks: set[asyncio.Task] = set()
         self._socket: AsyncSocketModeHandler | None = None
+        self._watch: asyncio.Task | None = None
+        self.failed = asyncio.Event()  # set when the adapter gave up on its connection; `failure` says why
+        self.failure: str | None = None
         self._server: web.AppRunner | None = None
         self._watching: asyncio.Task | None = None  # looks for questions that stopped processes left
 
@@ -145,6 +152,7 @@ class SlackAdapter:
             await self._listen()
         else:
             await self._connect()
+            self._watch = asyncio.create_task(self._watch_socket(), name="slack-socket-watch")
         self._watching = asyncio.create_task(self.platform.watch_unanswered(self._take_over), name="slack-unanswered")
         log.info("slack.started", extra={"mode": self.settings.mode, "team": self.identity.team, "bot_user": self.identity.user_id})
 
@@ -171,8 +179,31 @@ class SlackAdapter:
         socket = self._socket.client if self._socket is not None else None
         return socket is not None and not socket.closed and socket.current_session is not None and not socket.current_session.closed
 
+    async def _watch_socket(self) -> None:
+        """Say when the Socket Mode connection drops and comes back; if it stays down for
+        `reconnect_timeout_s`, give up: `failure` says why and `failed` is set."""
+        loop = asyncio.get_running_loop()
+        down_since: float | None = None
+        while True:
+            await asyncio.sleep(_WATCH_EVERY_S)
+            if self.connected:
+                if down_since is not None:
+                    log.info("slack.reconnected", extra={"down_s": round(loop.time() - down_since, 1)})
+                    down_since = None
+                continue
+            if down_since is None:
+                down_since = loop.time()
+                log.warning("slack.disconnected")
+            elif loop.time() - down_since >= self.settings.reconnect_timeout_s:
+                self.failure = f"the Socket Mode connection has been down for {loop.time() - down_since:.0f} s"
+                log.error("slack.gave_up", extra={"down_s": round(loop.time() - down_since, 1)})
+                self.failed.set()
+                return
+
     async def stop(self) -> None:
         """Stop taking events, give replies in flight a moment to be posted, cancel the rest."""
+        if self._watch is not None:
+            self._watch.cancel()
         if self._watching is not None:
             self._watching.cancel()
             await asyncio.gather(self._watching, return_exceptions=True)

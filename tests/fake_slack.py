@@ -413,6 +413,11 @@ class FakeSlack:
             async with session.post(endpoint, data=raw, headers=headers) as response:
                 return Delivery(response.status, await response.text(), time.monotonic() - started)
 
+    async def drop_sockets(self) -> None:
+        """Close every Socket Mode connection from Slack's side, without a goodbye."""
+        for socket in self._sockets:
+            await socket.close()
+
     async def push(self, envelope_type: str, payload: dict, *, retry: int = 0) -> str:
         """Send a Socket Mode envelope over the bot's socket; returns its envelope_id."""
         envelope_id = f"env-{next(self._ids)}"

@@ -22,10 +22,11 @@ from contextlib import AsyncExitStack
 
 import pytest
 
+from bot.runtime.cli import CommandError
 from bot.runtime.config import Config, ConfigError
-from tests.bots import Harness, logged, running, slack_settings
+from tests.bots import BotRun, Harness, logged, running, slack_settings, slack_started
 from tests.conftest import image_bytes, write_config
-from tests.fake_slack import ALL_SCOPES, APP_TOKEN, BOT_ID, FakeSlack
+from tests.fake_slack import ALL_SCOPES, APP_TOKEN, BOT_ID, Failure, FakeSlack
 from tests.load_balancer import LoadBalancer
 from tests.model_tap import tap  # noqa: F401 (a fixture)
 
@@ -490,6 +491,19 @@ async def test_socket_mode_acknowledges_envelopes_and_answers(tmp_path, tiny_che
         ack = await acknowledged(await slack.push("slash_commands", payload))
         assert "/idefics caption &lt;image url&gt;" in ack["payload"]["text"]
     assert len(slack.thread(CHANNEL, mention["ts"])) == 1 and len(tap.prompts) == 1
+
+
+async def test_a_socket_that_stays_down_makes_run_exit_with_an_error(tmp_path, tiny_checkpoint, slack, logs, tap):
+    """slack_sdk reconnects a dropped socket by itself; when Slack won't give it a new one, the bot
+    says so, /healthz follows, and `run` ends with an error for a service manager to restart it."""
+    config = slack_config(tmp_path, tiny_checkpoint, slack, mode="socket", app_token=APP_TOKEN, reconnect_timeout_s=1.0)
+    bot = await BotRun(config).start(slack_started(logs))
+    slack.fail("apps.connections.open", Failure(500, lasting=True))
+    await slack.drop_sockets()
+    with pytest.raises(CommandError, match=r"The slack connection was lost and couldn't be restored \(the Socket Mode connection has been down for \d+ s\)"):
+        await asyncio.wait_for(bot.task, 60)
+    said = [record.msg for record in logs.items]
+    assert "slack.disconnected" in said and "slack.gave_up" in said
 
 
 # -- start-up --------------------------------------------------------------------------------
