@@ -69,7 +69,7 @@ class BotCommands(app_commands.CommandTree):
             if error.code == _MISSING_ACCESS:
                 extra["hint"] = "invite the bot with the applications.commands scope"
             log.warning("discord.commands_not_registered", extra=extra)
-        except Exception as error:  # noqa: BLE001 (an answer discord.py can't read must not stop the start)
+        except Exception as error:  # an answer discord.py can't read must not stop the start
             log.error("discord.commands_not_registered", extra={"error": f"{type(error).__name__}: {error}"[:1000]}, exc_info=error)
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:

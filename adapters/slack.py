@@ -37,8 +37,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 from adapters.slack_commands import SlashCommands
 from adapters.slack_delivery import SlackThread, retry_handlers
 from adapters.slack_files import SlackFiles
-from adapters.slack_text import plain_text
 from adapters.slack_http import request_check
+from adapters.slack_text import plain_text
 from bot.core.conversation import Author, ConversationKey, Unanswered
 from bot.core.messages import IncomingMessage
 from bot.platform.access import SILENT, AccessSettings, Requester, refusal_reason
@@ -241,7 +241,8 @@ class SlackAdapter:
     async def _listen(self) -> None:
         host, port = self.settings.http_host, self.settings.http_port
         endpoint = self.app.web_app(path=self.settings.events_path)
-        endpoint.middlewares.append(request_check(self.settings.signing_secret.get_secret_value()))
+        secret = self.settings.signing_secret  # required in HTTP mode: the settings say so at start-up
+        endpoint.middlewares.append(request_check(secret.get_secret_value() if secret else ""))
         runner = web.AppRunner(endpoint, access_log=None)
         await runner.setup()
         try:

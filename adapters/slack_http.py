@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def malformed(raw: bytes, content_type: str) -> str | None:
     return f"an unexpected content type ({content_type[:60]})"
 
 
-def request_check(signing_secret: str, clock: Callable[[], float] = time.time) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def request_check(signing_secret: str, clock: Callable[[], float] = time.time) -> Middleware:
     """An aiohttp middleware for the events endpoint: 401 for a bad signature, 400 for a signed but
     malformed body, and the request passed on otherwise."""
 

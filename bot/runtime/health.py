@@ -34,8 +34,6 @@ class HealthServer:
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]  # the real one when 0 was asked for
         try:
             await site.start()
         except OSError as exc:
@@ -45,7 +43,7 @@ class HealthServer:
                 "(or another idefics-bot) may be using that port: choose a free one in [health] port, or set "
                 "[health] enabled = false."
             ) from None
-        self.port = site._server.sockets[0].getsockname()[1]  # the real one when 0 was asked for
+        self.port = self._runner.addresses[0][1]  # the real one when 0 was asked for
         log.info("health.listening", extra={"host": self.host, "port": self.port})
 
     async def stop(self) -> None:

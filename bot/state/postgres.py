@@ -37,8 +37,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 
-from bot.core.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
 from bot.core.admission import RequestBuckets
+from bot.core.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
 from bot.state.lock import ConversationLocks
 from bot.state.store import EVENT_MEMORY_S, Store, StoreError, decode_parts, digests_in, encode_parts
 from model.service import ModelImage

@@ -22,8 +22,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bot.core.conversation import Author, ConversationKey, ImageRef, Part, Turn, Unanswered
 from bot.core.admission import RateLimiter, RequestBuckets
+from bot.core.conversation import Author, ConversationKey, ImageRef, Part, Turn, Unanswered
 from bot.state.lock import ConversationLocks
 from model.service import ModelImage
 
