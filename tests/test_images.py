@@ -176,5 +176,5 @@ def test_iphone_photos_and_avif_are_held_to_the_same_limits_before_decoding(monk
         prepare_image(photo, "photo", ImageLimits(max_bytes=len(photo) - 1))
     with pytest.raises(ImageRejected, match=rf"(cut off: the|could not be read: the) {label} file"):
         prepare_image(photo[: len(photo) // 2], "photo")
-    red, green, blue = prepare_image(image_bytes((200, 30, 30), size=(64, 48), kind=kind), "red").open().getpixel((30, 20))
+    red, green, blue = decode(prepare_image(image_bytes((200, 30, 30), size=(64, 48), kind=kind), "red")).getpixel((30, 20))
     assert red > 180 and green < 60 and blue < 60
