@@ -207,7 +207,7 @@ def test_start_up_problems_are_one_paragraph(tmp_path, tiny_checkpoint):
         (no_tokenizer / name).unlink()
     cases = [
         (("ask", "--model", "truncated", "hi"), {}, "Loading truncated (dtype float32, quantization none, device_map cpu) failed: Error while deserializing header"),
-        (("ask", "--model", "no-tokenizer", "hi"), {}, "The tokenizer of no-tokenizer doesn't know the IDEFICS tokens <image>"),
+        (("ask", "--model", "no-tokenizer", "hi"), {}, "The tokenizer of no-tokenizer doesn't know the IDEFICS tokens <fake_token_around_image>, <image>, <end_of_utterance>"),
         (("ask", "--model", str(tiny_checkpoint), "hi"), {"DATABASE_URL": "postgresql://idefics:s3cret@[::1/idefics"}, "[state]: url (or DATABASE_URL) can't be parsed as a URL"),
     ]
     for args, env, message in cases:
