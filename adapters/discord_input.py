@@ -12,7 +12,7 @@ import discord
 from adapters.discord_settings import DiscordSettings, discord_refusal
 from bot.core.messages import Attachment
 from bot.platform.access import SILENT, Requester
-from bot.platform.sdk import ImageRejected, download
+from bot.platform.sdk import download
 from bot.runtime.config import ImagesConfig
 
 PLATFORM = "discord"  # the platform part of conversation keys and message links

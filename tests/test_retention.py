@@ -45,8 +45,7 @@ async def open_store(request, tmp_path) -> AsyncIterator[Callable[[], Awaitable[
     async with AsyncExitStack() as stack:
 
         async def open_one() -> Store:
-            store = PostgresStore(url) if url else SQLiteStore(tmp_path / "state" / "bot.sqlite3")
-            await store.open()
+            store: Store = await PostgresStore.open(url) if url else await SQLiteStore.open(tmp_path / "state" / "bot.sqlite3")
             stack.push_async_callback(store.close)
             return store
 
@@ -145,8 +144,7 @@ def test_the_prune_command_says_what_would_go_then_deletes_it(tmp_path):
     state = tmp_path / "state" / "bot.sqlite3"
 
     async def prepare() -> None:
-        store = SQLiteStore(state)
-        await store.open()
+        store = await SQLiteStore.open(state)
         await say(store, ConversationKey("slack", "C1", "1"), ANN, RED)
         await store.put_image(GREEN)  # nothing refers to it
         await age(store, 100 * 86400)

@@ -21,8 +21,7 @@ from tests.test_slack import slack_config
 
 def make_state(path: Path) -> None:
     async def write() -> None:
-        store = SQLiteStore(path)
-        await store.open()
+        store = await SQLiteStore.open(path)
         await store.add_turn(ConversationKey("test", "c1"), Turn("user", ("hello",), Author("u1", "Ann")))
         await store.close()
 

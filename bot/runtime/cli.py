@@ -229,11 +229,10 @@ async def ask(config: Config, images: list[str], question: str, task: str, label
 
 async def prune_state(config: Config, dry_run: bool) -> int:
     """Delete now what the state no longer keeps (see bot.runtime.retention), or say what would go."""
-    from bot.runtime.app import create_store
+    from bot.runtime.app import open_store
     from bot.runtime.retention import prune
 
-    store = create_store(config)
-    await store.open()
+    store = await open_store(config)
     try:
         gone = await prune(config, store, dry_run)
     finally:
