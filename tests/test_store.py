@@ -104,6 +104,24 @@ async def test_a_message_can_be_linked_again(store):
     assert await store.conversation_of("slack", "m1") == OTHER
 
 
+async def test_a_vote_is_kept_with_its_answer_and_the_last_vote_counts(store):
+    answer = await store.add_turn(KEY, Turn("assistant", ("a dog",)))
+    assert await store.record_feedback(answer.id, "slack", "U1", "up")
+    assert await store.record_feedback(answer.id, "slack", "U2", "up")
+    assert await store.record_feedback(answer.id, "slack", "U2", "down")
+    assert await store.feedback_of(answer.id) == {"U1": "up", "U2": "down"}
+    await store.reset(KEY)
+    assert not await store.record_feedback(answer.id, "slack", "U3", "up")  # the answer is gone
+    assert await store.feedback_of(answer.id) == {}
+
+
+async def test_values_are_kept_and_replaced(store):
+    assert await store.get_value("discord.commands.global") is None
+    await store.set_value("discord.commands.global", "abc")
+    await store.set_value("discord.commands.global", "def")
+    assert await store.get_value("discord.commands.global") == "def"
+
+
 async def test_events_are_claimed_once(store):
     assert await store.claim_event("slack", "Ev1")
     assert not await store.claim_event("slack", "Ev1")

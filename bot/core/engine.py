@@ -67,6 +67,19 @@ class Engine:
         an empty Final: nothing to show. `shared` as in `IncomingMessage`."""
         return self._admitted(pending.key.platform, None, self.conversations.resume(pending, shared))
 
+    def regenerate(self, key: ConversationKey, turn_id: int, author: Author, shared: bool) -> AsyncIterator[ReplyEvent]:
+        """Answer again the question of the conversation's latest answer `turn_id`; the new answer
+        replaces it. `shared` as in `IncomingMessage`."""
+        return self._admitted(key.platform, author, self.conversations.regenerate(key, turn_id, shared))
+
+    async def record_feedback(self, platform: str, turn_id: int, user_id: str, vote: str) -> bool:
+        """Keep a person's vote ("up" or "down") on a stored answer; False if it is no longer stored."""
+        return await self.conversations.record_feedback(platform, turn_id, user_id, vote)
+
+    async def latest_answer(self, key: ConversationKey) -> int | None:
+        """The id of the conversation's latest stored answer, if its latest turn is one."""
+        return await self.conversations.latest_answer(key)
+
     def command(self, request: CommandRequest) -> AsyncIterator[ReplyEvent]:
         """Run a command of the shared table (`bot.core.commands`)."""
         return self._admitted(request.key.platform, request.author, self.commands.run(request), request.text)

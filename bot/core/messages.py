@@ -90,10 +90,13 @@ class Partial:
 
 @dataclass(frozen=True)
 class Final:
-    """The end of a reply: the model's text ("" when there is none) and notes for the asker."""
+    """The end of a reply: the model's text ("" when there is none) and notes for the asker.
+    `turn_id`: the answer as stored in its conversation (None when nothing was stored), which
+    feedback and "regenerate" refer to."""
 
     text: str
     notes: tuple[str, ...] = ()
+    turn_id: int | None = None
 
 
 ReplyEvent = Waiting | Working | Partial | Final

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from contextlib import aclosing, contextmanager
 
 from bot.core.conversation import Author, ConversationKey, Turn, Unanswered
@@ -29,6 +29,7 @@ from model.service import ModelError
 log = logging.getLogger(__name__)
 
 _RESUMED = "I was restarted while writing this answer, so it comes late."
+_NOT_LATEST = "Only the latest answer of a conversation can be written again."
 _OVERTAKEN = "A newer message arrived while this one waited, so I'll answer that one with this in mind."
 UNSAVED = "I couldn't save this conversation right now, so I can't answer it. Please try again in a little while."
 _NOT_REMEMBERED = "I couldn't save this conversation right now, so I won't remember this exchange."
@@ -122,33 +123,72 @@ class Conversations:
         return await self.store.unanswered(platform, time.time() - window)
 
     async def resume(self, pending: Unanswered, shared: bool) -> AsyncIterator[ReplyEvent]:
+        async def still_last(history: list[Turn]) -> bool:
+            # Still unanswered, and this process is the one to take it over (exactly one is).
+            return bool(history) and history[-1].id == pending.turn.id and await self.store.adopt(pending)
+
+        async for event in self._answer_stored(pending.key, still_last, shared, [_RESUMED], Final(""), "turn.resuming"):
+            yield event
+
+    async def regenerate(self, key: ConversationKey, turn_id: int, shared: bool) -> AsyncIterator[ReplyEvent]:
+        """Answer again the question whose stored answer is `turn_id`, the latest of its conversation;
+        the new answer replaces it in the history (if none comes, the old one stays)."""
+
+        async def answered_last(history: list[Turn]) -> bool:
+            return len(history) >= 2 and history[-1].id == turn_id and history[-1].role == "assistant" and history[-2].role == "user"
+
+        async for event in self._answer_stored(key, answered_last, shared, [], Final("", (_NOT_LATEST,)), "turn.regenerating", replace=True):
+            yield event
+
+    async def _answer_stored(
+        self,
+        key: ConversationKey,
+        expected: Callable[[list[Turn]], Awaitable[bool]],
+        shared: bool,
+        notes: list[str],
+        otherwise: Final,
+        event: str,
+        replace: bool = False,
+    ) -> AsyncIterator[ReplyEvent]:
+        """Answer a question that is already stored, under the conversation's hold (so that a process
+        still answering it finishes first): the last turn, or with `replace` the question of the last
+        answer, which the new answer replaces. Unless `expected(history)` (the conversation moved on,
+        or another process takes the question), the Final is `otherwise`. Logs `event` when it answers."""
         started = time.perf_counter()
-        final = Final("")
-        # Under the conversation's hold, so that a process still answering it finishes first.
+        final = otherwise
         try:
-            async with self.store.hold_conversation(pending.key):
-                history = await self.store.load_turns(pending.key)
-                # Still unanswered, and this process is the one to take it over (exactly one is).
-                if history and history[-1].id == pending.turn.id and await self.store.adopt(pending):
-                    log.info("turn.resuming", extra={"conversation": str(pending.key)})
-                    async with aclosing(self._answer(pending.key, history[:-1], history[-1], shared, [_RESUMED], started)) as events:
-                        async for event in events:
-                            if isinstance(event, Final):
-                                final = event
+            async with self.store.hold_conversation(key):
+                history = await self.store.load_turns(key)
+                if await expected(history):
+                    log.info(event, extra={"conversation": str(key)})
+                    question = len(history) - (2 if replace else 1)
+                    replacing = history[-1] if replace else None
+                    async with aclosing(self._answer(key, history[:question], history[question], shared, notes, started, replacing)) as events:
+                        async for answer in events:
+                            if isinstance(answer, Final):
+                                final = answer
                             else:
-                                yield event
+                                yield answer
         except StoreUnavailable as error:
-            final = unsaved(self.metrics, str(pending.key), error)
+            final = unsaved(self.metrics, str(key), error)
         yield final
 
     async def _answer(
-        self, key: ConversationKey, history: list[Turn], user_turn: Turn, shared: bool, notes: list[str], started: float
+        self,
+        key: ConversationKey,
+        history: list[Turn],
+        user_turn: Turn,
+        shared: bool,
+        notes: list[str],
+        started: float,
+        replacing: Turn | None = None,
     ) -> AsyncGenerator[ReplyEvent, None]:
         """Answer `user_turn` after `history` and store the answer; the last event is a Final. The
         user turn is stored first unless it already is (a resumed one). A turn that ends unanswered
         (failed, too long, cancelled) is taken back: no question stays in the store without its answer.
-        An answer that can't be stored is still given, with a note that it won't be remembered."""
-        stored = user_turn if user_turn.id is not None else None
+        With `replacing` (its stored answer), the new answer takes that one's place once it is stored,
+        and if none comes the question keeps its old answer."""
+        stored = user_turn if user_turn.id is not None and replacing is None else None
         answer: str | None = None
         model, budget = self.generation.model, self.generation.params.max_new_tokens
         try:
@@ -188,18 +228,26 @@ class Conversations:
         previous = next((turn for turn in reversed(history) if turn.role == "assistant"), None)
         if fitted.dropped and (previous is None or not previous.dropped):
             notes.append("This conversation is now longer than I can read at once, so I no longer see its oldest messages.")
-        try:
-            await self.store.add_turn(key, Turn("assistant", (answer,), dropped=fitted.dropped))
-        except StoreUnavailable as error:
-            _log_unsaved(self.metrics, str(key), error)
-            notes.append(_NOT_REMEMBERED)
-            if stored is not None and stored.id is not None:
-                await self._take_back(key, stored.id)  # else a restart would answer it again
+        answer_turn = await self.store.add_turn(key, Turn("assistant", (answer,), dropped=fitted.dropped))
+        if replacing is not None and replacing.id is not None:
+            await self.store.remove_turn(replacing.id)
         log.info(
             "turn.answered",
             extra={"conversation": str(key), "images": len(user_turn.images), "dropped": fitted.dropped, "seconds": round(time.perf_counter() - started, 3)},
         )
-        yield Final(answer, tuple(notes))
+        yield Final(answer, tuple(notes), turn_id=answer_turn.id)
+
+    async def record_feedback(self, platform: str, turn_id: int, user_id: str, vote: str) -> bool:
+        """Keep a person's vote ("up" or "down") on a stored answer, and count it; False if the answer
+        is no longer stored."""
+        recorded = await self.store.record_feedback(turn_id, platform, user_id, vote)
+        self.metrics.feedback.labels(platform=platform, vote=vote, outcome="recorded" if recorded else "gone").inc()
+        return recorded
+
+    async def latest_answer(self, key: ConversationKey) -> int | None:
+        """The stored id of the conversation's latest turn if it is an answer."""
+        turns = await self.store.load_turns(key, limit=1)
+        return turns[-1].id if turns and turns[-1].role == "assistant" else None
 
     async def _take_back(self, key: ConversationKey, turn_id: int) -> None:
         """Remove a stored turn that ends unanswered. If the state can't be written, it stays (a

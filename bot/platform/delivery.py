@@ -28,6 +28,18 @@ class Surface(Protocol):
     async def edit(self, message: Any, text: str) -> None: ...
 
 
+class Presenter(Protocol):
+    """What shows a reply from the engine's events and returns its Final once shown: `LiveReply` on a
+    `Surface`, or a platform's own way (Slack's native streams). `messages`: what it posted; `on_post`
+    is told them each time one is posted; `surface`, if it has `message_id(handle)`, names them."""
+
+    messages: list[Any]
+    on_post: Callable[[list[Any]], Awaitable[None]] | None
+    surface: Any
+
+    async def run(self, events: AsyncIterator[ReplyEvent]) -> Final: ...
+
+
 def _inside_code(text: str, position: int) -> bool:
     return text.count(_FENCE, 0, position) % 2 == 1
 

@@ -6,15 +6,17 @@
 `Platform` offers: turns and commands (`answer`, `command`, `link`), what was said in a channel's
 conversations (`conversations`, `turns`, `image`, for showing it again), the threads the bot follows
 (`follow`, `follows`, `conversation_of`), once-only events (`first_delivery`), counting events for
-/metrics (`record`), and answering the questions a killed process left unanswered, after a restart
-or, with processes sharing PostgreSQL, as soon as another notices (`watch_unanswered`, `resume`). It
-runs every adapter's messages through the same steps and logs them the same way (`<adapter>.replied`,
+/metrics (`record`), answering the questions a killed process left unanswered, after a restart
+or, with processes sharing PostgreSQL, as soon as another notices (`watch_unanswered`, `resume`),
+answering the latest question again (`latest_answer`, `regenerate`), votes on answers
+(`record_feedback`), and a few values an adapter keeps (`get_value`, `set_value`). It runs every
+adapter's messages through the same steps and logs them the same way (`<adapter>.replied`,
 `.duplicate`, `.reply_lost`, `.resumed`, with their conversation), and keeps the ids of the messages
 each reply posts, so that a process taking a question over continues in them.
-What an adapter implements in return: a `bot.platform.delivery.Surface` (post, edit) per reply, the
-errors that mean its platform didn't take a reply (`delivery_errors`), and its own settings and access
-rules (see `bot.platform.adapter`). An attachment whose file can't be had raises `ImageRejected` (or
-`FetchRefused`, from `download`) from its `read`, with words for the asker.
+What an adapter implements in return: a `bot.platform.delivery.Surface` (post, edit) per reply, or a
+`Presenter` of its own; the errors that mean its platform didn't take a reply (`delivery_errors`);
+and its own settings and access rules (see `bot.platform.adapter`). An attachment whose file can't
+be had raises `ImageRejected` (or `FetchRefused`, from `download`) from its `read`, with words for the asker.
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from bot.core.conversation import ConversationKey, ImageRef, Turn, Unanswered
+from bot.core.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
 from bot.core.engine import Engine
 from bot.core.messages import Attachment, CommandRequest, Final, IncomingMessage, ReplyEvent
 from bot.images.fetch import FetchRefused as FetchRefused  # what `download` and an attachment's `read` raise to refuse a file
 from bot.images.fetch import download as download  # a platform's file, redirects followed by the adapter's rule
 from bot.images.intake import ImageRejected as ImageRejected  # an attachment's `read` raises it to refuse a file, saying why
-from bot.platform.delivery import LiveReply
+from bot.platform.delivery import Presenter
 from bot.platform.files import local_attachment
 from bot.runtime.config import ConfigError as ConfigError  # what an adapter raises for a start-up problem its admin can fix
 from bot.runtime.config import ImagesConfig
@@ -86,6 +88,27 @@ class Platform:
     def local_file(self, source: str) -> Attachment:
         """A file path (or link) typed by the person at the keyboard, as an attachment."""
         return local_attachment(source, self._engine.intake)
+
+    def regenerate(self, key: ConversationKey, turn_id: int, author: Author, shared: bool) -> AsyncIterator[ReplyEvent]:
+        """Answer again the question of `key`'s latest answer `turn_id` (see `latest_answer`); the new
+        answer replaces it in the conversation."""
+        return self._engine.regenerate(key, turn_id, author, shared)
+
+    async def latest_answer(self, key: ConversationKey) -> int | None:
+        """The stored id of the conversation's latest answer (None if its latest turn isn't one)."""
+        return await self._engine.latest_answer(key)
+
+    async def record_feedback(self, turn_id: int, user_id: str, vote: str) -> bool:
+        """Keep a person's vote ("up" or "down") on the stored answer `turn_id` (`Final.turn_id`),
+        counted in /metrics; False if that answer is no longer stored."""
+        return await self._engine.record_feedback(self.name, turn_id, user_id, vote)
+
+    async def get_value(self, name: str) -> str | None:
+        """A value this adapter kept in the state (shared by every process on it)."""
+        return await self._store.get_value(f"{self.name}.{name}")
+
+    async def set_value(self, name: str, value: str) -> None:
+        await self._store.set_value(f"{self.name}.{name}", value)
 
     async def reset(self, key: ConversationKey) -> int:
         """Forget one conversation; returns how many turns it had."""
@@ -148,7 +171,7 @@ class Platform:
                 return False
         return True
 
-    async def answer(self, message: IncomingMessage, live: LiveReply, **about: Any) -> Final | None:
+    async def answer(self, message: IncomingMessage, live: Presenter, **about: Any) -> Final | None:
         """Answer `message` on `live`: the one path of every adapter's messages. Returns the final
         event once shown, or None if the platform didn't take the reply (counted and logged)."""
         self.record("message")
@@ -161,7 +184,7 @@ class Platform:
             self.log.info(f"{self.name}.replied", extra=extra)
         return final
 
-    async def show(self, live: LiveReply, events: AsyncIterator[ReplyEvent], key: ConversationKey, **about: Any) -> Final | None:
+    async def show(self, live: Presenter, events: AsyncIterator[ReplyEvent], key: ConversationKey, **about: Any) -> Final | None:
         """`live.run(events)`; None when the platform wouldn't take the reply in the end (after the
         adapter's own retries), which is counted and logged at ERROR with its conversation."""
         try:
@@ -200,7 +223,7 @@ class Platform:
                 return
             await asyncio.sleep(self._engine.config.bot.adopt_after_s / 4)
 
-    async def resume(self, pending: Unanswered, live: LiveReply, shared: bool, **about: Any) -> Final | None:
+    async def resume(self, pending: Unanswered, live: Presenter, shared: bool, **about: Any) -> Final | None:
         """Answer a question left unanswered, on `live`, saying the answer comes late. Build `live`
         with `messages=` the handles of `pending.reply` (the messages the stopped process had posted
         for it) to continue in them."""
@@ -212,7 +235,7 @@ class Platform:
             self.log.info(f"{self.name}.resumed", extra={"conversation": str(key), **about, "answered": bool(final.text), "messages": len(live.messages)})
         return final
 
-    def _keep_message_ids(self, live: LiveReply, question: str) -> None:
+    def _keep_message_ids(self, live: Presenter, question: str) -> None:
         """Keep the platform ids of `live`'s messages as they are posted in answer to the message
         `question`, so that a process taking the question over can edit them. A surface whose
         handles are not the ids themselves says how to get one (`message_id(handle)`)."""

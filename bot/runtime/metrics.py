@@ -24,6 +24,9 @@ class Metrics:
         self.tokens = Counter("idefics_generated_tokens", "Tokens generated", registry=r)
         self.replies = Counter("idefics_replies", "Replies finished, by how they ended", ["outcome"], registry=r)
         self.errors = Counter("idefics_errors", "Requests not answered by the model, by kind", ["kind"], registry=r)
+        self.feedback = Counter(
+            "idefics_feedback", "Votes on answers, by platform, vote and whether the answer was still stored", ["platform", "vote", "outcome"], registry=r
+        )
         self.adapter_events = Counter("idefics_adapter_events", "Platform events handled, by adapter and kind", ["adapter", "kind"], registry=r)
 
     def adapter_event(self, adapter: str, kind: str) -> None:

@@ -104,6 +104,18 @@ _MIGRATIONS = [
         updated TIMESTAMPTZ NOT NULL
     );
     """,
+    # Votes on answers, and values adapters keep (the hash of the Discord commands they published).
+    """
+    CREATE TABLE feedback (
+        turn_id BIGINT NOT NULL REFERENCES turns(id) ON DELETE CASCADE,
+        user_id TEXT NOT NULL,
+        platform TEXT NOT NULL,
+        vote TEXT NOT NULL,
+        at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (turn_id, user_id)
+    );
+    CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # A bucket that hasn't been used for a day is full again: its row can go.
@@ -584,6 +596,29 @@ class PostgresStore(Store):
             "INSERT INTO events (platform, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true", platform, event_id
         )
         return bool(claimed)
+
+    async def record_feedback(self, turn_id: int, platform: str, user_id: str, vote: str) -> bool:
+        recorded = await self._pool.fetchval(
+            "INSERT INTO feedback (turn_id, user_id, platform, vote) SELECT id, $2, $3, $4 FROM turns WHERE id=$1"
+            " ON CONFLICT (turn_id, user_id) DO UPDATE SET vote = EXCLUDED.vote, at = now() RETURNING true",
+            turn_id,
+            user_id,
+            platform,
+            vote,
+        )
+        return bool(recorded)
+
+    async def feedback_of(self, turn_id: int) -> dict[str, str]:
+        rows = await self._pool.fetch("SELECT user_id, vote FROM feedback WHERE turn_id=$1", turn_id)
+        return {row["user_id"]: row["vote"] for row in rows}
+
+    async def get_value(self, name: str) -> str | None:
+        return await self._pool.fetchval("SELECT value FROM settings WHERE name=$1", name)
+
+    async def set_value(self, name: str, value: str) -> None:
+        await self._pool.execute(
+            "INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value", name, value
+        )
 
     async def remember_image(self, platform: str, channel: str, ref: ImageRef) -> None:
         await self._pool.execute(

@@ -187,6 +187,22 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def last_image(self, platform: str, channel: str) -> ImageRef | None: ...
 
+    @abc.abstractmethod
+    async def record_feedback(self, turn_id: int, platform: str, user_id: str, vote: str) -> bool:
+        """Keep `user_id`'s vote on the stored answer `turn_id` (their last vote counts); False if that
+        answer is no longer stored (reset, or regenerated)."""
+
+    @abc.abstractmethod
+    async def feedback_of(self, turn_id: int) -> dict[str, str]:
+        """The votes on an answer: user id -> vote."""
+
+    @abc.abstractmethod
+    async def get_value(self, name: str) -> str | None:
+        """A value the bot keeps for itself (e.g. the hash of the Discord commands it registered)."""
+
+    @abc.abstractmethod
+    async def set_value(self, name: str, value: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class Forgotten:
@@ -239,6 +255,18 @@ _MIGRATIONS = [
         platform TEXT NOT NULL, question TEXT NOT NULL, messages TEXT NOT NULL, seen REAL NOT NULL,
         PRIMARY KEY (platform, question)
     );
+    """,
+    # Votes on answers, and values adapters keep (the hash of the Discord commands they published).
+    """
+    CREATE TABLE feedback (
+        turn_id INTEGER NOT NULL REFERENCES turns(id) ON DELETE CASCADE,
+        user_id TEXT NOT NULL,
+        platform TEXT NOT NULL,
+        vote TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (turn_id, user_id)
+    );
+    CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -632,6 +660,28 @@ class SQLiteStore(Store):
             return cursor.rowcount == 1
 
         return await self._run(claim)
+
+    async def record_feedback(self, turn_id: int, platform: str, user_id: str, vote: str) -> bool:
+        def record() -> bool:
+            cursor = self._db.execute(
+                "INSERT INTO feedback (turn_id, user_id, platform, vote, at) SELECT id, ?, ?, ?, ? FROM turns WHERE id=?"
+                " ON CONFLICT (turn_id, user_id) DO UPDATE SET vote = excluded.vote, at = excluded.at",
+                (user_id, platform, vote, time.time(), turn_id),
+            )
+            return cursor.rowcount == 1
+
+        return await self._run(record)
+
+    async def feedback_of(self, turn_id: int) -> dict[str, str]:
+        rows = await self._run(lambda: self._db.execute("SELECT user_id, vote FROM feedback WHERE turn_id=?", (turn_id,)).fetchall())
+        return dict(rows)
+
+    async def get_value(self, name: str) -> str | None:
+        row = await self._run(lambda: self._db.execute("SELECT value FROM settings WHERE name=?", (name,)).fetchone())
+        return row[0] if row else None
+
+    async def set_value(self, name: str, value: str) -> None:
+        await self._run(self._write, "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value", (name, value))
 
     async def remember_image(self, platform: str, channel: str, ref: ImageRef) -> None:
         await self._run(
