@@ -5,10 +5,12 @@ Where a Discord message becomes an engine call, in order:
     `_route`       whether the message is for the bot and which conversation it continues: a DM, a
                    thread the bot is in, a reply to one of its messages, or a new one opened by a mention;
     `_answer`      opens the thread if needed and hands the message to `Platform.answer`, which streams
-                   `Engine.reply(...)` into Discord (a `ChannelSurface` driven by `LiveReply`).
+                   `Engine.reply(...)` into Discord (a `ButtonedReply`: LiveReply on a `ChannelSurface`).
 Deleting the question while it is answered cancels the request (`on_raw_message_delete`). Each
 message is answered once, even if the gateway delivers it again. At start-up, the messages that a
 killed process stored but never answered are answered where they were asked (`_resume`).
+A reply carries a "Stop" button while it is written and a "Regenerate" button once it is the
+conversation's latest answer (adapters/discord_buttons.py); both keep working after a restart.
 Slash commands: adapters/discord_commands.py. Showing replies: adapters/discord_delivery.py.
 With `[discord] shard_count`, the process runs the shards `shard_ids` of the bot (`_ShardedClient`);
 its other shards run in other processes that share the state ([state] url).
@@ -18,16 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import discord
 import yarl
 
+from adapters.discord_buttons import BUTTON_TYPES
 from adapters.discord_commands import BotCommands
-from adapters.discord_delivery import NO_PINGS, ChannelSurface, live_reply
+from adapters.discord_delivery import NO_PINGS, ButtonedReply
 from adapters.discord_input import PLATFORM, Channel, attachments_of, mentions_me, question_text, refusal, refusal_notice, thread_name
 from adapters.discord_settings import DiscordSettings
+from adapters.stopping import Replies, StopOutcome
 from bot.core.conversation import Author, ConversationKey, Unanswered
 from bot.core.messages import IncomingMessage
 from bot.platform.sdk import ConfigError, Platform
@@ -95,7 +101,9 @@ class _Handlers:
     adapter: DiscordAdapter
 
     async def setup_hook(self) -> None:
-        await self.adapter.commands.register()
+        self.adapter.client.add_dynamic_items(*BUTTON_TYPES)  # buttons on messages sent before a restart work too
+        if self.adapter.publishes_commands:
+            await self.adapter.commands.register()
 
     async def on_resumed(self) -> None:
         log.info("discord.resumed")
@@ -202,6 +210,28 @@ class DiscordAdapter:
         self._stopping = False
         self.failed = asyncio.Event()  # set when the adapter gave up reconnecting; `failure` says why
         self.failure: str | None = None
+        self.replies = Replies(settings.anyone_can_stop)
+
+    @property
+    def publishes_commands(self) -> bool:
+        """Whether this process sends the commands to Discord: the one that runs shard 0 does."""
+        return self.settings.shard_count is None or 0 in (self.settings.shard_ids or [0])
+
+    async def sync_commands(self) -> list[str]:
+        """`idefics-bot sync-commands`: publish the commands now, whether or not they changed (a REST
+        login, no gateway connection); returns the scopes published."""
+        _ADDRESSES.use(self.settings.api_base_url, self.settings.gateway_url)
+        client = discord.Client(intents=discord.Intents.none())  # no handlers: its login only fetches the application
+        try:
+            if self.settings.token is None:
+                raise ConfigError(BAD_TOKEN)
+            await client.login(self.settings.token.get_secret_value())
+            return await BotCommands(client, self.platform, self.settings).register(force=True)
+        except discord.LoginFailure:
+            raise ConfigError(BAD_TOKEN) from None
+        finally:
+            await client.close()
+            _ADDRESSES.release()
 
     # -- connecting --------------------------------------------------------------------------
 
@@ -388,7 +418,7 @@ class DiscordAdapter:
         files = attachments_of(message.attachments, self.platform.images)
         channel, key, reply_to = route.channel, route.key, message if route.reply else None
         self._answering[message.id] = _current_task()
-        surface: ChannelSurface | None = None
+        reply: ButtonedReply | None = None
         try:
             if route.open_thread:
                 thread = await self._open_thread(message, thread_name(text, files))
@@ -398,24 +428,74 @@ class DiscordAdapter:
                     reply_to = message
             author = Author(str(message.author.id), message.author.display_name)
             incoming = IncomingMessage(key, author, text, files, str(message.id), route.shared)
-            surface = ChannelSurface(channel, reply_to, on_post=self._linker(key))
+            reply = self._reply(channel, reply_to, key, message.id, message.author.id)
             # "Typing…" is shown alongside, not awaited first: the reply takes the message's place in
             # its conversation at once, so a later message of the thread can't go before it.
             typing = asyncio.create_task(self._typing(channel))
             try:
-                await self.platform.answer(incoming, live_reply(surface), message_id=message.id)
+                await self.platform.answer(incoming, reply, message_id=message.id)
             finally:
                 typing.cancel()
         except asyncio.CancelledError:
-            if message.id in self._deleted and surface is not None:
+            if message.id in self._deleted and reply is not None:
                 log.info("discord.question_deleted", extra={"message_id": message.id})
-                await surface.discard()
+                await reply.discard()
             raise
         except self.delivery_errors as error:  # the thread couldn't be opened
             self.platform.lost(key, **self.describe_error(error))
         finally:
             self._answering.pop(message.id, None)
             self._deleted.discard(message.id)
+
+    def _reply(
+        self,
+        channel: discord.abc.Messageable,
+        reply_to: discord.Message | discord.PartialMessage | None,
+        key: ConversationKey,
+        reply: int,
+        asker: int,
+        begun: Sequence[Any] = (),
+    ) -> ButtonedReply:
+        """A reply in `channel` whose messages continue `key`, with its buttons (its Stop names `reply`);
+        it goes on in `begun`, the messages a stopped process had posted for it."""
+        return ButtonedReply(channel, reply_to, self._linker(key), self.replies, reply, asker, begun)
+
+    # -- buttons -----------------------------------------------------------------------------
+
+    async def stop_pressed(self, interaction: discord.Interaction, reply: int) -> None:
+        """The Stop button of the reply `reply`: its asker (or anyone, if configured) stops it."""
+        user = interaction.user
+        outcome = self.replies.stop(str(reply), str(user.id), user.display_name)
+        self.platform.record(f"stop_{outcome}")
+        log.info("discord.stop", extra={"outcome": str(outcome), "reply": reply})
+        if outcome is StopOutcome.STOPPED:
+            await interaction.response.defer()  # the reply shows that it stopped, and loses the button
+        else:
+            notice = "Only the person who asked can stop this answer." if outcome is StopOutcome.NOT_ALLOWED else "That answer is already finished."
+            await interaction.response.send_message(notice, ephemeral=True, allowed_mentions=NO_PINGS)
+
+    async def regenerate_pressed(self, interaction: discord.Interaction, turn_id: int, asker: int) -> None:
+        """The Regenerate button of the stored answer `turn_id`: the question is answered again, and
+        the new answer replaces that one in the conversation."""
+        user, message = interaction.user, interaction.message
+        key = await self.platform.conversation_of(str(message.id)) if message is not None else None
+        if user.id != asker and not self.settings.anyone_can_regenerate:
+            notice = "Only the person who asked can have this answer written again."
+        elif key is None or await self.platform.latest_answer(key) != turn_id:
+            notice = "Only the latest answer of a conversation can be written again."
+        else:
+            notice = None
+        self.platform.record("regenerate" if notice is None else "regenerate_refused")
+        channel = interaction.channel
+        if notice is not None or key is None or not isinstance(channel, discord.abc.Messageable):
+            await interaction.response.send_message(notice or "I can't write here.", ephemeral=True, allowed_mentions=NO_PINGS)
+            return
+        await interaction.response.edit_message(view=None)  # this answer is being replaced
+        author = Author(str(user.id), user.display_name)
+        events = self.platform.regenerate(key, turn_id, author, shared=not isinstance(channel, discord.DMChannel))
+        final = await self.platform.show(self._reply(channel, None, key, interaction.id, asker), events, key, regenerated=turn_id)
+        if final is not None:
+            log.info("discord.regenerated", extra={"conversation": str(key), "answered": bool(final.text)})
 
     @staticmethod
     async def _typing(channel: Channel) -> None:
@@ -451,8 +531,8 @@ class DiscordAdapter:
             shared = not isinstance(channel, discord.DMChannel)
             # In the messages the stopped process had begun for the answer, if it got as far as posting them.
             begun = [channel.get_partial_message(int(message_id)) for message_id in pending.reply]
-            live = live_reply(ChannelSurface(channel, reply_to, on_post=self._linker(key)), messages=begun)
-            await self.platform.resume(pending, live, shared, message_id=question)
+            asker = int(pending.turn.author.id) if pending.turn.author else 0
+            await self.platform.resume(pending, self._reply(channel, reply_to, key, question, asker, begun), shared, message_id=question)
         except self.delivery_errors as error:  # the place couldn't be looked up
             self.platform.lost(key, **self.describe_error(error))
         finally:

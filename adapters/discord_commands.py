@@ -11,11 +11,17 @@
 The commands are the shared table's (`bot.core.commands`), so they mean what they mean on every
 platform. Without an image, the image commands use the last image seen in the channel (and say so).
 Each command is deferred at once (Discord wants an answer within 3 seconds) and answered by editing
-that response.
+that response, so the commands also work where the app is installed to a person's account and the bot
+is not a member (any server, DM or group DM): everything goes through the interaction.
+
+Commands are sent to Discord only when they changed: a hash of each scope's command set is kept in
+the state, and only the process that runs shard 0 (or `idefics-bot sync-commands`) sends them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 
@@ -45,24 +51,42 @@ def conversation_here(interaction: discord.Interaction) -> ConversationKey:
     return ConversationKey(PLATFORM, str(interaction.channel_id))
 
 
+def command_set_hash(tree: app_commands.CommandTree, guild: discord.abc.Snowflake | None) -> str:
+    """A digest of the commands `tree` would send for `guild` (None: the global ones)."""
+    payload = sorted((command.to_dict(tree) for command in tree.get_commands(guild=guild)), key=lambda command: (command["type"], command["name"]))
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
 class BotCommands(app_commands.CommandTree):
-    """The bot's application commands, checked against the access rules before anything runs."""
+    """The bot's application commands, checked against the access rules before anything runs. They
+    may be installed to servers and to people's accounts, and run in servers, DMs and group DMs."""
 
     def __init__(self, client: discord.Client, platform: Platform, settings: DiscordSettings):
-        super().__init__(client)
+        super().__init__(
+            client,
+            allowed_installs=app_commands.AppInstallationType(guild=True, user=True),
+            allowed_contexts=app_commands.AppCommandContext(guild=True, dm_channel=True, private_channel=True),
+        )
         self.platform = platform
         self.settings = settings
         self._add_commands()
 
-    async def register(self) -> None:
-        """Publish the commands: to the configured guilds (available at once), or globally."""
+    async def register(self, *, force: bool = False) -> list[str]:
+        """Publish the commands, to the configured guilds (available at once) or globally, where they
+        changed since they were last published (or everywhere, with `force`); the scopes published."""
+        scopes: list[discord.Object | None] = [discord.Object(int(guild_id)) for guild_id in self.settings.command_guild_ids] or [None]
+        published = []
         try:
-            if not self.settings.command_guild_ids:
-                await self.sync()
-            for guild_id in self.settings.command_guild_ids:
-                guild = discord.Object(int(guild_id))
-                self.copy_global_to(guild=guild)
+            for guild in scopes:
+                if guild is not None:
+                    self.copy_global_to(guild=guild)
+                scope = str(guild.id) if guild is not None else "global"
+                name, digest = f"commands.{self.client.application_id}.{scope}", command_set_hash(self, guild)
+                if not force and await self.platform.get_value(name) == digest:
+                    continue
                 await self.sync(guild=guild)
+                await self.platform.set_value(name, digest)
+                published.append(scope)
         except discord.HTTPException as error:
             # The bot can still chat; only the commands are missing. Discord's own words say why.
             extra = {"status": error.status, "code": error.code, "error": " | ".join(error.text.splitlines())[:1000]}
@@ -71,10 +95,13 @@ class BotCommands(app_commands.CommandTree):
             log.warning("discord.commands_not_registered", extra=extra)
         except Exception as error:  # an answer discord.py can't read must not stop the start
             log.error("discord.commands_not_registered", extra={"error": f"{type(error).__name__}: {error}"[:1000]}, exc_info=error)
+        log.info("discord.commands", extra={"published": ",".join(published) or "none (unchanged)"})
+        return published
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        # Where the app is installed to the person's account, the bot may not know the server.
         me = self.client.user
-        reason = "own message" if me is None else refusal(self.settings, interaction.user, interaction.channel, me)
+        reason = "own message" if me is None else refusal(self.settings, interaction.user, interaction.channel, me, interaction.guild_id)
         self.platform.record("command" if reason is None else "refused")
         if reason is None:
             return True

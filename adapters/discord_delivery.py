@@ -8,14 +8,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
 import discord
 from discord.utils import escape_markdown
 
-from bot.core.messages import ReplyEvent
+from adapters.discord_buttons import RegenerateButton, StopButton, buttons
+from adapters.stopping import Replies, stoppable
+from bot.core.messages import Final, ReplyEvent
 from bot.platform.delivery import LiveReply, Surface
 
 log = logging.getLogger(__name__)
@@ -39,26 +41,31 @@ def live_reply(surface: Surface, **options: Any) -> LiveReply:
 
 
 class ChannelSurface:
-    """Messages in a channel, thread or DM. The first answers `reply_to` (when given); every message is
-    linked to the conversation through `on_post`, so replying to any of them continues it."""
+    """Messages in a channel, thread or DM. The first answers `reply_to` (when given) and carries
+    `controls` (the Stop button) while the reply is written; every message is linked to the
+    conversation through `on_post`, so replying to any of them continues it."""
 
     def __init__(
         self,
         channel: discord.abc.Messageable,
         reply_to: discord.Message | discord.PartialMessage | None = None,
         on_post: Callable[[discord.Message], Awaitable[None]] | None = None,
+        controls: discord.ui.View | None = None,
     ):
         self.channel = channel
         self.reply_to = reply_to
         self.on_post = on_post
+        self.controls = controls
         self.posted: list[discord.Message] = []
 
     async def post(self, text: str) -> discord.Message:
-        if self.reply_to is not None and not self.posted:
-            reference = self.reply_to.to_reference(fail_if_not_exists=False)
-            message = await self.channel.send(text, reference=reference, allowed_mentions=NO_PINGS)
-        else:
-            message = await self.channel.send(text, allowed_mentions=NO_PINGS)
+        options: dict[str, Any] = {"allowed_mentions": NO_PINGS}
+        if not self.posted:  # the first message answers the question and carries the controls
+            if self.reply_to is not None:
+                options["reference"] = self.reply_to.to_reference(fail_if_not_exists=False)
+            if self.controls is not None:
+                options["view"] = self.controls
+        message = await self.channel.send(text, **options)
         self.posted.append(message)
         if self.on_post is not None:
             await self.on_post(message)
@@ -72,11 +79,55 @@ class ChannelSurface:
         """A posted message's id, as the platform SDK keeps it."""
         return str(message.id)
 
+    async def finish(self, buttons: discord.ui.View | None) -> None:
+        """The reply is shown: the Stop button goes, and the last message gets `buttons` (if any)."""
+        if not self.posted or (self.controls is None and buttons is None):
+            return
+        first, last = self.posted[0], self.posted[-1]
+        if first is not last and self.controls is not None:
+            await first.edit(view=None)
+        await last.edit(view=buttons)
+
     async def discard(self) -> None:
         """Delete what was posted (the question was deleted, so its answer goes too)."""
         for message in self.posted:
             with contextlib.suppress(discord.HTTPException):  # already gone, or not ours to delete any more
                 await message.delete()
+
+
+class ButtonedReply(LiveReply):
+    """A reply on a `ChannelSurface` (LiveReply the Discord way, continuing in `messages` if a stopped
+    process had begun them) with a Stop button while it is written (the reply is known as `reply` in
+    `replies`, and stoppable by `asker` or as `replies` allows), and a Regenerate button for `asker` on
+    the finished answer, if it was stored."""
+
+    def __init__(
+        self,
+        channel: discord.abc.Messageable,
+        reply_to: discord.Message | discord.PartialMessage | None,
+        on_post: Callable[[discord.Message], Awaitable[None]] | None,
+        replies: Replies,
+        reply: int,
+        asker: int,
+        messages: Sequence[Any] = (),
+    ):
+        self.channel_surface = ChannelSurface(channel, reply_to, on_post, controls=buttons(StopButton(reply)))
+        super().__init__(self.channel_surface, limit=MESSAGE_LIMIT, note=note, messages=messages)
+        self.replies = replies
+        self.reply = str(reply)
+        self.asker = asker
+
+    async def run(self, events: AsyncIterator[ReplyEvent]) -> Final:
+        writing = self.replies.start(self.reply, str(self.asker))
+        try:
+            final = await super().run(stoppable(events, writing))
+        finally:
+            self.replies.done(self.reply)
+        await self.channel_surface.finish(buttons(RegenerateButton(final.turn_id, self.asker)) if final.turn_id else None)
+        return final
+
+    async def discard(self) -> None:
+        await self.channel_surface.discard()
 
 
 class InteractionSurface:

@@ -33,21 +33,27 @@ _REFUSAL_NOTICE = "Sorry, I'm not available to you here."
 
 
 def refusal(
-    rules: DiscordSettings, user: discord.abc.User, channel: discord.abc.Messageable | discord.abc.GuildChannel | None, me: discord.ClientUser
+    rules: DiscordSettings,
+    user: discord.abc.User,
+    channel: discord.abc.Messageable | discord.abc.GuildChannel | None,
+    me: discord.ClientUser,
+    guild_id: int | None = None,
 ) -> str | None:
-    """Why `user` writing in `channel` may not use the bot (a thread counts as its parent too), or None."""
+    """Why `user` writing in `channel` may not use the bot (a thread counts as its parent too), or None.
+    `guild_id`: the channel's server when the bot may not know it (a command of a user install)."""
     guild = getattr(channel, "guild", None)
+    guild_id = guild.id if guild is not None else guild_id
     parent = channel.parent_id if isinstance(channel, discord.Thread) else None
     who = Requester(
         user_id=str(user.id),
         channel_id=str(getattr(channel, "id", "")) if channel is not None else "",
-        is_dm=guild is None,
+        is_dm=guild_id is None,
         is_bot=user.bot,
         is_self=user.id == me.id,
         parent_channel_id=str(parent) if parent else None,
     )
     roles = tuple(str(role.id) for role in getattr(user, "roles", ()))
-    return discord_refusal(rules, who, str(guild.id) if guild is not None else None, roles)
+    return discord_refusal(rules, who, str(guild_id) if guild_id is not None else None, roles)
 
 
 def refusal_notice(reason: str) -> str | None:

@@ -22,6 +22,9 @@ class DiscordSettings(AccessSettings):
     reply_in_thread: bool = True
     refusal_notice: bool = False  # tell refused users so (ephemerally) instead of ignoring them
     command_guild_ids: list[str] = []
+    # Who may press the buttons on an answer: its asker only, unless these are on.
+    anyone_can_stop: bool = False
+    anyone_can_regenerate: bool = False
     api_base_url: str | None = None
     gateway_url: str | None = None
     # Sharding: the bot's guilds are split over `shard_count` gateway connections, and this process

@@ -1,19 +1,26 @@
-"""The Slack adapter: IDEFICS as a workspace assistant in threads and DMs, on slack-bolt's `AsyncApp`.
+"""The Slack adapter: IDEFICS as a workspace assistant in threads, DMs and the assistant panel, on
+slack-bolt's `AsyncApp`.
 
     Slack event -> SlackAdapter._on_message -> _answer -> IncomingMessage -> Platform.answer -> Engine.reply
-                -> LiveReply -> SlackThread (the thread)
+                -> SlackReply (a native stream, or LiveReply on a SlackThread) -> the thread
 
 - A mention in a channel is answered in that message's thread; later messages in a thread the bot
-  talks in continue the conversation without a mention. In DMs every message is a turn.
+  talks in continue the conversation without a mention. In DMs every message is a turn; a thread of
+  a DM (as every chat of the assistant panel is) is a conversation of its own.
+- The assistant panel (`slack_assistant`): a greeting and suggested prompts when a thread opens, its
+  title from the first question, the status line while the model works.
 - Bolt acknowledges each event before our listener runs; the work happens in a task of the adapter.
   Retries and re-deliveries are recognised by `event_id` (and the message's own ts, because a mention
   also arrives as a `message` event) in the store, so each message gets one answer, across restarts too.
-- The reply appears as a placeholder at once and is edited as the text streams in (`LiveReply`);
-  posts and edits go through Slack's failures as `slack_delivery` says, and a reply that can't be
-  posted in the end is logged with its conversation.
+- Replies stream natively in threads, or appear as a placeholder edited as the text comes, with Stop
+  and feedback buttons (`slack_reply`, whose clicks `slack_actions` handles); posts and edits go
+  through Slack's failures as `slack_delivery` says, and a reply that can't be posted in the end is
+  logged with its conversation.
+- The "Describe image" message shortcut answers in the thread of the message it was used on.
 - At start-up, messages that a killed process stored but never answered are answered in their threads.
 - Socket Mode (default, needs the app token) or HTTP mode (Bolt checks signatures and answers
-  `url_verification`). The slash command lives in `slack_commands`, file downloads in `slack_files`.
+  `url_verification`); events, commands and interactivity arrive the same way in both. The slash
+  command lives in `slack_commands`, file downloads in `slack_files`.
 """
 
 from __future__ import annotations
@@ -34,23 +41,28 @@ from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.slack_actions import SlackActions
+from adapters.slack_assistant import GREETING, PROMPTS, assistant, thread_title
+from adapters.slack_blocks import DESCRIBE_IMAGE, FEEDBACK, STOP
 from adapters.slack_commands import SlashCommands
 from adapters.slack_delivery import SlackThread, retry_handlers
 from adapters.slack_files import SlackFiles
 from adapters.slack_http import request_check
+from adapters.slack_reply import LOOKING, THINKING, Place, SlackReplies
 from adapters.slack_text import plain_text
 from bot.core.conversation import Author, ConversationKey, Unanswered
 from bot.core.messages import IncomingMessage
 from bot.platform.access import SILENT, AccessSettings, Requester, refusal_reason
-from bot.platform.delivery import LiveReply
 from bot.platform.sdk import ConfigError, Platform
 
 log = logging.getLogger(__name__)
 
-MESSAGE_LIMIT = 3500  # Slack starts refusing messages (msg_too_long) around 4,000 characters
-PLACEHOLDER = "_Thinking…_"
-# The scopes the adapter relies on (see the README's manifest); a missing one gets a warning at start-up.
-SCOPES = frozenset({"app_mentions:read", "chat:write", "files:read", "im:history", "channels:history", "commands"})
+# Slack refuses messages around 4,000 characters (msg_too_long), and a section block (which carries the
+# text when a message has buttons) holds 3,000.
+MESSAGE_LIMIT = 3000
+# The scopes the adapter uses, as slack-manifest.yml asks for them; a missing one gets a warning at start-up.
+SCOPES = frozenset({"app_mentions:read", "assistant:write", "channels:history", "chat:write", "commands", "files:read", "im:history"})
+DESCRIBE = "Describe this image in detail."
 # Message subtypes that are somebody saying something (the others are edits, joins, deletions...).
 _SAID = {None, "file_share", "thread_broadcast"}
 _CONNECT_TIMEOUT_S = 30.0
@@ -75,6 +87,8 @@ class SlackSettings(AccessSettings):
     # Socket Mode: slack_sdk reconnects a dropped connection by itself; one that stays down this
     # long ends `run` with exit status 1, for a service manager to restart the bot.
     reconnect_timeout_s: float = Field(120.0, gt=0)
+    anyone_can_stop: bool = False  # the Stop button on a reply being written: its asker only, unless on
+    native_streaming: bool = True  # replies in threads stream through chat.startStream where the workspace allows it
 
     @classmethod
     def secrets_needed(cls, section: Mapping[str, Any]) -> list[str]:
@@ -122,9 +136,18 @@ class SlackAdapter:
             request_verification_enabled=http,  # Socket Mode messages come over our own authenticated socket
         )
         self.commands = SlashCommands(platform, settings, self._spawn, MESSAGE_LIMIT, settings.command)
+        self.replies = SlackReplies(
+            self.client, message_limit=MESSAGE_LIMIT, anyone_can_stop=settings.anyone_can_stop, native_streaming=settings.native_streaming
+        )
+        actions = SlackActions(platform, settings, self.replies)
+        # The assistant's listeners come first: Bolt hands them the messages of DM threads.
+        self.app.assistant(assistant(self._on_assistant_started, self._on_assistant_message))
         self.app.event("app_mention")(self._on_message)
         self.app.event("message")(self._on_message)
         self.app.command(settings.command)(self.commands.handle)
+        self.app.action(STOP)(actions.on_stop)
+        self.app.action(FEEDBACK)(actions.on_feedback)
+        self.app.shortcut(DESCRIBE_IMAGE)(self._on_describe)
         self._identity: Identity | None = None  # both known once started
         self._files: SlackFiles | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -293,7 +316,26 @@ class SlackAdapter:
         retry = request.headers.get("x-slack-retry-num", ["0"])[0]
         self._spawn(self._answer(event, body.get("event_id", ""), retry), f"slack-{event.get('type', 'event')}")
 
-    async def _answer(self, event: dict, event_id: str, retry: str) -> None:
+    async def _on_assistant_message(self, event: dict, body: dict, request: AsyncBoltRequest) -> None:
+        """A message in a DM thread (an assistant-panel chat): as any message, and it may name the thread."""
+        retry = request.headers.get("x-slack-retry-num", ["0"])[0]
+        self._spawn(self._answer(event, body.get("event_id", ""), retry, titled=True), "slack-assistant-message")
+
+    async def _on_assistant_started(self, event: dict, body: dict) -> None:
+        """Someone opened a chat with the bot in the assistant panel: greet them, once."""
+        self._spawn(self._greet(event["assistant_thread"], body.get("event_id", "")), "slack-assistant-started")
+
+    async def _greet(self, thread: dict, event_id: str) -> None:
+        channel, thread_ts, user = thread["channel_id"], thread["thread_ts"], thread.get("user_id", "")
+        if refusal_reason(self.settings, Requester(user_id=user, channel_id=channel, is_dm=True)) is not None:
+            return
+        if not await self.platform.first_delivery(*filter(None, (event_id,)), event_id=event_id):
+            return
+        await SlackThread(self.client, channel, thread_ts).post(GREETING)
+        await self.client.assistant_threads_setSuggestedPrompts(channel_id=channel, thread_ts=thread_ts, title="Try:", prompts=list(PROMPTS))
+        log.info("slack.assistant_greeted", extra={"channel": channel})
+
+    async def _answer(self, event: dict, event_id: str, retry: str, titled: bool = False) -> None:
         """Where a Slack message becomes a turn of a conversation and its reply."""
         route = await self._route(event, event_id)
         if route is None:
@@ -309,10 +351,52 @@ class SlackAdapter:
             text=plain_text(event.get("text", ""), self.identity.user_id),
             attachments=tuple(self.files.attachment(file) for file in event.get("files", [])),
             message_id=event["ts"],
-            shared=bool(key.thread),  # channels: several people talk; DMs: one
+            shared=event.get("channel_type") != "im",  # channels: several people talk; DMs: one
         )
-        live = LiveReply(SlackThread(self.client, event["channel"], reply_thread), limit=MESSAGE_LIMIT, placeholder=PLACEHOLDER)
-        await self.platform.answer(message, live, event_id=event_id)
+        if titled and key.thread and not await self.platform.follows(key):
+            self._spawn(self._title(key, message.text), "slack-assistant-title")
+        working = LOOKING if message.attachments else THINKING
+        reply = self.replies.reply(Place(event["channel"], reply_thread, message.author.id, self.identity.team), event["ts"], working)
+        await self.platform.answer(message, reply, event_id=event_id)
+
+    async def _title(self, key: ConversationKey, question: str) -> None:
+        """Name an assistant-panel chat after its first question."""
+        await self.client.assistant_threads_setTitle(channel_id=key.channel, thread_ts=key.thread, title=thread_title(question))
+
+    # -- the message shortcut ----------------------------------------------------------------
+
+    async def _on_describe(self, ack, shortcut: dict, respond) -> None:
+        """"Describe image" on a message: the bot describes its images in the message's thread."""
+        await ack()
+        user, channel, message = shortcut["user"], shortcut["channel"]["id"], shortcut["message"]
+        who = Requester(user_id=user["id"], channel_id=channel, is_dm=channel.startswith("D"))
+        if refusal_reason(self.settings, who) is not None:
+            self.platform.record("refused")
+            await respond(text="Sorry, I'm not available to you here.", response_type="ephemeral")
+            return
+        files = [self.files.attachment(file) for file in message.get("files", [])]
+        if not any(file.looks_like_image() for file in files):
+            await respond(text="That message has no image attached.", response_type="ephemeral")
+            return
+        self._spawn(self._describe(shortcut, files, respond), "slack-describe-image")
+
+    async def _describe(self, shortcut: dict, files: list, respond) -> None:
+        user, channel, message = shortcut["user"], shortcut["channel"]["id"], shortcut["message"]
+        root = message.get("thread_ts") or message["ts"]
+        key = ConversationKey("slack", channel, root)
+        await self.platform.follow(key, f"{channel}/{root}")  # follow-ups in the thread are for the bot
+        name = user.get("name") or user.get("username") or user["id"]
+        incoming = IncomingMessage(key, Author(user["id"], name), DESCRIBE, tuple(files), f"shortcut/{shortcut['action_ts']}", shared=True)
+        reply = self.replies.reply(Place(channel, root, user["id"], self.identity.team), incoming.message_id, LOOKING)
+        try:
+            final = await reply.run(self.platform.reply(incoming))
+        except SlackApiError as error:
+            if error.response.get("error") not in ("not_in_channel", "channel_not_found"):
+                raise
+            await respond(text="I can't post in this conversation: invite me to it first (/invite @IDEFICS).", response_type="ephemeral")
+            return
+        self.platform.record("command")
+        log.info("slack.described", extra={"conversation": str(key), "answered": bool(final.text)})
 
     def _take_over(self, pending: Unanswered) -> None:
         self._spawn(self._resume(pending), "slack-resume")
@@ -320,12 +404,12 @@ class SlackAdapter:
     async def _resume(self, pending: Unanswered) -> None:
         """Answer, in its thread, a message that a stopped process left unanswered: in the messages it
         had begun for the answer (their handles are Slack's ts), if it got as far as posting them."""
-        key = pending.key
-        thread = SlackThread(self.client, key.channel, key.thread or None)
-        # No placeholder: of several processes that try, only the one that adopts the question may
-        # touch those messages, and it learns that it did only once the engine's events begin.
-        live = LiveReply(thread, limit=MESSAGE_LIMIT, messages=pending.reply)
-        await self.platform.resume(pending, live, shared=bool(key.thread), message_ts=pending.turn.message_id)
+        key, asker = pending.key, pending.turn.author.id if pending.turn.author else ""
+        place = Place(key.channel, key.thread or None, asker, self.identity.team)
+        # No placeholder and no status: of several processes that try, only the one that adopts the
+        # question may touch the thread, and it learns that it did only once the engine's events begin.
+        reply = self.replies.reply(place, pending.turn.message_id, THINKING, begun=pending.reply, taken_over=True)
+        await self.platform.resume(pending, reply, shared=not key.channel.startswith("D"), message_ts=pending.turn.message_id)
 
     async def _route(self, event: dict, event_id: str) -> tuple[ConversationKey, str | None] | None:
         """The conversation a message belongs to and the thread to answer in, or None if the bot
@@ -344,8 +428,10 @@ class SlackAdapter:
         )
         reason = refusal_reason(self.settings, who)
         if reason is None:
+            if is_dm and "thread_ts" in event:  # a chat of the assistant panel, or a thread of the DM
+                return ConversationKey("slack", channel, event["thread_ts"]), event["thread_ts"]
             if is_dm:
-                return ConversationKey("slack", channel), event.get("thread_ts")
+                return ConversationKey("slack", channel), None
             root = event.get("thread_ts") or event["ts"]
             key = ConversationKey("slack", channel, root)
             mentioned = event.get("type") == "app_mention" or f"<@{self.identity.user_id}>" in event.get("text", "")

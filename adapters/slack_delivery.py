@@ -31,14 +31,21 @@ from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.slack_blocks import with_text
 from adapters.slack_text import escape
 
 log = logging.getLogger(__name__)
 
 RETRIES = 3  # per call, after the first attempt
 RETRY_BASE_S = 0.5  # the first pause after a server error; it doubles each time (with jitter)
-# Methods that change something each time they are called: never repeated blindly.
-_NOT_REPEATABLE = frozenset({"chat.postMessage", "chat.postEphemeral", "chat.scheduleMessage", "chat.meMessage", "files.completeUploadExternal"})
+# Methods that change something each time they are called: never repeated blindly (a stream's
+# start posts, and each append adds its text again).
+_NOT_REPEATABLE = frozenset(
+    {
+        *("chat.postMessage", "chat.postEphemeral", "chat.scheduleMessage", "chat.meMessage", "files.completeUploadExternal"),
+        *("chat.startStream", "chat.appendStream"),
+    }
+)
 _METADATA_TYPE = "idefics_reply"
 _CLOCK_SKEW_S = 60.0  # how far Slack's clock may be behind ours, when reading back recent messages
 
@@ -90,14 +97,16 @@ class SlackThread:
     """Where one reply is shown (a thread, or a DM): the `Surface` that `LiveReply` drives.
 
     Text is escaped, so the model can't ping anyone. Edits are retried by the client's handlers;
-    posts as the module's docstring says."""
+    posts as the module's docstring says. `controls` are blocks under the text (buttons): with them
+    the text goes into a section block too, as Slack shows blocks instead of the text; `[]` on an
+    edit removes them, None leaves the message without blocks."""
 
     def __init__(self, client: AsyncWebClient, channel: str, thread_ts: str | None):
         self.client = client
         self.channel = channel
         self.thread_ts = thread_ts
 
-    async def post(self, text: str) -> str:
+    async def post(self, text: str, controls: list[dict] | None = None) -> str:
         mark = uuid.uuid4().hex
         since = time.time() - _CLOCK_SKEW_S
         attempt = 0
@@ -107,6 +116,7 @@ class SlackThread:
                     channel=self.channel,
                     thread_ts=self.thread_ts,
                     text=escape(text),
+                    blocks=with_text(escape(text), controls) if controls else None,
                     unfurl_links=False,
                     unfurl_media=False,
                     metadata={"event_type": _METADATA_TYPE, "event_payload": {"mark": mark}},
@@ -125,8 +135,17 @@ class SlackThread:
             await asyncio.sleep(pause(attempt))
             attempt += 1
 
-    async def edit(self, message: str, text: str) -> None:
-        await self.client.chat_update(channel=self.channel, ts=message, text=escape(text))
+    async def edit(self, message: str, text: str, controls: list[dict] | None = None) -> None:
+        blocks = None if controls is None else with_text(escape(text), controls)
+        await self.client.chat_update(channel=self.channel, ts=message, text=escape(text), blocks=blocks)
+
+    async def delete(self, message: str) -> None:
+        """Remove one of the bot's messages; if Slack won't, it stays (logged)."""
+        try:
+            await self.client.chat_delete(channel=self.channel, ts=message)
+        except (SlackApiError, aiohttp.ClientError, TimeoutError) as error:
+            reason = error.response.get("error") if isinstance(error, SlackApiError) else type(error).__name__
+            log.warning("slack.delete_failed", extra={"channel": self.channel, "error": reason})
 
     async def _find(self, mark: str, since: float) -> str | None:
         """The ts of our message marked `mark` if it is in the thread (or DM), "" if it isn't, None

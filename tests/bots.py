@@ -104,9 +104,11 @@ async def command_answer(fake: FakeDiscord, interaction: Interaction, text: str,
 
 
 def slack_settings(slack: FakeSlack, **settings) -> dict:
-    """[slack] keys for a bot on `slack` in HTTP mode, listening on a free port of 127.0.0.1."""
+    """[slack] keys for a bot on `slack` in HTTP mode, listening on a free port of 127.0.0.1. Replies
+    are shown as edited placeholders unless `native_streaming=True` (tests/test_slack_surfaces.py)."""
     return {
         "mode": "http",
+        "native_streaming": False,
         "bot_token": BOT_TOKEN,
         "signing_secret": SIGNING_SECRET,
         "http_host": "127.0.0.1",

@@ -386,7 +386,7 @@ class FakeDiscord:
             "flags": 0,
             **extra,
         }
-        if channel["type"] != 1:
+        if channel["type"] not in (1, 3):
             message["guild_id"] = channel["guild_id"]
         if keep:
             self.messages[message["id"]] = message
@@ -429,6 +429,11 @@ class FakeDiscord:
         message = self._message(channel["id"], author, content, **extra)
         await self.dispatch("MESSAGE_CREATE", message)
         return message
+
+    def unseen_message(self, author: dict, channel: dict, content: str = "", *, attachments: tuple[dict, ...] = ()) -> dict:
+        """A message in a channel the bot is not in (no event reaches it), for a user-installed command to target."""
+        assert not self.bot_can_post_in(channel), "the bot would see this message: use say()"
+        return self._message(channel["id"], author, content, attachments=list(attachments))
 
     async def delete(self, message: dict) -> None:
         del self.messages[message["id"]]

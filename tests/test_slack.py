@@ -36,9 +36,10 @@ PLACEHOLDER = "_Thinking…_"
 
 
 def slack_config(
-    tmp_path, checkpoint, slack: FakeSlack, *, max_new_tokens: int = 64, state_url: str | None = None, **settings
+    tmp_path, checkpoint, slack: FakeSlack, *, max_new_tokens: int = 64, state_url: str | None = None, extra: str = "", **settings
 ) -> Config:
-    """[slack] `settings` on the fake; the state in a SQLite file, or in the PostgreSQL database `state_url`."""
+    """[slack] `settings` on the fake; the state in a SQLite file, or in the PostgreSQL database `state_url`;
+    `extra`: more sections of the config file."""
     section = "\n".join(f"{key} = {json.dumps(value)}" for key, value in slack_settings(slack, **settings).items())
     state = f'url = "{state_url}"' if state_url else f'path = "{tmp_path / "state" / "bot.sqlite3"}"'
     return write_config(
@@ -58,6 +59,7 @@ per_user_per_minute = 0
 {state}
 [slack]
 {section}
+{extra}
 """,
     )
 
@@ -429,8 +431,10 @@ async def test_a_long_reply_continues_in_further_thread_messages(tmp_path, tiny_
     async with running(config, logs, tap):
         mention = slack.mention(CHANNEL, ANN, "Tell me everything")
         thread = await Harness(slack, config, logs, tap).answer(mention, timeout=300)
-    assert len(thread) == 3 and all(len(message.text) <= 3500 for message in thread)
+    # 3,000 characters a message: the text of the last one also goes into a section block, with its buttons.
+    assert len(thread) == 4 and all(len(message.text) <= 3000 for message in thread)
     assert all(message.thread_ts == mention["ts"] for message in thread)
+    assert [bool(message.actions()) for message in thread] == [False, False, False, True]
     assert " ".join(message.text for message in thread).split() == words.split()
 
 

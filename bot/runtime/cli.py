@@ -1,4 +1,4 @@
-"""The `idefics-bot` command: run, chat, ask, render, tiny-checkpoint.
+"""The `idefics-bot` command: run, chat, ask, render, sync-commands, tiny-checkpoint.
 
 Every failure a person can cause (a bad config, a missing model, a bad image) ends with a short
 message on stderr and a non-zero exit, never a traceback.
@@ -172,6 +172,28 @@ async def _until_stopped_or_broken(stop: asyncio.Event, adapters: list) -> list:
     return broken
 
 
+# -- sync-commands ---------------------------------------------------------------------------
+
+
+async def sync_commands(config: Config, source: str) -> int:
+    """Publish the chat commands of every enabled platform that has them, changed or not (adapters
+    keep in the state what they published). The services open as for `run`, model included."""
+    from bot.runtime.app import Runtime, enabled_adapters
+
+    names = enabled_adapters(config)
+    if not names:
+        raise CommandError(_nothing_enabled(config, source))
+    async with Runtime.open(config) as runtime:
+        for name in names:
+            publish = getattr(runtime.adapter(name), "sync_commands", None)
+            if publish is None:
+                print(f"{name}: has no commands to publish.")
+                continue
+            scopes = await publish()
+            print(f"{name}: published the commands to {', '.join(scopes) or 'nowhere (refused: see the log)'}.")
+    return 0
+
+
 # -- chat ------------------------------------------------------------------------------------
 
 
@@ -338,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("run", "Run the bot on every chat platform enabled in the config.")
     add("chat", "Chat with the model in this terminal (/image PATH_OR_URL, /reset, /quit).")
+    add("sync-commands", "Publish the chat commands (Discord's slash commands) now; `run` publishes them only when they changed.", model=False)
     ask_command = add("ask", "Ask one question about one or more images and print the answer.")
     ask_command.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL", help="an image file or http(s) link (repeatable)")
     ask_command.add_argument("--task", choices=TASKS, default="chat", help="prompt template (default: chat)")
@@ -392,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prune":
             return asyncio.run(prune_state(config, args.dry_run))
         source = args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else "built-in defaults")
+        if args.command == "sync-commands":
+            return asyncio.run(sync_commands(config, str(source)))
         asyncio.run(run_bot(config, str(source)))
         _end_now(0)
     except (CommandError, ConfigError, ModelLoadError, StoreError, AdapterMissing, HealthUnavailable) as error:

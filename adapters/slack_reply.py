@@ -1,0 +1,207 @@
+"""Showing one Slack reply, from the engine's events to the thread.
+
+    events -> stoppable -> SlackStream (native streaming)            -> feedback buttons at the stop
+                        \\-> LiveReply on a ButtonedThread (fallback) -> feedback buttons on the last message
+
+- In a thread, the reply streams natively (`slack_stream`) unless `[slack] native_streaming` is off or
+  the workspace refused it before:
+  the first refusal of `chat.startStream` switches this workspace to the fallback for good (logged once,
+  `slack.streaming_unavailable`), and the reply that met it continues there with nothing lost.
+- The fallback is the placeholder that is edited as the text comes (`LiveReply`), as in a DM outside
+  threads, where Slack can't stream.
+- While the model works, the thread's status line says so (the place in the queue, or "is looking at
+  your image…") where no placeholder does: beside a native stream, and in the assistant panel's
+  chats (threads of a DM). A Stop button is on the reply: on the placeholder, or, as a native stream
+  takes no buttons until it ends, on a small message under the stream that goes when it ends. Only
+  the asker may press it, unless `[slack] anyone_can_stop`. A finished answer carries feedback buttons.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from adapters.slack_blocks import StopValue, feedback_blocks, stop_button
+from adapters.slack_delivery import SlackThread, transient
+from adapters.slack_stream import SlackStream, StreamRefused
+from adapters.stopping import Replies, stoppable
+from bot.core.messages import Final, ReplyEvent
+from bot.platform.delivery import LiveReply
+
+log = logging.getLogger(__name__)
+
+PLACEHOLDER = "_Thinking…_"
+WRITING = "_Writing an answer…_"
+LOOKING = "is looking at your image…"
+THINKING = "is thinking…"
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a reply goes and whom it is for: a channel (or DM) and thread, the asker and their team."""
+
+    channel: str
+    thread_ts: str | None
+    asker: str
+    team: str
+
+
+class ButtonedThread:
+    """A `SlackThread` as LiveReply's surface, with a Stop button on the first message while the
+    reply is written; `finish` swaps it for the feedback buttons on the last message."""
+
+    def __init__(self, thread: SlackThread, stop: StopValue):
+        self.thread = thread
+        self.stop = stop
+        self.texts: dict[str, str] = {}  # message ts -> its text as last shown
+        self._first: str | None = None
+
+    async def post(self, text: str) -> str:
+        controls = [stop_button(self.stop)] if self._first is None else None
+        ts = await self.thread.post(text, controls)
+        self._first = self._first or ts
+        self.texts[ts] = text
+        return ts
+
+    async def edit(self, message: str, text: str) -> None:
+        await self.thread.edit(message, text, [stop_button(self.stop)] if message == self._first else None)
+        self.texts[message] = text
+
+    async def finish(self, messages: list[str], final: Final) -> None:
+        """The reply is shown: no more Stop; feedback buttons under the answer if it was stored."""
+        if not messages:
+            return
+        first, last = self._first, messages[-1]
+        if first is not None and first != last:
+            await self.thread.edit(first, self.texts[first], [])
+        await self.thread.edit(last, self.texts[last], feedback_blocks(final.turn_id) if final.turn_id else [])
+
+
+class SlackReply:
+    """One reply to show at `place`, as the SDK's `Presenter`: `run(events)` shows it, going on in
+    `begun` (the messages a stopped process had posted for it) if there are any."""
+
+    surface = None  # the messages' handles are Slack's ts, their ids as they are
+
+    def __init__(self, replies: SlackReplies, place: Place, key: str, working: str, begun: Sequence[str] = (), taken_over: bool = False):
+        self.replies = replies
+        self.place = place
+        self.key = key
+        self.working = working
+        self.begun = list(begun)
+        self.taken_over = taken_over  # a question of a stopped process: nothing is shown before its events
+        self.messages: list[str] = []  # what it posted (ts), once shown
+        self.on_post: Callable[[list[Any]], Awaitable[None]] | None = None
+
+    async def run(self, events: AsyncIterator[ReplyEvent]) -> Final:
+        return await self.replies.show(events, self)
+
+
+class SlackReplies:
+    """Shows the adapter's replies, and knows which are being written (for their Stop buttons)."""
+
+    def __init__(self, client: AsyncWebClient, *, message_limit: int, anyone_can_stop: bool, native_streaming: bool = True):
+        self.client = client
+        self.message_limit = message_limit
+        self.writing = Replies(anyone_can_stop)
+        # None until the workspace answered a first stream; False when it refused or the config says so.
+        self.streaming: bool | None = None if native_streaming else False
+        self._statuses = True  # False once Slack refused to set a thread's status
+
+    def reply(self, place: Place, message_id: str, working: str = THINKING, begun: Sequence[str] = (), taken_over: bool = False) -> SlackReply:
+        """The reply to the message `message_id` (of `place.channel`), to show at `place` (going on in
+        `begun`; `taken_over`: as SlackReply says)."""
+        return SlackReply(self, place, f"{place.channel}/{message_id}", working, begun, taken_over)
+
+    async def show(self, events: AsyncIterator[ReplyEvent], reply: SlackReply) -> Final:
+        """Show `reply` (its key is what its Stop button names); what it posts goes into `reply.messages`."""
+        place, key, working = reply.place, reply.key, reply.working
+        stop = StopValue(key, place.asker)
+        events = stoppable(events, self.writing.start(key, place.asker))
+        thread_ts = place.thread_ts
+        streaming = thread_ts is not None and self.streaming is not False and not reply.begun
+        status = (streaming or (thread_ts is not None and place.channel.startswith("D"))) and not reply.taken_over
+        try:
+            if status:
+                await self._status(place, working)
+            if streaming and thread_ts is not None:
+                try:
+                    return await self._stream(events, place, thread_ts, stop, reply)
+                except StreamRefused as refused:
+                    self._refused(refused.error)
+                    events = _replayed(refused.seen, events)
+            return await self._edited(events, place, stop, reply)
+        finally:
+            self.writing.done(key)
+            if status:
+                await self._status(place, "")  # the status line goes when the reply is there
+
+    async def _stream(self, events: AsyncIterator[ReplyEvent], place: Place, thread_ts: str, stop: StopValue, reply: SlackReply) -> Final:
+        control = SlackThread(self.client, place.channel, thread_ts)
+        stop_messages: list[str] = []
+
+        async def started() -> None:
+            if self.streaming is None:
+                self.streaming = True
+                log.info("slack.streaming", extra={"native": True})
+            if stream.ts is not None:
+                reply.messages.append(stream.ts)
+                if reply.on_post is not None:
+                    await reply.on_post(list(reply.messages))
+            stop_messages.append(await control.post(WRITING, [stop_button(stop)]))
+
+        stream = SlackStream(
+            self.client,
+            place.channel,
+            thread_ts,
+            (place.asker, place.team),
+            status=lambda status: self._status(place, status),
+            working=reply.working,
+            blocks=lambda final: feedback_blocks(final.turn_id) if final.turn_id else [],
+            started=started,
+        )
+        try:
+            return await stream.run(events)
+        finally:
+            for message in stop_messages:
+                await control.delete(message)
+
+    async def _edited(self, events: AsyncIterator[ReplyEvent], place: Place, stop: StopValue, reply: SlackReply) -> Final:
+        surface = ButtonedThread(SlackThread(self.client, place.channel, place.thread_ts), stop)
+        placeholder = None if reply.taken_over else PLACEHOLDER
+        live = LiveReply(surface, limit=self.message_limit, placeholder=placeholder, messages=reply.begun, on_post=reply.on_post)
+        reply.messages = live.messages  # one list: what is posted, as it is posted
+        final = await live.run(events)
+        await surface.finish(live.messages, final)
+        return final
+
+    def _refused(self, error: str) -> None:
+        if self.streaming is not False:
+            self.streaming = False
+            log.warning("slack.streaming_unavailable", extra={"error": error, "fallback": "placeholder + chat.update"})
+
+    async def _status(self, place: Place, status: str) -> None:
+        """Set the status line of the reply's thread ("" clears it); a refusal turns statuses off."""
+        if place.thread_ts is None or not self._statuses:
+            return
+        try:
+            await self.client.assistant_threads_setStatus(channel_id=place.channel, thread_ts=place.thread_ts, status=status)
+        except (SlackApiError, aiohttp.ClientError, TimeoutError) as error:
+            if not isinstance(error, SlackApiError) or transient(error):
+                return  # one missed status line; the reply goes on
+            self._statuses = False
+            log.warning("slack.status_unavailable", extra={"error": error.response.get("error")})
+
+
+async def _replayed(seen: list[ReplyEvent], rest: AsyncIterator[ReplyEvent]) -> AsyncIterator[ReplyEvent]:
+    """The events already read, then the others."""
+    for event in seen:
+        yield event
+    async for event in rest:
+        yield event

@@ -1,0 +1,102 @@
+"""Stop buttons, the same on every platform: which replies are being written, who may stop each, and a
+reply's events that end early when it is stopped.
+
+A stopped reply ends like any other, with a `Final`: the text written so far and a note saying who
+stopped it, so the platform shows it the usual way. The engine's request is closed at that moment:
+the model stops spending time on it and its place in the queue is freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from bot.core.messages import Final, Partial, ReplyEvent
+
+
+@dataclass
+class Writing:
+    """A reply being written: who asked, and how to stop it (the name of who did, once stopped)."""
+
+    asker: str
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    stopped_by: str = ""
+
+    def stop(self, who: str) -> None:
+        self.stopped_by = who
+        self.stopped.set()
+
+
+class StopOutcome(enum.StrEnum):
+    STOPPED = "stopped"
+    NOT_ALLOWED = "not_allowed"
+    FINISHED = "finished"  # or being written by another process
+
+
+class Replies:
+    """The replies this process is writing, by a key the platform's Stop button carries."""
+
+    def __init__(self, anyone_can_stop: bool):
+        self.anyone_can_stop = anyone_can_stop
+        self._writing: dict[str, Writing] = {}
+
+    def start(self, key: str, asker: str) -> Writing:
+        writing = self._writing[key] = Writing(asker)
+        return writing
+
+    def done(self, key: str) -> None:
+        self._writing.pop(key, None)
+
+    def stop(self, key: str, who: str, name: str) -> StopOutcome:
+        """Stop the reply `key` for the person `who` (called `name`): a `StopOutcome`."""
+        writing = self._writing.get(key)
+        if writing is None:
+            return StopOutcome.FINISHED
+        if who != writing.asker and not self.anyone_can_stop:
+            return StopOutcome.NOT_ALLOWED
+        writing.stop(name)
+        return StopOutcome.STOPPED
+
+
+def stopped_note(name: str) -> str:
+    return f"Stopped by {name}." if name else "Stopped."
+
+
+async def stoppable(events: AsyncIterator[ReplyEvent], writing: Writing) -> AsyncIterator[ReplyEvent]:
+    """`events` until `writing` is stopped; then a Final with the text so far and who stopped it. The
+    engine's request ends at the stop, or when the reply is cancelled (its question was deleted)."""
+    text = ""
+    stopped = asyncio.ensure_future(writing.stopped.wait())
+    following: asyncio.Future | None = None
+    try:
+        while True:
+            following = asyncio.ensure_future(anext(events))
+            await asyncio.wait({following, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                await _cancelled(following)  # the request ends here (its turn is taken back)
+                yield Final(text, (stopped_note(writing.stopped_by),))
+                return
+            try:
+                event = following.result()
+            except StopAsyncIteration:
+                return
+            following = None
+            if isinstance(event, Partial):
+                text = event.text
+            yield event
+            if isinstance(event, Final):
+                return
+    finally:
+        for task in (following, stopped):
+            if task is not None:
+                await _cancelled(task)
+        close = getattr(events, "aclose", None)  # an async generator (the engine's) is closed now, not when collected
+        if close is not None:
+            await close()
+
+
+async def _cancelled(task: asyncio.Future) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
