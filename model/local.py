@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import LogitsProcessor
 
-from model.batch import Batch, ProcessedPrompt, Row, Sampling, encode_prompt, footprint, image_state_shape, process_prompt
+from model.batch import Batch, Row, Sampling, encode_prompt, footprint, image_state_shape, process_prompt
 from model.beams import search_beams
 from model.loading import CheckpointSettings, load_checkpoint
 from model.markers import marked_text
@@ -90,7 +90,6 @@ class _Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set on the loop: the worker drops the row at its next step
     started: bool = False
-    processed: Future | None = None  # the prompt through the processor, on the preparing thread
     row: Row | None = None  # the prompt, encoded by the worker; kept if the row is put back in the queue
     reply: ReplyStream | None = None
 
@@ -123,10 +122,6 @@ class LocalBackend(ModelService):
         self._between: deque[tuple[Callable[[Any, Any], Any], Future]] = deque()  # work for the worker between steps
         self._lock = threading.Condition()  # guards _pending between the loop and the worker
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idefics-generate")
-        # The processor (tokenizing, resizing images) runs on a thread of its own, so a newcomer
-        # holds up the running batch only for its vision encoder and prefill.
-        self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idefics-prepare")
-        self._processor_lock = threading.Lock()
         self._watchdog: asyncio.Task | None = None
         self._worker = 0  # the current worker's number; an abandoned worker sees it change and leaves
         self._active: list[_Job] = []  # the worker's rows (running and joining)
@@ -162,11 +157,10 @@ class LocalBackend(ModelService):
         self._model, self._processor = await self._loop.run_in_executor(self._executor, load_checkpoint, self.checkpoint)
         tokenizer = self._processor.tokenizer
         self._tokenizer = tokenizer
-        # Tokens are counted on the event loop and replies decoded on the worker while the preparing
-        # thread tokenizes prompts, and a fast tokenizer keeps its padding and truncation settings on
-        # the shared Rust object (using it from two threads can fail). So each has a tokenizer of its own.
+        # Tokens are counted on the event loop while the worker tokenizes prompts, and a fast
+        # tokenizer keeps its padding and truncation settings on the shared Rust object. So counting
+        # has a tokenizer of its own.
         self._counting_tokenizer = copy.deepcopy(tokenizer)
-        self._decoding_tokenizer = copy.deepcopy(tokenizer)
         self._end_ids = frozenset({tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE), tokenizer.eos_token_id})
         self._banned = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, FAKE_IMAGE_TOKEN])
         byte_ids = tokenizer.convert_tokens_to_ids([f"<0x{byte:02X}>" for byte in range(256)])
@@ -203,7 +197,6 @@ class LocalBackend(ModelService):
         ended = asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)
         await asyncio.wait({ended}, timeout=self.batching.stall_timeout_s)
         self._executor.shutdown(wait=False)
-        self._preparer.shutdown(wait=False, cancel_futures=True)
 
     # -- the interface -----------------------------------------------------------------------
 
@@ -320,7 +313,6 @@ class LocalBackend(ModelService):
                 raise ModelBusy("I'm busy with other requests right now; please try again in a moment.")
             self._pending.append(job)
             position = len(self._pending)
-            job.processed = self._preparer.submit(self._process, request.prompt)
             self._lock.notify()
         job.events.put_nowait(Queued(position=position))
         return job
@@ -410,12 +402,8 @@ class LocalBackend(ModelService):
                 if not self._pending or len(rows) + len(joining) >= self.batching.max_batch_size:
                     break
                 job = self._pending[0]
-            if job.row is None:
-                assert job.processed is not None
-                if (rows or joining) and not job.processed.done():
-                    break  # the batch goes on; the newcomer joins at a later step
-                if not self._encode(job):
-                    continue
+            if job.row is None and not self._encode(job):
+                continue
             assert job.row is not None
             with self._lock:
                 if not self._pending or self._pending[0] is not job:
@@ -439,21 +427,15 @@ class LocalBackend(ModelService):
                 work, done = self._between.popleft()
             if done.set_running_or_notify_cancel():
                 try:
-                    with self._processor_lock:
-                        done.set_result(work(self._model, self._processor))
+                    done.set_result(work(self._model, self._processor))
                 except Exception as exc:  # the caller gets it; the batch goes on
                     done.set_exception(exc)
             self._last_progress = time.monotonic()
 
-    def _process(self, prompt: Prompt) -> ProcessedPrompt:
-        with self._processor_lock:
-            return process_prompt(self._processor, self._processor_items(prompt))
-
     def _encode(self, job: _Job) -> bool:
-        """Run `job`'s processed prompt through the vision encoder; a bad prompt fails alone."""
-        assert job.processed is not None
+        """Tokenize `job`'s prompt and run its images through the vision encoder; a bad prompt fails alone."""
         try:
-            prompt = encode_prompt(self._model, job.processed.result())
+            prompt = encode_prompt(self._model, process_prompt(self._processor, self._processor_items(job.request.prompt)))
         except Exception:
             log.exception("request.failed", extra={"request": job.request.label})
             with self._lock:
@@ -582,7 +564,7 @@ class LocalBackend(ModelService):
             log.info("batch.budget_raised", extra={"tokens": self._token_budget})
 
     def _decode(self, ids: list[int]) -> str:
-        return self._decoding_tokenizer.decode(ids, skip_special_tokens=True)
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
 
     @staticmethod
     def _processor_items(prompt: Prompt) -> list:
