@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -135,7 +135,7 @@ class SlackAdapter:
             signing_secret=settings.signing_secret.get_secret_value() if http and settings.signing_secret else "",
             request_verification_enabled=http,  # Socket Mode messages come over our own authenticated socket
         )
-        self.commands = SlashCommands(platform, settings, self._spawn, MESSAGE_LIMIT, settings.command)
+        self.commands = SlashCommands(platform, settings, self.platform.spawn, MESSAGE_LIMIT, settings.command)
         self.replies = SlackReplies(
             self.client, message_limit=MESSAGE_LIMIT, anyone_can_stop=settings.anyone_can_stop, native_streaming=settings.native_streaming
         )
@@ -150,7 +150,6 @@ class SlackAdapter:
         self.app.shortcut(DESCRIBE_IMAGE)(self._on_describe)
         self._identity: Identity | None = None  # both known once started
         self._files: SlackFiles | None = None
-        self._tasks: set[asyncio.Task] = set()
         self._socket: AsyncSocketModeHandler | None = None
         self._watch: asyncio.Task | None = None
         self.failed = asyncio.Event()  # set when the adapter gave up on its connection; `failure` says why
@@ -237,11 +236,7 @@ class SlackAdapter:
         if self._server is not None:
             await self._server.cleanup()
             self._server = None
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=_STOP_GRACE_S)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self.platform.drain(_STOP_GRACE_S)
         log.info("slack.stopped")
 
     async def _identify(self) -> Identity:
@@ -294,36 +289,21 @@ class SlackAdapter:
             raise ConfigError(f"Slack's Socket Mode connection did not open within {_CONNECT_TIMEOUT_S:g} s: check the network.") from None
         self._socket = handler
 
-    def _spawn(self, work: Awaitable[None], name: str) -> None:
-        """Run `work` after the acknowledgement, as a task that `stop` waits for."""
-        task = asyncio.create_task(self._logged(work, name), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    @staticmethod
-    async def _logged(work: Awaitable[None], name: str) -> None:
-        try:
-            await work
-        except SlackApiError as error:
-            log.warning("slack.api_error", extra={"work": name, "error": error.response.get("error")})
-        except Exception:
-            log.exception("slack.work_failed", extra={"work": name})
-
     # -- messages ----------------------------------------------------------------------------
 
     async def _on_message(self, event: dict, body: dict, request: AsyncBoltRequest) -> None:
         """Bolt's listener for `app_mention` and `message` events (already acknowledged)."""
         retry = request.headers.get("x-slack-retry-num", ["0"])[0]
-        self._spawn(self._answer(event, body.get("event_id", ""), retry), f"slack-{event.get('type', 'event')}")
+        self.platform.spawn(self._answer(event, body.get("event_id", ""), retry), event.get("type", "event"))
 
     async def _on_assistant_message(self, event: dict, body: dict, request: AsyncBoltRequest) -> None:
         """A message in a DM thread (an assistant-panel chat): as any message, and it may name the thread."""
         retry = request.headers.get("x-slack-retry-num", ["0"])[0]
-        self._spawn(self._answer(event, body.get("event_id", ""), retry, titled=True), "slack-assistant-message")
+        self.platform.spawn(self._answer(event, body.get("event_id", ""), retry, titled=True), "assistant-message")
 
     async def _on_assistant_started(self, event: dict, body: dict) -> None:
         """Someone opened a chat with the bot in the assistant panel: greet them, once."""
-        self._spawn(self._greet(event["assistant_thread"], body.get("event_id", "")), "slack-assistant-started")
+        self.platform.spawn(self._greet(event["assistant_thread"], body.get("event_id", "")), "assistant-started")
 
     async def _greet(self, thread: dict, event_id: str) -> None:
         channel, thread_ts, user = thread["channel_id"], thread["thread_ts"], thread.get("user_id", "")
@@ -354,7 +334,7 @@ class SlackAdapter:
             shared=event.get("channel_type") != "im",  # channels: several people talk; DMs: one
         )
         if titled and key.thread and not await self.platform.follows(key):
-            self._spawn(self._title(key, message.text), "slack-assistant-title")
+            self.platform.spawn(self._title(key, message.text), "assistant-title")
         working = LOOKING if message.attachments else THINKING
         reply = self.replies.reply(Place(event["channel"], reply_thread, message.author.id, self.identity.team), event["ts"], working)
         await self.platform.answer(message, reply, event_id=event_id)
@@ -378,7 +358,7 @@ class SlackAdapter:
         if not any(file.looks_like_image() for file in files):
             await respond(text="That message has no image attached.", response_type="ephemeral")
             return
-        self._spawn(self._describe(shortcut, files, respond), "slack-describe-image")
+        self.platform.spawn(self._describe(shortcut, files, respond), "describe-image")
 
     async def _describe(self, shortcut: dict, files: list, respond) -> None:
         user, channel, message = shortcut["user"], shortcut["channel"]["id"], shortcut["message"]
@@ -399,7 +379,7 @@ class SlackAdapter:
         log.info("slack.described", extra={"conversation": str(key), "answered": bool(final.text)})
 
     def _take_over(self, pending: Unanswered) -> None:
-        self._spawn(self._resume(pending), "slack-resume")
+        self.platform.spawn(self._resume(pending), "resume")
 
     async def _resume(self, pending: Unanswered) -> None:
         """Answer, in its thread, a message that a stopped process left unanswered: in the messages it

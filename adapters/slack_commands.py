@@ -91,7 +91,7 @@ def _is_dm(payload: dict) -> bool:
     return payload.get("channel_name") == "directmessage" or payload.get("channel_id", "").startswith("D")
 
 
-Spawn = Callable[[Awaitable[None], str], None]
+Spawn = Callable[[Awaitable[None], str], object]
 
 
 class SlashCommands:
@@ -124,7 +124,7 @@ class SlashCommands:
             return
         await ack(text=WORKING)
         log.info("slack.command", extra={"action": parsed.action, "channel": who.channel_id, "image_url": parsed.image_url is not None})
-        self.spawn(self._answer(parsed, command), f"slack-command-{parsed.action}")
+        self.spawn(self._answer(parsed, command), f"command-{parsed.action}")
 
     async def _answer(self, parsed: SlashCommand, payload: dict) -> None:
         channel, user = payload["channel_id"], payload["user_id"]

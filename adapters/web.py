@@ -21,7 +21,7 @@ import logging
 import re
 import secrets
 import sys
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path, PurePath
 from typing import Any, ClassVar
 
@@ -115,7 +115,6 @@ class WebAdapter:
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._watching: asyncio.Task | None = None
-        self._tasks: set[asyncio.Task] = set()
         self._replies: dict[ConversationKey, set[asyncio.Task]] = {}
         # Uploads: every image of a turn at its size limit, and one more (refused with its size), plus the text.
         self._max_upload = (self.images.max_per_turn + 1) * self.images.max_bytes + _MAX_TEXT_BYTES
@@ -169,27 +168,8 @@ class WebAdapter:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=_STOP_GRACE_S)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self.platform.drain(_STOP_GRACE_S)
         log.info("web.stopped")
-
-    def _spawn(self, work: Awaitable[object], name: str) -> asyncio.Task:
-        task = asyncio.create_task(self._logged(work, name), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    @staticmethod
-    async def _logged(work: Awaitable[object], name: str) -> None:
-        try:
-            await work
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("web.work_failed", extra={"work": name})
 
     # -- the page ----------------------------------------------------------------------------
 
@@ -298,7 +278,7 @@ class WebAdapter:
         message = IncomingMessage(key, Author(request[USER], "you"), text, tuple(attachments), message_id=secrets.token_hex(8))
         self.platform.record("message")
         events: asyncio.Queue[ReplyEvent | _Stopped] = asyncio.Queue()
-        task = self._spawn(self._answer(message, events), "web-reply")
+        task = self.platform.spawn(self._answer(message, events), "reply")
         self._replies.setdefault(key, set()).add(task)
         task.add_done_callback(lambda done: self._forget_reply(key, done))
 
@@ -373,7 +353,7 @@ class WebAdapter:
         return f"at most {self.images.max_per_turn} images of {self.images.max_bytes / 2**20:.0f} MB each fit in one"
 
     def _take_over(self, pending: Unanswered) -> None:
-        self._spawn(self.platform.resume(pending, LiveReply(_Unwatched(), limit=1_000_000), shared=False), "web-resume")
+        self.platform.spawn(self.platform.resume(pending, LiveReply(_Unwatched(), limit=1_000_000), shared=False), "resume")
 
 
 class _FormRefused(Exception):

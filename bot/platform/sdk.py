@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from bot.core.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
@@ -69,7 +69,35 @@ class Platform:
         self._metrics = metrics
         self._delivery_errors = delivery_errors
         self._describe_error = describe_error
+        self._work: set[asyncio.Task[None]] = set()
         self.log = logging.getLogger(f"adapters.{name}")
+
+    # -- work after an acknowledgement -------------------------------------------------------
+
+    def spawn(self, work: Awaitable[object], what: str) -> asyncio.Task[None]:
+        """Run `work` as a task that `drain` waits for; a failure is logged once, never raised."""
+        task = asyncio.create_task(self._logged(work, what), name=f"{self.name}-{what}")
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+        return task
+
+    async def drain(self, grace_s: float) -> None:
+        """Give the spawned work `grace_s` seconds to finish (replies get posted), then cancel the rest."""
+        if not self._work:
+            return
+        _, pending = await asyncio.wait(set(self._work), timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _logged(self, work: Awaitable[object], what: str) -> None:
+        try:
+            await work
+        except self._delivery_errors as error:
+            # The platform refused a call: expected now and then, and its answer says all there is.
+            self.log.warning(f"{self.name}.api_error", extra={"work": what, **self._describe_error(error)})
+        except Exception:
+            self.log.exception(f"{self.name}.work_failed", extra={"work": what})
 
     # -- turns and commands ------------------------------------------------------------------
 
