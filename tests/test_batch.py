@@ -42,6 +42,10 @@ def loaded(tiny_checkpoint):
     return model, processor, NoEnd(ends)
 
 
+def encoded(model, processor, name: str):
+    return encode_prompt(model, process_prompt(processor, LocalBackend._processor_items(PROMPTS[name])))
+
+
 def banned(processor) -> list[int]:
     return processor.tokenizer.convert_tokens_to_ids(["<image>", "<fake_token_around_image>"])
 
@@ -84,7 +88,7 @@ def run(loaded, arrivals: list[tuple], max_rows: int, leave: dict[int, int] | No
         joining = []
         while waiting and waiting[0][1][0] <= step and len(joining) + (len(batch) if batch else 0) < max_rows:
             number, (_, name, sampling) = waiting.popleft()
-            prompt = encode_prompt(model, process_prompt(processor, LocalBackend._processor_items(PROMPTS[name])))
+            prompt = encoded(model, processor, name)
             row = Row(number, prompt, LENGTHS[name], sampling or Sampling(), [no_end])
             replies[number] = row
             joining.append(row)
@@ -141,7 +145,7 @@ def test_sampled_and_greedy_rows_share_a_batch(loaded):
 def test_splitting_and_merging_keep_the_cache_consistent(loaded):
     """Rows split into halves (as when a step fails) and merged back go on as if nothing happened."""
     model, processor, no_end = loaded
-    rows = [Row(name, encode_prompt(model, process_prompt(processor, LocalBackend._processor_items(PROMPTS[name]))), LENGTHS[name], Sampling(), [no_end]) for name in NAMES]
+    rows = [Row(name, encoded(model, processor, name), LENGTHS[name], Sampling(), [no_end]) for name in NAMES]
     batch = Batch.prefill(model, rows, image_state_shape(model.config), processor.tokenizer.pad_token_id)
     batch.choose(banned(processor))
     for _ in range(2):
@@ -157,7 +161,7 @@ def test_splitting_and_merging_keep_the_cache_consistent(loaded):
 
 def test_a_failed_step_leaves_the_batch_as_it_was(loaded):
     model, processor, no_end = loaded
-    rows = [Row(name, encode_prompt(model, process_prompt(processor, LocalBackend._processor_items(PROMPTS[name]))), 4, Sampling(), [no_end]) for name in NAMES[:3]]
+    rows = [Row(name, encoded(model, processor, name), 4, Sampling(), [no_end]) for name in NAMES[:3]]
     batch = Batch.prefill(model, rows, image_state_shape(model.config), processor.tokenizer.pad_token_id)
     batch.choose(banned(processor))
     length = batch.length
@@ -196,7 +200,7 @@ def test_incremental_text_equals_decoding_the_whole_reply(loaded):
 
 
 def test_images_go_through_the_vision_encoder_and_perceiver_once(loaded):
-    model, processor, no_end = loaded
+    model = loaded[0]
     calls = []
     hooks = [part.register_forward_hook(lambda *_: calls.append(1)) for part in (model.model.vision_model, model.model.perceiver_resampler)]
     try:

@@ -479,9 +479,10 @@ async def test_work_between_steps_runs_on_the_worker_and_the_batch_goes_on(tiny_
     service = await scripted_backend(tiny_checkpoint, no_end(tokenizer))
     try:
         expected = await solo_replies(service, MIXED)
-        replies = asyncio.gather(*(collect(service, req) for req in MIXED))
-        while not service._active:
-            await asyncio.sleep(0.001)
+        first = service.stream(MIXED[0])
+        while not isinstance(await anext(first), Started):  # the batch is running
+            pass
+        replies = asyncio.gather(collect_rest(first), *(collect(service, req) for req in MIXED[1:]))
 
         def score(model, processor):
             ids = processor.tokenizer("a dog", return_tensors="pt").input_ids
@@ -493,4 +494,4 @@ async def test_work_between_steps_runs_on_the_worker_and_the_batch_goes_on(tiny_
     finally:
         await service.close()
     assert thread.startswith("idefics-generate") and scored
-    assert [finished for _, finished in results] == expected
+    assert [results[0], *(finished for _, finished in results[1:])] == expected
