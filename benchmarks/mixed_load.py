@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import io
 import os
 import random
 import statistics
@@ -27,31 +25,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from PIL import Image
+from fixed_length import NoEarlyEnd, image
 from transformers import LogitsProcessor
 
 from model.loading import CheckpointSettings
 from model.local import BatchSettings, LocalBackend
-from model.service import GenerationParams, GenerationRequest, ModelImage, Started, StreamEvent
+from model.service import GenerationParams, GenerationRequest, Started, StreamEvent
 from model.tiny import write_tiny_checkpoint
-
-
-class NoEarlyEnd(LogitsProcessor):
-    """Every reply runs to its max_new_tokens, so both modes do the same work."""
-
-    def __init__(self, banned: list[int]):
-        self.banned = banned
-
-    def __call__(self, input_ids, scores):
-        scores[:, self.banned] = -float("inf")
-        return scores
-
-
-def image(seed: int) -> ModelImage:
-    buffer = io.BytesIO()
-    Image.new("RGB", (96, 64), (seed * 30 % 256, 80, 200 - seed * 20 % 200)).save(buffer, "PNG")
-    data = buffer.getvalue()
-    return ModelImage(hashlib.sha256(data).hexdigest(), data, f"{seed}.png")
 
 
 def make_request(number: int, tokens: int) -> GenerationRequest:

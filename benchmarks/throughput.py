@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import io
 import os
 import statistics
 import sys
@@ -20,31 +18,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from PIL import Image  # noqa: E402
-from transformers import LogitsProcessor  # noqa: E402
+
+from fixed_length import NoEarlyEnd, image  # noqa: E402
 
 from model.loading import CheckpointSettings  # noqa: E402
 from model.local import BatchSettings, LocalBackend  # noqa: E402
-from model.service import GenerationParams, GenerationRequest, ModelImage  # noqa: E402
+from model.service import GenerationParams, GenerationRequest  # noqa: E402
 from model.tiny import write_tiny_checkpoint  # noqa: E402
-
-
-class NoEarlyEnd(LogitsProcessor):
-    """Every reply runs to max_new_tokens, so both modes do the same work."""
-
-    def __init__(self, banned: list[int]):
-        self.banned = banned
-
-    def __call__(self, input_ids, scores):
-        scores[:, self.banned] = -float("inf")
-        return scores
-
-
-def image(seed: int) -> ModelImage:
-    buffer = io.BytesIO()
-    Image.new("RGB", (96, 64), (seed * 30 % 256, 80, 200 - seed * 20 % 200)).save(buffer, "PNG")
-    data = buffer.getvalue()
-    return ModelImage(hashlib.sha256(data).hexdigest(), data, f"{seed}.png")
 
 
 async def main() -> None:
