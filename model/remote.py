@@ -325,7 +325,8 @@ class RemoteBackend(ModelService):
         self._check_open()
         try:
             options: dict[str, Any] = {"timeout": timeout} if timeout else {}
-            response = await self._http.post(f"{self._base}{path}", data=body, headers=JSON_HEADERS, **options)
+            url = path if "://" in path else f"{self._base}{path}"  # a path under the base, or a URL of the server's own
+            response = await self._http.post(url, data=body, headers=JSON_HEADERS, **options)
         except aiohttp.ClientConnectionError as exc:
             # Refused, timed out, or dropped before any answer (a stale pooled connection to a
             # restarted server): nothing was generated for anyone to see.

@@ -201,8 +201,8 @@ async def chat(config: Config) -> int:
     """The terminal chat: the terminal adapter on this process's engine."""
     from bot.runtime.app import Runtime
 
-    tgi = config.model.backend == "tgi"
-    print(f"Connecting to the TGI server at {config.model.url} ..." if tgi else f"Loading {config.model.checkpoint} ...", file=sys.stderr)
+    remote = {"tgi": "the TGI server", "openai": f"{config.model.model} on the model server"}.get(config.model.backend)
+    print(f"Connecting to {remote} at {config.model.url} ..." if remote else f"Loading {config.model.checkpoint} ...", file=sys.stderr)
     async with Runtime.open(config) as runtime:
         session: Any = runtime.adapter(TERMINAL)  # the terminal adapter, which also has wait_closed()
         await session.start()
