@@ -534,15 +534,19 @@ class OpenAIBackend(RemoteBackend):
                 log.warning("openai.no_prompt_logprobs", extra={"model": self.settings.model})
                 raise ScoringUnavailable("This model server can't weigh labels.")
             self._scores = True
+            # Each entry maps the prompt's token (the first has none) to its logprob; those past the
+            # prompt's own tokens are the continuation's.
             ids = [next(iter(entry), None) if entry else None for entry in logprobs]
-            start = 0
+            start = 1
             while start < min(len(prompt_ids), len(ids)) and str(prompt_ids[start]) == ids[start]:
                 start += 1
-            return sum(float(next(iter(entry.values())).get("logprob") or 0.0) for entry in logprobs[max(start, 1) :] if entry)
+            return sum(float(next(iter(entry.values())).get("logprob") or 0.0) for entry in logprobs[start:] if entry)
 
         try:
             async with asyncio.timeout_at(deadline):
-                payload = {"model": self.settings.model, "messages": _text_messages(chat), **continuing(chat)}
+                # The prompt's own tokens, its images included, as the scored requests will have them.
+                messages = await asyncio.to_thread(lambda: chat_messages(within_payload(chat, self.settings.payload_limit)[0]))
+                payload = {"model": self.settings.model, "messages": messages, **continuing(chat)}
                 async with self._tokenizing:
                     tokens = await self._call(f"{self._root}/tokenize", json.dumps(payload).encode(), answer, deadline, timeout=self._quick_timeout())
                 prompt_ids = tokens.get("tokens") if isinstance(tokens, dict) else None
