@@ -86,7 +86,7 @@ IMAGE_TOKENS_ESTIMATE = 850
 _SETTINGS_BYTES = 1024
 
 TOO_LONG = "Your message is too long for the model server to read. Please shorten it."
-CUT = "The connection to the model server broke off, so this answer is cut short."
+CUT = "The model server stopped sending this answer part-way, so it is cut short."
 _PAYLOAD_REFUSED = (
     "The model server refused a request this large (HTTP 413). Please send fewer images at a time; whoever runs the bot "
     "can set [model] payload_limit to the server's (or its proxy's) body limit."
@@ -273,7 +273,7 @@ class OpenAIBackend(RemoteBackend):
         and serves it; `ModelLoadError` saying what to fix otherwise."""
         backend = cls(settings)
         try:
-            context = await backend._check_model()
+            context = await backend._check_model() or await backend._server_context()
             await backend._choose_counting()
         except BaseException:
             await backend._http.close()
@@ -334,6 +334,17 @@ class OpenAIBackend(RemoteBackend):
                 "to one of those, or start the server with the model you want (see the README)."
             )
         context = models[self.settings.model].get("max_model_len")
+        return context if isinstance(context, int) and context > 0 else None
+
+    async def _server_context(self) -> int | None:
+        """llama.cpp's context (`GET /props`), for a server whose model list doesn't say."""
+        try:
+            async with self._http.get(f"{self._root}/props", timeout=self._quick_timeout()) as response:
+                props = await response.json(content_type=None) if response.status == 200 else None
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+            return None
+        settings = props.get("default_generation_settings") if isinstance(props, dict) else None
+        context = settings.get("n_ctx") if isinstance(settings, dict) else None
         return context if isinstance(context, int) and context > 0 else None
 
     async def _choose_counting(self) -> None:

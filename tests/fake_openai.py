@@ -18,7 +18,7 @@ README and Ollama's OpenAI compatibility page. `flavor` picks whose extras it ha
   "decoded_token"}}`; errors `{"error": {"message", "type", "param", "code"}}` (older:
   `{"object": "error", ...}`); a prompt past the context: 400 "This model's maximum context length
   is N tokens. However, you requested M tokens ..."; a wrong key: 401 `{"error": "Unauthorized"}`.
-- "llamacpp": `GET /health`; `POST /tokenize` `{"content"}` -> `{"tokens"}`; errors `{"error": {"code",
+- "llamacpp": `GET /health`; `GET /props` (`default_generation_settings.n_ctx`); `POST /tokenize` `{"content"}` -> `{"tokens"}`; errors `{"error": {"code",
   "message", "type"}}`; a prompt past the context: 400 `exceed_context_size_error`; chunks carry `timings`.
 - "ollama": no /tokenize, no prompt log-probabilities; only `data:` image URIs; the key's value is
   ignored; a prompt past the context is silently cut (as Ollama does with num_ctx).
@@ -110,7 +110,7 @@ class FakeOpenAI:
         if flavor == "vllm":
             routes["/tokenize"] = self._tokenize
         if flavor == "llamacpp":
-            routes |= {"/tokenize": self._tokenize, "/health": self._health}
+            routes |= {"/tokenize": self._tokenize, "/health": self._health, "/props": self._props}
         self.server = LoopbackServer(routes, cancel_on_disconnect=True)
 
     async def __aenter__(self) -> FakeOpenAI:
@@ -163,6 +163,9 @@ class FakeOpenAI:
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    async def _props(self, request: web.Request) -> web.Response:
+        return web.json_response({"default_generation_settings": {"n_ctx": self.max_model_len}, "total_slots": 1, "model_path": self.models[0]})
 
     async def _models(self, request: web.Request) -> web.Response:
         if self.flavor != "llamacpp" and not self._authorized(request):
