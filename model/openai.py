@@ -23,7 +23,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -32,6 +32,7 @@ from PIL import Image
 from model.remote import (
     AUTH_REFUSED,
     BUSY,
+    MODEL_IMAGE_SIDE,
     SERVER_FAILED,
     TOO_MANY_IMAGES,
     UNREADABLE,
@@ -59,6 +60,7 @@ from model.service import (
     ModelLoadError,
     ModelTimeout,
     ModelUnavailable,
+    Part,
     Queued,
     ScoreRequest,
     ScoringUnavailable,
@@ -109,7 +111,7 @@ def chat_messages(chat: Chat, image: Callable[[Any], dict | None] = lambda part:
     name as "[Name] " before their text, and the start of the reply written for the model (which
     the server continues: `continue_final_message`). `image(part)` gives an image's part (None
     leaves it out)."""
-    messages = []
+    messages: list[dict] = []
     for message in chat.messages:
         parts: list[dict] = []
         for part in message.parts:
@@ -141,30 +143,29 @@ def continuing(chat: Chat) -> dict:
     return {"add_generation_prompt": False, "continue_final_message": True} if chat.reply_start else {}
 
 
-def _images(chat: Chat) -> list:
-    return [part for message in chat.messages for part in message.parts if not isinstance(part, str)]
-
-
 def within_payload(chat: Chat, limit: int) -> tuple[Chat, int]:
     """`chat` as it travels under a body limit of `limit` bytes, and the messages' size: its
-    images as they are if they fit, else all of them re-encoded smaller. Dropping turns never
-    makes a chat larger, so the engine can search for the longest history that fits. CPU-bound."""
+    images as they are if they fit, else all of them re-encoded as JPEG at most IMAGE_SIDE pixels a
+    side, else at MODEL_IMAGE_SIDE. Dropping turns never makes a chat larger, so the engine can
+    search for the longest history that fits. CPU-bound."""
 
     def size(chat: Chat) -> int:
         text = json.dumps(chat_messages(chat, lambda part: {"type": "image_url", "image_url": {"url": ""}}))
-        return len(text.encode()) + sum(data_uri_bytes(part) for part in _images(chat)) + _SETTINGS_BYTES
+        return len(text.encode()) + sum(data_uri_bytes(part) for part in images(chat)) + _SETTINGS_BYTES
 
     total = size(chat)
-    if total <= limit or not _images(chat):
-        return chat, total
-    smaller = replace(
-        chat,
-        messages=tuple(
-            replace(message, parts=tuple(part if isinstance(part, str) else compact(part, IMAGE_SIDE, squash=False) for part in message.parts))
-            for message in chat.messages
-        ),
-    )
-    return smaller, size(smaller)
+    for side in (IMAGE_SIDE, MODEL_IMAGE_SIDE):
+        if total <= limit or not images(chat):
+            break
+        original = chat
+        chat = original.with_images({image: compact(image, side, squash=False) for image in images(original)})
+        total = size(chat)
+    return chat, total
+
+
+def images(chat: Chat) -> list[ModelImage]:
+    """The images of a chat that travels (the guide, which only IDEFICS v1 reads, left out)."""
+    return [part for message in chat.messages for part in message.parts if isinstance(part, ModelImage)]
 
 
 def estimate_tokens(messages: Sequence[dict], images: int) -> int:
@@ -391,13 +392,13 @@ class OpenAIBackend(RemoteBackend):
 
     async def count_tokens(self, prompt: Chat) -> int:
         self._check_open()
-        messages, images = _text_messages(prompt), len(_images(prompt))
+        messages, image_count = _text_messages(prompt), sum(not isinstance(part, str) for message in prompt.messages for part in message.parts)
         if self._counting == "tokenizer":
             text = "".join(str(message["content"]) for message in messages)
             ids = await asyncio.to_thread(self._tokenizer, text, add_special_tokens=False)
-            return len(ids["input_ids"]) + MESSAGE_TOKENS_ESTIMATE * len(messages) + self._image_tokens * images
+            return len(ids["input_ids"]) + MESSAGE_TOKENS_ESTIMATE * len(messages) + self._image_tokens * image_count
         if self._counting == "estimate":
-            return estimate_tokens(messages, images)
+            return estimate_tokens(messages, image_count)
         if self._counting == "server":
             payload: dict = {"model": self.settings.model, "messages": messages, **({"add_generation_prompt": True} | continuing(prompt))}
         else:
@@ -417,7 +418,18 @@ class OpenAIBackend(RemoteBackend):
 
         async with self._tokenizing:
             body = json.dumps(payload).encode()
-            return await self._call(f"{self._root}/tokenize", body, read, None, timeout=self._quick_timeout()) + self._image_tokens * images
+            return await self._call(f"{self._root}/tokenize", body, read, None, timeout=self._quick_timeout()) + self._image_tokens * image_count
+
+    def render(self, prompt: Chat) -> list[Part]:
+        """The messages as the server gets them, one "role: text" line each, images in their places."""
+        items: list[Part] = []
+        for message in chat_messages(prompt, lambda part: {"type": "image", "image": part}):
+            content = message["content"]
+            items.append(f"{message['role']}: ")
+            for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+                items.append(part["text"] if part["type"] == "text" else part["image"])
+            items.append("\n")
+        return items
 
     async def request_bytes(self, prompt: Chat) -> int:
         return (await asyncio.to_thread(within_payload, prompt, self.settings.payload_limit))[1]
@@ -525,7 +537,7 @@ class OpenAIBackend(RemoteBackend):
                 return await response.json(content_type=None)
 
         async def weigh(prompt_ids: list, continuation: str) -> float:
-            scored = replace(chat, reply_start=chat.reply_start + continuation)
+            scored = chat.continued(continuation)
             body = {
                 "model": self.settings.model,
                 "messages": await asyncio.to_thread(chat_messages, within_payload(scored, self.settings.payload_limit)[0]),

@@ -16,10 +16,11 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import aiohttp
 
+from model.instruct import render_instruct
 from model.markers import image_markers
 from model.remote import (
     AUTH_REFUSED,
@@ -41,6 +42,7 @@ from model.service import (
     END_OF_UTTERANCE,
     FAKE_IMAGE_TOKEN,
     IMAGE_TOKEN,
+    Chat,
     CountedPrompt,
     Finished,
     GenerationFailed,
@@ -53,6 +55,7 @@ from model.service import (
     ModelLoadError,
     ModelTimeout,
     ModelUnavailable,
+    Part,
     Prompt,
     PromptItem,
     ScoreRequest,
@@ -304,7 +307,14 @@ class TGIBackend(RemoteBackend):
 
     # -- the interface -----------------------------------------------------------------------
 
-    async def count_tokens(self, prompt: CountedPrompt) -> int:
+    def render(self, prompt: Chat) -> list[Part]:
+        return render_instruct(prompt)
+
+    def _items(self, prompt: Chat) -> list[PromptItem]:
+        """The rendered prompt of a request, whose images are `ModelImage`s."""
+        return cast("list[PromptItem]", self.render(prompt))
+
+    async def count_tokens(self, prompt: Chat) -> int:
         # The text the model sees, images as their marker tokens: counted by the server's own
         # tokenizer without sending any image. A fit measures a different suffix of the
         # conversation each time, so there is nothing worth caching.
@@ -319,11 +329,11 @@ class TGIBackend(RemoteBackend):
             return len(tokens)
 
         async with self._tokenizing:
-            body = json.dumps({"inputs": counted_text(prompt)}).encode()
+            body = json.dumps({"inputs": counted_text(self.render(prompt))}).encode()
             return await self._call("/tokenize", body, read, deadline=None, timeout=self._quick_timeout())
 
-    async def request_bytes(self, prompt: Prompt) -> int:
-        return (await asyncio.to_thread(within_payload, prompt, self.settings.payload_limit))[1]
+    async def request_bytes(self, prompt: Chat) -> int:
+        return (await asyncio.to_thread(within_payload, self._items(prompt), self.settings.payload_limit))[1]
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         self._check_open()
@@ -402,7 +412,7 @@ class TGIBackend(RemoteBackend):
 
         async def weigh(prompt_ids: list, continuation: str) -> float:
             parameters = {"max_new_tokens": 1, "details": True, "decoder_input_details": True}
-            reply = await call("/generate", {"inputs": render_inputs(continued(request.prompt, continuation)), "parameters": parameters})
+            reply = await call("/generate", {"inputs": render_inputs(continued(self._items(request.prompt), continuation)), "parameters": parameters})
             prefill = reply.get("details", {}).get("prefill") if isinstance(reply, dict) else None
             if not isinstance(prefill, list) or not all(isinstance(token, dict) for token in prefill):
                 raise GenerationFailed("The model server's answer had no prefill details, so I couldn't weigh the labels. Please try again.")
@@ -413,7 +423,7 @@ class TGIBackend(RemoteBackend):
 
         try:
             async with asyncio.timeout_at(deadline):
-                tokens = await call("/tokenize", {"inputs": counted_text(request.prompt)})
+                tokens = await call("/tokenize", {"inputs": counted_text(self.render(request.prompt))})
                 if not isinstance(tokens, list):
                     raise GenerationFailed("The model server's tokenizer gave an answer I couldn't read. Please try again.")
                 prompt_ids = [token.get("id") if isinstance(token, dict) else None for token in tokens]
@@ -425,7 +435,7 @@ class TGIBackend(RemoteBackend):
 
     def _body(self, request: GenerationRequest) -> bytes:
         """The JSON body for `request`, within the server's payload limit. CPU-bound."""
-        prompt, _ = within_payload(request.prompt, self.settings.payload_limit)
+        prompt, _ = within_payload(self._items(request.prompt), self.settings.payload_limit)
         body = json.dumps({"inputs": render_inputs(prompt), "parameters": self._parameters(request)}).encode()
         if len(body) > self.settings.payload_limit:
             log.warning("tgi.payload_too_large", extra={"request": request.label, "bytes": len(body), "limit": self.settings.payload_limit})

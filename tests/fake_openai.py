@@ -101,7 +101,7 @@ class FakeOpenAI:
         self.chat_requests: list[dict] = []
         self.chat_headers: list[dict[str, str]] = []
         self.tokenize_requests: list[dict] = []
-        self.body_sizes: list[int] = []
+        self.body_sizes: list[int] = []  # of every chat completion request, refused ones too
         self.images_seen: list[tuple[str, bytes]] = []
         self.disconnects = 0
         self.streaming = 0
@@ -181,8 +181,9 @@ class FakeOpenAI:
         return web.json_response({"object": "list", "data": data})
 
     async def _json(self, request: web.Request) -> dict | web.Response:
-        raw = await request.read()
-        await self._record(lambda: self.body_sizes.append(len(raw)))
+        raw = await request.content.read()  # no limit of aiohttp's own: vLLM and llama.cpp have none
+        if request.path.endswith("/chat/completions"):
+            await self._record(lambda: self.body_sizes.append(len(raw)))
         if self.payload_limit is not None and len(raw) > self.payload_limit:
             html = "<html><head><title>413 Request Entity Too Large</title></head><body><center><h1>413 Request Entity Too Large</h1></center></body></html>"
             return web.Response(status=413, text=html, content_type="text/html")
@@ -202,7 +203,7 @@ class FakeOpenAI:
         if self.flavor == "llamacpp":
             return web.json_response({"tokens": [100 + len(piece) for piece in tokenize(str(body.get("content", "")))]})
         if "messages" in body:
-            problem = self._check_messages(body["messages"])
+            problem = self._check_messages(body["messages"], record=False)
             if problem:
                 return self._error(400, problem)
             pieces = self._template(body["messages"], body.get("add_generation_prompt", True), body.get("continue_final_message", False))
@@ -215,7 +216,8 @@ class FakeOpenAI:
     def _id(piece: str) -> int:
         return 100 + sum(piece.encode()) % 49000
 
-    def _check_messages(self, messages: object) -> str | None:
+    def _check_messages(self, messages: object, record: bool = True) -> str | None:
+        """What is wrong with `messages`, if anything; their images are decoded (and, with `record`, kept in `images_seen`)."""
         if not isinstance(messages, list) or not messages:
             return "messages must be a non-empty list"
         for message in messages:
@@ -230,14 +232,14 @@ class FakeOpenAI:
                 if part.get("type") == "text" and isinstance(part.get("text"), str):
                     continue
                 if part.get("type") == "image_url" and isinstance(part.get("image_url"), dict):  # OpenAI wants the object form
-                    problem = self._decode_image(str(part["image_url"].get("url", "")))
+                    problem = self._decode_image(str(part["image_url"].get("url", "")), record)
                     if problem:
                         return problem
                     continue
                 return f"invalid content part: {str(part)[:60]}"
         return None
 
-    def _decode_image(self, url: str) -> str | None:
+    def _decode_image(self, url: str, record: bool) -> str | None:
         if not url.startswith("data:"):
             return "image URLs must be data: URIs" if self.flavor == "ollama" else "the fake never fetches links"
         kind, _, data = url[len("data:") :].partition(";base64,")
@@ -247,7 +249,8 @@ class FakeOpenAI:
                 image.load()
         except (binascii.Error, OSError) as exc:
             return f"invalid image: {exc}"
-        self.images_seen.append((kind, raw))
+        if record:
+            self.images_seen.append((kind, raw))
         return None
 
     def _template(self, messages: list, add_generation_prompt: bool, continue_final_message: bool = False) -> list[str]:

@@ -18,6 +18,7 @@ from bot.runtime.config import ConfigError, load_config
 from bot.core.conversation import Author, ConversationKey
 from bot.core.messages import Attachment, Final, IncomingMessage, Partial
 from model.service import (
+    Chat,
     Finished,
     GenerationFailed,
     GenerationParams,
@@ -32,7 +33,7 @@ from model.service import (
     TextDelta,
 )
 from model.tgi import TGIBackend, TGISettings
-from tests.conftest import image_bytes, write_config
+from tests.conftest import guided, image_bytes, write_config
 from tests.fake_tgi import Failure, FakeTGI, Reply
 
 
@@ -42,12 +43,12 @@ def model_image(color, kind="PNG") -> ModelImage:
 
 
 RED, BLUE = model_image((220, 20, 20)), model_image((20, 20, 220), kind="JPEG")
-ONE_IMAGE = ["User: What is in this image?", RED, "<end_of_utterance>", "\nAssistant:"]
+ONE_IMAGE = guided(["User: What is in this image?", RED, "<end_of_utterance>", "\nAssistant:"])
 
 
 def request(prompt=ONE_IMAGE, **changes) -> GenerationRequest:
     params = changes.pop("params", GenerationParams(max_new_tokens=40))
-    return GenerationRequest(prompt=prompt, params=params, **changes)
+    return GenerationRequest(prompt=prompt if isinstance(prompt, Chat) else guided(prompt), params=params, **changes)
 
 
 async def events_of(service: TGIBackend, req: GenerationRequest) -> list:
@@ -345,9 +346,9 @@ async def test_closing_answers_the_requests_in_flight_and_in_line(fake):
 
 
 async def test_tokens_are_counted_by_the_server_with_images_as_their_marker_tokens(fake, service):
-    text_only = await service.count_tokens(["User: What is in this image?", "<end_of_utterance>", "\nAssistant:"])
+    text_only = await service.count_tokens(guided(["User: What is in this image?", "<end_of_utterance>", "\nAssistant:"]))
     one_image = await service.count_tokens(ONE_IMAGE)
-    two_images = await service.count_tokens(["User: What is in this image?", RED, BLUE, "<end_of_utterance>", "\nAssistant:"])
+    two_images = await service.count_tokens(guided(["User: What is in this image?", RED, BLUE, "<end_of_utterance>", "\nAssistant:"]))
     # <fake><image><fake> for an image; a second one right after it adds <image><fake>.
     assert (one_image - text_only, two_images - one_image) == (3, 2)
     assert all("base64" not in sent["inputs"] for sent in fake.tokenize_requests)

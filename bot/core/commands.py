@@ -37,7 +37,7 @@ from bot.runtime.config import Config
 from bot.runtime.files import FileTooLarge, NotARegularFile, read_regular_file
 from bot.runtime.metrics import Metrics
 from bot.state.store import Forgotten, StoreUnavailable
-from model.service import ModelError, ScoringUnavailable, continued
+from model.service import ModelError, ScoringUnavailable
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ class Commands:
             )
             model = self.generation.model
             # A ranking reads each label after the prompt instead of a reply: the longest must fit.
-            longest = continued(prompt.items, max(prompt.labels, key=len)) if prompt.labels else prompt.items
+            longest = prompt.chat.continued(max(prompt.labels, key=len)) if prompt.labels else prompt.chat
             await check_fits(longest, model.count_tokens, context_tokens=model.info.context_tokens, reserve_tokens=prompt.max_new_tokens)
         except (Refusal, TaskError, PromptTooLong) as refusal:
             self.metrics.error("too_long" if isinstance(refusal, PromptTooLong) else "input_refused")
@@ -184,7 +184,7 @@ class Commands:
             try:
                 ranking = await classify(
                     self.generation.model,
-                    await self.generation.model_prompt(prompt.items),
+                    await self.generation.model_prompt(prompt.chat),
                     prompt.labels,
                     queue_timeout=self.config.model.queue_timeout_s,
                     timeout=self.config.model.generation_timeout_s,
@@ -200,7 +200,7 @@ class Commands:
                 return
             yield Final(ranking.answer(), tuple(notes))
             return
-        async for event in self.generation.stream(prompt.items, prompt.max_new_tokens, f"{request.key} task={request.task}", prompt.num_beams):
+        async for event in self.generation.stream(prompt.chat, prompt.max_new_tokens, f"{request.key} task={request.task}", prompt.num_beams):
             if isinstance(event, Final):
                 event = Final(event.text, (*notes, *event.notes))
                 if not event.text and not event.notes:
@@ -211,7 +211,7 @@ class Commands:
         """Classification on a model that can't weigh labels: the guide's free-generation form, and
         the label the model names, said to be approximate."""
         length = self.config.tasks.max_new_tokens.get("classify_generate", DEFAULT_MAX_NEW_TOKENS["classify_generate"])
-        async for event in self.generation.stream(prompt.items, length, f"{request.key} task=classify"):
+        async for event in self.generation.stream(prompt.chat, length, f"{request.key} task=classify"):
             if isinstance(event, Partial):
                 continue  # the model's own words are not the answer
             if not isinstance(event, Final):
