@@ -137,6 +137,19 @@ def chat_messages(chat: Chat, image: Callable[[Any], dict | None] = lambda part:
     return messages
 
 
+def render_messages(chat: Chat) -> list[Part]:
+    """The messages of `chat` as the server gets them, for reading: "role: " before each, its text
+    and its images in their places, a line break after it."""
+    items: list[Part] = []
+    for message in chat_messages(chat, lambda part: {"type": "image", "image": part}):
+        content = message["content"]
+        items.append(f"{message['role']}: ")
+        for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+            items.append(part["text"] if part["type"] == "text" else part["image"])
+        items.append("\n")
+    return items
+
+
 def continuing(chat: Chat) -> dict:
     """The extra settings for a chat whose reply has begun (vLLM's and SGLang's; none otherwise, as
     OpenAI refuses fields it doesn't know)."""
@@ -421,15 +434,7 @@ class OpenAIBackend(RemoteBackend):
             return await self._call(f"{self._root}/tokenize", body, read, None, timeout=self._quick_timeout()) + self._image_tokens * image_count
 
     def render(self, prompt: Chat) -> list[Part]:
-        """The messages as the server gets them, one "role: text" line each, images in their places."""
-        items: list[Part] = []
-        for message in chat_messages(prompt, lambda part: {"type": "image", "image": part}):
-            content = message["content"]
-            items.append(f"{message['role']}: ")
-            for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
-                items.append(part["text"] if part["type"] == "text" else part["image"])
-            items.append("\n")
-        return items
+        return render_messages(prompt)
 
     async def request_bytes(self, prompt: Chat) -> int:
         return (await asyncio.to_thread(within_payload, prompt, self.settings.payload_limit))[1]

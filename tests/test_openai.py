@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 import random
+import subprocess
 from contextlib import aclosing
 from pathlib import Path
 
@@ -153,6 +154,22 @@ async def test_start_up_problems_are_one_paragraph_that_never_shows_the_key(fake
     status, _, err = await run_command("ask", "What is this?", cwd=tmp_path, env={"OPENAI_API_KEY": KEY})
     assert status == 1 and f"doesn't serve HuggingFaceTB/SmolVLM-Instruct (it serves: {MODEL})" in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_render_prints_the_messages_an_openai_server_gets(tmp_path):
+    (tmp_path / "config.toml").write_text(f'[model]\nbackend = "openai"\nurl = "http://127.0.0.1:9/v1"\nmodel = "{MODEL}"\n')
+    result = subprocess.run(
+        [*COMMAND, "render", "--task", "classify", "--image", "cat.png", "--labels", "cat, dog"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environment(),
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ['"user: "', "\"Instruction: Classify the following image into a single category from the following list: ['cat', 'dog'].\\n\""]
+    assert "<image cat.png>" in lines and '"assistant: "' in lines and '"Category: "' in lines
 
 
 async def test_an_unreachable_server_is_a_start_up_paragraph(fake, tmp_path):

@@ -321,6 +321,10 @@ def _item_lines(items: list) -> list[str]:
 
 def model_input(config: Config, chat: Chat) -> list[str]:
     """What the configured model receives for `chat`, one item a line (images by name)."""
+    if config.model.backend == "openai":
+        from model.openai import render_messages
+
+        return _item_lines(render_messages(chat))
     return _item_lines(render_instruct(chat))
 
 
