@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import math
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
@@ -276,6 +277,7 @@ class OpenAIBackend(RemoteBackend):
         self._counting = "estimate"  # "server" (messages), "llamacpp" (text), "tokenizer" or "estimate"
         self._image_tokens = IMAGE_TOKENS_ESTIMATE
         self._tokenizer: Any = None
+        self._tokenizer_lock = threading.Lock()  # a fast tokenizer refuses calls from two threads at once
         self._tokenize_context: int | None = None  # the context /tokenize reports, if the model list didn't
         self._scores: bool | None = None  # whether the server returns prompt_logprobs; None: not tried yet
 
@@ -408,8 +410,7 @@ class OpenAIBackend(RemoteBackend):
         messages, image_count = _text_messages(prompt), sum(not isinstance(part, str) for message in prompt.messages for part in message.parts)
         if self._counting == "tokenizer":
             text = "".join(str(message["content"]) for message in messages)
-            ids = await asyncio.to_thread(self._tokenizer, text, add_special_tokens=False)
-            return len(ids["input_ids"]) + MESSAGE_TOKENS_ESTIMATE * len(messages) + self._image_tokens * image_count
+            return await asyncio.to_thread(self._count_locally, text) + MESSAGE_TOKENS_ESTIMATE * len(messages) + self._image_tokens * image_count
         if self._counting == "estimate":
             return estimate_tokens(messages, image_count)
         if self._counting == "server":
@@ -432,6 +433,10 @@ class OpenAIBackend(RemoteBackend):
         async with self._tokenizing:
             body = json.dumps(payload).encode()
             return await self._call(f"{self._root}/tokenize", body, read, None, timeout=self._quick_timeout()) + self._image_tokens * image_count
+
+    def _count_locally(self, text: str) -> int:
+        with self._tokenizer_lock:
+            return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def render(self, prompt: Chat) -> list[Part]:
         return render_messages(prompt)

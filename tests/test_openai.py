@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import random
 import subprocess
 from contextlib import aclosing
@@ -16,19 +17,21 @@ from pathlib import Path
 import aiohttp
 import pytest
 from PIL import Image
+from transformers import AutoTokenizer
 
-from bot.core.conversation import Author, ConversationKey
+from bot.core.conversation import Author, ConversationKey, ImageRef
 from bot.core.messages import Attachment, Final, IncomingMessage, Partial, TaskRequest, Waiting
 from bot.runtime.app import Runtime
 from bot.runtime.config import ConfigError, load_config
 from bot.runtime.health import HealthServer
 from model.openai import CUT, DEFAULT_CONTEXT_TOKENS, OpenAIBackend, OpenAISettings
-from model.service import ModelLoadError, Queued
+from model.service import Chat, Message, ModelLoadError, Queued
 from tests.conftest import image_bytes, write_config
 from tests.fake_openai import Failure, FakeOpenAI, Reply
 from tests.test_cli import COMMAND, environment
 
 MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
+SLOT = ImageRef(digest="d", name="photo.png")  # counting needs an image's place, not its pixels
 KEY = "sk-test-s3cret"
 VLLM_TOO_LONG = {
     "error": {
@@ -322,6 +325,11 @@ async def test_without_tokenize_a_cached_tokenizer_counts_else_the_stated_estima
         try:
             assert (with_tokenizer._counting, estimating._counting) == ("tokenizer", "estimate")
             assert estimating.info.context_tokens == DEFAULT_CONTEXT_TOKENS
+            chat = Chat((Message("system", ("Be kind.",)), Message("user", ("Hello there, what is this?", SLOT))))
+            # The estimate: a token per 3 bytes, 8 a message, 850 an image.
+            assert await estimating.count_tokens(chat) == math.ceil(len("Be kind.Hello there, what is this?") / 3) + 2 * 8 + 850
+            tokens = AutoTokenizer.from_pretrained(tiny_checkpoint)("Be kind.Hello there, what is this?", add_special_tokens=False).input_ids
+            assert await with_tokenizer.count_tokens(chat) == len(tokens) + 2 * 8 + 850
         finally:
             await with_tokenizer.close()
             await estimating.close()
