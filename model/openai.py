@@ -493,7 +493,10 @@ class OpenAIBackend(RemoteBackend):
                 _, kind = error_message(chunk)
                 log.warning("openai.stream_error", extra={"request": request.label, "error_type": kind})
                 if not shown:
-                    failure = server_error(500, chunk, self.settings.model)
+                    # The error's own status where it gives one (vLLM refuses some prompts only once streaming).
+                    error = chunk.get("error")
+                    code = error.get("code") if isinstance(error, dict) else None
+                    failure = server_error(code if isinstance(code, int) and 400 <= code < 600 else 500, chunk, self.settings.model)
                     raise failure.failure if isinstance(failure, Retry) else failure
                 break
             try:

@@ -53,8 +53,8 @@ Flavor = Literal["vllm", "llamacpp", "ollama"]
 class Reply:
     """What the model "generates", as text pieces in order. `cut_after`: the connection drops after
     that many pieces. `hold_after`: the stream pauses there until `gate` (or the server's `release`)
-    is set. `malformed_after`: a chunk that isn't JSON comes there. `error_after`: an error event
-    comes there (then `[DONE]`), as vLLM sends when the engine fails mid-stream."""
+    is set. `malformed_after`: a chunk that isn't JSON comes there. `error_after`: the error event
+    `error` comes there (then `[DONE]`), as vLLM sends when the engine fails mid-stream."""
 
     pieces: list[str]
     cut_after: int | None = None
@@ -62,6 +62,7 @@ class Reply:
     gate: asyncio.Event | None = None
     malformed_after: int | None = None
     error_after: int | None = None
+    error: dict = field(default_factory=lambda: {"message": "engine died", "type": "InternalServerError", "code": 500})
 
 
 @dataclass
@@ -362,7 +363,7 @@ class FakeOpenAI:
                     await response.write(b'data: {"choices": [{"delta": {"content": "tru\n\n')
                     break
                 if reply.error_after is not None and index >= reply.error_after:
-                    await response.write(f"data: {json.dumps({'error': {'message': 'engine died', 'type': 'InternalServerError', 'code': 500}})}\n\n".encode())
+                    await response.write(f"data: {json.dumps({'error': reply.error})}\n\n".encode())
                     break
                 if reply.hold_after is not None and index >= reply.hold_after:
                     await (reply.gate or self.release).wait()

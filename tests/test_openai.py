@@ -345,6 +345,15 @@ async def test_a_context_length_refusal_is_the_usual_too_long_answer_and_counted
     assert 'idefics_errors_total{kind="too_long"} 1.0' in metrics
 
 
+async def test_a_context_refusal_inside_the_stream_is_too_long_too(fake, tmp_path):
+    fake.replies.append(Reply(["never"], error_after=0, error=VLLM_TOO_LONG["error"]))
+    async with Runtime.open(openai_config(tmp_path, fake)) as runtime:
+        final = await final_of(runtime, message("A long question"))
+        metrics = runtime.metrics.render().decode()
+    assert final.text == "" and "too long" in final.notes[0]
+    assert 'idefics_errors_total{kind="too_long"} 1.0' in metrics
+
+
 async def test_llama_cpp_context_refusal_is_too_long_too_and_its_context_is_read_from_props(tmp_path):
     async with FakeOpenAI(flavor="llamacpp", max_model_len=3000) as fake, Runtime.open(openai_config(tmp_path, fake)) as runtime:
         assert runtime.model.info.context_tokens == 3000
