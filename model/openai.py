@@ -489,7 +489,7 @@ class OpenAIBackend(RemoteBackend):
             chunk = await self._within(anext(events, None), deadline, request, True)
             if chunk is None:
                 break
-            if "error" in chunk:
+            if chunk.get("error"):
                 _, kind = error_message(chunk)
                 log.warning("openai.stream_error", extra={"request": request.label, "error_type": kind})
                 if not shown:
