@@ -128,12 +128,18 @@ def test_the_openai_backend_needs_url_and_model_and_takes_its_key_from_openai_ap
 # -- start-up --------------------------------------------------------------------------------
 
 
-async def run_command(*args: str, cwd: Path, env: dict | None = None) -> tuple[int, str, str]:
+async def run_command(*args: str, cwd: Path, env: dict | None = None, stdin: str = "") -> tuple[int, str, str]:
     """`idefics-bot ARGS` as a subprocess, while this event loop keeps serving the fake."""
     process = await asyncio.create_subprocess_exec(
-        *COMMAND, *args, cwd=cwd, env=environment(env), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *COMMAND,
+        *args,
+        cwd=cwd,
+        env=environment(env),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), 120)
+    out, err = await asyncio.wait_for(process.communicate(stdin.encode()), 120)
     assert b"Traceback" not in out + err, err.decode()
     return process.returncode or 0, out.decode(), err.decode()
 
@@ -144,6 +150,16 @@ async def test_ask_answers_through_the_server(fake, tmp_path):
     status, out, err = await run_command("ask", "--image", "red.png", "What is this?", cwd=tmp_path)
     assert (status, out.strip()) == (0, "A red square."), err
     assert fake.chat_requests[0]["model"] == MODEL
+
+
+async def test_the_terminal_chat_streams_through_the_server_and_shows_a_cut_answer(fake, tmp_path):
+    (tmp_path / "red.png").write_bytes(RED)
+    openai_config(tmp_path, fake)
+    fake.replies.extend([Reply(["It", " is", " red", "."]), Reply(["Once", " upon", " a", " time"], cut_after=3)])
+    status, out, err = await run_command("chat", cwd=tmp_path, stdin="/image red.png\nWhat is this?\nTell me a story\n/quit\n")
+    assert status == 0, err
+    assert "It is red.\nyou> " in out and f"Once upon a\n({CUT})" in out
+    assert [entry["role"] for entry in fake.chat_requests[-1]["messages"]] == ["system", "user", "assistant", "user"]
 
 
 async def test_start_up_problems_are_one_paragraph_that_never_shows_the_key(fake, tmp_path):
