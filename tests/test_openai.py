@@ -25,7 +25,7 @@ from bot.runtime.app import Runtime
 from bot.runtime.config import ConfigError, load_config
 from bot.runtime.health import HealthServer
 from model.openai import CUT, DEFAULT_CONTEXT_TOKENS, OpenAIBackend, OpenAISettings
-from model.service import Chat, Message, ModelLoadError, Queued
+from model.service import Chat, GenerationParams, GenerationRequest, Message, ModelLoadError, Queued
 from tests.conftest import image_bytes, write_config
 from tests.fake_openai import Failure, FakeOpenAI, Reply
 from tests.test_cli import COMMAND, environment
@@ -250,8 +250,11 @@ async def test_sampling_settings_and_the_seed_reach_the_server(fake, tmp_path):
     config = config.model_copy(update={"generation": config.generation.model_copy(update={"do_sample": True, "temperature": 0.7, "top_p": 0.9})})
     async with Runtime.open(config) as runtime:
         await final_of(runtime, message("Hi"))
-    sent = fake.chat_requests[0]
-    assert (sent["temperature"], sent["top_p"]) == (0.7, 0.9)
+        seeded = GenerationParams(max_new_tokens=9, do_sample=True, temperature=0.5, top_p=1.0, seed=42)
+        await runtime.model.generate(GenerationRequest(Chat((Message("user", ("Hi",)),)), seeded))
+    sent, again = fake.chat_requests
+    assert (sent["temperature"], sent["top_p"], "seed" in sent) == (0.7, 0.9, False)
+    assert (again["temperature"], again["top_p"], again["seed"], again["max_tokens"]) == (0.5, 1.0, 42, 9)
 
 
 async def test_a_reply_at_the_length_limit_is_a_normal_end(fake, tmp_path):
