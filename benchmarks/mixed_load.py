@@ -30,13 +30,13 @@ from transformers import LogitsProcessor
 
 from model.loading import CheckpointSettings
 from model.local import BatchSettings, LocalBackend
-from model.service import GenerationParams, GenerationRequest, Started, StreamEvent
+from model.service import Chat, GenerationParams, GenerationRequest, Message, Started, StreamEvent
 from model.tiny import write_tiny_checkpoint
 
 
 def make_request(number: int, tokens: int) -> GenerationRequest:
     images = [image(number + k) for k in range(number % 3)]  # 0, 1 or 2 images
-    prompt = [f"User: Tell me about picture number {number}.", *images, "<end_of_utterance>", "\nAssistant:"]
+    prompt = Chat((Message("user", (f"Tell me about picture number {number}.", *images)),))
     return GenerationRequest(prompt, GenerationParams(max_new_tokens=tokens))
 
 
@@ -55,7 +55,7 @@ async def generate_alone(service: LocalBackend, request: GenerationRequest, no_e
 
     def run(model, processor) -> float:
         started = time.perf_counter()
-        items = LocalBackend._processor_items(request.prompt)
+        items = LocalBackend._processor_items(service.render(request.prompt))
         inputs = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False)
         banned = processor.tokenizer.convert_tokens_to_ids(["<image>", "<fake_token_around_image>"])
         model.generate(

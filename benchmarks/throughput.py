@@ -23,7 +23,7 @@ from fixed_length import NoEarlyEnd, image  # noqa: E402
 
 from model.loading import CheckpointSettings  # noqa: E402
 from model.local import BatchSettings, LocalBackend  # noqa: E402
-from model.service import GenerationParams, GenerationRequest  # noqa: E402
+from model.service import Chat, GenerationParams, GenerationRequest, Message  # noqa: E402
 from model.tiny import write_tiny_checkpoint  # noqa: E402
 
 
@@ -42,7 +42,7 @@ async def main() -> None:
         service.row_processors.append(lambda prompt_ids: no_end)
         requests = [
             GenerationRequest(
-                [f"User: Describe picture number {n}.", image(n), "<end_of_utterance>", "\nAssistant:"],
+                Chat((Message("user", (f"Describe picture number {n}.", image(n))),)),
                 GenerationParams(max_new_tokens=args.tokens),
             )
             for n in range(args.requests)

@@ -20,13 +20,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from transformers import LogitsProcessor
 
 from model.batch import Batch, Row, Sampling, encode_prompt, footprint, image_state_shape, process_prompt
 from model.beams import search_beams
+from model.instruct import render_instruct
 from model.loading import CheckpointSettings, load_checkpoint
 from model.markers import marked_text
 from model.pictures import decode
@@ -35,7 +36,7 @@ from model.service import (
     END_OF_UTTERANCE,
     FAKE_IMAGE_TOKEN,
     IMAGE_TOKEN,
-    CountedPrompt,
+    Chat,
     Finished,
     GenerationFailed,
     GenerationRequest,
@@ -46,7 +47,7 @@ from model.service import (
     ModelService,
     ModelTimeout,
     ModelUnavailable,
-    Prompt,
+    Part,
     Queued,
     ScoreRequest,
     Started,
@@ -206,14 +207,18 @@ class LocalBackend(ModelService):
             "worker_alive": self._watchdog is not None and not self._watchdog.done() and not self._stalled(),
         }
 
-    async def count_tokens(self, prompt: CountedPrompt) -> int:
+    def render(self, prompt: Chat) -> list[Part]:
+        return render_instruct(prompt)
+
+    async def count_tokens(self, prompt: Chat) -> int:
         # The same text the processor builds: <s>, then the shared marker rules (model/markers.py).
-        return len(self._counting_tokenizer(self._tokenizer.bos_token + marked_text(prompt), add_special_tokens=False).input_ids)
+        text = marked_text(self.render(prompt))
+        return len(self._counting_tokenizer(self._tokenizer.bos_token + text, add_special_tokens=False).input_ids)
 
     async def score(self, request: ScoreRequest) -> list[float]:
         # All continuations in one forward pass, between two steps of the running batch.
         def weigh(model, processor) -> list[float]:
-            items = self._processor_items(request.prompt)
+            items = self._processor_items(self.render(request.prompt))
             return score_continuations(model, processor, items, request.continuations, self.row_processors)
 
         return await self._one_off(weigh, request, lambda: ModelTimeout.scoring(request))
@@ -264,7 +269,7 @@ class LocalBackend(ModelService):
         yield Started(batch_size=1)
 
         def search(model, processor) -> Finished:
-            items = self._processor_items(request.prompt)
+            items = self._processor_items(self.render(request.prompt))
             return search_beams(
                 model,
                 processor,
@@ -435,7 +440,7 @@ class LocalBackend(ModelService):
     def _encode(self, job: _Job) -> bool:
         """Tokenize `job`'s prompt and run its images through the vision encoder; a bad prompt fails alone."""
         try:
-            prompt = encode_prompt(self._model, process_prompt(self._processor, self._processor_items(job.request.prompt)))
+            prompt = encode_prompt(self._model, process_prompt(self._processor, self._processor_items(self.render(job.request.prompt))))
         except Exception:
             log.exception("request.failed", extra={"request": job.request.label})
             with self._lock:
@@ -567,7 +572,7 @@ class LocalBackend(ModelService):
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
     @staticmethod
-    def _processor_items(prompt: Prompt) -> list:
+    def _processor_items(prompt: Sequence[Part]) -> list:
         """Prompt items as the processor takes them: PIL images, and text it can't mistake for a URL.
 
         The processor downloads any text item that parses as a URL. Such an item (a user typing only
@@ -578,8 +583,8 @@ class LocalBackend(ModelService):
 
         items: list = []
         for item in prompt:
-            if isinstance(item, ModelImage):
-                items.append(decode(item))
+            if not isinstance(item, str):
+                items.append(decode(cast(ModelImage, item)))
             elif is_url(item.strip(" ")):
                 items.extend(item)
             else:

@@ -1,7 +1,7 @@
 """The model service interface: what the bot asks of any backend, in platform- and library-free types.
 
-A backend takes a `GenerationRequest` (an interleaved prompt of text and images plus generation
-settings) and streams `Queued`, `Started`, `TextDelta` and finally `Finished` events back. Nothing in
+A backend takes a `GenerationRequest` (a `Chat`: the conversation as structured messages, which each
+backend renders in its model's own format, plus generation settings) and streams `Queued`, `Started`, `TextDelta` and finally `Finished` events back. Nothing in
 here knows about transformers, so the bot runs unchanged on the local backend or a remote server.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import Literal, Protocol
 
 END_OF_UTTERANCE = "<end_of_utterance>"
 IMAGE_TOKEN = "<image>"
@@ -48,9 +48,65 @@ class ImageSlot(Protocol):
 
 
 PromptItem = str | ModelImage
+# A rendered prompt (text and images in order, as a backend's model takes them); `count_tokens` and
+# `render` take image slots in place of images: only an image's place matters, not its pixels.
 Prompt = Sequence[PromptItem]
-# A prompt as `count_tokens` takes it: only an image's place matters, not its pixels.
 CountedPrompt = Sequence[str | ImageSlot]
+# A part of a message: text, or an image (a `ModelImage` in a request; any `ImageSlot` for counting).
+Part = str | ModelImage | ImageSlot
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn: who speaks and what they posted, text and images in the order posted."""
+
+    role: Literal["system", "user", "assistant"]
+    parts: tuple[Part, ...]  # (for token counting, image slots stand for images)
+    speaker: str = ""  # a user's display name in a shared conversation; "" otherwise
+
+    @property
+    def text(self) -> str:
+        """The message's text parts, one per line."""
+        return "\n".join(part for part in self.parts if isinstance(part, str))
+
+
+@dataclass(frozen=True)
+class Chat:
+    """What the model continues: messages in order (system first if any), ending with a user turn;
+    the reply is the assistant's next turn."""
+
+    messages: tuple[Message, ...]
+    # The start of the assistant's reply, written for it and continued by the model (a guide cue such as "Category: ").
+    reply_start: str = ""
+    # IDEFICS v1 only: one of the guide's one-off task prompts in its own words, sent verbatim instead of
+    # rendering `messages` in the User:/Assistant: format. Chat-templated families and OpenAI servers ignore it.
+    guide: tuple[Part, ...] = ()
+
+    @property
+    def images(self) -> list[Part]:
+        """Every image part, in order (of the guide too), repeats included."""
+        parts = [part for message in self.messages for part in message.parts]
+        return [part for part in (*parts, *self.guide) if not isinstance(part, str)]
+
+    def continued(self, continuation: str) -> Chat:
+        """The chat with `continuation` written after the start of the reply (for the guide, after
+        its last item, which must be text): how a `ScoreRequest` reads each continuation."""
+        guide = self.guide
+        if guide:
+            *head, last = guide
+            if not isinstance(last, str):
+                raise ValueError("a scored prompt ends with text")
+            guide = (*head, last + continuation)
+        return replace(self, reply_start=self.reply_start + continuation, guide=guide)
+
+    def with_images(self, images: dict) -> Chat:
+        """The chat with every image part replaced by `images[part]` (references by loaded images, say)."""
+
+        def swap(parts: tuple[Part, ...]) -> tuple[Part, ...]:
+            return tuple(part if isinstance(part, str) else images[part] for part in parts)
+
+        messages = tuple(replace(message, parts=swap(message.parts)) for message in self.messages)
+        return replace(self, messages=messages, guide=swap(self.guide))
 
 
 @dataclass(frozen=True)
@@ -72,7 +128,7 @@ class GenerationParams:
 class GenerationRequest:
     """One prompt to complete. Time limits are in seconds; None means no limit."""
 
-    prompt: Prompt
+    prompt: Chat
     params: GenerationParams = field(default_factory=GenerationParams)
     stop_strings: tuple[str, ...] = (USER_TURN_STOP,)
     queue_timeout: float | None = None
@@ -82,11 +138,11 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class ScoreRequest:
-    """Continuations to weigh after one prompt (whose last item is text): how likely the model
-    finds each as the next words, e.g. a classification's labels after "Category: ". Each is read
-    as the prompt `continued` by it."""
+    """Continuations to weigh after one prompt: how likely the model finds each as the next words
+    of the reply, e.g. a classification's labels after "Category: ". Each is read as
+    `prompt.continued(continuation)`."""
 
-    prompt: Prompt
+    prompt: Chat
     continuations: tuple[str, ...]
     queue_timeout: float | None = None
     timeout: float | None = None
@@ -116,18 +172,20 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class Finished:
-    """The reply is complete. `reason` is "stop" (end of utterance or stop string) or "length"."""
+    """The reply is complete. `reason` is "stop" (end of utterance or stop string), "length", or
+    "cut" (a remote server's stream broke off: `text` is what came, and `note` says so)."""
 
     text: str
     reason: str
     tokens: int
+    note: str = ""  # for the asker, shown with the reply
 
 
 StreamEvent = Queued | Started | TextDelta | Finished
 
 
 def continued(prompt: Sequence, continuation: str) -> list:
-    """`prompt` with `continuation` appended to its last item, which must be text."""
+    """A rendered `prompt` with `continuation` appended to its last item, which must be text."""
     *head, last = prompt
     if not isinstance(last, str):
         raise ValueError("a scored prompt ends with text")
@@ -163,6 +221,14 @@ class GenerationFailed(ModelError):
     """The model raised while working on this request (the other requests of its batch go on)."""
 
 
+class ContextTooLong(GenerationFailed):
+    """A remote server refused the prompt as longer than its context (the bot's count fell short)."""
+
+
+class ScoringUnavailable(ModelError):
+    """The backend can't weigh continuations (its server scores no prompts): generate instead."""
+
+
 class ModelUnavailable(ModelError):
     """The service is not running (not started, or shutting down)."""
 
@@ -193,10 +259,16 @@ class ModelService(abc.ABC):
         """Stop taking requests, end the ones in flight, release the model."""
 
     @abc.abstractmethod
-    async def count_tokens(self, prompt: CountedPrompt) -> int:
-        """How many tokens `prompt` takes in the model's context, counted with the real tokenizer."""
+    async def count_tokens(self, prompt: Chat) -> int:
+        """How many tokens `prompt` takes in the model's context, counted with the real tokenizer
+        (its images may be any `ImageSlot`)."""
 
-    async def request_bytes(self, prompt: Prompt) -> int:
+    @abc.abstractmethod
+    def render(self, prompt: Chat) -> list[str | ImageSlot]:
+        """What the model receives for `prompt`: the text this backend sends, with the images in their
+        places (for `idefics-bot render` and for tests; images may be any `ImageSlot`)."""
+
+    async def request_bytes(self, prompt: Chat) -> int:
         """The size of the request that would carry `prompt`, to compare with `info.max_request_bytes`
         (a backend that has such a limit says how large, images included)."""
         return 0

@@ -19,6 +19,7 @@ from PIL import Image  # noqa: E402
 from bot.runtime.config import Config, load_config  # noqa: E402
 from model.loading import CheckpointSettings  # noqa: E402
 from model.local import BatchSettings, LocalBackend  # noqa: E402
+from model.service import Chat, Message  # noqa: E402
 from model.tiny import write_tiny_checkpoint  # noqa: E402
 from tests.postgres import postgres_server, postgres_url  # noqa: E402, F401 (fixtures: a real PostgreSQL)
 
@@ -33,6 +34,11 @@ async def backend(tiny_checkpoint):
     service = await LocalBackend.open(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(max_batch_size=8))
     yield service
     await service.close()
+
+
+def guided(items) -> Chat:
+    """A chat that IDEFICS v1 receives as `items`, verbatim (its one user message holds the same parts)."""
+    return Chat((Message("user", tuple(item.strip() if isinstance(item, str) else item for item in items)),), guide=tuple(items))
 
 
 def image_bytes(color=(200, 30, 30), size=(64, 48), kind="PNG", **save) -> bytes:

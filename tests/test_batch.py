@@ -13,7 +13,8 @@ from transformers import LogitsProcessor
 from model.batch import Batch, Row, Sampling, encode_prompt, image_state_shape, process_prompt
 from model.loading import CheckpointSettings, load_checkpoint
 from model.local import LocalBackend
-from tests.test_model_service import BLUE, PROMPTS, RED
+from tests.test_model_service import BLUE, RED
+from tests.test_model_service import V1_ITEMS as PROMPTS
 
 PROMPTS = {
     **PROMPTS,

@@ -9,7 +9,7 @@ import pytest
 from bot.runtime.app import Runtime
 from bot.core.conversation import Author, ConversationKey, ImageRef
 from bot.core.messages import Attachment, Final, IncomingMessage, Partial, TaskRequest, Waiting
-from bot.core.prompt import render
+from bot.core.prompt import chat_of
 from tests.conftest import image_bytes
 from tests.test_images import truncated_jpeg
 
@@ -52,7 +52,7 @@ async def test_a_conversation_with_two_images_keeps_both_turns(runtime):
     assert [turn.text for turn in turns[::2]] == ["What is in this image?", "And this one?"]
     assert turns[3].text == final2.text
     # What the model saw for the second reply: both turns, both images, each speaker named.
-    items = render(turns[:3], runtime.config.conversation.system_prompt, shared=True)
+    items = runtime.engine.generation.model.render(chat_of(turns[:3], runtime.config.conversation.system_prompt, shared=True))
     images = [item for item in items if isinstance(item, ImageRef)]
     assert [image.name for image in images] == ["red.png", "blue.png"]
     assert "\nUser: [Ann] What is in this image?" in items and "\nUser: [Bob] And this one?" in items

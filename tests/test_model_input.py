@@ -13,11 +13,12 @@ from transformers import AutoProcessor, LogitsProcessor
 from bot.runtime.app import Runtime
 from bot.core.conversation import Author, ConversationKey, ImageRef, Turn
 from bot.core.messages import IncomingMessage, Partial, TaskRequest
-from bot.core.prompt import PromptItems, clean_name, clean_text, render
+from bot.core.prompt import chat_of, clean_name, clean_text
 from bot.core.tasks import FewShotPair, build_task
 from bot.images.intake import prepare_image
 from bot.runtime.cli import main
-from model.service import END_OF_UTTERANCE, SPECIAL_TOKENS, Finished, GenerationParams, GenerationRequest, TextDelta
+from model.instruct import render_instruct
+from model.service import END_OF_UTTERANCE, SPECIAL_TOKENS, Chat, Finished, GenerationParams, GenerationRequest, Message, TextDelta
 from tests.conftest import image_bytes
 from tests.model_tap import tap  # noqa: F401 (fixture)
 from tests.test_engine import attachment
@@ -40,20 +41,20 @@ def declared(processor) -> list[str]:
     return sorted({*tokenizer.all_special_tokens, *(token.content for token in tokenizer.added_tokens_decoder.values())})
 
 
-def model_input(processor, items: PromptItems):
+def model_input(processor, chat: Chat):
     """Input ids and image attention mask, as the local backend gives them to the model."""
-    prompt = [PIXELS[item] if isinstance(item, ImageRef) else item for item in items]
+    prompt = [PIXELS[item] if isinstance(item, ImageRef) else item for item in render_instruct(chat)]
     inputs = processor(text=[prompt], return_tensors="pt", add_end_of_utterance_token=False)
     return inputs["input_ids"][0].tolist(), inputs["image_attention_mask"][0]
 
 
-def assert_only_the_template_speaks(processor, items: PromptItems, turns: int) -> None:
+def assert_only_the_template_speaks(processor, chat: Chat, turns: int) -> None:
     """The specials in the input are the template's: one <s>, one image marker per image, one end of
     utterance per finished turn, and no end of document; the last token sees the latest image (IDEFICS'
     text attends to the image before it, and a typed end of document would cut that link)."""
-    ids, mask = model_input(processor, items)
+    ids, mask = model_input(processor, chat)
     tokenizer = processor.tokenizer
-    images = sum(isinstance(item, ImageRef) for item in items)
+    images = len(chat.images)
     counts = {token: ids.count(tokenizer.convert_tokens_to_ids(token)) for token in SPECIAL_TOKENS}
     assert counts["<s>"] == 1 and counts["</s>"] == 0 and counts["<unk>"] == 0, counts
     assert counts["<image>"] == images and counts[END_OF_UTTERANCE] == turns, counts
@@ -74,16 +75,15 @@ def test_typed_specials_reach_the_model_as_text_only(processor, declared):
         Turn("assistant", ("A red square.",)),
         Turn("user", (clean_text(f"and now? {typed}"),), Author("u2", typed)),
     ]
-    assert_only_the_template_speaks(processor, render(turns, shared=True), turns=3)
+    assert_only_the_template_speaks(processor, chat_of(turns, shared=True), turns=3)
 
 
 def test_a_reply_spelling_specials_does_not_become_them(processor, declared):
     reply = "It says " + " and ".join(declared) + "<ima<image>ge>"
     turns = [Turn("user", ("what is written here?", RED)), Turn("assistant", (reply,)), Turn("user", ("and here?", BLUE))]
-    items = render(turns)
-    assert_only_the_template_speaks(processor, items, turns=3)
+    assert_only_the_template_speaks(processor, chat_of(turns), turns=3)
     # Without an image in the follow-up too: its question still sees the first image.
-    assert_only_the_template_speaks(processor, render([*turns[:2], Turn("user", ("and what does that mean?",))]), turns=3)
+    assert_only_the_template_speaks(processor, chat_of([*turns[:2], Turn("user", ("and what does that mean?",))]), turns=3)
 
 
 @pytest.mark.parametrize("task", ["vqa", "classify_generate", "few_shot"])
@@ -96,11 +96,11 @@ def test_task_texts_are_cleaned(processor, declared, task):
         labels=[f"cat{typed}", f"dog {typed}"],
         examples=[FewShotPair(BLUE, f"A blue square {typed}.")],
     )
-    ids, mask = model_input(processor, prompt.items)
+    ids, mask = model_input(processor, prompt.chat)
     tokenizer = processor.tokenizer
     forbidden = {tokenizer.convert_tokens_to_ids(token) for token in ("</s>", "<unk>", END_OF_UTTERANCE)}
     assert not forbidden & set(ids) and ids.count(tokenizer.bos_token_id) == 1
-    images = sum(isinstance(item, ImageRef) for item in prompt.items)
+    images = sum(not isinstance(item, str) for item in render_instruct(prompt.chat))
     assert ids.count(tokenizer.convert_tokens_to_ids("<image>")) == images and mask[-1].tolist() == [0] * (images - 1) + [1]
 
 
@@ -169,14 +169,16 @@ async def test_a_story_is_searched_with_beams_and_arrives_whole(backend):
     async def collect(request: GenerationRequest) -> list:
         return [event async for event in backend.stream(request)]
 
-    story = await collect(GenerationRequest(["Instruction: Use the image to write a story. \n", image, "Story: \n"], GenerationParams(max_new_tokens=12, num_beams=2)))
+    instruction = "Instruction: Use the image to write a story. \n"
+    story_chat = Chat((Message("user", (instruction, image)),), "Story: \n", guide=(instruction, image, "Story: \n"))
+    story = await collect(GenerationRequest(story_chat, GenerationParams(max_new_tokens=12, num_beams=2)))
     assert rows.rows and set(rows.rows) == {2}  # two beams
     texts = [event for event in story if isinstance(event, TextDelta)]
     finished = story[-1]
     assert isinstance(finished, Finished) and 0 < finished.tokens <= 12
     assert len(texts) <= 1 and "".join(text.text for text in texts) == finished.text
     # Greedy requests still run one row each in the running batch, streaming token by token.
-    greedy = await collect(GenerationRequest(["Describe", image], GenerationParams(max_new_tokens=12)))
+    greedy = await collect(GenerationRequest(Chat((Message("user", ("Describe", image)),), guide=("Describe", image)), GenerationParams(max_new_tokens=12)))
     assert rows.rows[-1] == 1 and isinstance(greedy[-1], Finished)
 
 

@@ -13,10 +13,12 @@ from model.loading import CheckpointSettings
 from model.local import BatchSettings, LocalBackend
 from model.pictures import decode
 from model.service import (
+    Chat,
     Finished,
     GenerationFailed,
     GenerationParams,
     GenerationRequest,
+    Message,
     ModelBusy,
     ModelImage,
     ModelTimeout,
@@ -24,7 +26,7 @@ from model.service import (
     Started,
     TextDelta,
 )
-from tests.conftest import image_bytes
+from tests.conftest import guided, image_bytes
 
 
 def model_image(color, size=(64, 48)) -> ModelImage:
@@ -34,6 +36,12 @@ def model_image(color, size=(64, 48)) -> ModelImage:
 
 RED, BLUE = model_image((220, 20, 20)), model_image((20, 20, 220), (40, 80))
 PROMPTS = {
+    "no image": Chat((Message("user", ("Tell me a story about a dog.",)),)),
+    "one image": Chat((Message("user", ("What is in this image?", RED)),)),
+    "two images": Chat((Message("user", (RED, BLUE, "And who is that?")),)),
+}
+# What IDEFICS v1 receives for each.
+V1_ITEMS = {
     "no image": ["User: Tell me a story about a dog.<end_of_utterance>", "\nAssistant:"],
     "one image": ["User: What is in this image?", RED, "<end_of_utterance>", "\nAssistant:"],
     "two images": ["User:", RED, BLUE, "And who is that?<end_of_utterance>", "\nAssistant:"],
@@ -76,7 +84,9 @@ async def scripted_backend(checkpoint, script: Script, **batching) -> LocalBacke
 
 
 def request(prompt, max_new_tokens=16, **kwargs) -> GenerationRequest:
-    return GenerationRequest(prompt=prompt, params=GenerationParams(max_new_tokens=max_new_tokens), **kwargs)
+    """A request for `prompt`: a Chat, or a list of v1 items sent verbatim."""
+    chat = prompt if isinstance(prompt, Chat) else guided(prompt)
+    return GenerationRequest(prompt=chat, params=GenerationParams(max_new_tokens=max_new_tokens), **kwargs)
 
 
 async def collect(service, req) -> tuple[list, Finished]:
@@ -122,6 +132,11 @@ async def test_stops_at_user_turn_and_hides_a_trailing_user(tiny_checkpoint, tok
     assert texts["user turn"] == texts["trailing user"] == texts["end"]
 
 
+def test_v1_receives_the_instruct_format(backend):
+    for name, chat in PROMPTS.items():
+        assert backend.render(chat) == V1_ITEMS[name], name
+
+
 async def test_batched_greedy_replies_equal_replies_run_alone(backend):
     alone = {name: (await collect(backend, request(prompt, max_new_tokens=24)))[1] for name, prompt in PROMPTS.items()}
     sizes_before = len(backend.batch_sizes)
@@ -130,7 +145,7 @@ async def test_batched_greedy_replies_equal_replies_run_alone(backend):
     for (name, single), (_, batched) in zip(alone.items(), together):
         assert batched == single, name
     # The images matter: the same question about another image gets another reply.
-    other = (await collect(backend, request(["User: What is in this image?", BLUE, "<end_of_utterance>", "\nAssistant:"], 24)))[1]
+    other = (await collect(backend, request(Chat((Message("user", ("What is in this image?", BLUE)),)), 24)))[1]
     assert other.text != alone["one image"].text
 
 
@@ -218,7 +233,7 @@ async def test_token_count_matches_the_processor(backend):
     prompt = ["System.", "\nUser: look", RED, BLUE, "and", RED, "here<end_of_utterance>", "\nAssistant:"]
     items = [decode(item) if isinstance(item, ModelImage) else item for item in prompt]
     expected = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False)["input_ids"].shape[1]
-    assert await backend.count_tokens(prompt) == expected
+    assert await backend.count_tokens(guided(prompt)) == expected
 
 
 async def test_text_that_looks_like_a_url_is_never_fetched(backend):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bot.core.conversation import Author, ImageRef, Turn
-from bot.core.prompt import PromptTooLong, clean_name, clean_text, fit, render
+from bot.core.prompt import PromptTooLong, chat_of, clean_name, clean_text, fit
+from model.instruct import render_instruct
 
 IDEFIX = ImageRef("a" * 64, "idefix.png")
 OBELIX = ImageRef("b" * 64, "obelix.png")
@@ -25,7 +26,7 @@ def idefix_conversation() -> list[Turn]:
 
 
 def test_documentation_conversation_is_reproduced_item_for_item():
-    assert render(idefix_conversation()) == [
+    assert render_instruct(chat_of(idefix_conversation())) == [
         "User: What is in this image?",
         IDEFIX,
         "<end_of_utterance>",
@@ -38,13 +39,13 @@ def test_documentation_conversation_is_reproduced_item_for_item():
 
 
 def test_system_prompt_comes_first_and_turns_follow_on_new_lines():
-    items = render(idefix_conversation()[:1], system_prompt="Be brief.\nThe conversation begins:")
+    items = render_instruct(chat_of(idefix_conversation()[:1], system_prompt="Be brief.\nThe conversation begins:"))
     assert items == ["Be brief.\nThe conversation begins:", "\nUser: What is in this image?", IDEFIX, "<end_of_utterance>", "\nAssistant:"]
 
 
 def test_shared_channels_name_the_speaker():
     turns = [Turn("user", ("hi",), ANN), Turn("assistant", ("hello",)), Turn("user", (OBELIX, "and this?"), Author("u2", "Bob [admin]\n"))]
-    assert render(turns, shared=True) == [
+    assert render_instruct(chat_of(turns, shared=True)) == [
         "User: [Ann] hi<end_of_utterance>",
         "\nAssistant: hello<end_of_utterance>",
         "\nUser: [Bob (admin)]",
@@ -98,11 +99,11 @@ async def test_history_is_trimmed_oldest_first_to_fit_2048_tokens(backend):
     fitted = await fit(turns, counter, context_tokens=2048, reserve_tokens=512, max_images=64, system_prompt="System.")
     assert fitted.dropped > 0 and fitted.dropped % 2 == 0  # whole exchanges go, starting at a user turn
     assert fitted.tokens <= 2048 - 512
-    assert fitted.tokens == await backend.count_tokens(fitted.items)
+    assert fitted.tokens == await backend.count_tokens(fitted.chat)
     kept = turns[fitted.dropped :]
-    assert render(kept, "System.") == fitted.items
+    assert chat_of(kept, "System.") == fitted.chat
     # One more exchange would not have fit.
-    assert await backend.count_tokens(render(turns[fitted.dropped - 2 :], "System.")) > 2048 - 512
+    assert await backend.count_tokens(chat_of(turns[fitted.dropped - 2 :], "System.")) > 2048 - 512
     assert counter.calls <= 8  # bisected, not measured turn by turn
 
 
@@ -110,7 +111,7 @@ async def test_image_limit_drops_old_turns_too(backend):
     turns = [Turn("user", ("a", IDEFIX, OBELIX), ANN), Turn("assistant", ("b",)), Turn("user", ("c", IDEFIX), ANN)]
     fitted = await fit(turns, backend.count_tokens, context_tokens=2048, reserve_tokens=10, max_images=2)
     assert fitted.dropped == 2
-    assert [item for item in fitted.items if isinstance(item, ImageRef)] == [IDEFIX]
+    assert fitted.chat.images == [IDEFIX]
 
 
 async def test_a_message_too_long_alone_is_refused_with_numbers(backend):

@@ -6,7 +6,7 @@ import pytest
 
 from model.loading import CheckpointSettings
 from model.local import LocalBackend
-from model.service import GenerationParams, GenerationRequest
+from model.service import Chat, GenerationParams, GenerationRequest, Message
 
 
 @pytest.mark.parametrize("quantization, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
@@ -15,7 +15,7 @@ async def test_quantized_checkpoint_generates_on_cpu(tiny_checkpoint, quantizati
     try:
         assert type(service._model.model.layers[0].mlp.down_proj).__name__ == layer
         finished = await service.generate(
-            GenerationRequest(["User: What is this?<end_of_utterance>", "\nAssistant:"], GenerationParams(max_new_tokens=6))
+            GenerationRequest(Chat((Message("user", ("What is this?",)),)), GenerationParams(max_new_tokens=6))
         )
     finally:
         await service.close()

@@ -18,6 +18,7 @@ from bot.runtime.config import ConfigError, load_config
 from bot.core.conversation import Author, ConversationKey
 from bot.core.messages import Attachment, Final, IncomingMessage, Partial
 from model.service import (
+    Chat,
     Finished,
     GenerationFailed,
     GenerationParams,
@@ -32,7 +33,7 @@ from model.service import (
     TextDelta,
 )
 from model.tgi import TGIBackend, TGISettings
-from tests.conftest import image_bytes, write_config
+from tests.conftest import guided, image_bytes, write_config
 from tests.fake_tgi import Failure, FakeTGI, Reply
 
 
@@ -42,12 +43,12 @@ def model_image(color, kind="PNG") -> ModelImage:
 
 
 RED, BLUE = model_image((220, 20, 20)), model_image((20, 20, 220), kind="JPEG")
-ONE_IMAGE = ["User: What is in this image?", RED, "<end_of_utterance>", "\nAssistant:"]
+ONE_IMAGE = guided(["User: What is in this image?", RED, "<end_of_utterance>", "\nAssistant:"])
 
 
 def request(prompt=ONE_IMAGE, **changes) -> GenerationRequest:
     params = changes.pop("params", GenerationParams(max_new_tokens=40))
-    return GenerationRequest(prompt=prompt, params=params, **changes)
+    return GenerationRequest(prompt=prompt if isinstance(prompt, Chat) else guided(prompt), params=params, **changes)
 
 
 async def events_of(service: TGIBackend, req: GenerationRequest) -> list:
@@ -281,18 +282,33 @@ async def test_requests_beyond_max_concurrency_wait_here_in_order_with_their_pos
         while not isinstance(await anext(first), TextDelta):
             pass
         second, third = service.stream(request(label="second")), service.stream(request(label="third"))
-        assert await anext(second) == Queued(2)
-        assert await anext(third) == Queued(3)
+        assert await anext(second) == Queued(1)
+        assert await anext(third) == Queued(2)
         with pytest.raises(ModelBusy):
             await anext(service.stream(request(label="fourth")))
         await second.aclose()  # the second one gives up; the third moves up
-        assert await anext(third) == Queued(2)
+        assert await anext(third) == Queued(1)
         fake.release.set()
         assert [event async for event in first][-1].text == "first reply"
         rest = [event async for event in third]
-        assert rest[0] == Queued(1) and rest[-1].text == "second"
+        assert isinstance(rest[0], Started) and rest[-1].text == "second"
         assert len(fake.generate_requests) == 2 and fake.most_streaming == 1
     finally:
+        await service.close()
+
+
+async def test_a_newcomer_behind_one_running_and_one_waiting_request_is_second_in_line(fake):
+    # The same meaning of the place as on the local backend: 1 goes to the model next.
+    service = await connected(fake, max_concurrency=1)
+    fake.replies.append(Reply(["first"], hold_after=0))
+    running, waiting, newcomer = (service.stream(request(label=label)) for label in ("running", "waiting", "newcomer"))
+    try:
+        assert await anext(running) == Queued(1)
+        assert await anext(waiting) == Queued(1)
+        assert await anext(newcomer) == Queued(2)
+    finally:
+        for stream in (running, waiting, newcomer):
+            await stream.aclose()
         await service.close()
 
 
@@ -316,7 +332,7 @@ async def test_closing_answers_the_requests_in_flight_and_in_line(fake):
     streaming, waiting = service.stream(request()), service.stream(request())
     while not isinstance(await anext(streaming), TextDelta):
         pass
-    assert await anext(waiting) == Queued(2)
+    assert await anext(waiting) == Queued(1)
     await service.close()
     for stream in (streaming, waiting):
         with pytest.raises(ModelUnavailable, match="shutting down"):
@@ -330,9 +346,9 @@ async def test_closing_answers_the_requests_in_flight_and_in_line(fake):
 
 
 async def test_tokens_are_counted_by_the_server_with_images_as_their_marker_tokens(fake, service):
-    text_only = await service.count_tokens(["User: What is in this image?", "<end_of_utterance>", "\nAssistant:"])
+    text_only = await service.count_tokens(guided(["User: What is in this image?", "<end_of_utterance>", "\nAssistant:"]))
     one_image = await service.count_tokens(ONE_IMAGE)
-    two_images = await service.count_tokens(["User: What is in this image?", RED, BLUE, "<end_of_utterance>", "\nAssistant:"])
+    two_images = await service.count_tokens(guided(["User: What is in this image?", RED, BLUE, "<end_of_utterance>", "\nAssistant:"]))
     # <fake><image><fake> for an image; a second one right after it adds <image><fake>.
     assert (one_image - text_only, two_images - one_image) == (3, 2)
     assert all("base64" not in sent["inputs"] for sent in fake.tokenize_requests)

@@ -1,4 +1,4 @@
-"""Generation: a prompt's items -> the model's streamed answer as reply events, measured on the way
+"""Generation: a prompt (a `Chat`) -> the model's streamed answer as reply events, measured on the way
 (queue wait, batch size, generation time, tokens), the same on every backend."""
 
 from __future__ import annotations
@@ -10,18 +10,18 @@ from dataclasses import replace
 
 from bot.core.conversation import ImageRef
 from bot.core.messages import Final, Partial, ReplyEvent, Waiting, Working
-from bot.core.prompt import PromptItems
 from bot.runtime.config import Config
 from bot.runtime.metrics import Metrics
 from bot.state.store import Store
 from model.service import (
+    Chat,
+    ContextTooLong,
     Finished,
     GenerationParams,
     GenerationRequest,
     ModelError,
     ModelImage,
     ModelService,
-    Prompt,
     Queued,
     Started,
     TextDelta,
@@ -47,15 +47,15 @@ class Generation:
             repetition_penalty=generation.repetition_penalty,
         )
 
-    async def model_prompt(self, items: PromptItems, loaded: dict[ImageRef, ModelImage] | None = None) -> Prompt:
-        """`items` with their images loaded from the store (those already in `loaded` are reused, new ones added)."""
+    async def model_prompt(self, chat: Chat, loaded: dict[ImageRef, ModelImage] | None = None) -> Chat:
+        """`chat` with its images loaded from the store (those already in `loaded` are reused, new ones added)."""
         loaded = {} if loaded is None else loaded
-        for ref in dict.fromkeys(item for item in items if isinstance(item, ImageRef)):
+        for ref in dict.fromkeys(part for part in chat.images if isinstance(part, ImageRef)):
             if ref not in loaded:
                 loaded[ref] = await self.store.get_image(ref)
-        return [loaded[item] if isinstance(item, ImageRef) else item for item in items]
+        return chat.with_images(loaded)
 
-    def sendable_check(self) -> Callable[[PromptItems], Awaitable[bool]] | None:
+    def sendable_check(self) -> Callable[[Chat], Awaitable[bool]] | None:
         """For a model with a limit on the size of a request, a check that a prompt keeps within it
         (the images of one fit are loaded once); None for a model without one."""
         limit = self.model.info.max_request_bytes
@@ -63,15 +63,15 @@ class Generation:
             return None
         loaded: dict[ImageRef, ModelImage] = {}
 
-        async def sendable(items: PromptItems) -> bool:
-            return await self.model.request_bytes(await self.model_prompt(items, loaded)) <= limit
+        async def sendable(chat: Chat) -> bool:
+            return await self.model.request_bytes(await self.model_prompt(chat, loaded)) <= limit
 
         return sendable
 
-    async def stream(self, items: PromptItems, max_new_tokens: int, label: str, num_beams: int = 1) -> AsyncIterator[ReplyEvent]:
-        """Stream the model's answer to `items`: Waiting and Partial events, then a Final. A beam
+    async def stream(self, chat: Chat, max_new_tokens: int, label: str, num_beams: int = 1) -> AsyncIterator[ReplyEvent]:
+        """Stream the model's answer to `chat`: Waiting and Partial events, then a Final. A beam
         search answer has no Partials: it is shown whole, with the working status until then."""
-        prompt = await self.model_prompt(items)
+        prompt = await self.model_prompt(chat)
         request = GenerationRequest(
             prompt=prompt,
             params=replace(self.params, max_new_tokens=max_new_tokens, num_beams=num_beams),
@@ -107,10 +107,10 @@ class Generation:
                         metrics.generation.observe(clock() - generating_since)
                     metrics.tokens.inc(event.tokens)
                     metrics.replies.labels(outcome=event.reason).inc()
-                    yield Final(event.text)
+                    yield Final(event.text, (event.note,) if event.note else ())
                     return
         except ModelError as error:
-            metrics.error(type(error).__name__)
+            metrics.error("too_long" if isinstance(error, ContextTooLong) else type(error).__name__)
             log.warning("request.failed", extra={"request": label, "error": type(error).__name__})
             yield Final("", (str(error),))
         finally:

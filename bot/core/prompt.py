@@ -1,9 +1,5 @@
-"""Turning a conversation into the model's input, in IDEFICS' instruct format, within its context.
-
-    User: What is in this image?  <image>  <end_of_utterance>
-    \\nAssistant: A dog running.<end_of_utterance>
-    \\nUser:  <image>  And who is that?<end_of_utterance>
-    \\nAssistant:
+"""Turning a conversation into the model's input (a `Chat` of messages, which the model service
+renders in its model's format), within the model's context.
 
 Anything a person typed is cleaned first, and so is every reply of the model before it goes back into
 a prompt, so neither can inject the tokenizer's special tokens (image markers, end of utterance, end of
@@ -17,10 +13,8 @@ import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from bot.core.conversation import ImageRef, Turn
-from model.service import END_OF_UTTERANCE, SPECIAL_TOKENS
-
-PromptItems = list[str | ImageRef]
+from bot.core.conversation import Turn
+from model.service import SPECIAL_TOKENS, Chat, Message
 
 _SPECIAL = re.compile("|".join(re.escape(token) for token in SPECIAL_TOKENS))
 _TOKENS_ENDING = {end: tuple(token for token in SPECIAL_TOKENS if token.endswith(end)) for end in {token[-1] for token in SPECIAL_TOKENS}}
@@ -65,37 +59,22 @@ def clean_name(name: str) -> str:
     return name[:40] or "someone"
 
 
-def render(turns: Sequence[Turn], system_prompt: str = "", shared: bool = False) -> PromptItems:
-    """The instruct-format items for `turns`, ending with the cue for the assistant's next reply.
+def chat_of(turns: Sequence[Turn], system_prompt: str = "", shared: bool = False) -> Chat:
+    """The model's `Chat` for `turns` (the system prompt first, if any), images as references.
 
     User text in turns is expected to be cleaned already; the assistant's replies are cleaned here,
     since a reply can spell a special token in ordinary tokens that the tokenizer would read back as
-    the special itself. In `shared` conversations each user turn starts with the speaker's name in
-    brackets, so the model can tell people apart.
+    the special itself. In `shared` conversations each user message names its speaker, so the model
+    can tell people apart.
     """
-    items: PromptItems = []
-    if system_prompt.strip():
-        items.append(system_prompt.strip())
+    messages = [Message("system", (system_prompt.strip(),))] if system_prompt.strip() else []
     for turn in turns:
-        newline = "\n" if items else ""
         if turn.role == "assistant":
-            items.append(f"{newline}Assistant: {clean_text(turn.text)}{END_OF_UTTERANCE}")
-            continue
-        label = f"{newline}User:"
-        if shared and turn.author is not None:
-            label += f" [{clean_name(turn.author.name)}]"
-        text = label
-        for part in turn.parts:
-            if isinstance(part, ImageRef):
-                if text:
-                    items.append(text)
-                items.append(part)
-                text = ""
-            elif part.strip():
-                text = f"{text} {part.strip()}" if text else part.strip()
-        items.append(text + END_OF_UTTERANCE)
-    items.append(f"{chr(10) if items else ''}Assistant:")
-    return items
+            messages.append(Message("assistant", (clean_text(turn.text),)))
+        else:
+            speaker = clean_name(turn.author.name) if shared and turn.author is not None else ""
+            messages.append(Message("user", turn.parts, speaker))
+    return Chat(tuple(messages))
 
 
 class PromptTooLong(Exception):
@@ -106,12 +85,10 @@ class PromptTooLong(Exception):
         return cls(f"Your message is too long for me: it takes about {tokens} tokens and I can read about {budget}. Please shorten it.")
 
 
-async def check_fits(
-    items: PromptItems, count_tokens: Callable[[PromptItems], Awaitable[int]], *, context_tokens: int, reserve_tokens: int
-) -> int:
+async def check_fits(chat: Chat, count_tokens: Callable[[Chat], Awaitable[int]], *, context_tokens: int, reserve_tokens: int) -> int:
     """The token count of a prompt that can't be shortened (a task's), or `PromptTooLong` if it
     leaves less than `reserve_tokens` of the context for the reply."""
-    tokens = await count_tokens(items)
+    tokens = await count_tokens(chat)
     if tokens > context_tokens - reserve_tokens:
         raise PromptTooLong.tokens(tokens, context_tokens - reserve_tokens)
     return tokens
@@ -119,23 +96,23 @@ async def check_fits(
 
 @dataclass(frozen=True)
 class FittedPrompt:
-    items: PromptItems
+    chat: Chat
     dropped: int  # oldest turns left out
     tokens: int
 
 
 async def fit(
     turns: Sequence[Turn],
-    count_tokens: Callable[[PromptItems], Awaitable[int]],
+    count_tokens: Callable[[Chat], Awaitable[int]],
     *,
     context_tokens: int,
     reserve_tokens: int,
     max_images: int,
     system_prompt: str = "",
     shared: bool = False,
-    sendable: Callable[[PromptItems], Awaitable[bool]] | None = None,
+    sendable: Callable[[Chat], Awaitable[bool]] | None = None,
 ) -> FittedPrompt:
-    """Render the longest suffix of `turns` that starts at a user turn and fits: at most
+    """The chat of the longest suffix of `turns` that starts at a user turn and fits: at most
     `context_tokens - reserve_tokens` tokens (the reserve is for the reply), `max_images` images,
     and, if given, what `sendable` accepts (a remote model's limit on the size of a request).
     Oldest turns go first."""
@@ -151,25 +128,25 @@ async def fit(
             "Please send fewer."
         )
 
-    async def measure(start: int) -> tuple[PromptItems, int, bool]:
-        items = render(turns[start:], system_prompt, shared)
-        tokens = await count_tokens(items)
-        return items, tokens, tokens <= budget and (sendable is None or await sendable(items))
+    async def measure(start: int) -> tuple[Chat, int, bool]:
+        chat = chat_of(turns[start:], system_prompt, shared)
+        tokens = await count_tokens(chat)
+        return chat, tokens, tokens <= budget and (sendable is None or await sendable(chat))
 
     # Dropping more turns never makes the prompt longer or larger, so the first fitting start can be bisected.
     low, high = 0, len(candidates) - 1
-    items, tokens, fits = await measure(candidates[high])
+    chat, tokens, fits = await measure(candidates[high])
     if tokens > budget:
         raise PromptTooLong.tokens(tokens, budget)
     if not fits:
         raise PromptTooLong("Your images are more than the model server takes in one request. Please send fewer at a time.")
-    best = (candidates[high], items, tokens)
+    best = (candidates[high], chat, tokens)
     while low < high:
         middle = (low + high) // 2
-        items, tokens, fits = await measure(candidates[middle])
+        chat, tokens, fits = await measure(candidates[middle])
         if fits:
-            best, high = (candidates[middle], items, tokens), middle
+            best, high = (candidates[middle], chat, tokens), middle
         else:
             low = middle + 1
-    start, items, tokens = best
-    return FittedPrompt(items=items, dropped=start, tokens=tokens)
+    start, chat, tokens = best
+    return FittedPrompt(chat=chat, dropped=start, tokens=tokens)

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from model.service import ModelService, ScoreRequest
+from model.service import Chat, ModelService, ScoreRequest
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,19 @@ def rank(labels: Sequence[str], log_likelihoods: Sequence[float]) -> Ranking:
     return Ranking(tuple(labels[i] for i in order), tuple(weights[i] / total for i in order))
 
 
-async def classify(model: ModelService, prompt: Sequence, labels: Sequence[str], **request) -> Ranking:
-    """Rank `labels` after `prompt` (model items, ending with "Category: "); `request` holds
+async def classify(model: ModelService, prompt: Chat, labels: Sequence[str], **request) -> Ranking:
+    """Rank `labels` after `prompt` (whose reply starts with "Category: "); `request` holds
     `ScoreRequest`'s time limits and log label."""
     scores = await model.score(ScoreRequest(prompt=prompt, continuations=tuple(labels), **request))
     return rank(labels, scores)
+
+
+def named_label(reply: str, labels: Sequence[str]) -> str | None:
+    """The label a freely written reply names: the longest one it starts with, else the one it
+    mentions first (ignoring case and surrounding punctuation); None if it names none."""
+    text = reply.strip().strip("\"'.,:;!").lower()
+    starting = [label for label in labels if text.startswith(label.lower())]
+    if starting:
+        return max(starting, key=len)
+    found = [(text.find(label.lower()), -len(label), label) for label in labels if label.lower() in text]
+    return min(found)[2] if found else None

@@ -1,8 +1,10 @@
 """One-off image tasks, as the IDEFICS guide prompts them, each reachable by name.
 
-`chat` is the instruct conversation format with a single user turn; the others are the guide's
-templates (captioning, prompted captioning, visual question answering, classification, image-guided
-story, few-shot) with its settings as defaults: reply lengths, and beam search for the story.
+`chat` is a conversation of a single user turn; the others are the guide's templates (captioning,
+prompted captioning, visual question answering, classification, image-guided story, few-shot) with
+its settings as defaults: reply lengths, and beam search for the story. Each is a `Chat`: IDEFICS v1
+reads the guide's own items (`Chat.guide`); chat-templated models read the same instruction as a user
+message, and the guide's cue ("Category: ") as the start of their reply.
 `classify` ranks the labels by likelihood instead of letting the model write freely (the guide's
 form, which may name no label at all, is `classify_generate`).
 """
@@ -13,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bot.core.conversation import Author, ImageRef, Turn
-from bot.core.prompt import PromptItems, clean_text, render
+from bot.core.prompt import chat_of, clean_text
+from model.service import Chat, Message, Part
 
 TASKS = ("chat", "caption", "prompted_caption", "vqa", "classify", "classify_generate", "story", "few_shot")
 
@@ -49,9 +52,9 @@ MAX_LABEL_CHARS = 100
 @dataclass(frozen=True)
 class TaskPrompt:
     """A task's prompt and settings. `labels`: for `classify`, the labels to rank after the prompt
-    (which ends with "Category: ") instead of generating."""
+    (whose reply starts with "Category: ") instead of generating."""
 
-    items: PromptItems
+    chat: Chat
     max_new_tokens: int
     num_beams: int = 1
     labels: tuple[str, ...] = ()
@@ -92,36 +95,45 @@ def build_task(
         if not question and not images:
             raise TaskError("Ask a question or give an image.")
         turn = Turn("user", (*((question,) if question else ()), *images), Author("user", "user"))
-        return TaskPrompt(render([turn], system_prompt), lengths[task], beams)
+        return TaskPrompt(chat_of([turn], system_prompt), lengths[task], beams)
     if len(images) != 1:
         raise TaskError(f"The {task} task takes exactly one image ({len(images)} given).")
     image = images[0]
+    # (the guide's items for IDEFICS v1; the same as chat messages; the start of the reply)
+    items: list[Part]
+    messages: list[Message]
+    cue = ""
     if task == "caption":
-        items: PromptItems = [image]
+        items, messages = [image], [Message("user", (image, "Write a short caption for this image."))]
     elif task == "prompted_caption":
-        items = [image, "This is an image of "]
+        cue = "This is an image of "
+        items, messages = [image, cue], [Message("user", (image, "Write a short caption for this image."))]
     elif task == "vqa":
         if not question:
             raise TaskError("The vqa task needs a question.")
-        items = ["Instruction: Provide an answer to the question. Use the image to answer.\n", image, f"Question: {question} Answer:"]
+        instruction = "Instruction: Provide an answer to the question. Use the image to answer.\n"
+        items = [instruction, image, f"Question: {question} Answer:"]
+        messages, cue = [Message("user", (instruction, image, f"Question: {question}"))], "Answer:"
     elif task in ("classify", "classify_generate"):
         labels = parse_labels(labels)
         if len(labels) < 2:
             raise TaskError('The classify task needs at least two labels, e.g. "cat, dog, bird".')
-        items = [
-            f"Instruction: Classify the following image into a single category from the following list: {labels}.\n",
-            image,
-            "Category: ",
-        ]
+        instruction = f"Instruction: Classify the following image into a single category from the following list: {labels}.\n"
+        cue = "Category: "
+        items, messages = [instruction, image, cue], [Message("user", (instruction, image))]
         if task == "classify":
-            return TaskPrompt(items, 0, beams, tuple(labels))
+            return TaskPrompt(Chat(tuple(messages), cue, tuple(items)), 0, beams, tuple(labels))
     elif task == "story":
-        items = ["Instruction: Use the image to write a story. \n", image, "Story: \n"]
+        instruction, cue = "Instruction: Use the image to write a story. \n", "Story: \n"
+        items, messages = [instruction, image, cue], [Message("user", (instruction, image))]
     else:
         if not examples:
             raise TaskError("The few_shot task needs examples: add [[tasks.few_shot]] entries (image, text) to the config.")
-        items = []
+        items, messages = [], []
         for example in examples:
-            items += ["User:", example.image, f"Describe this image.\nAssistant: {clean_text(example.text)}\n"]
+            answer = clean_text(example.text)
+            items += ["User:", example.image, f"Describe this image.\nAssistant: {answer}\n"]
+            messages += [Message("user", (example.image, "Describe this image.")), Message("assistant", (answer,))]
         items += ["User:", image, "Describe this image.\nAssistant:"]
-    return TaskPrompt(items, lengths[task], beams)
+        messages.append(Message("user", (image, "Describe this image.")))
+    return TaskPrompt(Chat(tuple(messages), cue, tuple(items)), lengths[task], beams)

@@ -213,7 +213,7 @@ class Conversations:
                 return
             if stored is None:
                 stored = await self.store.add_turn(key, user_turn, answerer=self.store.process_id)
-            async for event in self.generation.stream(fitted.items, budget, str(key)):
+            async for event in self.generation.stream(fitted.chat, budget, str(key)):
                 if isinstance(event, Final):
                     answer, notes = event.text, [*notes, *event.notes]
                     break

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from bot.core.conversation import Author, ConversationKey, ImageRef, Turn
-from bot.core.prompt import clean_text, render
+from bot.core.prompt import chat_of, clean_text
 from bot.core.tasks import TASKS, FewShotPair, TaskError, build_task
 from bot.images.fetch import short
 from bot.platform.adapter import AdapterMissing
@@ -28,7 +28,8 @@ from bot.runtime.files import FileTooLarge, NotARegularFile, read_regular_file
 from bot.runtime.health import HealthUnavailable
 from bot.runtime.logs import setup_logging
 from bot.state.store import StoreError
-from model.service import ModelImage, ModelLoadError
+from model.instruct import render_instruct
+from model.service import Chat, ModelImage, ModelLoadError
 
 EXIT_USAGE = 2
 # The adapter `idefics-bot chat` runs: a conversation in this terminal.
@@ -201,8 +202,8 @@ async def chat(config: Config) -> int:
     """The terminal chat: the terminal adapter on this process's engine."""
     from bot.runtime.app import Runtime
 
-    tgi = config.model.backend == "tgi"
-    print(f"Connecting to the TGI server at {config.model.url} ..." if tgi else f"Loading {config.model.checkpoint} ...", file=sys.stderr)
+    remote = {"tgi": "the TGI server", "openai": f"{config.model.model} on the model server"}.get(config.model.backend)
+    print(f"Connecting to {remote} at {config.model.url} ..." if remote else f"Loading {config.model.checkpoint} ...", file=sys.stderr)
     async with Runtime.open(config) as runtime:
         session: Any = runtime.adapter(TERMINAL)  # the terminal adapter, which also has wait_closed()
         await session.start()
@@ -318,10 +319,19 @@ def _item_lines(items: list) -> list[str]:
     return [f"<image {item.name}>" if isinstance(item, (ImageRef, ModelImage)) else json.dumps(item, ensure_ascii=False) for item in items]
 
 
+def model_input(config: Config, chat: Chat) -> list[str]:
+    """What the configured model receives for `chat`, one item a line (images by name)."""
+    if config.model.backend == "openai":
+        from model.openai import render_messages
+
+        return _item_lines(render_messages(chat))
+    return _item_lines(render_instruct(chat))
+
+
 def render_lines(config: Config, path: Path) -> list[str]:
     turns, shared, system_prompt = load_conversation(path)
     prompt = system_prompt if system_prompt is not None else config.conversation.system_prompt
-    return _item_lines(render(turns, prompt, shared))
+    return model_input(config, chat_of(turns, prompt, shared))
 
 
 def render_task_lines(config: Config, task: str, images: list[str], question: str, labels: str) -> list[str]:
@@ -340,8 +350,8 @@ def render_task_lines(config: Config, task: str, images: list[str], question: st
     except TaskError as error:
         raise CommandError(str(error)) from None
     if prompt.labels:
-        return [*_item_lines(prompt.items), f"# ranks {len(prompt.labels)} labels by likelihood: {json.dumps(prompt.labels, ensure_ascii=False)}"]
-    return [*_item_lines(prompt.items), f"# max_new_tokens={prompt.max_new_tokens} num_beams={prompt.num_beams}"]
+        return [*model_input(config, prompt.chat), f"# ranks {len(prompt.labels)} labels by likelihood: {json.dumps(prompt.labels, ensure_ascii=False)}"]
+    return [*model_input(config, prompt.chat), f"# max_new_tokens={prompt.max_new_tokens} num_beams={prompt.num_beams}"]
 
 
 # -- the command line ------------------------------------------------------------------------

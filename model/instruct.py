@@ -1,0 +1,49 @@
+"""IDEFICS v1's instruct format: a `Chat` as the flat list of text items and images the model was
+trained on, item for item as its documentation writes it (the local v1 backend and TGI send this).
+
+    User: What is in this image?  <image>  <end_of_utterance>
+    \\nAssistant: A dog running.<end_of_utterance>
+    \\nUser:  <image>  And who is that?<end_of_utterance>
+    \\nAssistant:
+
+The text of messages is expected clean (the bot removes special tokens and forged turns from what
+people typed and from stored replies before building a Chat).
+"""
+
+from __future__ import annotations
+
+from model.service import END_OF_UTTERANCE, Chat, Part
+
+
+def render_instruct(chat: Chat) -> list[Part]:
+    """The instruct-format items for `chat`, ending with the cue for the assistant's next reply; a
+    chat with a `guide` prompt is that prompt, verbatim. In shared conversations each user turn
+    starts with the speaker's name in brackets, so the model can tell people apart."""
+    if chat.guide:
+        return list(chat.guide)
+    items: list[Part] = []
+    for message in chat.messages:
+        newline = "\n" if items else ""
+        if message.role == "system":
+            if message.text.strip():
+                items.append(message.text.strip())
+            continue
+        if message.role == "assistant":
+            items.append(f"{newline}Assistant: {message.text}{END_OF_UTTERANCE}")
+            continue
+        label = f"{newline}User:"
+        if message.speaker:
+            label += f" [{message.speaker}]"
+        text = label
+        for part in message.parts:
+            if not isinstance(part, str):
+                if text:
+                    items.append(text)
+                items.append(part)
+                text = ""
+            elif part.strip():
+                text = f"{text} {part.strip()}" if text else part.strip()
+        items.append(text + END_OF_UTTERANCE)
+    cue = f"{chr(10) if items else ''}Assistant:"
+    items.append(f"{cue} {chat.reply_start}" if chat.reply_start else cue)
+    return items
