@@ -137,6 +137,7 @@ class Store(abc.ABC):
     async def _scrub(self) -> None:
         """After turns were deleted: leave no copy of them in the store's files (a store whose
         deletions leave none has nothing to do)."""
+        return None
 
     # The primitives of forgetting, per store.
 
