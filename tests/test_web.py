@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -20,6 +22,7 @@ from bot.runtime.config import ConfigError, load_config
 from tests.conftest import image_bytes, write_config
 from tests.loopback import LoopbackServer
 from tests.model_tap import ModelTap, tap  # noqa: F401 (a fixture)
+from tests.test_cli import COMMAND, environment
 from tests.web_chat import TOKEN, web_bot, web_config
 
 
@@ -390,3 +393,71 @@ async def test_the_upload_budget_is_shared_in_order_and_says_busy_when_it_stays_
     for reservation in held:
         reservation.release()
     assert budget.free == 100
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """A process's resident memory now (VmRSS) and at its peak (VmHWM), in kB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {name: int(fields[name].split()[0]) for name in ("VmRSS", "VmHWM")}
+
+
+async def test_eight_concurrent_maximal_uploads_stay_within_the_upload_memory(tmp_path, tiny_checkpoint):
+    """The bot's peak memory while 8 people each send 4 images at the size limit (20 MB) at once. The
+    bot runs as a process of its own, so that nothing else in the test run moves its memory. Without
+    a shared budget the uploads alone would hold 8 x 80 MB (and copies: +735 MB measured before the
+    budget); with it, the peak stays within [web] upload_memory_mb and a margin, and the memory is
+    given back afterwards."""
+    budget_mb, margin_mb = 256, 96
+    (tmp_path / "config.toml").write_text(
+        f"""
+[generation]
+max_new_tokens = 2
+[limits]
+per_user_per_minute = 0
+[state]
+path = "{tmp_path / 'state' / 'bot.sqlite3'}"
+[web]
+port = 0
+upload_memory_mb = {budget_mb}
+"""
+    )
+    bot = await asyncio.create_subprocess_exec(*COMMAND, "run", "--model", str(tiny_checkpoint), cwd=tmp_path, env=environment(), stderr=asyncio.subprocess.PIPE)
+    try:
+        said: list[str] = []
+        async with asyncio.timeout(120):
+            while not (said and said[-1].startswith("Web chat: ")):
+                line = await bot.stderr.readline()
+                assert line, f"the bot ended before serving the page: {said}"
+                said.append(line.decode().strip())
+        url = said[-1].removeprefix("Web chat: ")
+        picture = image_bytes()
+        maximal = picture + b"\0" * (20 * 2**20 - len(picture))  # a valid PNG, padded to exactly the limit
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True), timeout=aiohttp.ClientTimeout(total=240)) as client:
+            await session_cookie(client, url)
+
+            async def send() -> tuple[int, dict]:
+                message = form("What are these?", *[(f"{n}.png", maximal) for n in range(4)])
+                async with client.post(f"{url}api/conversations/new/messages", data=message) as answer:
+                    return answer.status, (await lines(answer))[-1] if answer.status == 200 else await answer.json()
+
+            assert (await send())[0] == 200  # warmed up: the model has answered once, with images
+            before = memory_kb(bot.pid)["VmRSS"]
+            Path(f"/proc/{bot.pid}/clear_refs").write_text("5")  # the peak starts from here
+            answers = await asyncio.gather(*(send() for _ in range(8)))
+            used = memory_kb(bot.pid)
+        peak_mb, kept_mb = (used["VmHWM"] - before) / 1024, (used["VmRSS"] - before) / 1024
+        print(f"8 concurrent uploads of 4 x 20 MB: peak +{peak_mb:.0f} MB, afterwards +{kept_mb:.0f} MB (upload memory {budget_mb} MB)")
+        statuses = [status for status, _ in answers]
+        assert all(status == 200 or (status == 503 and "busy" in body["error"]) for status, body in answers), answers
+        assert statuses.count(200) >= 4, statuses  # the others waited their turn, at most briefly
+        assert all(body["type"] == "final" and not body["notes"] for status, body in answers if status == 200), answers
+        assert peak_mb < budget_mb + margin_mb
+        assert kept_mb < margin_mb
+        bot.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            assert await bot.wait() == 0
+        assert "Traceback" not in (await bot.stderr.read()).decode()
+    finally:
+        if bot.returncode is None:
+            bot.kill()
+            await bot.wait()
