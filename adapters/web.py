@@ -214,6 +214,9 @@ class WebAdapter:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
         await self.platform.drain(_STOP_GRACE_S)
         log.info("web.stopped")
 

@@ -6,8 +6,9 @@
 - The memory uploads in flight hold is one budget for all requests (`UploadBudget`): a request
   reserves what it may hold before reading a byte, waits its turn briefly, or is told the bot is busy.
   An image part is kept once (its chunks joined into one `bytes`), handed to the image intake without
-  a copy, and dropped here as it is handed over; the reservation is given back when every image
-  has been handed over (or the message is done with).
+  a copy, and dropped here as it is handed over. Once the form is read, the reservation shrinks to
+  the images' bytes; it is given back when every image has been handed over (or the message is
+  done with).
 """
 
 from __future__ import annotations
@@ -96,10 +97,14 @@ class Reservation:
     budget: UploadBudget
     size: int
 
+    def keep(self, size: int) -> None:
+        """Give back all but `size` bytes (what turned out to be held)."""
+        if size < self.size:
+            given, self.size = self.size - size, size
+            self.budget._give_back(given)
+
     def release(self) -> None:
-        if self.size:
-            size, self.size = self.size, 0
-            self.budget._give_back(size)
+        self.keep(0)
 
 
 @dataclass
@@ -153,6 +158,7 @@ async def read_form(request: web.Request, limits: FormLimits, budget: UploadBudg
     try:
         async with asyncio.timeout(limits.timeout_s):
             await _read_parts(request, limits, form)
+        reservation.keep(sum(len(file.data or b"") for file in form.files))
     except TimeoutError:
         form.release()
         raise FormRefused(408, f"That message took longer than {limits.timeout_s:g} s to arrive; please send it again.") from None

@@ -461,3 +461,25 @@ upload_memory_mb = {budget_mb}
         if bot.returncode is None:
             bot.kill()
             await bot.wait()
+
+
+async def test_a_message_waiting_for_the_model_holds_no_upload_memory_it_does_not_need(tmp_path, tiny_checkpoint, tap: ModelTap):
+    """A chunked body has no length to reserve by, so it reserves the largest message's room (here,
+    all of the upload memory) while it is read; once read, it keeps only its images' bytes."""
+    async with web_bot(web_config(tmp_path, tiny_checkpoint, web={"upload_memory_mb": 1})) as bot:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
+            await session_cookie(client, bot.url)
+            endpoint = f"{bot.url}api/conversations/new/messages"
+
+            async def chunked():
+                yield b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\nTell me a story.\r\n--b--\r\n'
+
+            tap.gate.clear()
+            async with client.post(endpoint, data=chunked(), headers={"Content-Type": "multipart/form-data; boundary=b"}) as first:
+                assert first.status == 200
+                await tap.wait_held()  # its reply is being written, and held there
+                async with client.post(endpoint, data=form("And this?", ("red.png", image_bytes()))) as second:
+                    assert second.status == 200  # not "busy": the first holds no upload memory now
+                    tap.gate.set()
+                    assert (await lines(second))[-1]["type"] == "final"
+                assert (await lines(first))[-1]["type"] == "final"
