@@ -32,7 +32,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import Field, SecretStr, ValidationInfo, model_validator
 
-from adapters.web_form import Form, FormLimits, FormRefused, UploadBudget, read_form
+from adapters.web_form import Form, FormLimits, FormRefused, UploadBudget, give_memory_back, read_form
 from adapters.web_guard import (
     COOKIE,
     USER,
@@ -360,6 +360,8 @@ class WebAdapter:
 
     def _forget_reply(self, key: ConversationKey, task: asyncio.Task, form: Form) -> None:
         form.release()
+        if form.files and self.uploads.free == self.uploads.total:  # the last upload in flight is done with
+            give_memory_back()
         running = self._replies.get(key, set())
         running.discard(task)
         if not running:

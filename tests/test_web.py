@@ -444,6 +444,8 @@ upload_memory_mb = {budget_mb}
             before = memory_kb(bot.pid)["VmRSS"]
             Path(f"/proc/{bot.pid}/clear_refs").write_text("5")  # the peak starts from here
             answers = await asyncio.gather(*(send() for _ in range(8)))
+            async with client.post(f"{url}api/conversations/new/messages", data=form("And now?")) as after:
+                assert (await lines(after))[-1]["type"] == "final"  # by now, the 8 replies are done with
             used = memory_kb(bot.pid)
         peak_mb, kept_mb = (used["VmHWM"] - before) / 1024, (used["VmRSS"] - before) / 1024
         print(f"8 concurrent uploads of 4 x 20 MB: peak +{peak_mb:.0f} MB, afterwards +{kept_mb:.0f} MB (upload memory {budget_mb} MB)")
