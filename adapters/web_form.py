@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import contextlib
+import ctypes
 from dataclasses import dataclass, field
 from pathlib import PurePath
 

@@ -297,11 +297,11 @@ async def test_connections_are_bounded(tmp_path, tiny_checkpoint, tap: ModelTap)
             writer.write(b"GET /static/icon.svg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert (await reader.readline()).startswith(b"HTTP/1.1 200")
             held.append(writer)
-        reader, writer = await raw_connection(bot.url)
-        writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        reader, fourth = await raw_connection(bot.url)
+        fourth.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         answer = await asyncio.wait_for(reader.read(), 10)
         assert answer.startswith(b"HTTP/1.1 503") and b"Too many connections" in answer
-        for writer in (*held, writer):
+        for writer in (*held, fourth):
             writer.close()
     assert not tap.prompts
 
@@ -317,9 +317,9 @@ async def test_wrong_tokens_are_throttled_without_locking_the_owner_out(tmp_path
                 assert throttled.status == 429 and "Too many wrong tokens" in await throttled.text()
                 assert int(throttled.headers["Retry-After"]) >= 1
         # The owner, from an address of their own (127.0.0.2 is loopback too), gets in at once.
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as owner:
-            async with owner.post(f"{bot.url}login", data={"token": TOKEN}, allow_redirects=False) as signed_in:
-                assert signed_in.status == 303
+        owner = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0)))
+        async with owner, owner.post(f"{bot.url}login", data={"token": TOKEN}, allow_redirects=False) as signed_in:
+            assert signed_in.status == 303
 
 
 def test_the_sign_in_throttle_delays_grow_and_a_flood_of_addresses_leaves_the_owner_a_way_in():
@@ -351,9 +351,8 @@ def test_the_sign_in_throttle_delays_grow_and_a_flood_of_addresses_leaves_the_ow
 
 async def test_behind_a_trusted_proxy_the_cookie_is_secure_over_https_and_the_client_is_the_forwarded_one(tmp_path, tiny_checkpoint, tap: ModelTap):
     https = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "198.51.100.7"}
-    async with web_bot(web_config(tmp_path, tiny_checkpoint)) as bot, aiohttp.ClientSession() as client:
-        async with client.get(bot.url, headers=https) as page:
-            assert "Secure" not in page.headers["Set-Cookie"]  # nobody said to believe those headers
+    async with web_bot(web_config(tmp_path, tiny_checkpoint)) as bot, aiohttp.ClientSession() as client, client.get(bot.url, headers=https) as page:
+        assert "Secure" not in page.headers["Set-Cookie"]  # nobody said to believe those headers
     config = web_config(tmp_path, tiny_checkpoint, web={"trust_proxy": True, "host": "0.0.0.0", "token": TOKEN})
     async with web_bot(config) as bot, aiohttp.ClientSession() as client:
         async with client.post(f"{bot.url}login", data={"token": TOKEN}, headers=https, allow_redirects=False) as signed_in:
@@ -395,6 +394,11 @@ async def test_the_upload_budget_is_shared_in_order_and_says_busy_when_it_stays_
     assert budget.free == 100
 
 
+def reset_peak(pid: int) -> None:
+    """Start a process's VmHWM again from its present resident memory."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def memory_kb(pid: int) -> dict[str, int]:
     """A process's resident memory now (VmRSS) and at its peak (VmHWM), in kB."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
@@ -421,7 +425,9 @@ port = 0
 upload_memory_mb = {budget_mb}
 """
     )
-    bot = await asyncio.create_subprocess_exec(*COMMAND, "run", "--model", str(tiny_checkpoint), cwd=tmp_path, env=environment(), stderr=asyncio.subprocess.PIPE)
+    bot = await asyncio.create_subprocess_exec(
+        *COMMAND, "run", "--model", str(tiny_checkpoint), cwd=tmp_path, env=environment(), stderr=asyncio.subprocess.PIPE
+    )
     try:
         said: list[str] = []
         async with asyncio.timeout(120):
@@ -442,7 +448,7 @@ upload_memory_mb = {budget_mb}
 
             assert (await send())[0] == 200  # warmed up: the model has answered once, with images
             before = memory_kb(bot.pid)["VmRSS"]
-            Path(f"/proc/{bot.pid}/clear_refs").write_text("5")  # the peak starts from here
+            reset_peak(bot.pid)  # the peak starts from here
             answers = await asyncio.gather(*(send() for _ in range(8)))
             async with client.post(f"{url}api/conversations/new/messages", data=form("And now?")) as after:
                 assert (await lines(after))[-1]["type"] == "final"  # by now, the 8 replies are done with
@@ -468,20 +474,20 @@ upload_memory_mb = {budget_mb}
 async def test_a_message_waiting_for_the_model_holds_no_upload_memory_it_does_not_need(tmp_path, tiny_checkpoint, tap: ModelTap):
     """A chunked body has no length to reserve by, so it reserves the largest message's room (here,
     all of the upload memory) while it is read; once read, it keeps only its images' bytes."""
-    async with web_bot(web_config(tmp_path, tiny_checkpoint, web={"upload_memory_mb": 1})) as bot:
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
-            await session_cookie(client, bot.url)
-            endpoint = f"{bot.url}api/conversations/new/messages"
+    config = web_config(tmp_path, tiny_checkpoint, web={"upload_memory_mb": 1})
+    async with web_bot(config) as bot, aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
+        await session_cookie(client, bot.url)
+        endpoint = f"{bot.url}api/conversations/new/messages"
 
-            async def chunked():
-                yield b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\nTell me a story.\r\n--b--\r\n'
+        async def chunked():
+            yield b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\nTell me a story.\r\n--b--\r\n'
 
-            tap.gate.clear()
-            async with client.post(endpoint, data=chunked(), headers={"Content-Type": "multipart/form-data; boundary=b"}) as first:
-                assert first.status == 200
-                await tap.wait_held()  # its reply is being written, and held there
-                async with client.post(endpoint, data=form("And this?", ("red.png", image_bytes()))) as second:
-                    assert second.status == 200  # not "busy": the first holds no upload memory now
-                    tap.gate.set()
-                    assert (await lines(second))[-1]["type"] == "final"
-                assert (await lines(first))[-1]["type"] == "final"
+        tap.gate.clear()
+        async with client.post(endpoint, data=chunked(), headers={"Content-Type": "multipart/form-data; boundary=b"}) as first:
+            assert first.status == 200
+            await tap.wait_held()  # its reply is being written, and held there
+            async with client.post(endpoint, data=form("And this?", ("red.png", image_bytes()))) as second:
+                assert second.status == 200  # not "busy": the first holds no upload memory now
+                tap.gate.set()
+                assert (await lines(second))[-1]["type"] == "final"
+            assert (await lines(first))[-1]["type"] == "final"
