@@ -19,14 +19,17 @@ import contextlib
 import ctypes
 from dataclasses import dataclass, field
 from pathlib import PurePath
+from typing import cast
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from bot.core.messages import Attachment
 
 _CHUNK = 64 * 1024
 _NAME_CHARS = 100
+# Up to the first part's body: a preamble (browsers send none) and the first part's headers.
+_BEFORE_THE_FIRST_PART = 64 * 1024
 
 _malloc_trim = None
 with contextlib.suppress(OSError, AttributeError):  # glibc only; elsewhere there is nothing to ask
@@ -187,42 +190,67 @@ async def read_form(request: web.Request, limits: FormLimits, budget: UploadBudg
     return form
 
 
+class _Bounded:
+    """The request body as aiohttp's multipart reader reads it, refused as soon as more than `limit`
+    bytes have come in: a preamble, part headers and empty parts count, and a chunked body too."""
+
+    def __init__(self, body: StreamReader, limit: int, what_fits: str):
+        self._body = body
+        self.limit = limit
+        self._what_fits = what_fits
+        self._taken = 0  # bytes the reader has taken (what came in beyond that is only buffered)
+
+    def _took(self, data: bytes) -> bytes:
+        self._taken += len(data)
+        if self._taken > self.limit:
+            raise FormRefused(413, f"That message is too big; {self._what_fits}.")
+        return data
+
+    async def read(self, n: int = -1) -> bytes:
+        return self._took(await self._body.read(n))
+
+    async def readline(self, *, max_line_length: int | None = None) -> bytes:
+        return self._took(await self._body.readline(max_line_length=max_line_length))
+
+    def at_eof(self) -> bool:
+        return self._body.at_eof()
+
+    def unread_data(self, data: bytes) -> None:
+        self._taken -= len(data)
+        self._body.unread_data(data)
+
+
 async def _read_parts(request: web.Request, limits: FormLimits, form: Form) -> None:
-    reader = await request.multipart()
+    body = _Bounded(request.content, _BEFORE_THE_FIRST_PART, limits.what_fits)
+    reader = MultipartReader(request.headers, cast(StreamReader, body))  # the methods the reader uses
     parts = 0
-
-    def check_size() -> None:
-        if request.content.total_bytes > limits.max_bytes:
-            raise FormRefused(413, f"That message is too big; {limits.what_fits}.")
-
     async for part in reader:
         parts += 1
-        check_size()
+        body.limit = limits.max_bytes
         if parts > limits.max_parts:
             raise FormRefused(413, f"That message has too many parts; {limits.what_fits}.")
         if not isinstance(part, BodyPartReader):
             raise FormRefused(400, "Nested multipart forms aren't accepted.")
         if part.name == "text":
-            data, size = await _read_part(part, limits.max_text_bytes, check_size)
+            data, size = await _read_part(part, limits.max_text_bytes)
             if size > limits.max_text_bytes:
                 raise FormRefused(413, f"That message is too long; keep it under {limits.max_text_bytes // 1024} KB of text.")
             form.text = data.decode("utf-8", "replace")
         elif part.name == "image":
-            data, size = await _read_part(part, limits.max_image_bytes, check_size)
+            data, size = await _read_part(part, limits.max_image_bytes)
             name = PurePath((part.filename or "image").replace("\\", "/")).name[:_NAME_CHARS] or "image"
             # Over the limit: only its size is kept, for the intake's refusal.
             form.files.append(_File(name, size, part.headers.get("Content-Type"), data if size <= limits.max_image_bytes else b""))
         else:
-            await _read_part(part, 0, check_size)
+            await _read_part(part, 0)
 
 
-async def _read_part(part: BodyPartReader, limit: int, check_size) -> tuple[bytes, int]:
+async def _read_part(part: BodyPartReader, limit: int) -> tuple[bytes, int]:
     """Up to `limit` bytes of a part, as one `bytes`, and its whole size (the rest is read and dropped)."""
     chunks: list[bytes] = []
     size = 0
     while chunk := await part.read_chunk(_CHUNK):
         size += len(chunk)
-        check_size()
         if size <= limit:
             chunks.append(chunk)
         else:

@@ -210,18 +210,19 @@ async def test_malformed_forms_are_refused_with_a_message_not_a_server_error(tmp
 
 
 async def test_an_endless_form_is_refused_within_a_bound_while_other_people_are_served(tmp_path, tiny_checkpoint, tap: ModelTap, caplog):
-    """A chunked body of empty image parts that never ends, and 200,000 empty parts with a length:
-    both refused early, and another person's page loads within a second meanwhile."""
+    """A chunked body of empty image parts that never ends, 200,000 empty parts with a length, and a
+    chunked preamble of short lines that never ends: each refused early, and another person's page
+    loads within a second meanwhile."""
     async with web_bot(web_config(tmp_path, tiny_checkpoint)) as bot, aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
         cookie = await session_cookie(client, bot.url)
         empty_part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="e.png"\r\n\r\n\r\n'
         loop = asyncio.get_running_loop()
 
-        async def attack(chunked: bool) -> tuple[bytes, float]:
+        async def attack(chunked: bool, repeated: bytes) -> tuple[bytes, float]:
             reader, writer = await raw_connection(bot.url)
             head = f"POST /api/conversations/new/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {COOKIE}={cookie}\r\n"
             head += "Content-Type: multipart/form-data; boundary=b\r\n"
-            parts = empty_part * 1000
+            parts = repeated * 1000
             head += "Transfer-Encoding: chunked\r\n\r\n" if chunked else f"Content-Length: {len(empty_part) * 200_000}\r\n\r\n"
             started = loop.time()
             writer.write(head.encode())
@@ -240,8 +241,8 @@ async def test_an_endless_form_is_refused_within_a_bound_while_other_people_are_
                 await asyncio.gather(sending, return_exceptions=True)
                 writer.close()
 
-        for chunked in (True, False):
-            attacking = asyncio.create_task(attack(chunked))
+        for chunked, repeated in ((True, empty_part), (False, empty_part), (True, b"x\r\n" * 20)):
+            attacking = asyncio.create_task(attack(chunked, repeated))
             started = loop.time()
             async with aiohttp.ClientSession() as other, other.get(bot.url) as page:
                 assert page.status == 200
