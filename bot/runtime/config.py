@@ -269,11 +269,13 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             adapter_errors.append(f"[{name}] must be a table of settings")
             continue
         model = adapter_settings_model(name)
+        from_environment = []  # for errors that name the variable rather than the key
         for key, env in getattr(model, "environment", {}).items():
             if environ.get(env) and not raw.get(key):
                 raw[key] = environ[env]
+                from_environment.append(key)
         try:
-            sections[name] = model.model_validate(raw)
+            sections[name] = model.model_validate(raw, context={"from_environment": from_environment})
         except ValidationError as exc:
             adapter_errors += [_describe(error, name, frozenset(getattr(model, "environment", {}))) for error in exc.errors()]
     model_section = data.get("model", {})

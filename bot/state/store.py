@@ -96,6 +96,8 @@ class Store(abc.ABC):
         many turns it had."""
         count, digests = await self._reset(key)
         await self._release(digests, keep)
+        if count:
+            await self._scrub()
         return count
 
     async def forget_author(self, platform: str, author_id: str, keep: frozenset[str] = frozenset()) -> Forgotten:
@@ -103,6 +105,8 @@ class Store(abc.ABC):
         the images only they sent."""
         turns, digests = await self._forget_author(platform, author_id)
         images, size = await self._release(digests, keep)
+        if turns:
+            await self._scrub()
         return Forgotten(turns, images, size)
 
     async def prune(self, turns_before: float | None, keep: frozenset[str], grace_s: float, dry_run: bool = False) -> Forgotten:
@@ -115,6 +119,8 @@ class Store(abc.ABC):
         gone = {digest: size for digest, (size, age) in stored.items() if digest not in referenced and digest not in keep and age >= grace_s}
         if not dry_run:
             await self._delete_images(list(gone), grace_s)
+            if turns:
+                await self._scrub()
         return Forgotten(turns, len(gone), sum(gone.values()), tuple(sorted(gone)))
 
     async def _release(self, digests: set[str], keep: frozenset[str]) -> tuple[int, int]:
@@ -127,6 +133,11 @@ class Store(abc.ABC):
         gone = {d: stored[d][0] for d in digests - referenced - keep if d in stored}
         await self._delete_images(list(gone), 0.0)
         return len(gone), sum(gone.values())
+
+    async def _scrub(self) -> None:
+        """After turns were deleted: leave no copy of them in the store's files (a store whose
+        deletions leave none has nothing to do)."""
+        return None
 
     # The primitives of forgetting, per store.
 
@@ -335,6 +346,7 @@ class SQLiteStore(Store):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # with WAL: a killed process loses no committed change
             db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten with zeros, not just unlinked
             db.execute("PRAGMA busy_timeout=5000")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -526,6 +538,11 @@ class SQLiteStore(Store):
                 return len(gone), digests
 
         return await self._run(forget)
+
+    async def _scrub(self) -> None:
+        # The WAL still holds the pages as they were before the delete: copy the zeroed pages into the
+        # database and empty the WAL, so a forgotten turn is in no file of the state folder.
+        await self._run(self._db.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
 
     async def _old_turns(self, before: float, delete: bool) -> int:
         def old() -> int:
