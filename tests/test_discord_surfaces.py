@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import asyncio
 
+from adapters.discord_delivery import CUT
 from bot.runtime.cli import main
 from tests.bots import bot_says, command_answer, thread_of
 from tests.conftest import image_bytes
 from tests.fake_discord import FakeDiscord
+from tests.fake_tgi import FakeTGI, Reply
 from tests.model_tap import tap  # noqa: F401 (a fixture)
-from tests.test_discord import fake, no_errors, start_bot  # noqa: F401 (fixtures)
+from tests.test_discord import RunningBot, discord_config, fake, no_errors, start_bot  # noqa: F401 (fixtures)
+
+CUT_NOTE = CUT.split(",")[0]  # as shown in italics, with Markdown escaped
 
 EPHEMERAL = 64
 
@@ -147,3 +151,21 @@ command_guild_ids = ["{fake.guild_id}"]
     )
     assert await asyncio.to_thread(main, ["sync-commands", "--config", str(path)]) == 0
     assert fake.command_syncs == [fake.guild_id, "global", fake.guild_id]  # on request, changed or not
+
+
+async def test_a_long_answer_through_a_user_installed_command_fits_in_its_five_follow_ups(fake, config):
+    async with FakeTGI() as tgi:  # a remote model: a long answer at once
+        model = config.model.model_copy(update={"backend": "tgi", "url": tgi.url})
+        sections = {"model": model, "generation": config.generation.model_copy(update={"max_new_tokens": 1000})}
+        bot = await RunningBot(discord_config(config, fake, command_guild_ids=[]).model_copy(update=sections), fake).start()
+        tgi.replies.append(Reply([*(f" part{n:03d} of a very long answer." for n in range(700)), "<end_of_utterance>"]))  # ~21,000 characters
+        red = fake.upload("red.png", image_bytes((220, 20, 20)), "image/png")
+        question = {"question": "Tell me everything", "image": red["id"]}
+        asked = await fake.run_command(fake.user("Ann"), fake.foreign_channel(), "ask", question, attachments={red["id"]: red})
+        try:
+            await fake.wait_for(lambda: any(CUT_NOTE in m["content"] for m in asked.followups), timeout=120)
+        finally:
+            await bot.stop()
+    shown = [asked.original or "", *(m["content"] for m in asked.followups)]
+    assert len(asked.followups) == 5 and CUT_NOTE in shown[-1] and all(len(text) <= 2000 for text in shown)
+    assert shown[0].startswith("part000 of a very long answer.") and "part100 of" in shown[1]  # fuller messages, in order
