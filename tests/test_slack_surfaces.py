@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from adapters.slack import DESCRIBE, SCOPES
+from adapters.slack import DESCRIBE, SCOPES, SlackSettings
 from adapters.slack_assistant import GREETING
 from adapters.slack_blocks import DESCRIBE_IMAGE, FEEDBACK, STOP
 from adapters.slack_text import escape
@@ -259,4 +259,20 @@ def test_the_manifest_asks_for_what_the_adapter_uses_and_the_readme_shows_it():
     assert {"assistant_thread_started", "assistant_thread_context_changed", "app_mention", "message.im"} <= set(manifest["settings"]["event_subscriptions"]["bot_events"])
     assert [s["callback_id"] for s in manifest["features"]["shortcuts"]] == [DESCRIBE_IMAGE]
     assert manifest["settings"]["interactivity"]["is_enabled"] and "assistant_view" in manifest["features"]
-    assert text.strip() in (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert text.strip() in readme and manifest["settings"]["socket_mode_enabled"]
+
+
+def test_the_http_mode_manifest_gives_slack_the_bots_address_for_everything():
+    socket = yaml.safe_load((ROOT / "slack-manifest.yml").read_text(encoding="utf-8"))
+    http = yaml.safe_load((ROOT / "slack-manifest-http.yml").read_text(encoding="utf-8"))
+    address = "https://bot.example.com" + SlackSettings().events_path  # Bolt takes all three on one path
+    settings, (command,) = http["settings"], http["features"]["slash_commands"]
+    assert settings["socket_mode_enabled"] is False
+    assert settings["event_subscriptions"]["request_url"] == settings["interactivity"]["request_url"] == command["url"] == address
+    # Otherwise the same app: the same scopes, events, shortcut and command.
+    settings.update(socket_mode_enabled=True)
+    del settings["event_subscriptions"]["request_url"], settings["interactivity"]["request_url"], command["url"]
+    assert http == socket
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "`slack-manifest-http.yml`, **HTTP mode**" in readme and "`slack-manifest.yml`, **Socket Mode**" in readme
