@@ -742,7 +742,7 @@ class FakeDiscord:
         if problem is not None:
             return _invalid("commands", problem)
         self.command_syncs.append(scope)
-        defaults = {"description": "", "options": [], "type": 1}
+        defaults = {"description": "", "options": [], "type": 1, "default_member_permissions": None, "nsfw": False}  # as Discord fills them in
         self.commands[scope] = [{**defaults, **command, "id": self.new_id(), "application_id": self.application_id, "version": "1"} for command in body]
         if scope != "global":
             for command in self.commands[scope]:

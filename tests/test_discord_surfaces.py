@@ -121,18 +121,32 @@ async def test_commands_installed_to_an_account_answer_through_the_interaction(f
     assert posts == []  # everything went through the interactions
 
 
-async def test_commands_are_published_by_one_process_only_when_they_changed(fake, start_bot, tmp_path, config):
+async def test_commands_are_published_by_one_process_only_when_they_differ_from_discords(fake, start_bot, tmp_path, config):
     bot = await start_bot()
     assert fake.command_syncs == [fake.guild_id]
     await bot.stop()
     bot = await start_bot()
     assert fake.command_syncs == [fake.guild_id]  # the same commands: nothing sent at this start
     await bot.stop()
-    bot = await start_bot(command_guild_ids=[])  # now global: a set Discord hasn't got yet
-    assert fake.command_syncs == [fake.guild_id, "global"]
+
+    # Changed elsewhere (another tool, or by hand): one command gone, one described differently.
+    fake.commands[fake.guild_id] = [c for c in fake.commands[fake.guild_id] if c["name"] != "story"]
+    next(c for c in fake.commands[fake.guild_id] if c["name"] == "ask")["description"] = "Something else"
+    bot = await start_bot()
+    assert fake.command_syncs == [fake.guild_id] * 2  # repaired
+    names = {c["name"]: c for c in fake.commands[fake.guild_id]}
+    assert "story" in names and names["ask"]["description"] == "Answer a question about an image."
+    await bot.stop()
+
+    bot = await start_bot(command_guild_ids=[])  # now global: a set Discord hasn't got yet, and the guild's copies go
+    assert fake.command_syncs == [fake.guild_id] * 2 + ["global", fake.guild_id]
+    assert fake.commands[fake.guild_id] == [] and len(fake.commands["global"]) == 7  # nobody sees every command twice
+    await bot.stop()
+    bot = await start_bot(command_guild_ids=[])
+    assert fake.command_syncs == [fake.guild_id] * 2 + ["global", fake.guild_id]  # all agrees: nothing sent
     await bot.stop()
     await start_bot(command_guild_ids=["123"], shard_count=2, shard_ids=[1])  # shard 0's process publishes
-    assert fake.command_syncs == [fake.guild_id, "global"]
+    assert fake.command_syncs == [fake.guild_id] * 2 + ["global", fake.guild_id]
 
     path = tmp_path / "sync.toml"
     path.write_text(
@@ -150,7 +164,9 @@ command_guild_ids = ["{fake.guild_id}"]
         encoding="utf-8",
     )
     assert await asyncio.to_thread(main, ["sync-commands", "--config", str(path)]) == 0
-    assert fake.command_syncs == [fake.guild_id, "global", fake.guild_id]  # on request, changed or not
+    # On request, changed or not; and the global commands, no longer configured, go.
+    assert fake.command_syncs == [fake.guild_id] * 2 + ["global", fake.guild_id] + [fake.guild_id, "global"]
+    assert fake.commands["global"] == [] and len(fake.commands[fake.guild_id]) == 7
 
 
 async def test_a_long_answer_through_a_user_installed_command_fits_in_its_five_follow_ups(fake, config):
