@@ -70,6 +70,15 @@ _OPTION_FIELDS: dict[str, Any] = {
 }  # fmt: skip
 
 
+def _guilds(stored: str | None) -> set[str]:
+    """The guild ids kept in the state (none if nothing, or something unreadable, was kept)."""
+    try:
+        guilds = json.loads(stored) if stored else []
+    except ValueError:
+        return set()
+    return {str(guild) for guild in guilds} if isinstance(guilds, list) else set()
+
+
 def comparable(commands: Sequence[Mapping[str, Any]]) -> list[dict]:
     """A command set as Discord reports it, or as we send it, in a form that compares equal when people
     would see the same commands."""
@@ -112,8 +121,9 @@ class BotCommands(app_commands.CommandTree):
             raise app_commands.MissingApplicationID
         wanted = [str(guild_id) for guild_id in self.settings.command_guild_ids] or [GLOBAL]
         recorded = f"commands.{application}.guilds"  # the guilds the bot's commands were published to
-        known = set(json.loads(await self.platform.get_value(recorded) or "[]"))
-        changed, kept = [], set()
+        known = _guilds(await self.platform.get_value(recorded))
+        changed: list[str] = []
+        kept: set[str] = set()
         for scope in dict.fromkeys([*wanted, GLOBAL, *sorted(known)]):
             try:
                 if await self._reconcile(application, scope, scope in wanted, force=force and scope in wanted):
