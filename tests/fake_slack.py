@@ -182,6 +182,7 @@ class FakeSlack:
         self.deleted: list[Posted] = []  # the bot's messages it deleted (chat.delete)
         self.refuse_streaming: str | None = None  # chat.startStream answers this error when set
         self.outside: set[str] = set()  # channels the bot is not a member of
+        self.streams_close_at_once = False  # Slack ends each stream right after it starts (see close_stream)
         self.teams: dict[str, str] = {}  # user -> their team, where it is not TEAM (Slack Connect)
         self.statuses = Journal()  # (channel, thread_ts, status) of each assistant.threads.setStatus
         self.titles: dict[tuple[str, str], str] = {}  # assistant thread -> its title
@@ -550,7 +551,7 @@ class FakeSlack:
         if text is None:
             return _error("msg_too_long")
         ts = self.next_ts()
-        self.messages[ts] = Posted(channel, ts, thread_ts, [text], streaming=True, recipient=recipient, recipient_team=team)
+        self.messages[ts] = Posted(channel, ts, thread_ts, [text], streaming=not self.streams_close_at_once, recipient=recipient, recipient_team=team)
         return web.json_response({"ok": True, "channel": channel, "ts": ts})
 
     async def _api_chat_appendStream(self, params: dict) -> web.Response:

@@ -142,12 +142,35 @@ async def test_a_stream_that_slack_closes_goes_on_in_messages_with_nothing_lost(
     streamed, rest = slack.thread(CHANNEL, mention["ts"])
     assert streamed is stream and stream.text == "A red square on a white" and not stream.actions()
     assert rest.text.startswith("…") and FEEDBACK in rest.actions() and STOP not in rest.actions()
+    await all_shown(harness, mention, stream, rest)
+
+
+async def test_a_stream_that_slack_closes_while_the_model_is_slow_goes_on_as_the_model_does(start_bots, slack, tap):
+    harness = await start_bots(native_streaming=True)
+    slack.streams_close_at_once = True  # so the bot's first append finds it closed
+    tap.say, tap.finish = "A red square on a white", False
+    tap.gate.clear()
+    mention = slack.mention(CHANNEL, ANN, "Describe it at length")
+    event_id = await harness.send(mention)
+    await tap.wait_held()
+    # The rest goes on in a message while the model is still held...
+    rest = await slack.calls.wait_for(lambda calls: next((m for m in slack.thread(CHANNEL, mention["ts"]) if m.text.startswith("…")), None))
+    assert STOP in rest.actions()
+    tap.gate.set()  # ...and takes what the model says next
+    await harness.outcome(event_id)
+    stream, shown_rest = slack.thread(CHANNEL, mention["ts"])
+    assert shown_rest is rest and stream.streaming is False and FEEDBACK in rest.actions() and STOP not in rest.actions()
+    await all_shown(harness, mention, stream, rest)
+
+
+async def all_shown(harness: Harness, question: dict, stream: Posted, rest: Posted) -> None:
+    """The stored answer to `question` is all in its thread: in the closed `stream`, then in `rest`."""
     store = await SQLiteStore.open(harness.config.state.path)
     try:
-        answer = (await store.load_turns(await store.conversation_of("slack", f"{CHANNEL}/{mention['ts']}")))[-1]
+        answer = (await store.load_turns(await store.conversation_of("slack", f"{CHANNEL}/{question['ts']}")))[-1]
     finally:
         await store.close()
-    shown = escape(answer.text)  # all of it is in the thread: the stream, then the rest
+    shown = escape(answer.text)
     assert shown.startswith(stream.text) and len(shown) > len(stream.text)
     assert rest.text.removeprefix("…").startswith(shown[len(stream.text) :].strip())
 
