@@ -143,7 +143,7 @@ class SlackReplies:
                     events = _replayed(refused.seen, events)
                 except StreamClosed as closed:
                     rest = _rest(closed.shown, _replayed(closed.seen, events, closed.pending))
-                    return await self._edited(rest, place, stop, reply, placeholder=None)
+                    return await self._edited(rest, place, stop, reply, placeholder=None, shown=[closed.ts])
             return await self._edited(events, place, stop, reply)
         finally:
             self.writing.done(key)
@@ -182,11 +182,19 @@ class SlackReplies:
                 await control.delete(message)
 
     async def _edited(
-        self, events: AsyncIterator[ReplyEvent], place: Place, stop: StopValue, reply: SlackReply, placeholder: str | None = PLACEHOLDER
+        self,
+        events: AsyncIterator[ReplyEvent],
+        place: Place,
+        stop: StopValue,
+        reply: SlackReply,
+        placeholder: str | None = PLACEHOLDER,
+        shown: Sequence[str] = (),
     ) -> Final:
+        """The reply as edited messages; `shown`: messages of it posted already (a closed stream), which stay as they are."""
         surface = ButtonedThread(SlackThread(self.client, place.channel, place.thread_ts), stop)
         placeholder = None if reply.taken_over else placeholder
-        live = LiveReply(surface, limit=self.message_limit, placeholder=placeholder, messages=reply.begun, on_post=reply.on_post)
+        on_post = _after(shown, reply.on_post) if shown and reply.on_post is not None else reply.on_post
+        live = LiveReply(surface, limit=self.message_limit, placeholder=placeholder, messages=reply.begun, on_post=on_post)
         reply.messages = live.messages  # one list: what is posted, as it is posted
         final = await live.run(events)
         await surface.finish(live.messages, final)
@@ -216,6 +224,15 @@ async def _replayed(seen: list[ReplyEvent], rest: AsyncIterator[ReplyEvent], pen
             return
     async for event in rest:
         yield event
+
+
+def _after(shown: Sequence[str], on_post: Callable[[list[Any]], Awaitable[None]]) -> Callable[[list[Any]], Awaitable[None]]:
+    """`on_post` told of the messages `shown` before the others: every message of a reply is recorded with it."""
+
+    async def recorded(messages: list[Any]) -> None:
+        await on_post([*shown, *messages])
+
+    return recorded
 
 
 async def _rest(shown: str, events: AsyncIterator[ReplyEvent]) -> AsyncIterator[ReplyEvent]:
