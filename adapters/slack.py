@@ -137,7 +137,7 @@ class SlackAdapter:
         )
         self.commands = SlashCommands(platform, settings, self.platform.spawn, MESSAGE_LIMIT, settings.command)
         self.replies = SlackReplies(
-            self.client, message_limit=MESSAGE_LIMIT, anyone_can_stop=settings.anyone_can_stop, native_streaming=settings.native_streaming
+            self.client, platform, message_limit=MESSAGE_LIMIT, anyone_can_stop=settings.anyone_can_stop, native_streaming=settings.native_streaming
         )
         actions = SlackActions(platform, settings, self.replies)
         # The assistant's listeners come first: Bolt hands them the messages of DM threads.
@@ -336,8 +336,12 @@ class SlackAdapter:
         if titled and key.thread and not await self.platform.follows(key):
             self.platform.spawn(self._title(key, message.text), "assistant-title")
         working = LOOKING if message.attachments else THINKING
-        reply = self.replies.reply(Place(event["channel"], reply_thread, message.author.id, self.identity.team), event["ts"], working)
+        reply = self.replies.reply(Place(event["channel"], reply_thread, message.author.id, self._team_of(event)), event["ts"], working)
         await self.platform.answer(message, reply, event_id=event_id)
+
+    def _team_of(self, event: dict) -> str:
+        """The team of the person who sent `event`: in a Slack Connect channel, maybe not the bot's."""
+        return event.get("user_team") or event.get("team") or self.identity.team
 
     async def _title(self, key: ConversationKey, question: str) -> None:
         """Name an assistant-panel chat after its first question."""
@@ -367,7 +371,7 @@ class SlackAdapter:
         await self.platform.follow(key, f"{channel}/{root}")  # follow-ups in the thread are for the bot
         name = user.get("name") or user.get("username") or user["id"]
         incoming = IncomingMessage(key, Author(user["id"], name), DESCRIBE, tuple(files), f"shortcut/{shortcut['action_ts']}", shared=True)
-        reply = self.replies.reply(Place(channel, root, user["id"], self.identity.team), incoming.message_id, LOOKING)
+        reply = self.replies.reply(Place(channel, root, user["id"], user.get("team_id") or self.identity.team), incoming.message_id, LOOKING)
         try:
             final = await reply.run(self.platform.reply(incoming))
         except SlackApiError as error:
