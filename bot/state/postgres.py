@@ -465,6 +465,19 @@ class PostgresStore(Store):
             found.append(Unanswered(key, turn, row["answerer"], tuple(json.loads(row["messages"])) if row["messages"] else ()))
         return found
 
+    async def stranded(self, key: ConversationKey, since: float) -> int | None:
+        row = await self._pool.fetchrow(
+            """SELECT t.id, t.role = 'user' AND t.answerer <> $4 AND t.created >= to_timestamp($5) AS stranded
+               FROM turns t JOIN conversations c ON c.id = t.conversation_id
+               WHERE c.platform=$1 AND c.channel=$2 AND c.thread=$3 ORDER BY t.id DESC LIMIT 1""",
+            key.platform,
+            key.channel,
+            key.thread,
+            self.process_id,
+            since,
+        )
+        return row["id"] if row is not None and row["stranded"] else None
+
     async def adopt(self, pending: Unanswered) -> bool:
         status = await self._pool.execute(
             "UPDATE turns SET answerer = $1 WHERE id = $2 AND answerer = $3", self.process_id, pending.turn.id, pending.answerer

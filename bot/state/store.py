@@ -82,6 +82,12 @@ class Store(abc.ABC):
         conversation is gone). Oldest first."""
 
     @abc.abstractmethod
+    async def stranded(self, key: ConversationKey, since: float) -> int | None:
+        """The id of the conversation's last turn if it is a question stored at or after `since` that
+        another process began to answer and didn't: asked while holding the conversation, when
+        nobody else can be answering it, so that process stopped (or lost its hold)."""
+
+    @abc.abstractmethod
     async def adopt(self, pending: Unanswered) -> bool:
         """Make this process the answerer of `pending` if it still has the answerer it was found
         with; True for exactly one of several processes that try."""
@@ -474,6 +480,20 @@ class SQLiteStore(Store):
                 )
                 for channel, thread, id_, author_id, author_name, parts, message_id, answerer, reply in rows
             ]
+
+        return await self._run(find)
+
+    async def stranded(self, key: ConversationKey, since: float) -> int | None:
+        def find() -> int | None:
+            row = self._db.execute(
+                """SELECT t.id, t.role, t.answerer, t.created FROM turns t JOIN conversations c ON c.id = t.conversation_id
+                   WHERE c.platform=? AND c.channel=? AND c.thread=? ORDER BY t.id DESC LIMIT 1""",
+                (key.platform, key.channel, key.thread),
+            ).fetchone()
+            if row is None:
+                return None
+            turn_id, role, answerer, created = row
+            return turn_id if role == "user" and answerer not in (None, self.process_id) and created >= since else None
 
         return await self._run(find)
 
