@@ -258,7 +258,10 @@ class Platform:
         key = pending.key
         self._keep_message_ids(live, pending.turn.message_id)
         final = await self.show(live, self._engine.resume(pending, shared), key, **about)
-        if final is not None:
+        if final is not None and not final.text and not final.notes:
+            # Another process took it over first (or it was answered meanwhile): nothing was shown.
+            self.log.info(f"{self.name}.resume_left", extra={"conversation": str(key), **about})
+        elif final is not None:
             self.record("resumed")
             self.log.info(f"{self.name}.resumed", extra={"conversation": str(key), **about, "answered": bool(final.text), "messages": len(live.messages)})
         return final
