@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import signal
 
+import asyncpg
+
 from adapters.slack_blocks import STOP
 from bot.core.conversation import ConversationKey
 from bot.state.postgres import PostgresStore
@@ -82,3 +84,66 @@ async def test_a_follow_up_waits_for_the_stranded_question_before_it_which_is_ad
     assert no_stop_button(thread)
     assert [entry["event"] for entry in events(live, "slack.resumed")] == ["slack.resumed"]
     assert live.errors() == []
+
+
+async def test_of_two_processes_that_find_the_same_stranded_question_one_answers_and_the_other_steps_back(tmp_path, postgres_url):
+    adopt_after_s = 8.0  # a lease of 4 s: the test acts well within it after the kill
+    async with FakeSlack() as slack, FakeTGI() as tgi:
+        doomed, one, two = (
+            BotProcess(write_config(tmp_path / f"{name}.toml", slack, tgi, postgres_url, adopt_after_s)) for name in ("doomed", "one", "two")
+        )
+        database = await asyncpg.connect(postgres_url)
+        try:
+            await asyncio.gather(doomed.start(), one.start(), two.start())
+            [doomed_id] = [entry["process_id"] for entry in events(doomed, "store.opened")]
+            tgi.replies.append(Reply(["Half", " an", " answer"], hold_after=2, gate=asyncio.Event()))
+            question = slack.mention("C1", "U1", "a question", name="Ann")
+            await deliver(slack, doomed, question)
+            await slack.calls.wait_for(lambda calls: any("Half an" in m.text for m in slack.thread("C1", question["ts"])))
+            begun = [message.ts for message in slack.thread("C1", question["ts"])]
+
+            await kill(doomed)
+            await until_released(database)
+            # Both live processes look for stranded questions and wait for the leases; meanwhile the
+            # dead process's lease ends, so that both find its question in the same look.
+            async with database.transaction():
+                await database.execute("LOCK TABLE processes IN ACCESS EXCLUSIVE MODE")
+                await database.execute("DELETE FROM processes WHERE id = $1", doomed_id)
+                await until_looking(postgres_url, 2)
+            outcomes = await asyncio.gather(*(bot.logs.wait_for(lambda lines: took_up(lines, question["ts"])) for bot in (one, two)))
+        finally:
+            await database.close()
+            await asyncio.gather(one.stop(), two.stop())
+            if doomed.process.returncode is None:
+                await kill(doomed)
+
+    assert sorted(outcomes) == ["slack.resume_left", "slack.resumed"]
+    assert all(entry["found"] == 1 for bot in (one, two) for entry in events(bot, "slack.unanswered")[-1:])
+    [answer] = slack.thread("C1", question["ts"])
+    assert answer.ts == begun[0] and answer.text == f"A red square.\n\n{ADOPTED}" and no_stop_button([answer])
+    assert len(tgi.generate_requests) == 2  # the dead process's, and one adopter's
+    assert one.errors() == [] and two.errors() == []
+
+
+def took_up(lines: list[dict], question: str) -> str | None:
+    """How a process ended its attempt at the stranded question: it answered it, or left it to another."""
+    return next((e["event"] for e in lines if e["event"] in ("slack.resumed", "slack.resume_left") and e.get("message_ts") == question), None)
+
+
+async def until_released(database: asyncpg.Connection) -> None:
+    """Wait (10 s at most) until no conversation is held: a killed process's connections are gone."""
+    async with asyncio.timeout(10):
+        while await database.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"):
+            await asyncio.sleep(0.01)
+
+
+async def until_looking(url: str, count: int) -> None:
+    """Wait (20 s at most) until `count` processes wait on a table lock while looking for stranded questions."""
+    connection = await asyncpg.connect(url)
+    query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%NOT EXISTS (SELECT 1 FROM processes p%'"
+    try:
+        async with asyncio.timeout(20):
+            while await connection.fetchval(query) < count:
+                await asyncio.sleep(0.01)
+    finally:
+        await connection.close()

@@ -433,6 +433,17 @@ class PostgresStore(Store):
         await self._pool.execute("DELETE FROM turns WHERE id=$1", turn_id)
 
     async def unanswered(self, platform: str, since: float) -> list[Unanswered]:
+        # A lease can run out while its process lives on (stalled); the process still holds the
+        # conversation then, and its questions are left to it. The holds are read first: a
+        # conversation taken since by a process adopting its question is then one that process
+        # answers, whose lease is fresh, so the questions below leave it out anyway.
+        held = {
+            row["objid"]
+            for row in await self._pool.fetch(
+                "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = $1 AND objsubid = 2 AND granted",
+                _CONVERSATION_LOCKS,
+            )
+        }
         rows = await self._pool.fetch(
             """SELECT c.channel, c.thread, t.id, t.author_id, t.author_name, t.parts, t.message_id, t.answerer, r.messages
                FROM turns t JOIN conversations c ON c.id = t.conversation_id
@@ -446,15 +457,6 @@ class PostgresStore(Store):
             self.process_id,
             self.lease_s,
         )
-        # A lease can run out while its process lives on (stalled); the process still holds the
-        # conversation then, and its questions are left to it.
-        held = {
-            row["objid"]
-            for row in await self._pool.fetch(
-                "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = $1 AND objsubid = 2 AND granted",
-                _CONVERSATION_LOCKS,
-            )
-        }
         found = []
         for row in rows:
             key = ConversationKey(platform, row["channel"], row["thread"])
