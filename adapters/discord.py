@@ -255,6 +255,7 @@ class DiscordAdapter:
         shards = {"shards": ",".join(map(str, self._shard_ids)), "shard_count": settings.shard_count} if settings.shard_count else {}
         user = self.client.user  # known since login
         log.info("discord.connected", extra={"user": user.id if user else None, "guilds": len(self.client.guilds), **shards})
+        await self.replies.route(self.platform)  # Stop clicks that reach the process of another shard
         self._watching = asyncio.create_task(self.platform.watch_unanswered(self._take_over), name="discord-unanswered")
 
     async def _connect(self) -> asyncio.Task:
@@ -465,7 +466,7 @@ class DiscordAdapter:
     async def stop_pressed(self, interaction: discord.Interaction, reply: int) -> None:
         """The Stop button of the reply `reply`: its asker (or anyone, if configured) stops it."""
         user = interaction.user
-        outcome = self.replies.stop(str(reply), str(user.id), user.display_name)
+        outcome = await self.replies.stop(str(reply), str(user.id), user.display_name)
         self.platform.record(f"stop_{outcome}")
         log.info("discord.stop", extra={"outcome": str(outcome), "reply": reply})
         if outcome is StopOutcome.STOPPED:

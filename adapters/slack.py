@@ -175,6 +175,7 @@ class SlackAdapter:
         else:
             await self._connect()
             self._watch = asyncio.create_task(self._watch_socket(), name="slack-socket-watch")
+        await self.replies.writing.route(self.platform)  # Stop clicks that reach another process
         self._watching = asyncio.create_task(self.platform.watch_unanswered(self._take_over), name="slack-unanswered")
         log.info("slack.started", extra={"mode": self.settings.mode, "team": self.identity.team, "bot_user": self.identity.user_id})
 

@@ -9,7 +9,9 @@ conversations (`conversations`, `turns`, `image`, for showing it again), the thr
 /metrics (`record`), answering the questions a killed process left unanswered, after a restart
 or, with processes sharing PostgreSQL, as soon as another notices (`watch_unanswered`, `resume`),
 answering the latest question again (`latest_answer`, `regenerate`), votes on answers
-(`record_feedback`), and a few values an adapter keeps (`get_value`, `set_value`). It runs every
+(`record_feedback`), a few values an adapter keeps (`get_value`, `set_value`), and, with processes
+sharing the state, asking the one that has something (a reply it is writing, for a Stop click that
+reached another process: `ask_owner`, `answer_for`). It runs every
 adapter's messages through the same steps and logs them the same way (`<adapter>.replied`,
 `.duplicate`, `.reply_lost`, `.resumed`, with their conversation), and keeps the ids of the messages
 each reply posts, so that a process taking a question over continues in them.
@@ -22,8 +24,10 @@ be had raises `ImageRejected` (or `FetchRefused`, from `download`) from its `rea
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -42,6 +46,10 @@ from bot.state.store import Store, StoreUnavailable
 from model.service import ModelImage
 
 ErrorFields = Callable[[BaseException], Mapping[str, Any]]
+Handler = Callable[[dict[str, Any]], dict[str, Any] | None]
+# How long a process waits for another one's answer: PostgreSQL passes a notification on in a few
+# milliseconds, and a click must be answered (Discord: within 3 s) whether or not one comes.
+ASK_TIMEOUT_S = 1.0
 
 
 def error_name(error: BaseException) -> Mapping[str, Any]:
@@ -71,6 +79,9 @@ class Platform:
         self._describe_error = describe_error
         self._work: set[asyncio.Task[None]] = set()
         self.log = logging.getLogger(f"adapters.{name}")
+        self._handlers: dict[str, Handler] = {}  # topic -> what answers other processes' asks
+        self._asked: dict[str, asyncio.Future[dict[str, Any]]] = {}  # ask id -> its answer, once one comes
+        self._listening = False
 
     # -- work after an acknowledgement -------------------------------------------------------
 
@@ -176,6 +187,61 @@ class Platform:
         if message_id is not None and await self.conversation_of(message_id) is not None:
             return True
         return await self._store.has_conversation(key)
+
+    # -- asking the process that has something ------------------------------------------------
+
+    async def answer_for(self, topic: str, handler: Handler) -> None:
+        """Answer the asks of other processes about `topic` (see `ask_owner`): `handler(body)` gives
+        this process's answer, or None when what is asked about isn't here (so another may answer)."""
+        self._handlers[topic] = handler
+        await self._listen()
+
+    async def ask_owner(self, topic: str, body: dict[str, Any], timeout: float = ASK_TIMEOUT_S) -> dict[str, Any] | None:
+        """Ask the other processes that share the state about something only one of them has (the
+        reply it is writing): that one's answer, or None if none came within `timeout` seconds (or
+        the state has no other processes)."""
+        if not self._store.shared:
+            return None
+        await self._listen()
+        ask = uuid.uuid4().hex
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._asked[ask] = answer
+        try:
+            await self._store.publish(json.dumps({"ask": ask, "topic": f"{self.name}.{topic}", "from": self._store.process_id, "body": body}))
+            async with asyncio.timeout(timeout):
+                return await answer
+        except TimeoutError:
+            return None
+        except Exception as error:  # the state is out of reach: nobody can be asked
+            self.log.warning(f"{self.name}.ask_failed", extra={"topic": topic, "error": type(error).__name__})
+            return None
+        finally:
+            del self._asked[ask]
+
+    async def _listen(self) -> None:
+        if not self._listening and self._store.shared:
+            self._listening = True
+            await self._store.subscribe(self._heard)
+
+    def _heard(self, message: str) -> None:
+        """A message of a process on the state: an ask for a handler here, or an answer to an ask of this process."""
+        try:
+            heard = json.loads(message)
+        except ValueError:
+            return
+        if not isinstance(heard, dict) or not isinstance(heard.get("body"), dict):
+            return
+        answered = self._asked.get(heard.get("answer", ""))
+        if answered is not None and not answered.done():
+            answered.set_result(heard["body"])
+            return
+        topic = heard.get("topic", "")
+        handler = self._handlers.get(topic.removeprefix(f"{self.name}.")) if topic.startswith(f"{self.name}.") else None
+        if handler is None or heard.get("from") == self._store.process_id:
+            return
+        answer = handler(heard["body"])
+        if answer is not None:
+            self.spawn(self._store.publish(json.dumps({"answer": heard.get("ask"), "body": answer})), "answer")
 
     # -- the pipeline ------------------------------------------------------------------------
 

@@ -15,6 +15,9 @@ safe when several processes use one database at once:
 - Each process keeps a lease (a row in `processes`, renewed every `lease_s / 3`), and the user
   turns it is answering name it. When a process dies, its lease runs out and its holds end with its
   connections; `unanswered` then finds the questions it left, and another process `adopt`s them.
+- Messages between the processes (`publish`, `subscribe`: a Stop click that reached a process other
+  than the one writing the reply) go through PostgreSQL's LISTEN/NOTIFY on the channel `idefics_bot`,
+  on one connection per process that listens.
 - The schema is versioned (table `schema_version`); missing migrations are applied at start-up in
   one transaction under an advisory lock, so two processes starting together don't race.
 
@@ -31,7 +34,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -160,6 +163,8 @@ QUERY_CONNECTIONS = 4
 _CONNECT_TIMEOUT_S = 10.0
 _QUERY_TIMEOUT_S = 60.0
 _CLOSE_TIMEOUT_S = 10.0
+_CHANNEL = "idefics_bot"  # LISTEN/NOTIFY: messages between the processes
+_RELISTEN_S = 1.0  # a listening connection that broke is opened again after this long
 
 
 def conversation_lock(key: ConversationKey) -> tuple[int, int]:
@@ -236,6 +241,9 @@ class PostgresStore(Store):
         self.process_id = uuid.uuid4().hex
         self._locks = ConversationLocks()
         self.where = describe_url(url)
+        self._receivers: list[Callable[[str], None]] = []
+        self._listener: asyncpg.Connection | None = None  # LISTENs on _CHANNEL, once something subscribed
+        self._relistening: asyncio.Task | None = None
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.where})"
@@ -326,7 +334,54 @@ class PostgresStore(Store):
                 await connection.execute("INSERT INTO schema_version (version) VALUES ($1)", number + 1)
                 log.info("store.migrated", extra={"where": self.where, "schema": number + 1})
 
+    # -- messages between the processes ------------------------------------------------------
+
+    async def publish(self, message: str) -> None:
+        await self._pool.execute("SELECT pg_notify($1, $2)", _CHANNEL, message)
+
+    async def subscribe(self, receive: Callable[[str], None]) -> None:
+        self._receivers.append(receive)
+        if self._listener is None:
+            await self._listen()
+
+    async def _listen(self) -> None:
+        connection = await asyncpg.connect(self._url, timeout=_CONNECT_TIMEOUT_S, server_settings={"application_name": "idefics-bot"})
+        await connection.add_listener(_CHANNEL, self._heard)
+        connection.add_termination_listener(self._lost)
+        self._listener = connection
+
+    def _heard(self, connection: object, pid: int, channel: str, payload: str) -> None:
+        for receive in self._receivers:
+            receive(payload)
+
+    def _lost(self, connection: object) -> None:
+        """The listening connection broke (the server restarted, say): listen again, until closed."""
+        if self._listener is None or self._listener is not connection:
+            return
+        log.warning("store.listener_lost")
+        self._listener = None
+        self._relistening = asyncio.get_running_loop().create_task(self._relisten(), name="store-relisten")
+
+    async def _relisten(self) -> None:
+        while self._listener is None:
+            await asyncio.sleep(_RELISTEN_S)
+            try:
+                await self._listen()
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                log.warning("store.listener_not_restored", extra={"error": type(error).__name__})
+        log.info("store.listener_restored")
+
     async def close(self) -> None:
+        listener, self._listener = self._listener, None  # None first: its end is no loss
+        if self._relistening is not None:
+            self._relistening.cancel()
+            await asyncio.gather(self._relistening, return_exceptions=True)
+        if listener is not None:
+            try:
+                async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                    await listener.close()
+            except (TimeoutError, OSError, asyncpg.InterfaceError):
+                listener.terminate()
         self._renewing.cancel()
         await asyncio.gather(self._renewing, return_exceptions=True)
         try:  # a process that stops cleanly leaves nothing unanswered; its lease goes with it

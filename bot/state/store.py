@@ -16,7 +16,7 @@ import sqlite3
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -55,6 +55,16 @@ class Store(abc.ABC):
         """The per-user token buckets of the processes that share this state. One process's own
         memory, by default: a SQLite state belongs to one process."""
         return RateLimiter(per_minute, burst)
+
+    async def publish(self, message: str) -> None:
+        """Send `message` (a short text) to every process that shares this state, this one too (see
+        `subscribe`). A state of one process has no others to tell: nothing is sent."""
+        return None
+
+    async def subscribe(self, receive: Callable[[str], None]) -> None:
+        """Have `receive` called with each message that a process sharing this state publishes from
+        now on (a state of one process: none)."""
+        return None
 
     @abc.abstractmethod
     def hold_conversation(self, key: ConversationKey) -> AbstractAsyncContextManager[None]:
