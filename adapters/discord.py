@@ -30,7 +30,7 @@ import yarl
 
 from adapters.discord_buttons import BUTTON_TYPES
 from adapters.discord_commands import BotCommands
-from adapters.discord_delivery import NO_PINGS, ButtonedReply
+from adapters.discord_delivery import NO_PINGS, ButtonedReply, ChannelSurface
 from adapters.discord_input import PLATFORM, Channel, attachments_of, mentions_me, question_text, refusal, refusal_notice, thread_name
 from adapters.discord_settings import DiscordSettings
 from adapters.stopping import Replies, StopOutcome
@@ -529,9 +529,13 @@ class DiscordAdapter:
                 reason = "channel gone" if channel is None else "another process's shard"
                 log.info("discord.resume_skipped", extra={"conversation": str(key), "reason": reason})
                 return
-            shared = not isinstance(channel, discord.DMChannel)
             # In the messages the stopped process had begun for the answer, if it got as far as posting them.
             begun = [channel.get_partial_message(int(message_id)) for message_id in pending.reply]
+            if pending.turn.id is None:  # the process stopped before storing the question: its messages go
+                if await self.platform.take_back(pending):
+                    await ChannelSurface(channel, begun=begun).discard()
+                return
+            shared = not isinstance(channel, discord.DMChannel)
             asker = int(pending.turn.author.id) if pending.turn.author else 0
             await self.platform.resume(pending, self._reply(channel, reply_to, key, question, asker, begun), shared, message_id=question)
         except self.delivery_errors as error:  # the place couldn't be looked up

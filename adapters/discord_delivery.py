@@ -102,8 +102,9 @@ class ChannelSurface:
                     await message.delete()
 
     async def discard(self) -> None:
-        """Delete what was posted (the question was deleted, so its answer goes too)."""
-        for message in self.posted:
+        """Delete what was posted, and the begun messages (the question was deleted, so its answer
+        goes too; or a stopped process never stored it)."""
+        for message in [*self.begun, *self.posted]:
             with contextlib.suppress(discord.HTTPException):  # already gone, or not ours to delete any more
                 await message.delete()
 

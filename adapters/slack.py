@@ -386,6 +386,12 @@ class SlackAdapter:
         """Answer, in its thread, a message that a stopped process left unanswered: in the messages it
         had begun for the answer (their handles are Slack's ts), if it got as far as posting them."""
         key, asker = pending.key, pending.turn.author.id if pending.turn.author else ""
+        if pending.turn.id is None:  # the process stopped before storing the question: its placeholder goes
+            if await self.platform.take_back(pending):
+                thread = SlackThread(self.client, key.channel, key.thread or None)
+                for message in pending.reply:
+                    await thread.delete(message)
+            return
         place = Place(key.channel, key.thread or None, asker, self.identity.team)
         # No placeholder and no status: of several processes that try, only the one that adopts the
         # question may touch the thread, and it learns that it did only once the engine's events begin.

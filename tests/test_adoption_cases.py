@@ -147,3 +147,31 @@ async def until_looking(url: str, count: int) -> None:
                 await asyncio.sleep(0.01)
     finally:
         await connection.close()
+
+
+async def test_a_placeholder_posted_for_a_question_its_process_never_stored_is_removed(tmp_path, postgres_url):
+    async with FakeSlack() as slack, FakeTGI() as tgi:
+        doomed = BotProcess(write_config(tmp_path / "doomed.toml", slack, tgi, postgres_url, ADOPT_AFTER_S))
+        live = BotProcess(write_config(tmp_path / "live.toml", slack, tgi, postgres_url, ADOPT_AFTER_S))
+        database = await asyncpg.connect(postgres_url)
+        try:
+            await asyncio.gather(doomed.start(), live.start())
+            tgi.tokenize_gate = asyncio.Event()  # the question is stored once it is counted: never, here
+            question = slack.mention("C1", "U1", "a question", name="Ann")
+            await deliver(slack, doomed, question)
+            async with asyncio.timeout(30):  # the placeholder is posted, and recorded with the question
+                while not await database.fetchval("SELECT count(*) FROM replies WHERE question = $1", question["ts"]):
+                    await asyncio.sleep(0.01)
+            [placeholder] = slack.thread("C1", question["ts"])
+            await kill(doomed)
+            await live.logs.wait_for(lambda lines: any(e["event"] == "slack.reply_removed" for e in lines))
+            turns = await database.fetchval("SELECT count(*) FROM turns")
+        finally:
+            tgi.tokenize_gate.set()
+            await database.close()
+            await live.stop()
+            if doomed.process.returncode is None:
+                await kill(doomed)
+
+    assert turns == 0 and slack.thread("C1", question["ts"]) == [] and [m.ts for m in slack.deleted] == [placeholder.ts]
+    assert live.errors() == []

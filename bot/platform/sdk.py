@@ -270,8 +270,9 @@ class Platform:
         event once shown, or None if the platform didn't take the reply (counted and logged)."""
         self.record("message")
         started = time.perf_counter()
-        self._keep_message_ids(live, message.message_id)
+        self._keep_message_ids(live, message.message_id, message.key)
         final = await self.show(live, self._engine.reply(message), message.key, **about)
+        await self._forget_reply(message.message_id)
         if final is not None:
             seconds = round(time.perf_counter() - started, 3)
             extra = {"conversation": str(message.key), **about, "answered": bool(final.text), "messages": len(live.messages), "seconds": seconds}
@@ -299,11 +300,11 @@ class Platform:
         share the state, those a process leaves when it dies, looked for four times per
         [bot] adopt_after_s. Runs until cancelled, or, with a state of one process, until the
         start-up ones are handed out."""
-        handed: set[int | None] = set()
+        handed: set[int | str | None] = set()
         first = True
         while True:
             try:
-                found = [pending for pending in await self._engine.unanswered(self.name) if pending.turn.id not in handed]
+                found = [pending for pending in await self._engine.unanswered(self.name) if _handle(pending) not in handed]
             except Exception as error:  # the state may be out of reach for a while: look again later
                 self.log.warning(f"{self.name}.unanswered_unknown", extra={"error": type(error).__name__})
                 found = []
@@ -311,7 +312,7 @@ class Platform:
                 self.log.info(f"{self.name}.unanswered", extra={"found": len(found)})
             first = False
             for pending in found:
-                handed.add(pending.turn.id)
+                handed.add(_handle(pending))
                 take_over(pending)
             if not self._store.shared:
                 return
@@ -322,28 +323,54 @@ class Platform:
         with `messages=` the handles of `pending.reply` (the messages the stopped process had posted
         for it) to continue in them."""
         key = pending.key
-        self._keep_message_ids(live, pending.turn.message_id)
+        self._keep_message_ids(live, pending.turn.message_id, key)
         final = await self.show(live, self._engine.resume(pending, shared), key, **about)
         if final is not None and not final.text and not final.notes:
             # Another process took it over first (or it was answered meanwhile): nothing was shown.
             self.log.info(f"{self.name}.resume_left", extra={"conversation": str(key), **about})
-        elif final is not None:
+            return final
+        await self._forget_reply(pending.turn.message_id)
+        if final is not None:
             self.record("resumed")
             self.log.info(f"{self.name}.resumed", extra={"conversation": str(key), **about, "answered": bool(final.text), "messages": len(live.messages)})
         return final
 
-    def _keep_message_ids(self, live: Presenter, question: str) -> None:
+    async def take_back(self, pending: Unanswered) -> bool:
+        """For a reply whose process stopped before its question was stored (`pending.turn.id` is
+        None): True if this process is the one to remove its messages (`pending.reply`), which the
+        adapter then does."""
+        taken = await self._store.adopt(pending)
+        if taken:
+            self.log.info(f"{self.name}.reply_removed", extra={"conversation": str(pending.key), "messages": len(pending.reply)})
+        return taken
+
+    async def _forget_reply(self, question: str) -> None:
+        """The reply to `question` is shown in full: nobody is to continue or remove its messages."""
+        if not question:
+            return
+        try:
+            await self._store.forget_reply(self.name, question)
+        except Exception as error:  # out of reach: once this process stops, its messages may be taken for a stray reply
+            self.log.warning(f"{self.name}.reply_not_forgotten", extra={"error": type(error).__name__})
+
+    def _keep_message_ids(self, live: Presenter, question: str, key: ConversationKey) -> None:
         """Keep the platform ids of `live`'s messages as they are posted in answer to the message
-        `question`, so that a process taking the question over can edit them. A surface whose
-        handles are not the ids themselves says how to get one (`message_id(handle)`)."""
+        `question` of `key`, so that a process taking the question over can edit them (or remove
+        them, if this one stops before the question is stored). A surface whose handles are not
+        the ids themselves says how to get one (`message_id(handle)`)."""
         if not question:
             return
         message_id = getattr(live.surface, "message_id", str)
 
         async def record(messages: list[Any]) -> None:
             try:
-                await self._store.record_reply(self.name, question, [message_id(message) for message in messages])
+                await self._store.record_reply(self.name, question, [message_id(message) for message in messages], key)
             except Exception as error:  # the reply goes on; only a process taking it over would post anew
                 self.log.warning(f"{self.name}.reply_not_recorded", extra={"error": type(error).__name__})
 
         live.on_post = record
+
+
+def _handle(pending: Unanswered) -> int | str | None:
+    """What tells one left question (or stray reply) from the others."""
+    return pending.turn.id if pending.turn.id is not None else f"reply:{pending.turn.message_id}"

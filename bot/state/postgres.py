@@ -119,6 +119,13 @@ _MIGRATIONS = [
     );
     CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # Who posted a reply's messages, and where: a process that stops before storing the question
+    # leaves them for another to remove.
+    """
+    ALTER TABLE replies ADD COLUMN owner TEXT;
+    ALTER TABLE replies ADD COLUMN channel TEXT NOT NULL DEFAULT '';
+    ALTER TABLE replies ADD COLUMN thread TEXT NOT NULL DEFAULT '';
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # A bucket that hasn't been used for a day is full again: its row can go.
@@ -520,6 +527,22 @@ class PostgresStore(Store):
             author = Author(row["author_id"], row["author_name"]) if row["author_id"] is not None else None
             turn = Turn("user", decode_parts(row["parts"]), author, row["message_id"], id=row["id"])
             found.append(Unanswered(key, turn, row["answerer"], tuple(json.loads(row["messages"])) if row["messages"] else ()))
+        # Replies whose process stopped before storing their question: nothing to answer, messages to remove.
+        orphans = await self._pool.fetch(
+            """SELECT r.channel, r.thread, r.question, r.owner, r.messages FROM replies r
+               WHERE r.platform = $1 AND r.owner <> $2 AND r.seen >= to_timestamp($3)
+                 AND NOT EXISTS (SELECT 1 FROM processes p WHERE p.id = r.owner AND p.seen > now() - make_interval(secs => $4))
+                 AND NOT EXISTS (SELECT 1 FROM turns t JOIN conversations c ON c.id = t.conversation_id
+                                 WHERE c.platform = r.platform AND t.message_id = r.question AND t.role = 'user')
+               ORDER BY r.seen""",
+            platform,
+            self.process_id,
+            since,
+            self.lease_s,
+        )
+        for row in orphans:
+            key = ConversationKey(platform, row["channel"], row["thread"])
+            found.append(Unanswered(key, Turn("user", (), message_id=row["question"]), row["owner"], tuple(json.loads(row["messages"]))))
         return found
 
     async def stranded(self, key: ConversationKey, since: float) -> int | None:
@@ -536,19 +559,31 @@ class PostgresStore(Store):
         return row["id"] if row is not None and row["stranded"] else None
 
     async def adopt(self, pending: Unanswered) -> bool:
+        if pending.turn.id is None:
+            status = await self._pool.execute(
+                "DELETE FROM replies WHERE platform = $1 AND question = $2 AND owner = $3", pending.key.platform, pending.turn.message_id, pending.answerer
+            )
+            return status == "DELETE 1"
         status = await self._pool.execute(
             "UPDATE turns SET answerer = $1 WHERE id = $2 AND answerer = $3", self.process_id, pending.turn.id, pending.answerer
         )
         return status == "UPDATE 1"
 
-    async def record_reply(self, platform: str, question: str, messages: Sequence[str]) -> None:
+    async def record_reply(self, platform: str, question: str, messages: Sequence[str], where: ConversationKey | None = None) -> None:
         await self._pool.execute(
-            "INSERT INTO replies (platform, question, messages) VALUES ($1, $2, $3)"
-            " ON CONFLICT (platform, question) DO UPDATE SET messages = EXCLUDED.messages, seen = now()",
+            "INSERT INTO replies (platform, question, messages, owner, channel, thread) VALUES ($1, $2, $3, $4, $5, $6)"
+            " ON CONFLICT (platform, question) DO UPDATE SET messages = EXCLUDED.messages, seen = now(), owner = EXCLUDED.owner,"
+            " channel = EXCLUDED.channel, thread = EXCLUDED.thread",
             platform,
             question,
             json.dumps(list(messages)),
+            self.process_id,
+            where.channel if where else "",
+            where.thread if where else "",
         )
+
+    async def forget_reply(self, platform: str, question: str) -> None:
+        await self._pool.execute("DELETE FROM replies WHERE platform = $1 AND question = $2", platform, question)
 
     async def _reset(self, key: ConversationKey) -> tuple[int, set[str]]:
         rows = await self._pool.fetch(

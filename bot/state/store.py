@@ -89,7 +89,9 @@ class Store(abc.ABC):
         """The conversations of `platform` whose last turn is a user turn stored at or after `since`
         (Unix time) that a process began to answer and can't finish any more: it stopped (SQLite:
         any process but this one; PostgreSQL: one whose lease ran out and whose hold on the
-        conversation is gone). Oldest first."""
+        conversation is gone). Oldest first. Then the replies such a process began (`record_reply`)
+        for a question it stopped before storing: their `turn` has no id and no parts, only the
+        question's message id, and their messages are to be removed."""
 
     @abc.abstractmethod
     async def stranded(self, key: ConversationKey, since: float) -> int | None:
@@ -100,12 +102,20 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def adopt(self, pending: Unanswered) -> bool:
         """Make this process the answerer of `pending` if it still has the answerer it was found
-        with; True for exactly one of several processes that try."""
+        with (a reply without a stored question: take it to remove its messages); True for exactly
+        one of several processes that try."""
 
     @abc.abstractmethod
-    async def record_reply(self, platform: str, question: str, messages: Sequence[str]) -> None:
-        """Remember the platform ids of the messages posted so far in answer to the message
-        `question`, so that a process taking the question over can edit them."""
+    async def record_reply(self, platform: str, question: str, messages: Sequence[str], where: ConversationKey | None = None) -> None:
+        """Remember the platform ids of the messages this process posted so far in answer to the
+        message `question` (of the conversation `where`), so that a process taking the question over
+        can edit them, or, if this process stops before the question is stored, remove them (found
+        by `unanswered` as a question without a turn)."""
+
+    @abc.abstractmethod
+    async def forget_reply(self, platform: str, question: str) -> None:
+        """The reply to the message `question` is shown in full: its messages are nobody's to
+        continue or remove any more."""
 
     async def reset(self, key: ConversationKey, keep: frozenset[str] = frozenset()) -> int:
         """Forget a conversation, and the images only it used (but those in `keep`); returns how
@@ -283,6 +293,13 @@ _MIGRATIONS = [
         PRIMARY KEY (turn_id, user_id)
     );
     CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+    # Who posted a reply's messages, and where: a process that stops before storing the question
+    # leaves them for another to remove.
+    """
+    ALTER TABLE replies ADD COLUMN owner TEXT;
+    ALTER TABLE replies ADD COLUMN channel TEXT NOT NULL DEFAULT '';
+    ALTER TABLE replies ADD COLUMN thread TEXT NOT NULL DEFAULT '';
     """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -489,6 +506,16 @@ class SQLiteStore(Store):
                     tuple(json.loads(reply)) if reply else (),
                 )
                 for channel, thread, id_, author_id, author_name, parts, message_id, answerer, reply in rows
+            ] + [
+                Unanswered(ConversationKey(platform, channel, thread), Turn("user", (), message_id=question), owner, tuple(json.loads(reply)))
+                for channel, thread, question, owner, reply in self._db.execute(
+                    """SELECT r.channel, r.thread, r.question, r.owner, r.messages FROM replies r
+                       WHERE r.platform=? AND r.owner != ? AND r.seen >= ? AND NOT EXISTS (
+                           SELECT 1 FROM turns t JOIN conversations c ON c.id = t.conversation_id
+                           WHERE c.platform = r.platform AND t.message_id = r.question AND t.role = 'user')
+                       ORDER BY r.seen""",
+                    (platform, self.process_id, since),
+                ).fetchall()
             ]
 
         return await self._run(find)
@@ -509,19 +536,27 @@ class SQLiteStore(Store):
 
     async def adopt(self, pending: Unanswered) -> bool:
         def adopt() -> bool:
-            cursor = self._db.execute(
-                "UPDATE turns SET answerer=? WHERE id=? AND answerer=?", (self.process_id, pending.turn.id, pending.answerer)
-            )
+            if pending.turn.id is None:
+                cursor = self._db.execute(
+                    "DELETE FROM replies WHERE platform=? AND question=? AND owner=?", (pending.key.platform, pending.turn.message_id, pending.answerer)
+                )
+            else:
+                cursor = self._db.execute(
+                    "UPDATE turns SET answerer=? WHERE id=? AND answerer=?", (self.process_id, pending.turn.id, pending.answerer)
+                )
             return cursor.rowcount == 1
 
         return await self._run(adopt)
 
-    async def record_reply(self, platform: str, question: str, messages: Sequence[str]) -> None:
+    async def record_reply(self, platform: str, question: str, messages: Sequence[str], where: ConversationKey | None = None) -> None:
         await self._run(
             self._write,
-            "INSERT OR REPLACE INTO replies (platform, question, messages, seen) VALUES (?, ?, ?, ?)",
-            (platform, question, json.dumps(list(messages)), time.time()),
+            "INSERT OR REPLACE INTO replies (platform, question, messages, seen, owner, channel, thread) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (platform, question, json.dumps(list(messages)), time.time(), self.process_id, where.channel if where else "", where.thread if where else ""),
         )
+
+    async def forget_reply(self, platform: str, question: str) -> None:
+        await self._run(self._write, "DELETE FROM replies WHERE platform=? AND question=?", (platform, question))
 
     async def _reset(self, key: ConversationKey) -> tuple[int, set[str]]:
         def reset() -> tuple[int, set[str]]:
