@@ -55,6 +55,25 @@ async def test_one_process_adopts_a_question_however_many_try(new_store):  # noq
             await each.close()
 
 
+async def test_a_stranded_question_is_found_whatever_came_after_it_until_it_is_answered(new_store):  # noqa: F811
+    key = ConversationKey("slack", "C1", "1.1")
+    first = await new_store()
+    try:
+        stranded = await first.add_turn(key, Turn("user", ("first",), ANN, "1.1"), answerer=KILLED)
+        follow_up = await first.add_turn(key, Turn("user", ("second",), ANN, "1.2"), answerer=first.process_id)
+        await first.add_turn(key, Turn("assistant", ("two",)), answers=follow_up.id)  # a follow-up that didn't wait for it
+        [found] = await first.unanswered("slack", since=time.time() - 60)
+        assert found.turn.id == stranded.id and await first.adopt(found)
+        await first.add_turn(key, Turn("assistant", ("one",)), answers=stranded.id)  # answered late, after the others
+    finally:
+        await first.close()
+    after = await new_store()  # another process, or this one restarted: nothing is left
+    try:
+        assert await after.unanswered("slack", since=time.time() - 60) == []
+    finally:
+        await after.close()
+
+
 async def test_a_question_is_found_once_its_process_has_neither_a_lease_nor_a_hold(postgres_url):
     """PostgreSQL: a question stays with the process answering it while that process renews its lease
     or holds the conversation (a stalled process whose lease ran out still holds it)."""

@@ -153,20 +153,26 @@ class Conversations:
         return await self.store.unanswered(platform, time.time() - window)
 
     async def resume(self, pending: Unanswered, shared: bool) -> AsyncIterator[ReplyEvent]:
-        async def still_last(history: list[Turn]) -> bool:
-            # Still unanswered, and this process is the one to take it over (exactly one is).
-            return bool(history) and history[-1].id == pending.turn.id and await self.store.adopt(pending)
+        async def unanswered(history: list[Turn]) -> int | None:
+            # Still stored and unanswered, and this process is the one to take it over (exactly one
+            # is). Whatever came after it (a follow-up that didn't wait), it is answered from the
+            # turns before it.
+            at = next((index for index, turn in enumerate(history) if turn.id == pending.turn.id), None)
+            if at is None or (at + 1 < len(history) and history[at + 1].role == "assistant"):
+                return None
+            return at if await self.store.adopt(pending) else None
 
         late = _ADOPTED if self.store.shared else _RESUMED
-        async for event in self._answer_stored(pending.key, still_last, shared, [late], Final(""), "turn.resuming"):
+        async for event in self._answer_stored(pending.key, unanswered, shared, [late], Final(""), "turn.resuming"):
             yield event
 
     async def regenerate(self, key: ConversationKey, turn_id: int, shared: bool) -> AsyncIterator[ReplyEvent]:
         """Answer again the question whose stored answer is `turn_id`, the latest of its conversation;
         the new answer replaces it in the history (if none comes, the old one stays)."""
 
-        async def answered_last(history: list[Turn]) -> bool:
-            return len(history) >= 2 and history[-1].id == turn_id and history[-1].role == "assistant" and history[-2].role == "user"
+        async def answered_last(history: list[Turn]) -> int | None:
+            latest = len(history) >= 2 and history[-1].id == turn_id and history[-1].role == "assistant" and history[-2].role == "user"
+            return len(history) - 2 if latest else None
 
         async for event in self._answer_stored(key, answered_last, shared, [], Final("", (_NOT_LATEST,)), "turn.regenerating", replace=True):
             yield event
@@ -174,7 +180,7 @@ class Conversations:
     async def _answer_stored(
         self,
         key: ConversationKey,
-        expected: Callable[[list[Turn]], Awaitable[bool]],
+        expected: Callable[[list[Turn]], Awaitable[int | None]],
         shared: bool,
         notes: list[str],
         otherwise: Final,
@@ -182,17 +188,18 @@ class Conversations:
         replace: bool = False,
     ) -> AsyncIterator[ReplyEvent]:
         """Answer a question that is already stored, under the conversation's hold (so that a process
-        still answering it finishes first): the last turn, or with `replace` the question of the last
-        answer, which the new answer replaces. Unless `expected(history)` (the conversation moved on,
-        or another process takes the question), the Final is `otherwise`. Logs `event` when it answers."""
+        still answering it finishes first): the turn at the index `expected(history)` gives, from the
+        turns before it; with `replace` the question of the last answer, which the new answer
+        replaces. If `expected` gives None (the conversation moved on, or another process takes the
+        question), the Final is `otherwise`. Logs `event` when it answers."""
         started = time.perf_counter()
         final = otherwise
         try:
             async with self.store.hold_conversation(key):
                 history = await self.store.load_turns(key)
-                if await expected(history):
+                question = await expected(history)
+                if question is not None:
                     log.info(event, extra={"conversation": str(key)})
-                    question = len(history) - (2 if replace else 1)
                     replacing = history[-1] if replace else None
                     async with aclosing(self._answer(key, history[:question], history[question], shared, notes, started, replacing)) as events:
                         async for answer in events:
@@ -259,7 +266,7 @@ class Conversations:
         previous = next((turn for turn in reversed(history) if turn.role == "assistant"), None)
         if fitted.dropped and (previous is None or not previous.dropped):
             notes.append("This conversation is now longer than I can read at once, so I no longer see its oldest messages.")
-        answer_turn = await self.store.add_turn(key, Turn("assistant", (answer,), dropped=fitted.dropped))
+        answer_turn = await self.store.add_turn(key, Turn("assistant", (answer,), dropped=fitted.dropped), answers=stored.id if stored else None)
         if replacing is not None and replacing.id is not None:
             await self.store.remove_turn(replacing.id)
         log.info(

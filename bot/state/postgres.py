@@ -473,8 +473,8 @@ class PostgresStore(Store):
             for row in reversed(rows)
         ]
 
-    async def add_turn(self, key: ConversationKey, turn: Turn, answerer: str | None = None) -> Turn:
-        async with self._pool.acquire() as connection:
+    async def add_turn(self, key: ConversationKey, turn: Turn, answerer: str | None = None, answers: int | None = None) -> Turn:
+        async with self._pool.acquire() as connection, connection.transaction():
             conversation = await self._conversation_id(connection, key)
             author = turn.author
             turn_id = await connection.fetchval(
@@ -489,6 +489,8 @@ class PostgresStore(Store):
                 turn.dropped,
                 answerer,
             )
+            if answers is not None:
+                await connection.execute("UPDATE turns SET answerer = NULL WHERE id = $1", answers)
         return Turn(turn.role, turn.parts, turn.author, turn.message_id, turn.dropped, id=turn_id)
 
     async def remove_turn(self, turn_id: int) -> None:
@@ -511,7 +513,8 @@ class PostgresStore(Store):
                FROM turns t JOIN conversations c ON c.id = t.conversation_id
                LEFT JOIN replies r ON r.platform = c.platform AND r.question = t.message_id AND t.message_id <> ''
                WHERE t.role = 'user' AND t.created >= to_timestamp($2) AND c.platform = $1 AND t.answerer <> $3
-                 AND NOT EXISTS (SELECT 1 FROM turns later WHERE later.conversation_id = t.conversation_id AND later.id > t.id)
+                 AND coalesce((SELECT n.role FROM turns n WHERE n.conversation_id = t.conversation_id AND n.id > t.id ORDER BY n.id LIMIT 1), '')
+                     <> 'assistant'
                  AND NOT EXISTS (SELECT 1 FROM processes p WHERE p.id = t.answerer AND p.seen > now() - make_interval(secs => $4))
                ORDER BY t.id""",
             platform,

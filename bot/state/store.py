@@ -76,9 +76,11 @@ class Store(abc.ABC):
         """The newest `limit` turns of the conversation, oldest first."""
 
     @abc.abstractmethod
-    async def add_turn(self, key: ConversationKey, turn: Turn, answerer: str | None = None) -> Turn:
+    async def add_turn(self, key: ConversationKey, turn: Turn, answerer: str | None = None, answers: int | None = None) -> Turn:
         """Append a turn; returns it with its `id`. `answerer`: the process that is answering this
-        user turn now (None for a turn nobody answers, like one a newer message overtook)."""
+        user turn now (None for a turn nobody answers, like one a newer message overtook).
+        `answers`: the question this answer answers, which nobody is answering any more (its
+        answerer goes, in the same transaction)."""
 
     @abc.abstractmethod
     async def remove_turn(self, turn_id: int) -> None:
@@ -86,8 +88,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def unanswered(self, platform: str, since: float) -> list[Unanswered]:
-        """The conversations of `platform` whose last turn is a user turn stored at or after `since`
-        (Unix time) that a process began to answer and can't finish any more: it stopped (SQLite:
+        """The user turns of `platform` stored at or after `since` (Unix time) that a process began to
+        answer and can't finish any more, whatever came after them (none is followed by its answer
+        nor was answered later): that process stopped (SQLite:
         any process but this one; PostgreSQL: one whose lease ran out and whose hold on the
         conversation is gone). Oldest first. Then the replies such a process began (`record_reply`)
         for a question it stopped before storing: their `turn` has no id and no parts, only the
@@ -462,7 +465,7 @@ class SQLiteStore(Store):
 
         return await self._run(load)
 
-    async def add_turn(self, key: ConversationKey, turn: Turn, answerer: str | None = None) -> Turn:
+    async def add_turn(self, key: ConversationKey, turn: Turn, answerer: str | None = None, answers: int | None = None) -> Turn:
         def add() -> Turn:
             with self._transaction():
                 conversation = self._conversation_id(key, create=True)
@@ -482,6 +485,8 @@ class SQLiteStore(Store):
                         answerer,
                     ),
                 ).lastrowid
+                if answers is not None:
+                    self._db.execute("UPDATE turns SET answerer = NULL WHERE id=?", (answers,))
             return Turn(turn.role, turn.parts, turn.author, turn.message_id, turn.dropped, id=turn_id)
 
         return await self._run(add)
@@ -493,9 +498,11 @@ class SQLiteStore(Store):
         def find() -> list[Unanswered]:
             rows = self._db.execute(
                 """SELECT c.channel, c.thread, t.id, t.author_id, t.author_name, t.parts, t.message_id, t.answerer, r.messages
-                   FROM conversations c JOIN turns t ON t.id = (SELECT max(id) FROM turns WHERE conversation_id = c.id)
+                   FROM conversations c JOIN turns t ON t.conversation_id = c.id
                    LEFT JOIN replies r ON r.platform = c.platform AND r.question = t.message_id AND t.message_id != ''
-                   WHERE c.platform=? AND t.role='user' AND t.created >= ? AND t.answerer != ? ORDER BY t.id""",
+                   WHERE c.platform=? AND t.role='user' AND t.created >= ? AND t.answerer != ?
+                     AND coalesce((SELECT n.role FROM turns n WHERE n.conversation_id = c.id AND n.id > t.id ORDER BY n.id LIMIT 1), '') != 'assistant'
+                   ORDER BY t.id""",
                 (platform, since, self.process_id),
             ).fetchall()
             return [
