@@ -219,9 +219,14 @@ class Platform:
             del self._asked[ask]
 
     async def _listen(self) -> None:
-        if not self._listening and self._store.shared:
-            self._listening = True
+        if self._listening or not self._store.shared:
+            return
+        try:
             await self._store.subscribe(self._heard)
+        except Exception as error:  # the state is out of reach: asks go unanswered until the next try
+            self.log.warning(f"{self.name}.not_listening", extra={"error": type(error).__name__})
+            return
+        self._listening = True
 
     def _heard(self, message: str) -> None:
         """A message of a process on the state: an ask for a handler here, or an answer to an ask of this process."""
@@ -235,8 +240,8 @@ class Platform:
         if answered is not None and not answered.done():
             answered.set_result(heard["body"])
             return
-        topic = heard.get("topic", "")
-        handler = self._handlers.get(topic.removeprefix(f"{self.name}.")) if topic.startswith(f"{self.name}.") else None
+        topic = heard.get("topic")
+        handler = self._handlers.get(topic.removeprefix(f"{self.name}.")) if isinstance(topic, str) and topic.startswith(f"{self.name}.") else None
         if handler is None or heard.get("from") == self._store.process_id:
             return
         answer = handler(heard["body"])

@@ -347,9 +347,9 @@ class PostgresStore(Store):
         await self._pool.execute("SELECT pg_notify($1, $2)", _CHANNEL, message)
 
     async def subscribe(self, receive: Callable[[str], None]) -> None:
-        self._receivers.append(receive)
         if self._listener is None:
             await self._listen()
+        self._receivers.append(receive)
 
     async def _listen(self) -> None:
         connection = await asyncpg.connect(self._url, timeout=_CONNECT_TIMEOUT_S, server_settings={"application_name": "idefics-bot"})
