@@ -17,7 +17,8 @@ slack-bolt's `AsyncApp`.
   through Slack's failures as `slack_delivery` says, and a reply that can't be posted in the end is
   logged with its conversation.
 - The "Describe image" message shortcut answers in the thread of the message it was used on.
-- At start-up, messages that a killed process stored but never answered are answered in their threads.
+- At start-up, messages that a killed process stored but never answered are answered in their threads
+  (in the messages it had begun), and what it had posted for a message it never stored is removed.
 - Socket Mode (default, needs the app token) or HTTP mode (Bolt checks signatures and answers
   `url_verification`); events, commands and interactivity arrive the same way in both. The slash
   command lives in `slack_commands`, file downloads in `slack_files`.
