@@ -47,7 +47,9 @@ def live_reply(surface: Surface, **options: Any) -> LiveReply:
 class ChannelSurface:
     """Messages in a channel, thread or DM. The first answers `reply_to` (when given) and carries
     `controls` (the Stop button) while the reply is written; every message is linked to the
-    conversation through `on_post`, so replying to any of them continues it."""
+    conversation through `on_post`, so replying to any of them continues it. `begun`: the messages a
+    stopped process had posted for the reply, which are edited before any is posted (the first of
+    them carries that process's Stop button)."""
 
     def __init__(
         self,
@@ -55,16 +57,19 @@ class ChannelSurface:
         reply_to: discord.Message | discord.PartialMessage | None = None,
         on_post: Callable[[discord.Message], Awaitable[None]] | None = None,
         controls: discord.ui.View | None = None,
+        begun: Sequence[discord.Message | discord.PartialMessage] = (),
     ):
         self.channel = channel
         self.reply_to = reply_to
         self.on_post = on_post
         self.controls = controls
+        self.begun = list(begun)
         self.posted: list[discord.Message] = []
+        self._edited: set[int] = set()  # the begun messages this process showed something in (by their ids)
 
     async def post(self, text: str) -> discord.Message:
         options: dict[str, Any] = {"allowed_mentions": NO_PINGS}
-        if not self.posted:  # the first message answers the question and carries the controls
+        if not self.posted and not self.begun:  # the first message answers the question and carries the controls
             if self.reply_to is not None:
                 options["reference"] = self.reply_to.to_reference(fail_if_not_exists=False)
             if self.controls is not None:
@@ -77,6 +82,7 @@ class ChannelSurface:
 
     async def edit(self, message: discord.Message | discord.PartialMessage, text: str) -> None:
         await message.edit(content=text, allowed_mentions=NO_PINGS)
+        self._edited.add(message.id)
 
     @staticmethod
     def message_id(message: discord.Message) -> str:
@@ -84,17 +90,25 @@ class ChannelSurface:
         return str(message.id)
 
     async def finish(self, buttons: discord.ui.View | None) -> None:
-        """The reply is shown: the Stop button goes, and the last message gets `buttons` (if any)."""
-        if not self.posted or (self.controls is None and buttons is None):
+        """The reply is shown: the Stop button goes, and the last message gets `buttons` (if any). A
+        begun message the answer didn't need goes; if this process showed nothing (another one took
+        the question over), the messages are left to that one."""
+        shown = [message for message in self.begun if message.id in self._edited] + self.posted
+        if not shown or (self.controls is None and buttons is None and not self.begun):
             return
-        first, last = self.posted[0], self.posted[-1]
-        if first is not last and self.controls is not None:
+        first, last = shown[0], shown[-1]
+        if first is not last and (self.controls is not None or self.begun):
             await first.edit(view=None)
         await last.edit(view=buttons)
+        for message in self.begun:
+            if message.id not in self._edited:
+                with contextlib.suppress(discord.HTTPException):
+                    await message.delete()
 
     async def discard(self) -> None:
-        """Delete what was posted (the question was deleted, so its answer goes too)."""
-        for message in self.posted:
+        """Delete what was posted, and the begun messages (the question was deleted, so its answer
+        goes too; or a stopped process never stored it)."""
+        for message in [*self.begun, *self.posted]:
             with contextlib.suppress(discord.HTTPException):  # already gone, or not ours to delete any more
                 await message.delete()
 
@@ -115,7 +129,7 @@ class ButtonedReply(LiveReply):
         asker: int,
         messages: Sequence[Any] = (),
     ):
-        self.channel_surface = ChannelSurface(channel, reply_to, on_post, controls=buttons(StopButton(reply)))
+        self.channel_surface = ChannelSurface(channel, reply_to, on_post, controls=buttons(StopButton(reply)), begun=messages)
         super().__init__(self.channel_surface, limit=MESSAGE_LIMIT, note=note, messages=messages)
         self.replies = replies
         self.reply = str(reply)

@@ -17,7 +17,8 @@ slack-bolt's `AsyncApp`.
   through Slack's failures as `slack_delivery` says, and a reply that can't be posted in the end is
   logged with its conversation.
 - The "Describe image" message shortcut answers in the thread of the message it was used on.
-- At start-up, messages that a killed process stored but never answered are answered in their threads.
+- At start-up, messages that a killed process stored but never answered are answered in their threads
+  (in the messages it had begun), and what it had posted for a message it never stored is removed.
 - Socket Mode (default, needs the app token) or HTTP mode (Bolt checks signatures and answers
   `url_verification`); events, commands and interactivity arrive the same way in both. The slash
   command lives in `slack_commands`, file downloads in `slack_files`.
@@ -175,6 +176,7 @@ class SlackAdapter:
         else:
             await self._connect()
             self._watch = asyncio.create_task(self._watch_socket(), name="slack-socket-watch")
+        await self.replies.writing.route(self.platform)  # Stop clicks that reach another process
         self._watching = asyncio.create_task(self.platform.watch_unanswered(self._take_over), name="slack-unanswered")
         log.info("slack.started", extra={"mode": self.settings.mode, "team": self.identity.team, "bot_user": self.identity.user_id})
 
@@ -389,6 +391,12 @@ class SlackAdapter:
         """Answer, in its thread, a message that a stopped process left unanswered: in the messages it
         had begun for the answer (their handles are Slack's ts), if it got as far as posting them."""
         key, asker = pending.key, pending.turn.author.id if pending.turn.author else ""
+        if pending.turn.id is None:  # the process stopped before storing the question: its placeholder goes
+            if await self.platform.take_back(pending):
+                thread = SlackThread(self.client, key.channel, key.thread or None)
+                for message in pending.reply:
+                    await thread.delete(message)
+            return
         place = Place(key.channel, key.thread or None, asker, self.identity.team)
         # No placeholder and no status: of several processes that try, only the one that adopts the
         # question may touch the thread, and it learns that it did only once the engine's events begin.

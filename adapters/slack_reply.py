@@ -59,13 +59,14 @@ class Place:
 
 class ButtonedThread:
     """A `SlackThread` as LiveReply's surface, with a Stop button on the first message while the
-    reply is written; `finish` swaps it for the feedback buttons on the last message."""
+    reply is written; `finish` swaps it for the feedback buttons on the last message. `begun`: the
+    messages a stopped process had posted for the reply (its first one carries a Stop button)."""
 
-    def __init__(self, thread: SlackThread, stop: StopValue):
+    def __init__(self, thread: SlackThread, stop: StopValue, begun: Sequence[str] = ()):
         self.thread = thread
         self.stop = stop
-        self.texts: dict[str, str] = {}  # message ts -> its text as last shown
-        self._first: str | None = None
+        self.texts: dict[str, str] = {}  # message ts -> its text as this process last showed it
+        self._first: str | None = begun[0] if begun else None
 
     async def post(self, text: str) -> str:
         controls = [stop_button(self.stop)] if self._first is None else None
@@ -79,13 +80,19 @@ class ButtonedThread:
         self.texts[message] = text
 
     async def finish(self, messages: list[str], final: Final) -> None:
-        """The reply is shown: no more Stop; feedback buttons under the answer if it was stored."""
-        if not messages:
+        """The reply is shown: no more Stop; feedback buttons under the answer if it was stored. A
+        stopped process's message that the answer didn't need goes. If this process showed nothing
+        (another one took the question over), the messages are left to that one."""
+        shown = [message for message in messages if message in self.texts]
+        if not shown:
             return
-        first, last = self._first, messages[-1]
-        if first is not None and first != last:
+        first, last = self._first, shown[-1]
+        if first is not None and first != last and first in self.texts:
             await self.thread.edit(first, self.texts[first], [])
         await self.thread.edit(last, self.texts[last], feedback_blocks(final.turn_id) if final.turn_id else [])
+        for message in messages:
+            if message not in self.texts:
+                await self.thread.delete(message)
 
 
 class SlackReply:
@@ -191,7 +198,7 @@ class SlackReplies:
         shown: Sequence[str] = (),
     ) -> Final:
         """The reply as edited messages; `shown`: messages of it posted already (a closed stream), which stay as they are."""
-        surface = ButtonedThread(SlackThread(self.client, place.channel, place.thread_ts), stop)
+        surface = ButtonedThread(SlackThread(self.client, place.channel, place.thread_ts), stop, reply.begun)
         placeholder = None if reply.taken_over else placeholder
         on_post = _after(shown, reply.on_post) if shown and reply.on_post is not None else reply.on_post
         live = LiveReply(surface, limit=self.message_limit, placeholder=placeholder, messages=reply.begun, on_post=on_post)
