@@ -12,7 +12,7 @@ Every row keeps `generate`'s rules, so a greedy row's tokens are those of the sa
 (in fp32; see /work/shared/notes/continuous-batching.md for the pitfalls): position ids count the
 row's own tokens, decoding reuses the image mask of the last prompt token, logits are processed in
 fp32 in `generate`'s order (repetition penalty, banned tokens, the row's own processors, then
-temperature and top-p for sampled rows). Everything stays on the model's device; `choose` makes the
+temperature, top-k and top-p for sampled rows). Everything stays on the model's device; `choose` makes the
 one host copy of a step (the chosen tokens).
 """
 
@@ -38,6 +38,7 @@ class Sampling:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    top_k: int = 50  # generate's default: a sampled row keeps its 50 likeliest tokens (0: all)
 
 
 @dataclass(frozen=True)
@@ -280,11 +281,16 @@ class Batch:
 
     @staticmethod
     def _sample(scores: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-        """Temperature, then top-p (as transformers' warpers do), then one draw per row from its own generator."""
+        """Temperature, then top-k, then top-p (transformers' warpers, in generate's order), then one
+        draw per row from its own generator."""
         device = scores.device
         temperature = torch.tensor([row.sampling.temperature for row in rows], device=device)[:, None]
         top_p = torch.tensor([row.sampling.top_p for row in rows], device=device)[:, None]
         scores = scores / temperature
+        vocabulary = scores.shape[-1]
+        top_k = torch.tensor([min(row.sampling.top_k or vocabulary, vocabulary) for row in rows], device=device)[:, None]
+        kth = scores.sort(dim=-1, descending=True).values.gather(1, top_k - 1)
+        scores = scores.masked_fill(scores < kth, -float("inf"))
         ordered, order = scores.sort(dim=-1)
         drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
         drop[:, -1] = False  # keep at least the likeliest token

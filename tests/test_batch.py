@@ -142,6 +142,27 @@ def test_sampled_and_greedy_rows_share_a_batch(loaded):
     assert other != replies[0]
 
 
+@pytest.mark.parametrize("name", ["one image", "two images"])
+def test_a_seeded_sampled_row_gets_the_tokens_of_generate_with_that_seed(loaded, name):
+    """generate samples after temperature, top_k (50 by default) and top_p; so does a row."""
+    model, processor, no_end = loaded
+    hot = Sampling(do_sample=True, temperature=1.5, top_p=0.95, seed=5)
+    items = LocalBackend._processor_items(PROMPTS[name])
+    inputs = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False)
+    torch.manual_seed(hot.seed)
+    output = model.generate(
+        **inputs,
+        max_new_tokens=LENGTHS[name],
+        do_sample=True,
+        temperature=hot.temperature,
+        top_p=hot.top_p,
+        bad_words_ids=[[token] for token in banned(processor)],
+        logits_processor=[no_end],
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
+    assert alone(loaded, name, hot) == output[0, inputs["input_ids"].shape[1] :].tolist()
+
+
 def test_splitting_and_merging_keep_the_cache_consistent(loaded):
     """Rows split into halves (as when a step fails) and merged back go on as if nothing happened."""
     model, processor, no_end = loaded
