@@ -151,6 +151,47 @@ def image_state_shape(config) -> tuple[int, int]:
     return (vision.image_size // vision.patch_size) ** 2 + 1, vision.embed_dim
 
 
+@dataclass(frozen=True)
+class PrefillForward:
+    """The inputs and output of one prefill: `ids` and `attention_mask` (rows, longest) left-padded,
+    the rows' image states and per-token image masks (see `row_images`), and the model's output."""
+
+    ids: torch.Tensor
+    attention_mask: torch.Tensor
+    images: torch.Tensor
+    token_images: torch.Tensor
+    output: Any
+
+
+def prefill_forward(model, rows: Sequence[Row], image_shape: tuple[int, int], pad_id: int, keep: int = 1) -> PrefillForward:
+    """One forward of the rows' tokens so far, left-padded, with a fresh cache; logits of the last
+    `keep` positions."""
+    device = model.device
+    longest = max(len(row.ids) for row in rows)
+    ids = torch.tensor([[pad_id] * (longest - len(row.ids)) + row.ids for row in rows], device=device)
+    lengths = torch.tensor([len(row.ids) for row in rows], device=device)
+    attention_mask = (torch.arange(longest, device=device) >= longest - lengths[:, None]).long()
+    # generate's rule: positions count the row's own tokens; padding sits at 0.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    images, token_images = row_images(model, rows, image_shape, longest)
+    output = _forward(model, ids, attention_mask, position_ids, DynamicCache(config=model.config), images, token_images, keep)
+    return PrefillForward(ids, attention_mask, images, token_images, output)
+
+
+def row_images(model, rows: Sequence[Row], image_shape: tuple[int, int], longest: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """IDEFICS (v1) image inputs of left-padded rows: each row's image states (rows, slots, states,
+    hidden), zeros past its own images, and which images each token sees (rows, longest, slots)."""
+    device = model.device
+    slots = max([1, *(row.images for row in rows)])
+    token_images = torch.zeros((len(rows), longest, slots), dtype=torch.bool, device=device)
+    images = torch.zeros((len(rows), slots, *image_shape), dtype=model.dtype, device=device)
+    for index, row in enumerate(rows):
+        if row.prompt.images is not None:
+            token_images[index, longest - len(row.ids) :, : row.images] = row.image_mask()
+            images[index, : row.images] = row.prompt.images
+    return images, token_images
+
+
 class Batch:
     """Rows decoding together. Build with `prefill`, advance with `decode` and `choose`, shrink with
     `select`, merge with `concatenate`. `logits` holds each row's next-token logits after a forward."""
@@ -188,33 +229,18 @@ class Batch:
     @classmethod
     def prefill(cls, model, rows: list[Row], image_shape: tuple[int, int], pad_id: int) -> Batch:
         """Run the rows' tokens so far (left-padded) through the model: a new batch with their logits."""
-        device = model.device
-        longest = max(len(row.ids) for row in rows)
-        slots = max([1, *(row.images for row in rows)])
-        ids = torch.tensor([[pad_id] * (longest - len(row.ids)) + row.ids for row in rows], device=device)
-        lengths = torch.tensor([len(row.ids) for row in rows], device=device)
-        columns = torch.arange(longest, device=device)
-        attention_mask = (columns >= longest - lengths[:, None]).long()
-        # generate's rule: positions count the row's own tokens; padding sits at 0.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        token_images = torch.zeros((len(rows), longest, slots), dtype=torch.bool, device=device)
-        images = torch.zeros((len(rows), slots, *image_shape), dtype=model.dtype, device=device)
-        for index, row in enumerate(rows):
-            if row.prompt.images is not None:
-                token_images[index, longest - len(row.ids) :, : row.images] = row.image_mask()
-                images[index, : row.images] = row.prompt.images
-        output = _forward(model, ids, attention_mask, position_ids, DynamicCache(config=model.config), images, token_images)
+        forward = prefill_forward(model, rows, image_shape, pad_id)
         for row in rows:
             row.cached = len(row.ids)
         return cls(
             rows=list(rows),
-            cache=output.cache,
-            attention_mask=attention_mask,
-            positions=lengths,
-            next_ids=ids[:, -1],
-            images=images,
-            image_mask=token_images[:, -1],
-            logits=output.logits[:, -1].float(),
+            cache=forward.output.cache,
+            attention_mask=forward.attention_mask,
+            positions=forward.attention_mask.sum(-1),
+            next_ids=forward.ids[:, -1],
+            images=forward.images,
+            image_mask=forward.token_images[:, -1],
+            logits=forward.output.logits[:, -1].float(),
         )
 
     def decode(self, model) -> None:
@@ -390,8 +416,9 @@ def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     return cache
 
 
-def _forward(model, ids, attention_mask, position_ids, cache, images, token_images):
-    """One forward of the language model over `ids`, the images given as precomputed states."""
+def _forward(model, ids, attention_mask, position_ids, cache, images, token_images, keep: int = 1):
+    """One forward of the language model over `ids`, the images given as precomputed states; logits
+    of the last `keep` positions."""
     states = images.flatten(0, 1)
     image_input = {"perceiver_embeddings" if model.config.use_resampler else "image_encoder_embeddings": states}
     with torch.inference_mode():
@@ -402,6 +429,6 @@ def _forward(model, ids, attention_mask, position_ids, cache, images, token_imag
             cache=cache,
             image_attention_mask=token_images,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep,
             **image_input,
         )

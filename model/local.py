@@ -211,10 +211,11 @@ class LocalBackend(ModelService):
         return len(self._counting_tokenizer(self._tokenizer.bos_token + marked_text(prompt), add_special_tokens=False).input_ids)
 
     async def score(self, request: ScoreRequest) -> list[float]:
-        # All continuations in one forward pass, between two steps of the running batch.
+        # A prefill-only request: the image encoded once, all continuations in one forward pass, between
+        # two steps of the running batch (the pause of one newcomer's prefill).
         def weigh(model, processor) -> list[float]:
             items = self._processor_items(request.prompt)
-            return score_continuations(model, processor, items, request.continuations, self.row_processors)
+            return score_continuations(model, processor, items, request.continuations, end_ids=self._end_ids, row_processors=self.row_processors)
 
         return await self._one_off(weigh, request, lambda: ModelTimeout.scoring(request))
 
