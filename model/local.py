@@ -68,9 +68,11 @@ RowProcessorFactory = Callable[[list[int]], LogitsProcessor]
 class BatchSettings:
     """How requests share the model: rows, cache budget, queue, recovery, the watchdog, threads."""
 
-    max_batch_size: int = 8
+    # A ceiling on rows, high enough that the token budget below, i.e. memory, is what limits the batch.
+    max_batch_size: int = 64
     # Rows x tokens of KV cache the running batch may need at most (every row padded to the longest
-    # prompt + reply); an out-of-memory error lowers it for a while. 8 rows x 2,048 tokens by default.
+    # prompt + reply); an out-of-memory error lowers it for a while. 8 rows x 2,048 tokens by default
+    # (or 40 rows of ~400); size it to the GPU memory left after the weights (README, "Sizing the batch").
     max_batch_tokens: int = 16384
     max_queue: int = 64
     # After an out-of-memory error the budget is halved; this many answered requests later it doubles back.
