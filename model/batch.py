@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache, LogitsProcessor
 from transformers.cache_utils import DynamicLayer
 
+from model.beams import BeamSearch
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -55,7 +57,8 @@ class Row:
     """One request in a batch: its tokens so far (prompt and reply), its images and how it samples.
 
     The last token of `ids` is the one the next forward feeds (not in the cache yet), except before
-    the row's first prefill. `owner` is whoever asked; the batch never looks at it.
+    the row's first prefill. `owner` is whoever asked; the batch never looks at it. A row of a beam
+    search (`beams`) gets its tokens from the search, with the other beams of its request.
     """
 
     owner: Any
@@ -66,6 +69,7 @@ class Row:
     ids: list[int] = field(default_factory=list)
     cached: int = 0  # this row's tokens in the cache (its rightmost columns)
     generator: torch.Generator | None = None
+    beams: BeamSearch | None = None
     _buffer: torch.Tensor | None = field(default=None, repr=False)  # `ids` as a tensor, filled on demand
     _filled: int = 0
 
@@ -279,31 +283,61 @@ class Batch:
         processors raised, by index; those rows get no token and should leave the batch."""
         assert self.logits is not None, "choose follows a forward"
         scores = self.logits
+        searches: dict[BeamSearch, list[int]] = {}
+        for index, row in enumerate(self.rows):
+            if row.beams is not None:
+                searches.setdefault(row.beams, []).append(index)
+        for search, indices in searches.items():
+            indices.sort(key=lambda index: search.rows.index(self.rows[index]))
+        beam_logits = {search: scores[indices].clone() for search, indices in searches.items()}  # before anything shapes them
         for index, row in enumerate(self.rows):
             penalty = row.sampling.repetition_penalty
-            if penalty != 1.0:
+            if penalty != 1.0 and row.beams is None:
                 seen = row.tokens(scores.device)
                 picked = scores[index].gather(0, seen)
                 scores[index].scatter_(0, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
         scores[:, list(banned)] = -float("inf")
         failed: dict[int, Exception] = {}
         for index, row in enumerate(self.rows):
-            for processor in row.processors:
+            for processor in row.processors if row.beams is None else ():
                 try:
                     scores[index : index + 1] = processor(row.tokens(scores.device)[None], scores[index : index + 1])
                 except Exception as exc:  # a row's own processor fails that row only
                     failed[index] = exc
         tokens = scores.argmax(-1)
-        sampled = [index for index, row in enumerate(self.rows) if row.sampling.do_sample]
+        sampled = [index for index, row in enumerate(self.rows) if row.sampling.do_sample and row.beams is None]
         if sampled:
             tokens[sampled] = self._sample(scores[sampled], [self.rows[index] for index in sampled])
+        for search, indices in searches.items():
+            try:
+                self._search(search, indices, beam_logits[search], tokens)
+            except Exception as exc:  # a search that fails (a beam lost, a processor raising) fails its request
+                failed.update((index, exc) for index in indices)
         self.next_ids = tokens
         self.logits = None
         chosen = tokens.tolist()
         for index, (row, token) in enumerate(zip(self.rows, chosen)):
-            if index not in failed:
+            if index not in failed and row.beams is None:
                 row.ids.append(token)
         return chosen, failed
+
+    def _search(self, search: BeamSearch, indices: list[int], logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        """A step of `search`, whose beams are the rows at `indices` (in beam order): each beam row takes
+        its parent's cache and tokens, and its new token."""
+        if len(indices) != search.num_beams:
+            raise RuntimeError("a beam of this search left the batch")
+        parents, chosen = search.step(logits)
+        tokens[indices] = torch.tensor(chosen, device=tokens.device)
+        if parents != list(range(len(indices))):
+            target = torch.tensor(indices, device=self.attention_mask.device)
+            source = target[torch.tensor(parents, device=target.device)]
+            for keys, values in _tensors(self.cache):
+                keys[target.to(keys.device)] = keys[source.to(keys.device)]
+                values[target.to(values.device)] = values[source.to(values.device)]
+        for beam, index in enumerate(indices):
+            row = self.rows[index]
+            row.ids = search.beam_ids(beam)
+            row._filled = min(row._filled, len(row.prompt.ids))
 
     @staticmethod
     def _sample(scores: torch.Tensor, rows: list[Row]) -> torch.Tensor:
