@@ -7,8 +7,9 @@ step, rows that ended (an end token, a stop string, their own max_new_tokens, th
 out of time) leave at once. Nobody waits for somebody else's long answer: greedy, sampled and
 beam-search requests (one row per beam, `model.beams`) share the batch, and label scoring is a
 prefill-only request run between two steps (`model.scoring`). A newcomer whose prefill runs out of
-memory while others decode waits in front of the queue, under a lowered budget, for room. The event loop never runs the model: tokens go back through
-`loop.call_soon_threadsafe`, and a watchdog on the loop replaces a worker that stops making progress.
+memory while others decode waits in front of the queue, under a lowered budget, for room. The event
+loop never runs the model: tokens go back through `loop.call_soon_threadsafe`, and a watchdog on the
+loop replaces a worker that stops making progress.
 """
 
 from __future__ import annotations
@@ -276,9 +277,6 @@ class LocalBackend(ModelService):
             log.exception("request.failed", extra={"request": request.label})
             detail = "it ran out of memory" if _is_out_of_memory(exc) else "it hit an internal error"
             raise GenerationFailed(f"Sorry, the model could not answer this one ({detail}). Please try again.") from None
-
-    def _progressed(self) -> None:
-        self._last_progress = time.monotonic()
 
     # -- the queue (event loop side) ---------------------------------------------------------
 
