@@ -275,6 +275,21 @@ class Batch:
             row.cached += 1
         self.logits = output.logits[:, -1].float()
 
+    def extend(self, model, suffixes: Sequence[list[int]], pad_id: int) -> torch.Tensor:
+        """Feed row i the tokens `suffixes[i]` after what it holds (right-padded: a row's padding comes
+        after its own tokens, so nothing of its own sees it) and return the logits of every fed
+        position, (rows, longest suffix, vocabulary). For scoring: the batch is spent afterwards."""
+        device = self.attention_mask.device
+        width = max(len(suffix) for suffix in suffixes)
+        ids = torch.tensor([suffix + [pad_id] * (width - len(suffix)) for suffix in suffixes], device=device)
+        lengths = torch.tensor([len(suffix) for suffix in suffixes], device=device)
+        own = (torch.arange(width, device=device) < lengths[:, None]).long()
+        attention_mask = torch.cat([self.attention_mask, own], dim=1)
+        position_ids = self.positions[:, None] + torch.arange(width, device=device)
+        token_images = self.image_mask[:, None].expand(-1, width, -1)
+        output = _forward(model, ids, attention_mask, position_ids, self.cache, self.images, token_images, keep=width)
+        return output.logits.float()
+
     @torch.inference_mode()
     def choose(self, banned: Sequence[int]) -> tuple[list[int], dict[int, Exception]]:
         """Pick every row's next token from `logits` by its own settings; it becomes the token to feed.

@@ -1,9 +1,10 @@
 """Weighing continuations of one prompt by the model's likelihood, as one prefill-only request.
 
-The prompt's images go through the vision encoder and perceiver once (`encode_prompt`), then every
+The prompt's images go through the vision encoder and perceiver once (`encode_prompt`), and every
 continuation becomes a row (the prompt with the continuation appended to its last text item, as if
-the model had written it there) and all rows go through the model in one forward, like newcomers'
-prefill in the running batch. A continuation's score is the sum of the log probabilities of its
+the model had written it there). The tokens all rows share are prefilled once; the rows' own tokens
+then go through the model together in one more forward, on copies of that cache: the cost of one
+newcomer's prefill in the running batch, not one per label. A continuation's score is the sum of the log probabilities of its
 tokens (from where its tokens stop matching the prompt's own) and of its ending there: the
 probability of an end token right after it. Without that end, a label whose tokens begin another's
 ("dog" and "dog house") would always win.
@@ -17,7 +18,7 @@ from collections.abc import Callable, Collection, Sequence
 
 import torch
 
-from model.batch import Prompt, Row, encode_prompt, image_state_shape, prefill_forward, process_prompt
+from model.batch import Batch, Prompt, Row, encode_prompt, image_state_shape, process_prompt
 from model.markers import marked_text
 from model.service import continued
 
@@ -53,28 +54,30 @@ def score_continuations(
     model, processor, items: list, continuations: Sequence[str], *, end_ids: Collection[int], row_processors: Sequence[Callable] = ()
 ) -> list[float]:
     """The log-likelihood of each continuation, then an end token, after `items` (processor items:
-    text and PIL images, the last one text)."""
+    text and PIL images, the last one text). The part all rows share is prefilled once; each row's
+    own tokens then run on copies of its cache."""
     prompt, rows, starts = continuation_rows(model, processor, items, continuations)
     logits_processors = [make(list(prompt.ids)) for make in row_processors]
-    lengths = [len(row.ids) - start for row, start in zip(rows, starts)]
-    keep = max(lengths)
-    forward = prefill_forward(model, rows, image_state_shape(model.config), processor.tokenizer.pad_token_id, keep=keep + 1)
-    ids = forward.ids
-    width = ids.shape[1]
-    logits = forward.output.logits.float()  # position p predicts token p + 1; the last one, what follows
-    ends = list(end_ids)
-    scores = torch.zeros(ids.shape[0], device=ids.device)
+    shared = min(starts)
+    common = Row(owner="prompt", prompt=Prompt(prompt.ids[:shared], prompt.image_mask[:shared], prompt.images), max_new_tokens=0)
+    pad_id = processor.tokenizer.pad_token_id
     with torch.inference_mode():  # logits processors may change the scores in place, as in generate
-        for offset in range(keep + 1):
-            position = width - keep + offset  # the token scored at this step, in every row (width: the end)
-            step = logits[:, offset]
+        prefilled = Batch.prefill(model, [common], image_state_shape(model.config), pad_id)
+        assert prefilled.logits is not None
+        suffixes = [row.ids[shared:] for row in rows]
+        extended = prefilled.select([0] * len(rows)).extend(model, suffixes, pad_id)  # column j predicts suffix token j + 1
+        first = prefilled.logits.repeat(len(rows), 1)  # predicts suffix token 0 (a copy per row: processors work in place)
+        width = max(len(suffix) for suffix in suffixes)
+        ids = torch.tensor([row.ids + [pad_id] * (width - len(suffix)) for row, suffix in zip(rows, suffixes)], device=extended.device)
+        scores = torch.zeros(len(rows), device=extended.device)
+        for column in range(width + 1):  # suffix token `column`, or past a row's last one, its end
+            step = first if column == 0 else extended[:, column - 1]
             for logits_processor in logits_processors:
-                step = logits_processor(ids[:, :position], step)
+                step = logits_processor(ids[:, : shared + column], step)
             log_probs = torch.log_softmax(step, dim=-1)
-            if position == width:
-                scores += log_probs[:, ends].logsumexp(-1)
-                continue
-            picked = log_probs.gather(1, ids[:, position : position + 1]).squeeze(1)
-            counts = torch.tensor([offset >= keep - length for length in lengths], device=ids.device)
-            scores += torch.where(counts, picked, torch.zeros_like(picked))
+            for index, (suffix, start) in enumerate(zip(suffixes, starts)):
+                if column == len(suffix):
+                    scores[index] += log_probs[index, list(end_ids)].logsumexp(-1)
+                elif start - shared <= column < len(suffix):
+                    scores[index] += log_probs[index, suffix[column]]
     return torch.nan_to_num(scores, nan=-torch.inf).tolist()  # a processor may rule out every token
