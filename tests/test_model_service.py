@@ -489,7 +489,7 @@ async def test_a_prefill_out_of_memory_waits_for_room_while_the_others_decode(ti
         with caplog.at_level("WARNING", logger="model.local"):
             others = asyncio.gather(collect(service, newcomer), collect(service, behind))
             events += [event async for event in stream]
-            (newcomer_events, newcomer_finished), (behind_events, behind_finished) = await others
+            (_, newcomer_finished), (behind_events, behind_finished) = await others
     finally:
         await service.close()
     assert faulty_models[0].failures == ["oom prefill"]
