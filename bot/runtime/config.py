@@ -51,7 +51,7 @@ class ModelConfig(Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     quantization: Literal["none", "8bit", "4bit"] = "none"
     device_map: str | None = None
-    max_batch_size: int = Field(8, ge=1, le=128)
+    max_batch_size: int = Field(64, ge=1, le=256)  # a ceiling: max_batch_tokens (memory) is the real limit
     max_batch_tokens: int = Field(16384, ge=64)  # KV cache rows x tokens of the running batch, at most
     threads: int | None = Field(None, ge=1, le=1024)  # torch.set_num_threads; unset: torch's own choice
     max_queue: int = Field(64, ge=1)
