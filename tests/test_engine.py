@@ -179,3 +179,15 @@ async def test_shutdown_finishes_in_flight_and_refuses_new(runtime):
     assert final.text
     _, late = await run(runtime.engine.reply(IncomingMessage(KEY, ANN, "too late")))
     assert late.notes == ("I'm shutting down for a moment; please send that again in a minute.",)
+
+
+async def test_regenerating_replaces_the_answer_and_keeps_the_question_once(runtime):
+    engine = runtime.engine
+    question = IncomingMessage(KEY, ANN, "What is in this image?", (attachment("red.png", image_bytes((255, 0, 0))),), "m1")
+    _, first = await run(engine.reply(question))
+    assert first.turn_id is not None
+    _, again = await run(engine.regenerate(KEY, first.turn_id, ANN, shared=False))
+    assert again.text and again.turn_id not in (None, first.turn_id)
+    turns = await runtime.store.load_turns(KEY)
+    assert [(turn.role, turn.id) for turn in turns] == [("user", turns[0].id), ("assistant", again.turn_id)]
+    assert turns[0].text == "What is in this image?"

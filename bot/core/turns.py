@@ -226,7 +226,9 @@ class Conversations:
         (failed, too long, cancelled) is taken back: no question stays in the store without its answer.
         With `replacing` (its stored answer), the new answer takes that one's place once it is stored,
         and if none comes the question keeps its old answer."""
-        stored = user_turn if user_turn.id is not None and replacing is None else None
+        stored = user_turn if user_turn.id is not None else None
+        # A regenerated question keeps its old answer if no new one comes, so it is never taken back.
+        take_back = replacing is None
         answer: str | None = None
         model, budget = self.generation.model, self.generation.params.max_new_tokens
         try:
@@ -257,7 +259,7 @@ class Conversations:
                     break
                 yield event
         finally:
-            if not answer and stored is not None and stored.id is not None:
+            if not answer and take_back and stored is not None and stored.id is not None:
                 # Cancelled (message deleted, shutdown) or failed: the turn was never answered.
                 await asyncio.shield(self._take_back(key, stored.id))
         if not answer:
