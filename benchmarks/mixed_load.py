@@ -55,7 +55,7 @@ async def generate_alone(service: LocalBackend, request: GenerationRequest, no_e
 
     def run(model, processor) -> float:
         started = time.perf_counter()
-        items = LocalBackend._processor_items(service.render(request.prompt))
+        items = processor_items(service.render(request.prompt))
         inputs = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False)
         banned = processor.tokenizer.convert_tokens_to_ids(["<image>", "<fake_token_around_image>"])
         model.generate(

@@ -1,8 +1,10 @@
 """The running batch of the local backend: rows that decode together, one token per step.
 
 A `Batch` holds what the next forward of each row needs: the row's keys and values in a left-padded
-KV cache, the attention mask, the token to feed and its position, and the row's images (perceiver
-states, computed once per request by `encode_prompt`) with the image mask of its last prompt token.
+KV cache, the attention mask, the token to feed and its position, and what the row's images give
+its decoding steps (`RowImages`, which the model's family makes: for IDEFICS v1 the perceiver states,
+computed once per request by `encode_prompt`, with the image mask of its last prompt token; nothing
+for Idefics3, whose images live in the prompt's embeddings and so in the cache).
 Rows join by being prefilled as a batch of their own and `concatenate`d into the running one; they
 leave through `select`, which also trims padding nobody needs any more, so a finished row stops
 costing compute at once. This is the design of TGI's `IdeficsCausalLMBatch` (filter / concatenate),
@@ -21,7 +23,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +47,10 @@ class Prompt:
     """A prompt ready for the model: token ids, which images each token sees, the images' states."""
 
     ids: list[int]
-    image_mask: torch.Tensor  # (len(ids), images) bool
-    images: torch.Tensor | None  # (images, states, hidden): perceiver (or vision encoder) output
+    image_mask: torch.Tensor  # (len(ids), images) bool; IDEFICS v1 only (Idefics3: no columns)
+    # IDEFICS v1: (images, states, hidden), perceiver (or vision encoder) output. Idefics3: (image
+    # tokens, hidden), the connector's output for the prompt's <image> tokens in order.
+    images: torch.Tensor | None
 
 
 @dataclass(eq=False)
@@ -150,6 +154,30 @@ def image_state_shape(config) -> tuple[int, int]:
     return (vision.image_size // vision.patch_size) ** 2 + 1, vision.embed_dim
 
 
+class RowImages(Protocol):
+    """What a batch's rows need of their images at every decoding step, in the model family's own
+    form (model/family.py makes it at the prefill): rows leave and join through `select` and `concatenate`."""
+
+    def decode_inputs(self, model) -> dict[str, Any]:
+        """The forward's image arguments for one decoding step of every row."""
+        ...
+
+    def select(self, index: torch.Tensor, rows: Sequence[Row]) -> RowImages:
+        """The images of the rows at `index` (which are now `rows`)."""
+        ...
+
+    def concatenate(self, others: Sequence[RowImages]) -> RowImages:
+        """This batch's rows' images followed by those of `others`, in order."""
+        ...
+
+
+class PrefillInputs(Protocol):
+    """A model family's side of a prefill: the forward's token and image arguments for left-padded
+    rows, and what the rows keep of their images for decoding."""
+
+    def prefill_inputs(self, model, rows: Sequence[Row], ids: torch.Tensor) -> tuple[dict[str, Any], RowImages]: ...
+
+
 class Batch:
     """Rows decoding together. Build with `prefill`, advance with `decode` and `choose`, shrink with
     `select`, merge with `concatenate`. `logits` holds each row's next-token logits after a forward."""
@@ -161,8 +189,7 @@ class Batch:
         attention_mask: torch.Tensor,  # (rows, cache length) long
         positions: torch.Tensor,  # (rows,) position id of the token to feed
         next_ids: torch.Tensor,  # (rows,) token to feed
-        images: torch.Tensor,  # (rows, images, states, hidden), zeros past a row's own images
-        image_mask: torch.Tensor,  # (rows, images) bool: what a decoded token of the row sees
+        images: RowImages,  # what each row's decoding steps need of its images
         logits: torch.Tensor | None,
     ):
         self.rows = rows
@@ -171,7 +198,6 @@ class Batch:
         self.positions = positions
         self.next_ids = next_ids
         self.images = images
-        self.image_mask = image_mask
         self.logits = logits
 
     def __len__(self) -> int:
@@ -185,24 +211,19 @@ class Batch:
     # -- forwards ------------------------------------------------------------------------------
 
     @classmethod
-    def prefill(cls, model, rows: list[Row], image_shape: tuple[int, int], pad_id: int) -> Batch:
-        """Run the rows' tokens so far (left-padded) through the model: a new batch with their logits."""
+    def prefill(cls, model, rows: list[Row], family: PrefillInputs, pad_id: int) -> Batch:
+        """Run the rows' tokens so far (left-padded) through the model: a new batch with their logits.
+        `family` (model/family.py) gives the forward the rows' images in the model's own form."""
         device = model.device
         longest = max(len(row.ids) for row in rows)
-        slots = max([1, *(row.images for row in rows)])
         ids = torch.tensor([[pad_id] * (longest - len(row.ids)) + row.ids for row in rows], device=device)
         lengths = torch.tensor([len(row.ids) for row in rows], device=device)
         columns = torch.arange(longest, device=device)
         attention_mask = (columns >= longest - lengths[:, None]).long()
         # generate's rule: positions count the row's own tokens; padding sits at 0.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        token_images = torch.zeros((len(rows), longest, slots), dtype=torch.bool, device=device)
-        images = torch.zeros((len(rows), slots, *image_shape), dtype=model.dtype, device=device)
-        for index, row in enumerate(rows):
-            if row.prompt.images is not None:
-                token_images[index, longest - len(row.ids) :, : row.images] = row.image_mask()
-                images[index, : row.images] = row.prompt.images
-        output = _forward(model, ids, attention_mask, position_ids, DynamicCache(config=model.config), images, token_images)
+        inputs, images = family.prefill_inputs(model, rows, ids)
+        output = _forward(model, attention_mask, position_ids, DynamicCache(config=model.config), **inputs)
         for row in rows:
             row.cached = len(row.ids)
         return cls(
@@ -212,7 +233,6 @@ class Batch:
             positions=lengths,
             next_ids=ids[:, -1],
             images=images,
-            image_mask=token_images[:, -1],
             logits=output.logits[:, -1].float(),
         )
 
@@ -225,13 +245,7 @@ class Batch:
         attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
         try:
             output = _forward(
-                model,
-                self.next_ids[:, None],
-                attention_mask,
-                self.positions[:, None],
-                self.cache,
-                self.images,
-                self.image_mask[:, None],
+                model, attention_mask, self.positions[:, None], self.cache, input_ids=self.next_ids[:, None], **self.images.decode_inputs(model)
             )
         except BaseException:
             for layer, (keys, values) in zip(self.cache.layers, _tensors(self.cache)):
@@ -308,7 +322,6 @@ class Batch:
         index = torch.tensor(list(keep), device=device)
         rows = [self.rows[position] for position in keep]
         cut = self.length - max(row.cached for row in rows)
-        slots = max([1, *(row.images for row in rows)])
         cache = _cache_of([(keys[index.to(keys.device), :, cut:], values[index.to(values.device), :, cut:]) for keys, values in _tensors(self.cache)])
         return Batch(
             rows=rows,
@@ -316,8 +329,7 @@ class Batch:
             attention_mask=self.attention_mask[index, cut:],
             positions=self.positions[index],
             next_ids=self.next_ids[index],
-            images=self.images[index, :slots],
-            image_mask=self.image_mask[index, :slots],
+            images=self.images.select(index, rows),
             logits=None if self.logits is None else self.logits[index],
         )
 
@@ -329,19 +341,14 @@ class Batch:
     @staticmethod
     @torch.inference_mode()
     def concatenate(batches: Sequence[Batch]) -> Batch:
-        """One batch of all the rows, in order: shorter caches padded on the left, image slots on the right."""
+        """One batch of all the rows, in order: shorter caches padded on the left."""
         if len(batches) == 1:
             return batches[0]
         length = max(batch.length for batch in batches)
-        slots = max(batch.images.shape[1] for batch in batches)
 
         def left(tensor: torch.Tensor, batch: Batch, dim: int) -> torch.Tensor:
             # F.pad counts dimensions from the last one, two numbers each.
             padding = [0, 0] * (tensor.dim() - 1 - dim) + [length - batch.length, 0]
-            return F.pad(tensor, padding)
-
-        def slotted(tensor: torch.Tensor) -> torch.Tensor:
-            padding = [0, 0] * (tensor.dim() - 2) + [0, slots - tensor.shape[1]]
             return F.pad(tensor, padding)
 
         per_batch = [_tensors(batch.cache) for batch in batches]
@@ -359,8 +366,7 @@ class Batch:
             attention_mask=torch.cat([left(batch.attention_mask, batch, 1) for batch in batches]),
             positions=torch.cat([batch.positions for batch in batches]),
             next_ids=torch.cat([batch.next_ids for batch in batches]),
-            images=torch.cat([slotted(batch.images) for batch in batches]),
-            image_mask=torch.cat([slotted(batch.image_mask) for batch in batches]),
+            images=batches[0].images.concatenate([batch.images for batch in batches[1:]]),
             logits=None if any(part is None for part in logits) else torch.cat(logits),  # type: ignore[arg-type]
         )
 
@@ -384,18 +390,8 @@ def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     return cache
 
 
-def _forward(model, ids, attention_mask, position_ids, cache, images, token_images):
-    """One forward of the language model over `ids`, the images given as precomputed states."""
-    states = images.flatten(0, 1)
-    image_input = {"perceiver_embeddings" if model.config.use_resampler else "image_encoder_embeddings": states}
+def _forward(model, attention_mask, position_ids, cache, **inputs):
+    """One forward of the language model; `inputs` are the tokens (ids or embeddings) and the images
+    in the family's form (precomputed states: the vision encoder never runs here)."""
     with torch.inference_mode():
-        return model(
-            input_ids=ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            image_attention_mask=token_images,
-            use_cache=True,
-            logits_to_keep=1,
-            **image_input,
-        )
+        return model(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1, **inputs)

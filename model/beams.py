@@ -31,7 +31,7 @@ class _Progress(StoppingCriteria):
 def search_beams(
     model,
     processor,
-    items: list,
+    inputs,
     request: GenerationRequest,
     *,
     end_ids: Collection[int],
@@ -40,11 +40,12 @@ def search_beams(
     decode: Callable[[list[int]], str],
     on_step: Callable[[], None] = lambda: None,
 ) -> Finished:
-    """The whole reply to `request` (processor `items`: text and PIL images) by beam search with
+    """The whole reply to `request` (`inputs`: its prompt through the processor) by beam search with
     `request.params.num_beams` beams. `row_processors` are the backend's logits processor factories."""
     params = request.params
-    inputs = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False).to(model.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = inputs.to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     prompt_ids = inputs["input_ids"][0].tolist()
     output = model.generate(
         **inputs,

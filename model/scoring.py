@@ -1,7 +1,8 @@
 """Weighing continuations of one prompt by the model's likelihood, in one batched forward pass.
 
-Each continuation is appended to the prompt's last text item (as if the model had written it there)
-and all of them go through the model together. A continuation's score is the sum of the log
+Each continuation is written after the start of the prompt's reply (`Chat.continued`, as if the
+model had written it there) and all of them go through the model together, as the model's family
+makes their input. A continuation's score is the sum of the log
 probabilities of its tokens: the tokens from where its input stops matching the prompt's own.
 The logits processors that shape generation shape these scores too, position by position: each
 factory of the backend's `row_processors` makes one for the prompt, applied to all its rows.
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from model.service import continued
+from model.service import Chat
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -25,14 +26,13 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return length
 
 
-def score_continuations(model, processor, prompt: Sequence, continuations: Sequence[str], row_processors: Sequence[Callable] = ()) -> list[float]:
-    """The log-likelihood of each continuation after `prompt` (processor items: text and PIL images)."""
-    prompt_ids = processor(text=[list(prompt)], add_end_of_utterance_token=False)["input_ids"][0]
+def score_continuations(model, family, prompt: Chat, continuations: Sequence[str], row_processors: Sequence[Callable] = ()) -> list[float]:
+    """The log-likelihood of each continuation after `prompt`; `family` (model/family.py) makes the model's input."""
+    prompt_ids = family.model_inputs([prompt])["input_ids"][0].tolist()
     logits_processors = [make(list(prompt_ids)) for make in row_processors]
-    inputs = processor(
-        text=[continued(prompt, text) for text in continuations], padding=True, return_tensors="pt", add_end_of_utterance_token=False
-    ).to(model.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = family.model_inputs([prompt.continued(text) for text in continuations]).to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     # Left padding: every row ends with its continuation, so the last positions cover them all.
     starts = [_common_prefix(prompt_ids, row[row_mask.bool()].tolist()) for row, row_mask in zip(ids, mask)]

@@ -10,9 +10,10 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
-from model.batch import Batch, Row, Sampling, encode_prompt, image_state_shape, process_prompt
+from model.batch import Batch, Row, Sampling, encode_prompt, process_prompt
+from model.family import family_for
+from model.idefics_v1 import processor_items
 from model.loading import CheckpointSettings, load_checkpoint
-from model.local import LocalBackend
 from tests.test_model_service import BLUE, RED
 from tests.test_model_service import V1_ITEMS as PROMPTS
 
@@ -44,7 +45,7 @@ def loaded(tiny_checkpoint):
 
 
 def encoded(model, processor, name: str):
-    return encode_prompt(model, process_prompt(processor, LocalBackend._processor_items(PROMPTS[name])))
+    return encode_prompt(model, process_prompt(processor, processor_items(PROMPTS[name])))
 
 
 def banned(processor) -> list[int]:
@@ -54,7 +55,7 @@ def banned(processor) -> list[int]:
 def alone(loaded, name: str, sampling: Sampling | None = None) -> list[int]:
     """The reply tokens of `generate` on this prompt alone (greedy), or of a batch of just this row (sampled)."""
     model, processor, no_end = loaded
-    items = LocalBackend._processor_items(PROMPTS[name])
+    items = processor_items(PROMPTS[name])
     if sampling is not None:
         return run(loaded, [(0, name, sampling)], max_rows=1)[0]
     inputs = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False)
@@ -94,7 +95,7 @@ def run(loaded, arrivals: list[tuple], max_rows: int, leave: dict[int, int] | No
             replies[number] = row
             joining.append(row)
         if joining:
-            joined = advance(Batch.prefill(model, joining, image_state_shape(model.config), processor.tokenizer.pad_token_id))
+            joined = advance(Batch.prefill(model, joining, family_for(processor, model.config), processor.tokenizer.pad_token_id))
             parts = [part for part in (batch, joined) if part is not None]
             batch = Batch.concatenate(parts) if parts else None
         if batch is not None:
@@ -147,7 +148,7 @@ def test_splitting_and_merging_keep_the_cache_consistent(loaded):
     """Rows split into halves (as when a step fails) and merged back go on as if nothing happened."""
     model, processor, no_end = loaded
     rows = [Row(name, encoded(model, processor, name), LENGTHS[name], Sampling(), [no_end]) for name in NAMES]
-    batch = Batch.prefill(model, rows, image_state_shape(model.config), processor.tokenizer.pad_token_id)
+    batch = Batch.prefill(model, rows, family_for(processor, model.config), processor.tokenizer.pad_token_id)
     batch.choose(banned(processor))
     for _ in range(2):
         first, second = batch.split()
@@ -163,7 +164,7 @@ def test_splitting_and_merging_keep_the_cache_consistent(loaded):
 def test_a_failed_step_leaves_the_batch_as_it_was(loaded):
     model, processor, no_end = loaded
     rows = [Row(name, encoded(model, processor, name), 4, Sampling(), [no_end]) for name in NAMES[:3]]
-    batch = Batch.prefill(model, rows, image_state_shape(model.config), processor.tokenizer.pad_token_id)
+    batch = Batch.prefill(model, rows, family_for(processor, model.config), processor.tokenizer.pad_token_id)
     batch.choose(banned(processor))
     length = batch.length
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
+from model.idefics_v1 import processor_items
 from model.loading import CheckpointSettings
 from model.local import BatchSettings, LocalBackend
 from model.pictures import decode
@@ -242,7 +243,7 @@ async def test_text_that_looks_like_a_url_is_never_fetched(backend):
     prompt = ["User:", RED, f"{link}<end_of_utterance>", "\nAssistant:"]
     _, finished = await collect(backend, request(prompt, 8))
     assert finished.tokens > 0
-    items = LocalBackend._processor_items(prompt)
+    items = processor_items(prompt)
     assert all(isinstance(item, str) and len(item) == 1 for item in items[2:-1])
     assert "".join(items[2:-1]) == f"{link}<end_of_utterance>"
 

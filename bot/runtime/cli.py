@@ -383,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune_command.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
     tiny = commands.add_parser("tiny-checkpoint", help="Write a tiny random IDEFICS checkpoint (for trying the bot offline and for tests).")
     tiny.add_argument("directory", type=Path)
+    tiny.add_argument("--family", choices=("idefics", "idefics3"), default="idefics", help="IDEFICS v1 (default) or Idefics3 (SmolVLM's layout)")
     return parser
 
 
@@ -402,8 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tiny-checkpoint":
             from model.tiny import write_tiny_checkpoint
 
-            path = write_tiny_checkpoint(args.directory)
-            print(f"Wrote a tiny random IDEFICS checkpoint to {path}. Try: idefics-bot chat --model {path}")
+            path = write_tiny_checkpoint(args.directory, family=args.family)
+            kind = "Idefics3" if args.family == "idefics3" else "IDEFICS"
+            print(f"Wrote a tiny random {kind} checkpoint to {path}. Try: idefics-bot chat --model {path}")
             return 0
         config = _config(args)
         if args.command == "render":
