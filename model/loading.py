@@ -176,6 +176,29 @@ def _check_tokenizer(checkpoint: str, tokenizer, needed: tuple[str, ...]) -> Non
         )
 
 
+def prompt_family(checkpoint: str):
+    """The `Family` that renders prompts for `checkpoint`, made from its config and processor without
+    its weights and without the network (for `idefics-bot render`); None when the checkpoint is not
+    at hand here or is IDEFICS v1, whose instruct format needs no files. `ModelLoadError` for a
+    checkpoint the bot can't serve."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = Path(checkpoint).expanduser()
+    config_file = path / "config.json" if path.is_dir() else try_to_load_from_cache(checkpoint, "config.json")
+    if not isinstance(config_file, (str, Path)) or not Path(config_file).is_file():
+        return None
+    from transformers import AutoConfig, AutoProcessor
+
+    from model.family import family_for
+
+    config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+    if config.model_type not in SUPPORTED:
+        raise ModelLoadError(f"{checkpoint} is a '{config.model_type}' model, which the bot can't serve: {supported_text()}")
+    if config.model_type == "idefics":
+        return None
+    return family_for(AutoProcessor.from_pretrained(checkpoint, backend="pil", local_files_only=True), config)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0].rstrip(".")

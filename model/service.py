@@ -244,6 +244,12 @@ class ModelInfo:
     # removes them from what people type and from stored replies.
     special_tokens: tuple[str, ...] = ()
 
+    @property
+    def image_cost_varies(self) -> bool:
+        """Whether an image's token cost depends on its size (Idefics3's tiles): then count tokens
+        with the images themselves, not references standing for them."""
+        return self.image_longest_edge is not None
+
 
 class ModelService(abc.ABC):
     """An async model service, ready when made: `await LocalBackend.open(...)` (IDEFICS in this process)

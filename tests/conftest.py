@@ -29,6 +29,34 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-idefics"))
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory, tiny_checkpoint):
+    """A tiny checkpoint of each family, written when first asked for: "idefics" (v1), "idefics3"
+    (SmolVLM's layout, images cut into tiles) and "idefics3-whole" (no image splitting)."""
+    written = {"idefics": tiny_checkpoint}
+
+    def checkpoint(name: str) -> Path:
+        if name not in written:
+            family, _, whole = name.partition("-")
+            written[name] = write_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{name}"), family=family, image_splitting=not whole)
+        return written[name]
+
+    return checkpoint
+
+
+@pytest.fixture(params=["idefics", "idefics3"])
+def family_checkpoint(request, tiny_checkpoints) -> Path:
+    """The tiny checkpoint of each family in turn: for the bot's paths that must work on both."""
+    return tiny_checkpoints(request.param)
+
+
+@pytest.fixture
+async def family_backend(family_checkpoint):
+    service = await LocalBackend.open(CheckpointSettings(str(family_checkpoint)), BatchSettings(max_batch_size=8))
+    yield service
+    await service.close()
+
+
 @pytest.fixture
 async def backend(tiny_checkpoint):
     service = await LocalBackend.open(CheckpointSettings(str(tiny_checkpoint)), BatchSettings(max_batch_size=8))
@@ -55,6 +83,16 @@ def write_config(path: Path, text: str) -> Config:
 @pytest.fixture
 def config(tmp_path, tiny_checkpoint) -> Config:
     """Defaults, on the tiny checkpoint, with state in a temporary directory."""
+    return tiny_config(tmp_path, tiny_checkpoint)
+
+
+@pytest.fixture
+def family_config(tmp_path, family_checkpoint) -> Config:
+    """As `config`, on the tiny checkpoint of each family in turn."""
+    return tiny_config(tmp_path, family_checkpoint)
+
+
+def tiny_config(tmp_path: Path, tiny_checkpoint: Path) -> Config:
     return write_config(
         tmp_path / "config.toml",
         f"""

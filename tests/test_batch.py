@@ -1,5 +1,6 @@
-"""The running batch on the tiny checkpoint (fp32): rows that join at any step, leave at any step and
-wait while the batch is full get exactly the tokens of the same prompt run alone with `generate`."""
+"""The running batch on the tiny checkpoint of each family (fp32): rows that join at any step, leave at
+any step and wait while the batch is full get exactly the tokens of the same prompt run alone with
+`generate` (Idefics3 with its images cut into tiles and whole)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,18 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
-from model.batch import Batch, Row, Sampling, encode_prompt, process_prompt
+from model.batch import Batch, Row, Sampling
 from model.family import family_for
-from model.idefics_v1 import processor_items
 from model.loading import CheckpointSettings, load_checkpoint
-from tests.test_model_service import BLUE, RED
-from tests.test_model_service import V1_ITEMS as PROMPTS
+from model.service import Chat, Message
+from tests.test_model_service import BLUE, PROMPTS, RED
 
 PROMPTS = {
     **PROMPTS,
-    "long text": ["User: " + "Describe a small dog running on the grass by the sea. " * 6 + "<end_of_utterance>", "\nAssistant:"],
-    "two images, long": ["User: look", BLUE, "and then at this one, which is a photo of a street", RED, "what changed?<end_of_utterance>", "\nAssistant:"],
+    "long text": Chat((Message("user", ("Describe a small dog running on the grass by the sea. " * 6,)),)),
+    "two images, long": Chat(
+        (Message("system", ("Be brief.",)), Message("user", ("look", BLUE, "and then at this one, which is a photo of a street", RED, "what changed?")))
+    ),
 }
 LENGTHS = {"no image": 7, "one image": 30, "two images": 12, "long text": 22, "two images, long": 3}
 
@@ -36,36 +38,31 @@ class NoEnd(LogitsProcessor):
         return scores
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoint):
-    model, processor = load_checkpoint(CheckpointSettings(str(tiny_checkpoint), dtype="float32"))
-    tokenizer = processor.tokenizer
-    ends = [tokenizer.convert_tokens_to_ids("<end_of_utterance>"), tokenizer.eos_token_id]
-    return model, processor, NoEnd(ends)
+@pytest.fixture(scope="module", params=["idefics", "idefics3", "idefics3-whole"])
+def loaded(request, tiny_checkpoints):
+    """The model (fp32), its family, and a processor that lets no reply end early."""
+    model, processor = load_checkpoint(CheckpointSettings(str(tiny_checkpoints(request.param)), dtype="float32"))
+    family = family_for(processor, model.config)
+    return model, family, NoEnd(sorted(family.end_ids))
 
 
-def encoded(model, processor, name: str):
-    return encode_prompt(model, process_prompt(processor, processor_items(PROMPTS[name])))
-
-
-def banned(processor) -> list[int]:
-    return processor.tokenizer.convert_tokens_to_ids(["<image>", "<fake_token_around_image>"])
+def encoded(model, family, name: str):
+    return family.prepare(model, PROMPTS[name])
 
 
 def alone(loaded, name: str, sampling: Sampling | None = None) -> list[int]:
     """The reply tokens of `generate` on this prompt alone (greedy), or of a batch of just this row (sampled)."""
-    model, processor, no_end = loaded
-    items = processor_items(PROMPTS[name])
+    model, family, no_end = loaded
     if sampling is not None:
         return run(loaded, [(0, name, sampling)], max_rows=1)[0]
-    inputs = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False)
+    inputs = family.model_inputs([PROMPTS[name]])
     output = model.generate(
         **inputs,
         max_new_tokens=LENGTHS[name],
         do_sample=False,
-        bad_words_ids=[[token] for token in banned(processor)],
+        bad_words_ids=[[token] for token in family.banned_ids],
         logits_processor=[no_end],
-        pad_token_id=processor.tokenizer.pad_token_id,
+        pad_token_id=family.tokenizer.pad_token_id,
     )
     return output[0, inputs["input_ids"].shape[1] :].tolist()
 
@@ -74,7 +71,7 @@ def run(loaded, arrivals: list[tuple], max_rows: int, leave: dict[int, int] | No
     """Schedule `arrivals` (step, prompt name, sampling) through one running batch as the backend does:
     before each step, rows that arrived and fit join (prefilled, then merged); after each step, rows
     that are done or told to `leave` (number: step) leave. Returns each row's reply tokens."""
-    model, processor, no_end = loaded
+    model, family, no_end = loaded
     leave = leave or {}
     waiting = deque(enumerate(arrivals))
     batch: Batch | None = None
@@ -82,7 +79,7 @@ def run(loaded, arrivals: list[tuple], max_rows: int, leave: dict[int, int] | No
     step = 0
 
     def advance(part: Batch) -> Batch | None:
-        part.choose(banned(processor))
+        part.choose(family.banned_ids)
         keep = [index for index, row in enumerate(part.rows) if row.generated < row.max_new_tokens and leave.get(row.owner, -1) != step]
         return part.select(keep) if keep else None
 
@@ -90,12 +87,12 @@ def run(loaded, arrivals: list[tuple], max_rows: int, leave: dict[int, int] | No
         joining = []
         while waiting and waiting[0][1][0] <= step and len(joining) + (len(batch) if batch else 0) < max_rows:
             number, (_, name, sampling) = waiting.popleft()
-            prompt = encoded(model, processor, name)
+            prompt = encoded(model, family, name)
             row = Row(number, prompt, LENGTHS[name], sampling or Sampling(), [no_end])
             replies[number] = row
             joining.append(row)
         if joining:
-            joined = advance(Batch.prefill(model, joining, family_for(processor, model.config), processor.tokenizer.pad_token_id))
+            joined = advance(Batch.prefill(model, joining, family, family.tokenizer.pad_token_id))
             parts = [part for part in (batch, joined) if part is not None]
             batch = Batch.concatenate(parts) if parts else None
         if batch is not None:
@@ -146,15 +143,15 @@ def test_sampled_and_greedy_rows_share_a_batch(loaded):
 
 def test_splitting_and_merging_keep_the_cache_consistent(loaded):
     """Rows split into halves (as when a step fails) and merged back go on as if nothing happened."""
-    model, processor, no_end = loaded
-    rows = [Row(name, encoded(model, processor, name), LENGTHS[name], Sampling(), [no_end]) for name in NAMES]
-    batch = Batch.prefill(model, rows, family_for(processor, model.config), processor.tokenizer.pad_token_id)
-    batch.choose(banned(processor))
+    model, family, no_end = loaded
+    rows = [Row(name, encoded(model, family, name), LENGTHS[name], Sampling(), [no_end]) for name in NAMES]
+    batch = Batch.prefill(model, rows, family, family.tokenizer.pad_token_id)
+    batch.choose(family.banned_ids)
     for _ in range(2):
         first, second = batch.split()
         for part in (first, second):
             part.decode(model)
-            part.choose(banned(processor))
+            part.choose(family.banned_ids)
         batch = Batch.concatenate([second, first])
     assert [row.owner for row in batch.rows] == [NAMES[4], *NAMES[:4]]  # halves swapped twice
     for row in batch.rows:
@@ -162,10 +159,10 @@ def test_splitting_and_merging_keep_the_cache_consistent(loaded):
 
 
 def test_a_failed_step_leaves_the_batch_as_it_was(loaded):
-    model, processor, no_end = loaded
-    rows = [Row(name, encoded(model, processor, name), 4, Sampling(), [no_end]) for name in NAMES[:3]]
-    batch = Batch.prefill(model, rows, family_for(processor, model.config), processor.tokenizer.pad_token_id)
-    batch.choose(banned(processor))
+    model, family, no_end = loaded
+    rows = [Row(name, encoded(model, family, name), 4, Sampling(), [no_end]) for name in NAMES[:3]]
+    batch = Batch.prefill(model, rows, family, family.tokenizer.pad_token_id)
+    batch.choose(family.banned_ids)
     length = batch.length
 
     class Broken:
@@ -180,7 +177,7 @@ def test_a_failed_step_leaves_the_batch_as_it_was(loaded):
     assert batch.length == length and all(layer.keys.shape[-2] == length for layer in batch.cache.layers)
     for _ in range(3):
         batch.decode(model)
-        batch.choose(banned(processor))
+        batch.choose(family.banned_ids)
     for row in batch.rows:
         assert row.ids[len(row.prompt.ids) :] == alone(loaded, row.owner)[:4]
 
@@ -204,7 +201,9 @@ def test_incremental_text_equals_decoding_the_whole_reply(loaded):
 def test_images_go_through_the_vision_encoder_and_perceiver_once(loaded):
     model = loaded[0]
     calls = []
-    hooks = [part.register_forward_hook(lambda *_: calls.append(1)) for part in (model.model.vision_model, model.model.perceiver_resampler)]
+    # IDEFICS v1's vision tower and perceiver; Idefics3's vision tower and connector.
+    second = model.model.perceiver_resampler if hasattr(model.model, "perceiver_resampler") else model.model.connector
+    hooks = [part.register_forward_hook(lambda *_: calls.append(1)) for part in (model.model.vision_model, second)]
     try:
         replies = run(loaded, [(0, "two images", None)], max_rows=1)
     finally:

@@ -86,6 +86,25 @@ def _running_alone(config: Config, names: list[str]) -> str:
 (The README's sections on each platform say how; with {keep} it keeps running alongside them.)"""
 
 
+def _slow_here(config: Config) -> str | None:
+    """Said first when the default (9B) checkpoint would run on a machine without a GPU: how slow,
+    and how to start with SmolVLM instead."""
+    from model.loading import DEFAULT_CHECKPOINT, SMALL_CHECKPOINT
+
+    if config.model.backend != "local" or config.model.checkpoint != DEFAULT_CHECKPOINT:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return (
+        f"No GPU here: {DEFAULT_CHECKPOINT} (9 billion parameters) answers at about a token a second or slower on "
+        f"this machine's CPU. To start on a laptop, use SmolVLM instead: `idefics-bot run --model {SMALL_CHECKPOINT}` "
+        f'(or [model] checkpoint = "{SMALL_CHECKPOINT}" in config.toml), a 0.5 GB download that answers at useful speed '
+        '(README "Try it").'
+    )
+
+
 def _config(args: argparse.Namespace) -> Config:
     config = load_config(args.config).with_checkpoint(getattr(args, "model", None))
     # In the terminal commands, INFO lines would interleave with the conversation.
@@ -104,6 +123,9 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
     from bot.runtime.health import HealthServer
     from bot.runtime.retention import keep_pruned
 
+    slow = _slow_here(config)
+    if slow:
+        print(slow, file=sys.stderr, flush=True)
     names = enabled_adapters(config)
     if not names:
         raise CommandError(_nothing_enabled(config, source))
@@ -320,8 +342,16 @@ def _item_lines(items: list) -> list[str]:
 
 
 def model_input(config: Config, chat: Chat) -> list[str]:
-    """What the configured model receives for `chat`, one item a line (images by name)."""
-    return _item_lines(render_instruct(chat))
+    """What the configured model receives for `chat`, one item a line (images by name): rendered by
+    the local model's family (its chat template, read from the checkpoint without loading the
+    weights), or in IDEFICS v1's instruct format (the TGI backend's, and a checkpoint not at hand)."""
+    from model.loading import prompt_family
+
+    try:
+        family = prompt_family(config.model.checkpoint) if config.model.backend == "local" else None
+    except ModelLoadError as error:
+        raise CommandError(str(error)) from None
+    return _item_lines(family.render(chat) if family is not None else render_instruct(chat))
 
 
 def render_lines(config: Config, path: Path) -> list[str]:
@@ -372,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask_command.add_argument("--task", choices=TASKS, default="chat", help="prompt template (default: chat)")
     ask_command.add_argument("--labels", default="", help='labels for --task classify, e.g. "cat, dog, bird"')
     ask_command.add_argument("question", nargs="?", default="", help="the question (optional for caption, classify and story)")
-    render_command = add("render", "Print the exact model input for a conversation given as JSON, or for a task.", model=False)
+    render_command = add("render", "Print the exact model input for a conversation given as JSON, or for a task.")
     source = render_command.add_mutually_exclusive_group(required=True)
     source.add_argument("--conversation", type=Path, metavar="FILE.json")
     source.add_argument("--task", choices=TASKS, help="a one-off task: prints its prompt and generation settings")
