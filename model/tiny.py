@@ -171,7 +171,6 @@ def _write_idefics3(directory: Path, seed: int, image_splitting: bool) -> Path:
         scale_factor=shuffle,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
     )
-    config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
