@@ -39,6 +39,11 @@ class CachedImages:
         return self
 
 
+def _images(chat: Chat) -> list[Part]:
+    """The images of the chat's messages, in order (a v1 guide prompt's are not this family's)."""
+    return [part for message in chat.messages for part in message.parts if not isinstance(part, str)]
+
+
 def _content(message: Message) -> list[dict]:
     """A message's parts as the chat template takes them: text parts (stripped, the speaker's name
     first) and image parts, in order. (The template drops a `content` that is a plain string.)"""
@@ -89,7 +94,7 @@ class Idefics3(Family):
         return f"{text} {chat.reply_start.lstrip(' ')}" if chat.reply_start else text
 
     def render(self, chat: Chat) -> list[Part]:
-        images = iter(chat.images)
+        images = iter(_images(chat))
         rendered: list[Part] = []
         for piece in _IMAGE_PLACE.split(self.text(chat)):
             if rendered:
@@ -100,7 +105,7 @@ class Idefics3(Family):
     def count_tokens(self, chat: Chat) -> int:
         pieces = _IMAGE_PLACE.split(self.text(chat))
         expanded = [pieces[0]]
-        for image, piece in zip(chat.images, pieces[1:]):
+        for image, piece in zip(_images(chat), pieces[1:]):
             expanded += [self.image_text(image), piece]
         return len(self._counting("".join(expanded), add_special_tokens=False).input_ids)
 
@@ -123,7 +128,7 @@ class Idefics3(Family):
 
     def model_inputs(self, chats: Sequence[Chat]) -> Any:
         texts = [self.text(chat) for chat in chats]
-        images = [pictures(chat.images) for chat in chats]
+        images = [pictures(_images(chat)) for chat in chats]
         if not any(images):
             return self.processor(text=texts, padding=True, return_tensors="pt")
         return self.processor(text=texts, images=images, padding=True, return_tensors="pt")

@@ -152,7 +152,7 @@ def _write_idefics3(directory: Path, seed: int, image_splitting: bool) -> Path:
 
     transformers_logging.disable_progress_bar()
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = _byte_level_tokenizer(vocab_size=448, seed=seed)
+    tokenizer = _byte_level_tokenizer(vocab_size=768, seed=seed)
     tile, patch, shuffle = 64, 16, 2
     config = Idefics3Config(
         vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": tile, "patch_size": patch},

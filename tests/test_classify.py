@@ -28,7 +28,7 @@ class Favour(LogitsProcessor):
     and records the batch shapes."""
 
     def __init__(self, tokenizer, word: str):
-        self.ids = tokenizer(word, add_special_tokens=False).input_ids
+        self.ids = tokenizer(f"Category: {word}", add_special_tokens=False).input_ids[-1:]  # the word as it follows the cue
         self.rows: list[int] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -42,8 +42,8 @@ def classify_request(labels: str) -> TaskRequest:
 
 
 @pytest.fixture
-async def runtime(config):
-    async with Runtime.open(config) as started:
+async def runtime(family_config):
+    async with Runtime.open(family_config) as started:
         yield started
 
 

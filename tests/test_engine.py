@@ -36,7 +36,14 @@ async def runtime(config):
         yield started
 
 
-async def test_a_conversation_with_two_images_keeps_both_turns(runtime):
+@pytest.fixture
+async def family_runtime(family_config):
+    async with Runtime.open(family_config) as started:
+        yield started
+
+
+async def test_a_conversation_with_two_images_keeps_both_turns(family_runtime):
+    runtime = family_runtime
     engine = runtime.engine
     first = IncomingMessage(KEY, ANN, "What is in this image?", (attachment("red.png", image_bytes((255, 0, 0))),), "m1", shared=True)
     events, final = await run(engine.reply(first))
@@ -55,7 +62,8 @@ async def test_a_conversation_with_two_images_keeps_both_turns(runtime):
     items = runtime.engine.generation.model.render(chat_of(turns[:3], runtime.config.conversation.system_prompt, shared=True))
     images = [item for item in items if isinstance(item, ImageRef)]
     assert [image.name for image in images] == ["red.png", "blue.png"]
-    assert "\nUser: [Ann] What is in this image?" in items and "\nUser: [Bob] And this one?" in items
+    texts = "".join(item for item in items if isinstance(item, str))
+    assert "User: [Ann] What is in this image?" in texts and "User: [Bob] And this one?" in texts
 
 
 async def test_a_restart_keeps_the_conversation(config):
