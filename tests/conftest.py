@@ -25,15 +25,10 @@ from tests.postgres import postgres_server, postgres_url  # noqa: E402, F401 (fi
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-idefics"))
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoints(tmp_path_factory, tiny_checkpoint):
+def tiny_checkpoints(tmp_path_factory):
     """A tiny checkpoint of each family, written when first asked for: "idefics" (v1), "idefics3"
     (SmolVLM's layout, images cut into tiles) and "idefics3-whole" (no image splitting)."""
-    written = {"idefics": tiny_checkpoint}
+    written: dict[str, Path] = {}
 
     def checkpoint(name: str) -> Path:
         if name not in written:
@@ -44,17 +39,14 @@ def tiny_checkpoints(tmp_path_factory, tiny_checkpoint):
     return checkpoint
 
 
-@pytest.fixture(params=["idefics", "idefics3"])
-def family_checkpoint(request, tiny_checkpoints) -> Path:
-    """The tiny checkpoint of each family in turn: for the bot's paths that must work on both."""
-    return tiny_checkpoints(request.param)
+@pytest.fixture(scope="session")
+def tiny_checkpoint(request, tiny_checkpoints) -> Path:
+    """The tiny IDEFICS v1 checkpoint, or another family's where a test is marked `BOTH_FAMILIES`."""
+    return tiny_checkpoints(getattr(request, "param", "idefics"))
 
 
-@pytest.fixture
-async def family_backend(family_checkpoint):
-    service = await LocalBackend.open(CheckpointSettings(str(family_checkpoint)), BatchSettings(max_batch_size=8))
-    yield service
-    await service.close()
+# Runs a test, and every fixture built on `tiny_checkpoint` (backend, config, the bots), on each family.
+BOTH_FAMILIES = pytest.mark.parametrize("tiny_checkpoint", ["idefics", "idefics3"], indirect=True)
 
 
 @pytest.fixture
@@ -84,12 +76,6 @@ def write_config(path: Path, text: str) -> Config:
 def config(tmp_path, tiny_checkpoint) -> Config:
     """Defaults, on the tiny checkpoint, with state in a temporary directory."""
     return tiny_config(tmp_path, tiny_checkpoint)
-
-
-@pytest.fixture
-def family_config(tmp_path, family_checkpoint) -> Config:
-    """As `config`, on the tiny checkpoint of each family in turn."""
-    return tiny_config(tmp_path, family_checkpoint)
 
 
 def tiny_config(tmp_path: Path, tiny_checkpoint: Path) -> Config:

@@ -13,7 +13,7 @@ from bot.core.messages import Final, TaskRequest, Working
 from bot.core.ranking import rank
 from bot.core.tasks import TaskError, parse_labels
 from bot.runtime.app import Runtime
-from tests.conftest import image_bytes, write_config
+from tests.conftest import BOTH_FAMILIES, image_bytes, write_config
 from tests.fake_tgi import FakeTGI
 from tests.test_cli import assert_no_traceback, idefics_bot
 from tests.test_engine import attachment
@@ -42,11 +42,12 @@ def classify_request(labels: str) -> TaskRequest:
 
 
 @pytest.fixture
-async def runtime(family_config):
-    async with Runtime.open(family_config) as started:
+async def runtime(config):
+    async with Runtime.open(config) as started:
         yield started
 
 
+@BOTH_FAMILIES
 async def test_the_likely_label_wins_in_one_batched_pass(runtime):
     favour = Favour(runtime.model._tokenizer, "dog")
     runtime.model.row_processors.append(lambda prompt_ids: favour)
@@ -58,6 +59,7 @@ async def test_the_likely_label_wins_in_one_batched_pass(runtime):
     assert favour.rows and set(favour.rows) == {4}  # all four labels in one forward pass
 
 
+@BOTH_FAMILIES
 async def test_without_help_the_answer_is_still_two_of_the_labels(runtime):
     labels = ["red", "green", "blue", "small car", "sky"]
     final = [event async for event in runtime.engine.run_task(classify_request(", ".join(labels)))][-1]

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import image_bytes
+from tests.conftest import BOTH_FAMILIES, image_bytes
 
 COMMAND = [sys.executable, "-m", "bot"]
 
@@ -154,6 +154,7 @@ def test_render_prints_the_exact_model_input(tmp_path):
     assert bad.returncode == 1 and 'bad.json: turn 1: needs "role": "user" or "assistant".' in bad.stderr
 
 
+@BOTH_FAMILIES
 def test_terminal_chat_streams_and_remembers(tmp_path, tiny_checkpoint):
     (tmp_path / "red.png").write_bytes(image_bytes())
     script = "/image red.png\nWhat is this?\n/image missing.png\nand this?\n/reset\n/quit\n"

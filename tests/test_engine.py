@@ -10,7 +10,7 @@ from bot.runtime.app import Runtime
 from bot.core.conversation import Author, ConversationKey, ImageRef
 from bot.core.messages import Attachment, Final, IncomingMessage, Partial, TaskRequest, Waiting
 from bot.core.prompt import chat_of
-from tests.conftest import image_bytes
+from tests.conftest import BOTH_FAMILIES, image_bytes
 from tests.test_images import truncated_jpeg
 
 KEY = ConversationKey("test", "channel-1", "thread-1")
@@ -36,14 +36,8 @@ async def runtime(config):
         yield started
 
 
-@pytest.fixture
-async def family_runtime(family_config):
-    async with Runtime.open(family_config) as started:
-        yield started
-
-
-async def test_a_conversation_with_two_images_keeps_both_turns(family_runtime):
-    runtime = family_runtime
+@BOTH_FAMILIES
+async def test_a_conversation_with_two_images_keeps_both_turns(runtime):
     engine = runtime.engine
     first = IncomingMessage(KEY, ANN, "What is in this image?", (attachment("red.png", image_bytes((255, 0, 0))),), "m1", shared=True)
     events, final = await run(engine.reply(first))

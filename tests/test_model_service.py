@@ -27,7 +27,7 @@ from model.service import (
     Started,
     TextDelta,
 )
-from tests.conftest import guided, image_bytes
+from tests.conftest import BOTH_FAMILIES, guided, image_bytes
 
 
 def model_image(color, size=(64, 48)) -> ModelImage:
@@ -138,8 +138,8 @@ def test_v1_receives_the_instruct_format(backend):
         assert backend.render(chat) == V1_ITEMS[name], name
 
 
-async def test_batched_greedy_replies_equal_replies_run_alone(family_backend):
-    backend = family_backend
+@BOTH_FAMILIES
+async def test_batched_greedy_replies_equal_replies_run_alone(backend):
     alone = {name: (await collect(backend, request(prompt, max_new_tokens=24)))[1] for name, prompt in PROMPTS.items()}
     sizes_before = len(backend.batch_sizes)
     together = await asyncio.gather(*(collect(backend, request(prompt, max_new_tokens=24)) for prompt in PROMPTS.values()))
@@ -152,8 +152,8 @@ async def test_batched_greedy_replies_equal_replies_run_alone(family_backend):
     assert other.text != alone["two images"].text
 
 
-async def test_each_row_streams_its_own_text(family_backend):
-    backend = family_backend
+@BOTH_FAMILIES
+async def test_each_row_streams_its_own_text(backend):
     backend.row_processors.append(Script(ban=tuple(backend.family.end_ids)))  # every reply runs its 30 tokens
     results = await asyncio.gather(*(collect(backend, request(prompt, max_new_tokens=30)) for prompt in PROMPTS.values()))
     for events, finished in results:
@@ -242,11 +242,12 @@ async def test_token_count_matches_the_processor(backend):
 
 
 @pytest.mark.parametrize("sizes", [[], [(64, 48)], [(64, 48), (40, 80)], [(500, 20), (20, 20), (300, 300)]])
-async def test_token_counts_match_the_processor_on_both_families(family_backend, sizes):
+@BOTH_FAMILIES
+async def test_token_counts_match_the_processor_on_both_families(backend, sizes):
     images = [model_image((10 * n, 0, 0), size) for n, size in enumerate(sizes)]
     chat = Chat((Message("system", ("System.",)), Message("user", ("look", *images, "here")), Message("assistant", ("Fine.",)), Message("user", ("and?",))))
-    family = family_backend.family
-    assert await family_backend.count_tokens(chat) == len(family.model_inputs([chat])["input_ids"][0])
+    family = backend.family
+    assert await backend.count_tokens(chat) == len(family.model_inputs([chat])["input_ids"][0])
 
 
 async def test_text_that_looks_like_a_url_is_never_fetched(backend):

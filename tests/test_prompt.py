@@ -9,6 +9,7 @@ from bot.core.prompt import PromptTooLong, chat_of, clean_name, clean_text, fit
 from model.instruct import render_instruct
 from model.loading import CheckpointSettings
 from model.local import LocalBackend
+from tests.conftest import BOTH_FAMILIES
 
 IDEFIX = ImageRef("a" * 64, "idefix.png")
 OBELIX = ImageRef("b" * 64, "obelix.png")
@@ -91,8 +92,8 @@ class _Counter:
         return await self.backend.count_tokens(items)
 
 
-async def test_history_is_trimmed_oldest_first_to_fit_2048_tokens(family_backend):
-    backend = family_backend
+@BOTH_FAMILIES
+async def test_history_is_trimmed_oldest_first_to_fit_2048_tokens(backend):
     paragraph = "the dog is running on the green grass near a big red house " * 6
     turns = []
     for n in range(40):
@@ -110,16 +111,16 @@ async def test_history_is_trimmed_oldest_first_to_fit_2048_tokens(family_backend
     assert counter.calls <= 8  # bisected, not measured turn by turn
 
 
-async def test_image_limit_drops_old_turns_too(family_backend):
-    backend = family_backend
+@BOTH_FAMILIES
+async def test_image_limit_drops_old_turns_too(backend):
     turns = [Turn("user", ("a", IDEFIX, OBELIX), ANN), Turn("assistant", ("b",)), Turn("user", ("c", IDEFIX), ANN)]
     fitted = await fit(turns, backend.count_tokens, context_tokens=2048, reserve_tokens=10, max_images=2)
     assert fitted.dropped == 2
     assert fitted.chat.images == [IDEFIX]
 
 
-async def test_a_message_too_long_alone_is_refused_with_numbers(family_backend):
-    backend = family_backend
+@BOTH_FAMILIES
+async def test_a_message_too_long_alone_is_refused_with_numbers(backend):
     turns = [Turn("user", ("word " * 3000,), ANN)]
     with pytest.raises(PromptTooLong, match=r"too long for me: it takes about \d+ tokens and I can read about 1536"):
         await fit(turns, backend.count_tokens, context_tokens=2048, reserve_tokens=512, max_images=8)

@@ -341,27 +341,35 @@ def _item_lines(items: list) -> list[str]:
     return [f"<image {item.name}>" if isinstance(item, (ImageRef, ModelImage)) else json.dumps(item, ensure_ascii=False) for item in items]
 
 
-def model_input(config: Config, chat: Chat) -> list[str]:
-    """What the configured model receives for `chat`, one item a line (images by name): rendered by
+class _Renderer:
+    """What the configured model receives for a chat, one item a line (images by name): rendered by
     the local model's family (its chat template, read from the checkpoint without loading the
     weights), or in IDEFICS v1's instruct format (the TGI backend's, and a checkpoint not at hand)."""
-    from model.loading import prompt_family
 
-    try:
-        family = prompt_family(config.model.checkpoint) if config.model.backend == "local" else None
-    except ModelLoadError as error:
-        raise CommandError(str(error)) from None
-    return _item_lines(family.render(chat) if family is not None else render_instruct(chat))
+    def __init__(self, config: Config):
+        from model.loading import prompt_family
+
+        try:
+            self.family = prompt_family(config.model.checkpoint) if config.model.backend == "local" else None
+        except ModelLoadError as error:
+            raise CommandError(str(error)) from None
+        # What people typed is cleaned of the model's own special tokens too.
+        self.special_tokens = self.family.special_tokens if self.family is not None else ()
+
+    def lines(self, chat: Chat) -> list[str]:
+        return _item_lines(self.family.render(chat) if self.family is not None else render_instruct(chat))
 
 
 def render_lines(config: Config, path: Path) -> list[str]:
     turns, shared, system_prompt = load_conversation(path)
     prompt = system_prompt if system_prompt is not None else config.conversation.system_prompt
-    return model_input(config, chat_of(turns, prompt, shared))
+    renderer = _Renderer(config)
+    return renderer.lines(chat_of(turns, prompt, shared, renderer.special_tokens))
 
 
 def render_task_lines(config: Config, task: str, images: list[str], question: str, labels: str) -> list[str]:
     """The prompt of a one-off task on images named `images` (not read), then its generation settings."""
+    renderer = _Renderer(config)
     try:
         prompt = build_task(
             task,
@@ -372,12 +380,13 @@ def render_task_lines(config: Config, task: str, images: list[str], question: st
             system_prompt=config.conversation.system_prompt,
             max_new_tokens={str(task): tokens for task, tokens in config.tasks.max_new_tokens.items()},
             num_beams={str(task): beams for task, beams in config.tasks.num_beams.items()},
+            special_tokens=renderer.special_tokens,
         )
     except TaskError as error:
         raise CommandError(str(error)) from None
     if prompt.labels:
-        return [*model_input(config, prompt.chat), f"# ranks {len(prompt.labels)} labels by likelihood: {json.dumps(prompt.labels, ensure_ascii=False)}"]
-    return [*model_input(config, prompt.chat), f"# max_new_tokens={prompt.max_new_tokens} num_beams={prompt.num_beams}"]
+        return [*renderer.lines(prompt.chat), f"# ranks {len(prompt.labels)} labels by likelihood: {json.dumps(prompt.labels, ensure_ascii=False)}"]
+    return [*renderer.lines(prompt.chat), f"# max_new_tokens={prompt.max_new_tokens} num_beams={prompt.num_beams}"]
 
 
 # -- the command line ------------------------------------------------------------------------
