@@ -5,8 +5,10 @@
     one after another, and latency over solo time (p50, p90, max).
 (C) the same 32 requests arriving at once: speed-up over one after another.
 Targets on a 2-core CPU with the tiny checkpoint: A at most 1.5x, B p90 at most 3x, C at least 5x.
+Runs on the tiny checkpoint of each family (IDEFICS v1, and Idefics3 in SmolVLM's layout, whose
+images are cut into tiles) and prints the figures of both.
 
-    python benchmarks/mixed_load.py [--threads 1] [--max-batch-size 8] [--seed 0]
+    python benchmarks/mixed_load.py [--threads 1] [--max-batch-size 8] [--seed 0] [--family idefics3]
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from transformers import LogitsProcessor
 from model.loading import CheckpointSettings
 from model.local import BatchSettings, LocalBackend
 from model.service import Chat, GenerationParams, GenerationRequest, Message, Started, StreamEvent
-from model.tiny import write_tiny_checkpoint
+from model.tiny import FAMILIES, write_tiny_checkpoint
 
 
 def make_request(number: int, tokens: int) -> GenerationRequest:
@@ -55,9 +57,8 @@ async def generate_alone(service: LocalBackend, request: GenerationRequest, no_e
 
     def run(model, processor) -> float:
         started = time.perf_counter()
-        items = processor_items(service.render(request.prompt))
-        inputs = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False)
-        banned = processor.tokenizer.convert_tokens_to_ids(["<image>", "<fake_token_around_image>"])
+        inputs = service.family.model_inputs([request.prompt])
+        banned = service.family.banned_ids
         model.generate(
             **inputs,
             max_new_tokens=request.params.max_new_tokens,
@@ -96,17 +97,22 @@ async def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's own choice)")
     parser.add_argument("--max-batch-size", type=int, default=32, help="rows of the running batch (the bot's default is 8)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=FAMILIES, action="append", help="only this family (repeatable; default: both)")
     args = parser.parse_args()
-    rng = random.Random(args.seed)
+    for family in args.family or FAMILIES:
+        await measure(family, args)
 
+
+async def measure(family: str, args: argparse.Namespace) -> None:
+    """All three figures on the tiny checkpoint of `family`."""
+    rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as directory:
-        checkpoint = write_tiny_checkpoint(directory)
+        checkpoint = write_tiny_checkpoint(directory, family=family)
         settings = BatchSettings(max_batch_size=args.max_batch_size, threads=args.threads or None)
         service = await LocalBackend.open(CheckpointSettings(str(checkpoint)), settings)
         import torch
 
-        tokenizer = service._tokenizer
-        no_end = NoEarlyEnd([tokenizer.convert_tokens_to_ids("<end_of_utterance>"), tokenizer.eos_token_id])
+        no_end = NoEarlyEnd(sorted(service.family.end_ids))
         service.row_processors.append(lambda prompt_ids: no_end)
         await service.generate(make_request(0, 8))  # warm-up
 
@@ -142,7 +148,8 @@ async def main() -> None:
         sizes = service.batch_sizes
         await service.close()
 
-    print(f"tiny IDEFICS, fp32, {os.cpu_count()} CPU cores, torch threads: {torch.get_num_threads()} "
+    name = "Idefics3 (SmolVLM layout)" if family == "idefics3" else "IDEFICS v1"
+    print(f"tiny {name}, fp32, {os.cpu_count()} CPU cores, torch threads: {torch.get_num_threads()} "
           f"({'set with --threads' if args.threads else 'torch default'}), max_batch_size {args.max_batch_size}, "
           f"load average {os.getloadavg()[0]:.1f} (other processes on the machine make every figure noisier)")
     target_a = max(over_generate_a)
