@@ -30,7 +30,7 @@ import yarl
 
 from adapters.discord_buttons import BUTTON_TYPES
 from adapters.discord_commands import BotCommands
-from adapters.discord_delivery import NO_PINGS, ButtonedReply
+from adapters.discord_delivery import NO_PINGS, ButtonedReply, ChannelSurface
 from adapters.discord_input import PLATFORM, Channel, attachments_of, mentions_me, question_text, refusal, refusal_notice, thread_name
 from adapters.discord_settings import DiscordSettings
 from adapters.stopping import Replies, StopOutcome
@@ -255,6 +255,7 @@ class DiscordAdapter:
         shards = {"shards": ",".join(map(str, self._shard_ids)), "shard_count": settings.shard_count} if settings.shard_count else {}
         user = self.client.user  # known since login
         log.info("discord.connected", extra={"user": user.id if user else None, "guilds": len(self.client.guilds), **shards})
+        await self.replies.route(self.platform)  # Stop clicks that reach the process of another shard
         self._watching = asyncio.create_task(self.platform.watch_unanswered(self._take_over), name="discord-unanswered")
 
     async def _connect(self) -> asyncio.Task:
@@ -465,7 +466,7 @@ class DiscordAdapter:
     async def stop_pressed(self, interaction: discord.Interaction, reply: int) -> None:
         """The Stop button of the reply `reply`: its asker (or anyone, if configured) stops it."""
         user = interaction.user
-        outcome = self.replies.stop(str(reply), str(user.id), user.display_name)
+        outcome = await self.replies.stop(str(reply), str(user.id), user.display_name)
         self.platform.record(f"stop_{outcome}")
         log.info("discord.stop", extra={"outcome": str(outcome), "reply": reply})
         if outcome is StopOutcome.STOPPED:
@@ -528,9 +529,13 @@ class DiscordAdapter:
                 reason = "channel gone" if channel is None else "another process's shard"
                 log.info("discord.resume_skipped", extra={"conversation": str(key), "reason": reason})
                 return
-            shared = not isinstance(channel, discord.DMChannel)
             # In the messages the stopped process had begun for the answer, if it got as far as posting them.
             begun = [channel.get_partial_message(int(message_id)) for message_id in pending.reply]
+            if pending.turn.id is None:  # the process stopped before storing the question: its messages go
+                if await self.platform.take_back(pending):
+                    await ChannelSurface(channel, begun=begun).discard()
+                return
+            shared = not isinstance(channel, discord.DMChannel)
             asker = int(pending.turn.author.id) if pending.turn.author else 0
             await self.platform.resume(pending, self._reply(channel, reply_to, key, question, asker, begun), shared, message_id=question)
         except self.delivery_errors as error:  # the place couldn't be looked up

@@ -14,16 +14,21 @@ Each command is deferred at once (Discord wants an answer within 3 seconds) and 
 that response, so the commands also work where the app is installed to a person's account and the bot
 is not a member (any server, DM or group DM): everything goes through the interaction.
 
-Commands are sent to Discord only when they changed: a hash of each scope's command set is kept in
-the state, and only the process that runs shard 0 (or `idefics-bot sync-commands`) sends them.
+Commands are published by the process that runs shard 0 (or `idefics-bot sync-commands`), which
+reconciles them with what Discord reports: for each scope (global, or one guild) it fetches Discord's
+commands and compares them with the bot's, then publishes the bot's set where they differ (a command
+changed or deleted elsewhere is repaired) and clears the scopes the config no longer names (switching
+`command_guild_ids` to global removes the guild copies, which would show every command twice). The
+guilds it published to are kept in the state, so their commands can be cleared later. Publishing is
+rate limited; fetching is not, and nothing is published when nothing differs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import discord
 from discord import app_commands
@@ -51,10 +56,46 @@ def conversation_here(interaction: discord.Interaction) -> ConversationKey:
     return ConversationKey(PLATFORM, str(interaction.channel_id))
 
 
-def command_set_hash(tree: app_commands.CommandTree, guild: discord.abc.Snowflake | None) -> str:
-    """A digest of the commands `tree` would send for `guild` (None: the global ones)."""
-    payload = sorted((command.to_dict(tree) for command in tree.get_commands(guild=guild)), key=lambda command: (command["type"], command["name"]))
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+GLOBAL = "global"
+# What makes a command (Discord's application command object), with the value Discord assumes when a
+# field is left out: any other field Discord reports (ids, version, localisations, the deprecated
+# dm_permission) doesn't change what people see.
+_COMMAND_FIELDS: dict[str, Any] = {
+    "type": 1, "name": None, "description": "", "options": [], "default_member_permissions": None, "nsfw": False,
+    "integration_types": None, "contexts": None,
+}  # fmt: skip
+_OPTION_FIELDS: dict[str, Any] = {
+    "type": None, "name": None, "description": "", "required": False, "choices": None, "options": [], "channel_types": None,
+    "min_value": None, "max_value": None, "min_length": None, "max_length": None, "autocomplete": False,
+}  # fmt: skip
+
+
+def _guilds(stored: str | None) -> set[str]:
+    """The guild ids kept in the state (none if nothing, or something unreadable, was kept)."""
+    try:
+        guilds = json.loads(stored) if stored else []
+    except ValueError:
+        return set()
+    return {str(guild) for guild in guilds} if isinstance(guilds, list) else set()
+
+
+def comparable(commands: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """A command set as Discord reports it, or as we send it, in a form that compares equal when people
+    would see the same commands."""
+
+    def normal(item: Mapping[str, Any], fields: dict[str, Any]) -> dict:
+        shown = {}
+        for name, default in fields.items():
+            value = item.get(name, default)
+            if name == "options":
+                value = [normal(option, _OPTION_FIELDS) for option in value or []]
+            elif name in ("integration_types", "contexts", "channel_types") and value is not None:
+                value = sorted(value)
+            if value != default and value is not None:
+                shown[name] = value
+        return shown
+
+    return sorted((normal(command, _COMMAND_FIELDS) for command in commands), key=lambda command: (command.get("type", 1), command["name"]))
 
 
 class BotCommands(app_commands.CommandTree):
@@ -72,31 +113,55 @@ class BotCommands(app_commands.CommandTree):
         self._add_commands()
 
     async def register(self, *, force: bool = False) -> list[str]:
-        """Publish the commands, to the configured guilds (available at once) or globally, where they
-        changed since they were last published (or everywhere, with `force`); the scopes published."""
-        scopes: list[discord.Object | None] = [discord.Object(int(guild_id)) for guild_id in self.settings.command_guild_ids] or [None]
-        published = []
-        try:
-            for guild in scopes:
-                if guild is not None:
-                    self.copy_global_to(guild=guild)
-                scope = str(guild.id) if guild is not None else "global"
-                name, digest = f"commands.{self.client.application_id}.{scope}", command_set_hash(self, guild)
-                if not force and await self.platform.get_value(name) == digest:
-                    continue
-                await self.sync(guild=guild)
-                await self.platform.set_value(name, digest)
-                published.append(scope)
-        except discord.HTTPException as error:
-            # The bot can still chat; only the commands are missing. Discord's own words say why.
-            extra = {"status": error.status, "code": error.code, "error": " | ".join(error.text.splitlines())[:1000]}
-            if error.code == _MISSING_ACCESS:
-                extra["hint"] = "invite the bot with the applications.commands scope"
-            log.warning("discord.commands_not_registered", extra=extra)
-        except Exception as error:  # an answer discord.py can't read must not stop the start
-            log.error("discord.commands_not_registered", extra={"error": f"{type(error).__name__}: {error}"[:1000]}, exc_info=error)
-        log.info("discord.commands", extra={"published": ",".join(published) or "none (unchanged)"})
-        return published
+        """Reconcile the commands with what Discord reports (see the module's docstring): publish them to
+        the configured guilds (available at once) or globally where they differ (everywhere, with
+        `force`), and clear them from the scopes no longer configured; returns the scopes changed."""
+        application = self.client.application_id
+        if application is None:  # known once logged in
+            raise app_commands.MissingApplicationID
+        wanted = [str(guild_id) for guild_id in self.settings.command_guild_ids] or [GLOBAL]
+        recorded = f"commands.{application}.guilds"  # the guilds the bot's commands were published to
+        known = _guilds(await self.platform.get_value(recorded))
+        changed: list[str] = []
+        kept: set[str] = set()
+        for scope in dict.fromkeys([*wanted, GLOBAL, *sorted(known)]):
+            try:
+                if await self._reconcile(application, scope, scope in wanted, force=force and scope in wanted):
+                    changed.append(scope)
+            except discord.HTTPException as error:
+                # The bot can still chat; only the commands are missing. Discord's own words say why.
+                extra = {"scope": scope, "status": error.status, "code": error.code, "error": " | ".join(error.text.splitlines())[:1000]}
+                if error.code == _MISSING_ACCESS:
+                    extra["hint"] = "invite the bot with the applications.commands scope"
+                log.warning("discord.commands_not_registered", extra=extra)
+                kept.add(scope)
+            except Exception as error:  # an answer discord.py can't read must not stop the start
+                log.error("discord.commands_not_registered", extra={"scope": scope, "error": f"{type(error).__name__}: {error}"[:1000]}, exc_info=error)
+                kept.add(scope)
+        guilds = {scope for scope in wanted if scope != GLOBAL} | (kept & known)  # a guild not cleared yet stays known
+        await self.platform.set_value(recorded, json.dumps(sorted(guilds)))
+        log.info("discord.commands", extra={"published": ",".join(changed) or "none (unchanged)"})
+        return changed
+
+    async def _reconcile(self, application: int, scope: str, wanted: bool, *, force: bool) -> bool:
+        """Make Discord's commands in `scope` the bot's (`wanted`) or none; whether anything was sent."""
+        http = self.client.http
+        guild = None if scope == GLOBAL else discord.Object(int(scope))
+        if guild is not None and wanted:
+            self.copy_global_to(guild=guild)
+        ours = [command.to_dict(self) for command in self.get_commands(guild=guild)] if wanted else []
+        if not force:
+            reported = await (http.get_global_commands(application) if guild is None else http.get_guild_commands(application, guild.id))
+            if comparable(reported) == comparable(ours):
+                return False
+        if wanted:
+            await self.sync(guild=guild)
+        elif guild is None:
+            await http.bulk_upsert_global_commands(application, [])
+        else:
+            await http.bulk_upsert_guild_commands(application, guild.id, [])
+        log.info("discord.commands_reconciled", extra={"scope": scope, "commands": len(ours)})
+        return True
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         # Where the app is installed to the person's account, the bot may not know the server.

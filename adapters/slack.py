@@ -17,7 +17,8 @@ slack-bolt's `AsyncApp`.
   through Slack's failures as `slack_delivery` says, and a reply that can't be posted in the end is
   logged with its conversation.
 - The "Describe image" message shortcut answers in the thread of the message it was used on.
-- At start-up, messages that a killed process stored but never answered are answered in their threads.
+- At start-up, messages that a killed process stored but never answered are answered in their threads
+  (in the messages it had begun), and what it had posted for a message it never stored is removed.
 - Socket Mode (default, needs the app token) or HTTP mode (Bolt checks signatures and answers
   `url_verification`); events, commands and interactivity arrive the same way in both. The slash
   command lives in `slack_commands`, file downloads in `slack_files`.
@@ -137,7 +138,7 @@ class SlackAdapter:
         )
         self.commands = SlashCommands(platform, settings, self.platform.spawn, MESSAGE_LIMIT, settings.command)
         self.replies = SlackReplies(
-            self.client, message_limit=MESSAGE_LIMIT, anyone_can_stop=settings.anyone_can_stop, native_streaming=settings.native_streaming
+            self.client, platform, message_limit=MESSAGE_LIMIT, anyone_can_stop=settings.anyone_can_stop, native_streaming=settings.native_streaming
         )
         actions = SlackActions(platform, settings, self.replies)
         # The assistant's listeners come first: Bolt hands them the messages of DM threads.
@@ -175,6 +176,7 @@ class SlackAdapter:
         else:
             await self._connect()
             self._watch = asyncio.create_task(self._watch_socket(), name="slack-socket-watch")
+        await self.replies.writing.route(self.platform)  # Stop clicks that reach another process
         self._watching = asyncio.create_task(self.platform.watch_unanswered(self._take_over), name="slack-unanswered")
         log.info("slack.started", extra={"mode": self.settings.mode, "team": self.identity.team, "bot_user": self.identity.user_id})
 
@@ -336,8 +338,12 @@ class SlackAdapter:
         if titled and key.thread and not await self.platform.follows(key):
             self.platform.spawn(self._title(key, message.text), "assistant-title")
         working = LOOKING if message.attachments else THINKING
-        reply = self.replies.reply(Place(event["channel"], reply_thread, message.author.id, self.identity.team), event["ts"], working)
+        reply = self.replies.reply(Place(event["channel"], reply_thread, message.author.id, self._team_of(event)), event["ts"], working)
         await self.platform.answer(message, reply, event_id=event_id)
+
+    def _team_of(self, event: dict) -> str:
+        """The team of the person who sent `event`: in a Slack Connect channel, maybe not the bot's."""
+        return event.get("user_team") or event.get("team") or self.identity.team
 
     async def _title(self, key: ConversationKey, question: str) -> None:
         """Name an assistant-panel chat after its first question."""
@@ -367,7 +373,7 @@ class SlackAdapter:
         await self.platform.follow(key, f"{channel}/{root}")  # follow-ups in the thread are for the bot
         name = user.get("name") or user.get("username") or user["id"]
         incoming = IncomingMessage(key, Author(user["id"], name), DESCRIBE, tuple(files), f"shortcut/{shortcut['action_ts']}", shared=True)
-        reply = self.replies.reply(Place(channel, root, user["id"], self.identity.team), incoming.message_id, LOOKING)
+        reply = self.replies.reply(Place(channel, root, user["id"], user.get("team_id") or self.identity.team), incoming.message_id, LOOKING)
         try:
             final = await reply.run(self.platform.reply(incoming))
         except SlackApiError as error:
@@ -385,6 +391,12 @@ class SlackAdapter:
         """Answer, in its thread, a message that a stopped process left unanswered: in the messages it
         had begun for the answer (their handles are Slack's ts), if it got as far as posting them."""
         key, asker = pending.key, pending.turn.author.id if pending.turn.author else ""
+        if pending.turn.id is None:  # the process stopped before storing the question: its placeholder goes
+            if await self.platform.take_back(pending):
+                thread = SlackThread(self.client, key.channel, key.thread or None)
+                for message in pending.reply:
+                    await thread.delete(message)
+            return
         place = Place(key.channel, key.thread or None, asker, self.identity.team)
         # No placeholder and no status: of several processes that try, only the one that adopts the
         # question may touch the thread, and it learns that it did only once the engine's events begin.

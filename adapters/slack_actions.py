@@ -1,6 +1,6 @@
 """Clicks on the Slack adapter's buttons: Stop on a reply being written, feedback on a finished one.
 
-Each click is acknowledged at once. Stop works for the asker (or anyone, with `[slack]
+Each click is acknowledged at once. Stop works for the asker, in whichever process writes the reply (or anyone, with `[slack]
 anyone_can_stop`); anyone else is told so in a note only they see. A vote is kept with the answer it
 rates (one per person, the last counts) and counted in the metrics; a vote on an answer that is no
 longer stored (the conversation was reset) is counted as such and the voter is told.
@@ -50,7 +50,7 @@ class SlackActions:
         await ack()
         stop = StopValue.decode(action.get("value", ""))
         user, name = _clicker(body)
-        outcome = self.replies.writing.stop(stop.reply, user, name) if stop and self._allowed(body) else StopOutcome.NOT_ALLOWED
+        outcome = await self.replies.writing.stop(stop.reply, user, name) if stop and self._allowed(body) else StopOutcome.NOT_ALLOWED
         self.platform.record(f"stop_{outcome}")
         log.info("slack.stop", extra={"outcome": str(outcome), "reply": stop.reply if stop else None})
         if outcome is StopOutcome.NOT_ALLOWED:

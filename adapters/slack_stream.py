@@ -3,10 +3,13 @@
 
 The stream starts with the first text (so an empty stream never shows), takes more at most once per
 `interval`, and ends with the rest of the text, the notes and the finished reply's blocks (feedback
-buttons). If Slack refuses to start a stream (the workspace doesn't allow the method, or the app
-lacks what it needs), `StreamRefused` carries the events read so far, so the reply can go on another
-way with nothing lost; nothing was posted then. Streaming calls add text each time, so they are never
-repeated after a doubtful failure (see `slack_delivery`): such a reply is reported, not doubled.
+buttons). If Slack refuses to start a stream (for this workspace, or for this channel or thread),
+`StreamRefused` carries the events read so far, so the reply can go on another way with nothing lost;
+nothing was posted then. Slack may also close a long stream itself (`message_not_in_streaming_state`
+on an append or the stop): `StreamClosed` then says what the stream shows and carries the events
+still to show, so the rest can follow in ordinary messages. Streaming calls add text each time, so
+they are never repeated after a doubtful failure (see `slack_delivery`): such a reply is reported,
+not doubled.
 
 Text is escaped as everywhere in the adapter (`slack_text.escape`), character by character, so what
 was sent stays a prefix of what follows.
@@ -35,6 +38,9 @@ ENDED_UNEXPECTEDLY = "The reply ended unexpectedly; please try again."
 Status = Callable[[str], Awaitable[None]]
 
 
+CLOSED = "message_not_in_streaming_state"  # Slack ended the stream (it does so to long streams)
+
+
 class StreamRefused(Exception):
     """Slack refused `chat.startStream` (its error in `error`); `seen` are the events read so far."""
 
@@ -42,6 +48,19 @@ class StreamRefused(Exception):
         super().__init__(error)
         self.error = error
         self.seen = seen
+
+
+class StreamClosed(Exception):
+    """Slack closed the stream `ts` before the reply was all in it: it shows `shown` (the reply's text,
+    unescaped); the reply goes on with the events `seen` (the latest text read), then `pending` (the
+    next event, being awaited) and the rest of the iterator."""
+
+    def __init__(self, ts: str, shown: str, seen: list[ReplyEvent], pending: asyncio.Future | None):
+        super().__init__(CLOSED)
+        self.ts = ts
+        self.shown = shown
+        self.seen = seen
+        self.pending = pending
 
 
 def waiting_status(position: int) -> str:
@@ -79,7 +98,7 @@ class SlackStream:
         self.started = started
         self.interval = interval
         self.ts: str | None = None  # the stream's message, once started
-        self._sent = ""  # escaped text already in the stream
+        self._sent = ""  # the text in the stream (unescaped), as far as Slack took it
 
     async def run(self, events: AsyncIterator[ReplyEvent]) -> Final:
         """Stream the reply; returns the final event once the stream is stopped."""
@@ -89,6 +108,7 @@ class SlackStream:
         final: Final | None = None
         iterator = aiter(events)
         following: asyncio.Future | None = None
+        latest: list[ReplyEvent] = []  # the last text event read: what a closed stream's rest starts from
         try:
             while final is None:
                 following = following or asyncio.ensure_future(anext(iterator))
@@ -107,48 +127,59 @@ class SlackStream:
                 following = None
                 if self.ts is None:
                     seen.append(event)
+                if isinstance(event, (Partial, Final)):
+                    latest = [event]
                 if isinstance(event, Waiting):
                     await self.status(waiting_status(event.position))
                 elif isinstance(event, Working):
                     await self.status(self.working)
                 elif isinstance(event, Partial):
-                    unsent = escape(event.text.rstrip())  # trailing spaces wait: the final text may come without them
+                    unsent = event.text.rstrip()  # trailing spaces wait: the final text may come without them
                     if loop.time() - last_sent >= self.interval:
                         await self._send(unsent, seen)
                         last_sent, unsent = loop.time(), ""
                 elif isinstance(event, Final):
                     final = event
+            final = final or Final("", (ENDED_UNEXPECTEDLY,))
+            text = format_final(final, italic)
+            if text or self.ts is not None:  # nothing to say (a question another process took over): no message
+                await self._finish(text, final, seen)
+            return final
+        except SlackApiError as error:
+            if error.response.get("error") != CLOSED or self.ts is None:
+                raise
+            log.warning("slack.stream_closed", extra={"channel": self.channel, "shown": len(self._sent)})
+            pending, following = following, None  # the rest of the reply is still to come: not cancelled
+            raise StreamClosed(self.ts, self._sent, latest, pending) from None
         finally:
             if following is not None and not following.done():
                 following.cancel()
                 await asyncio.gather(following, return_exceptions=True)
-        final = final or Final("", (ENDED_UNEXPECTEDLY,))
-        text = escape(format_final(final, italic))
-        if text or self.ts is not None:  # nothing to say (a question another process took over): no message
-            await self._finish(text, final, seen)
-        return final
 
     async def _send(self, text: str, seen: list[ReplyEvent]) -> None:
         if len(text) <= len(self._sent) or not text.startswith(self._sent):
             return
-        new, self._sent = text[len(self._sent) :], text
-        pieces = _pieces(new)
+        pieces = _pieces(text[len(self._sent) :])
         if self.ts is None:
             await self._start(pieces.pop(0), seen)
         for piece in pieces:
-            await self.client.chat_appendStream(channel=self.channel, ts=self._started(), markdown_text=piece)
+            await self._append(piece)
+
+    async def _append(self, piece: str) -> None:
+        await self.client.chat_appendStream(channel=self.channel, ts=self._started(), markdown_text=escape(piece))
+        self._sent += piece
 
     async def _start(self, text: str, seen: list[ReplyEvent]) -> None:
         user, team = self.recipient
         try:
             response = await self.client.chat_startStream(
-                channel=self.channel, thread_ts=self.thread_ts, markdown_text=text, recipient_user_id=user, recipient_team_id=team
+                channel=self.channel, thread_ts=self.thread_ts, markdown_text=escape(text), recipient_user_id=user, recipient_team_id=team
             )
         except SlackApiError as error:
             if transient(error):
                 raise
             raise StreamRefused(str(error.response.get("error")), seen) from None
-        self.ts = response["ts"]
+        self.ts, self._sent = response["ts"], text
         if self.started is not None:
             await self.started()
 
@@ -160,17 +191,26 @@ class SlackStream:
     async def _finish(self, text: str, final: Final, seen: list[ReplyEvent]) -> None:
         # The model's final text may differ a little from what was streamed (a re-run with sampling):
         # what is in the stream stays, and only the notes follow it.
-        notes = "".join("\n\n" + escape(italic(note)) for note in final.notes)
+        notes = "".join("\n\n" + italic(note) for note in final.notes)
         rest = text[len(self._sent) :] if text.startswith(self._sent) else notes
         pieces = _pieces(rest) or [""]
         if self.ts is None:
             await self._start(pieces.pop(0), seen)
             pieces = pieces or [""]
         for piece in pieces[:-1]:
-            await self.client.chat_appendStream(channel=self.channel, ts=self._started(), markdown_text=piece)
-        await self.client.chat_stopStream(channel=self.channel, ts=self._started(), markdown_text=pieces[-1] or None, blocks=self.blocks(final) or None)
+            await self._append(piece)
+        last = escape(pieces[-1])
+        await self.client.chat_stopStream(channel=self.channel, ts=self._started(), markdown_text=last or None, blocks=self.blocks(final) or None)
+        self._sent += pieces[-1]
 
 
 def _pieces(text: str) -> list[str]:
-    """`text` in pieces that one streaming call takes."""
-    return [text[start : start + CALL_LIMIT] for start in range(0, len(text), CALL_LIMIT)]
+    """`text` in pieces that one streaming call takes once escaped."""
+    pieces, start, size = [], 0, 0
+    for index, character in enumerate(text):
+        width = len(escape(character))
+        if size + width > CALL_LIMIT:
+            pieces.append(text[start:index])
+            start, size = index, 0
+        size += width
+    return pieces + ([text[start:]] if start < len(text) else [])

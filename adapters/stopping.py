@@ -1,6 +1,11 @@
 """Stop buttons, the same on every platform: which replies are being written, who may stop each, and a
 reply's events that end early when it is stopped.
 
+With processes sharing the state, a click may reach a process other than the one writing the reply
+(Slack hands it to any connection or backend, Discord to the process of the shard): that process
+asks the others through the state (`Platform.ask_owner`), and the one writing the reply stops it and
+answers with the outcome.
+
 A stopped reply ends like any other, with a `Final`: the text written so far and a note saying who
 stopped it, so the platform shows it the usual way. The engine's request is closed at that moment:
 the model stops spending time on it and its place in the queue is freed.
@@ -14,6 +19,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from bot.core.messages import Final, Partial, ReplyEvent
+from bot.platform.sdk import Platform
+
+_STOP = "stop"  # the topic of a Stop click asked of the other processes
 
 
 @dataclass
@@ -32,7 +40,7 @@ class Writing:
 class StopOutcome(enum.StrEnum):
     STOPPED = "stopped"
     NOT_ALLOWED = "not_allowed"
-    FINISHED = "finished"  # or being written by another process
+    FINISHED = "finished"  # or being written by a process that didn't answer
 
 
 class Replies:
@@ -41,6 +49,13 @@ class Replies:
     def __init__(self, anyone_can_stop: bool):
         self.anyone_can_stop = anyone_can_stop
         self._writing: dict[str, Writing] = {}
+        self._platform: Platform | None = None
+
+    async def route(self, platform: Platform) -> None:
+        """Take Stop clicks for this process's replies from the other processes on `platform`'s
+        state, and pass on those for replies written elsewhere."""
+        self._platform = platform
+        await platform.answer_for(_STOP, self._asked)
 
     def start(self, key: str, asker: str) -> Writing:
         writing = self._writing[key] = Writing(asker)
@@ -49,8 +64,22 @@ class Replies:
     def done(self, key: str) -> None:
         self._writing.pop(key, None)
 
-    def stop(self, key: str, who: str, name: str) -> StopOutcome:
-        """Stop the reply `key` for the person `who` (called `name`): a `StopOutcome`."""
+    async def stop(self, key: str, who: str, name: str) -> StopOutcome:
+        """Stop the reply `key` for the person `who` (called `name`), here or in the process writing
+        it: a `StopOutcome`."""
+        outcome = self._stop_here(key, who, name)
+        if outcome is StopOutcome.FINISHED and self._platform is not None:
+            answer = await self._platform.ask_owner(_STOP, {"reply": key, "who": who, "name": name})
+            if answer is not None and answer.get("outcome") in set(StopOutcome):
+                return StopOutcome(answer["outcome"])
+        return outcome
+
+    def _asked(self, body: dict) -> dict | None:
+        """Another process's Stop click: answered by this process only if it writes that reply."""
+        outcome = self._stop_here(str(body.get("reply", "")), str(body.get("who", "")), str(body.get("name", "")))
+        return None if outcome is StopOutcome.FINISHED else {"outcome": str(outcome)}
+
+    def _stop_here(self, key: str, who: str, name: str) -> StopOutcome:
         writing = self._writing.get(key)
         if writing is None:
             return StopOutcome.FINISHED

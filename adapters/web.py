@@ -11,6 +11,9 @@ CSS and JavaScript from `adapters/web_page`, no build step, nothing from the int
 - The reply runs in a task of the adapter, not of the request: closing the tab doesn't lose the
   answer, and Stop cancels that task.
 - Bound to 127.0.0.1 unless `[web] host` says otherwise, which needs `[web] token`.
+- Whatever a client sends is bounded before it costs much: connections, the time to send headers and
+  bodies, a message form's size, parts and shape (`adapters.web_form`), the memory all uploads in
+  flight hold together, and wrong sign-in tokens.
 """
 
 from __future__ import annotations
@@ -25,12 +28,25 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path, PurePath
 from typing import Any, ClassVar
 
-from aiohttp import BodyPartReader, web
-from pydantic import Field, SecretStr, model_validator
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from pydantic import Field, SecretStr, ValidationInfo, model_validator
 
-from adapters.web_guard import COOKIE, USER, Sessions, add_security_headers, guard, is_loopback, json_error
+from adapters.web_form import Form, FormLimits, FormRefused, UploadBudget, give_memory_back, read_form
+from adapters.web_guard import (
+    COOKIE,
+    USER,
+    ConnectionLimit,
+    LoginThrottle,
+    Sessions,
+    add_security_headers,
+    guard,
+    is_loopback,
+    json_error,
+    retry_after,
+)
 from bot.core.conversation import Author, ConversationKey, Turn, Unanswered
-from bot.core.messages import Attachment, Final, IncomingMessage, Partial, ReplyEvent, Waiting, Working
+from bot.core.messages import Final, IncomingMessage, Partial, ReplyEvent, Waiting, Working
 from bot.platform.delivery import WRITING, LiveReply, waiting_text
 from bot.platform.sdk import Platform
 from bot.platform.settings import AdapterSettings
@@ -45,8 +61,9 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 _MAX_TEXT_BYTES = 64 * 1024
 _MAX_CONVERSATIONS_LISTED = 100
 _TITLE_CHARS = 60
-_CHUNK = 64 * 1024
 _STOP_GRACE_S = 5.0
+_PART_HEADERS_BYTES = 64 * 1024  # what a form's boundaries and part headers may add to its contents
+_UPLOAD_WAIT_S = 10.0  # how long a message waits for the upload memory before "busy"
 STOPPED = "Stopped. This question and the unfinished answer are not kept in the conversation."
 _FAILED = "Something went wrong on my side while answering; please try again."
 
@@ -65,15 +82,24 @@ class WebSettings(AdapterSettings):
     port: int = Field(8080, ge=0, le=65535)  # 0: any free port (the address is printed)
     # Required when `host` is not a loopback address: people type it once, then a cookie remembers them.
     token: SecretStr | None = None
+    # Behind a TLS-terminating proxy: believe its X-Forwarded-Proto (a Secure cookie over https) and
+    # X-Forwarded-For (the client's address, for the sign-in throttle). Only when only the proxy can connect.
+    trust_proxy: bool = False
+    max_connections: int = Field(256, ge=1)  # open at once; beyond, a 503
+    header_timeout_s: float = Field(10.0, gt=0)  # to send a request's headers (and how long an idle connection stays)
+    body_timeout_s: float = Field(120.0, gt=0)  # to send a message's whole body
+    upload_memory_mb: int = Field(256, ge=1)  # held by all uploads in flight together (at least one largest message)
 
     @classmethod
     def secrets_needed(cls, section: Mapping[str, Any]) -> list[str]:
         return []  # the token only when exposed, which the check below asks for
 
     @model_validator(mode="after")
-    def _exposed_needs_a_token(self) -> WebSettings:
+    def _exposed_needs_a_token(self, info: ValidationInfo) -> WebSettings:
         if self.token is not None and len(self.token.get_secret_value()) < 16:
-            raise ValueError(f"token must be at least 16 characters; {_MAKE_A_TOKEN}")
+            from_environment = "token" in ((info.context or {}).get("from_environment") or ())
+            source = f"{self.environment['token']} (in the environment)" if from_environment else "token"
+            raise ValueError(f"{source} must be at least 16 characters; {_MAKE_A_TOKEN}")
         if self.enabled is not False and self.token is None and not is_loopback(self.host):
             raise ValueError(
                 f"host {self.host!r} exposes the web chat beyond this machine, so it needs an access token: set [web] token or "
@@ -109,6 +135,7 @@ class WebAdapter:
         self.settings = settings
         self.images = platform.images
         self.sessions = Sessions(settings.token.get_secret_value() if settings.token else None)
+        self.logins = LoginThrottle()
         self.files = {path.name: path.read_bytes() for path in PAGE.iterdir() if path.suffix in _STATIC_TYPES}
         self.index = (PAGE / "index.html").read_bytes()
         self.login = (PAGE / "login.html").read_text(encoding="utf-8")
@@ -116,14 +143,27 @@ class WebAdapter:
         self._runner: web.AppRunner | None = None
         self._watching: asyncio.Task | None = None
         self._replies: dict[ConversationKey, set[asyncio.Task]] = {}
-        # Uploads: every image of a turn at its size limit, and one more (refused with its size), plus the text.
-        self._max_upload = (self.images.max_per_turn + 1) * self.images.max_bytes + _MAX_TEXT_BYTES
+        self._server: asyncio.AbstractServer | None = None
+        # A message: every image of a turn at its size limit, and one more (refused with its size), the
+        # text, and their part headers; as many parts, and a few more (unknown fields are dropped).
+        images = self.images
+        self.form_limits = FormLimits(
+            max_bytes=(images.max_per_turn + 1) * images.max_bytes + _MAX_TEXT_BYTES + _PART_HEADERS_BYTES,
+            max_parts=images.max_per_turn + 4,
+            max_text_bytes=_MAX_TEXT_BYTES,
+            max_image_bytes=images.max_bytes,
+            timeout_s=settings.body_timeout_s,
+            what_fits=f"at most {images.max_per_turn} images of {images.max_bytes / 2**20:.0f} MB each fit in one",
+        )
+        largest = self.form_limits.max_bytes + images.max_bytes  # what read_form reserves for the largest message
+        self.uploads = UploadBudget(max(settings.upload_memory_mb * 2**20, largest), _UPLOAD_WAIT_S)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def _app(self) -> web.Application:
         loopback_only = is_loopback(self.settings.host) and not self.sessions.token_required
-        app = web.Application(middlewares=[guard(self.sessions, loopback_only, frozenset({"/", "/login"}))], client_max_size=_MAX_TEXT_BYTES)
+        middleware = guard(self.sessions, loopback_only, frozenset({"/", "/login"}), self.settings.trust_proxy)
+        app = web.Application(middlewares=[middleware], client_max_size=_MAX_TEXT_BYTES)
         app.on_response_prepare.append(add_security_headers)
         app.router.add_get("/", self._page)
         app.router.add_post("/login", self._login)
@@ -139,16 +179,20 @@ class WebAdapter:
     async def start(self) -> None:
         """Listen, print the address, and answer what a killed process left unanswered."""
         host, port = self.settings.host, self.settings.port
-        runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=_STOP_GRACE_S)
+        # aiohttp closes a connection whose request headers haven't all come within keepalive_timeout of
+        # its opening (or of the previous response): a slow-header client can't hold it.
+        runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=_STOP_GRACE_S, keepalive_timeout=self.settings.header_timeout_s)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        assert runner.server is not None
         try:
-            await site.start()
+            self._server = await asyncio.get_running_loop().create_server(
+                ConnectionLimit(runner.server, self.settings.max_connections), host or None, port, reuse_address=True
+            )
         except OSError as error:
             await runner.cleanup()
             raise ConfigError(f"The web chat can't listen on {host}:{port} ({error.strerror}): free the port or change [web] port.") from None
         self._runner = runner
-        bound = runner.addresses[0][1]
+        bound = self._server.sockets[0].getsockname()[1]
         shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         self.url = f"http://{f'[{shown}]' if ':' in shown else shown}:{bound}/"
         print(f"Web chat: {self.url}" + (" (asks for the [web] token)" if self.sessions.token_required else ""), file=sys.stderr, flush=True)
@@ -165,9 +209,14 @@ class WebAdapter:
         if self._watching is not None:
             self._watching.cancel()
             await asyncio.gather(self._watching, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
         await self.platform.drain(_STOP_GRACE_S)
         log.info("web.stopped")
 
@@ -189,11 +238,24 @@ class WebAdapter:
     async def _login(self, request: web.Request) -> web.Response:
         if not self.sessions.token_required:
             raise web.HTTPSeeOther("/")
-        form = await request.post()
+        client = request.remote or "unknown"
+        wait = self.logins.admit(client)
+        if wait:
+            log.info("web.login_throttled", extra={"wait_s": round(wait, 1)})
+            page = self._login_page(429, f"Too many wrong tokens; try again in {retry_after(wait)} s.")
+            page.headers["Retry-After"] = retry_after(wait)
+            return page
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                form = await request.post()
+        except (ValueError, HttpProcessingError, TimeoutError):
+            return self._login_page(400, "That sign-in form couldn't be read. Type the token on this page and try again.")
         token = form.get("token")
         if not isinstance(token, str) or not self.sessions.token_matches(token):
+            self.logins.wrong(client)
             log.info("web.login_refused")
             return self._login_page(401, "That token isn't the one in [web] token. Check it and try again.")
+        self.logins.right(client)
         signed_in = web.HTTPSeeOther("/")
         self.sessions.set_cookie(signed_in, request)
         log.info("web.login")
@@ -272,15 +334,18 @@ class WebAdapter:
         new = request.match_info["conversation"] == "new"
         key = ConversationKey(self.name, request[USER], secrets.token_hex(8)) if new else self._key(request)
         try:
-            text, attachments = await self._read_form(request)
-        except _FormRefused as refused:
-            return json_error(refused.status, str(refused))
-        message = IncomingMessage(key, Author(request[USER], "you"), text, tuple(attachments), message_id=secrets.token_hex(8))
+            form = await read_form(request, self.form_limits, self.uploads)
+        except FormRefused as refused:
+            answer = json_error(refused.status, str(refused))
+            if refused.status in (408, 413):
+                answer.force_close()  # the rest of the body isn't worth reading
+            return answer
+        message = IncomingMessage(key, Author(request[USER], "you"), form.text, tuple(form.attachments()), message_id=secrets.token_hex(8))
         self.platform.record("message")
         events: asyncio.Queue[ReplyEvent | _Stopped] = asyncio.Queue()
         task = self.platform.spawn(self._answer(message, events), "reply")
         self._replies.setdefault(key, set()).add(task)
-        task.add_done_callback(lambda done: self._forget_reply(key, done))
+        task.add_done_callback(lambda done: self._forget_reply(key, done, form))
 
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson; charset=utf-8", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
         await response.prepare(request)
@@ -293,7 +358,10 @@ class WebAdapter:
             pass  # the page went away; the reply goes on and is stored for when it comes back
         return response
 
-    def _forget_reply(self, key: ConversationKey, task: asyncio.Task) -> None:
+    def _forget_reply(self, key: ConversationKey, task: asyncio.Task, form: Form) -> None:
+        form.release()
+        if form.files and self.uploads.free == self.uploads.total:  # the last upload in flight is done with
+            give_memory_back()
         running = self._replies.get(key, set())
         running.discard(task)
         if not running:
@@ -321,62 +389,8 @@ class WebAdapter:
             extra={"conversation": str(message.key), "answered": bool(final and final.text), "seconds": round(asyncio.get_running_loop().time() - started, 3)},
         )
 
-    async def _read_form(self, request: web.Request) -> tuple[str, list[Attachment]]:
-        """The text and files of a message form, read within the size limits."""
-        if request.content_type != "multipart/form-data":
-            raise _FormRefused(415, "Send messages as multipart/form-data, as the chat page does.")
-        if request.content_length is not None and request.content_length > self._max_upload:
-            raise _FormRefused(413, f"That message is {request.content_length / 2**20:.1f} MB; {self._what_fits()}.")
-        reader = await request.multipart()
-        text, attachments, total = "", [], 0
-        async for part in reader:
-            if not isinstance(part, BodyPartReader):
-                raise _FormRefused(400, "Nested multipart forms aren't accepted.")
-            if part.name == "text":
-                data, size = await _read_part(part, _MAX_TEXT_BYTES)
-                if size > _MAX_TEXT_BYTES:
-                    raise _FormRefused(413, f"That message is too long; keep it under {_MAX_TEXT_BYTES // 1024} KB of text.")
-                text = data.decode("utf-8", "replace")
-            elif part.name == "image":
-                data, size = await _read_part(part, self.images.max_bytes)
-                name = PurePath((part.filename or "image").replace("\\", "/")).name[:100] or "image"
-                attachments.append(_uploaded(name, data, size, part.headers.get("Content-Type")))
-            else:
-                await _read_part(part, 0)
-                size = 0
-            total += size
-            if total > self._max_upload:
-                raise _FormRefused(413, f"That message is too big; {self._what_fits()}.")
-        return text, attachments
-
-    def _what_fits(self) -> str:
-        return f"at most {self.images.max_per_turn} images of {self.images.max_bytes / 2**20:.0f} MB each fit in one"
-
     def _take_over(self, pending: Unanswered) -> None:
         self.platform.spawn(self.platform.resume(pending, LiveReply(_Unwatched(), limit=1_000_000), shared=False), "resume")
-
-
-class _FormRefused(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-async def _read_part(part: BodyPartReader, limit: int) -> tuple[bytes, int]:
-    """Up to `limit` bytes of a part, and its whole size (the rest is read and dropped)."""
-    kept, size = bytearray(), 0
-    while chunk := await part.read_chunk(_CHUNK):
-        size += len(chunk)
-        if size <= limit:
-            kept += chunk
-    return bytes(kept), size
-
-
-def _uploaded(name: str, data: bytes, size: int, content_type: str | None) -> Attachment:
-    async def read(max_bytes: int) -> bytes:
-        return data
-
-    return Attachment(name=name, read=read, size=size, content_type=content_type)
 
 
 def _title(turns: list[Turn]) -> str:

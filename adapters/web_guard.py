@@ -10,15 +10,24 @@ checks and the security headers of every response.
   loopback name too, so a page on another site can't reach the chat through DNS rebinding.
 - Every response carries a content security policy that only lets the page run its own scripts and
   styles and talk to its own origin.
+- Wrong tokens are throttled per client address and in total (`LoginThrottle`), connections are
+  bounded (`ConnectionLimit`), and behind a TLS-terminating proxy (`[web] trust_proxy`) the proxy's
+  X-Forwarded-Proto and X-Forwarded-For say the scheme (a Secure cookie over https) and the client.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import hashlib
 import hmac
 import ipaddress
+import math
 import secrets
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -118,13 +127,28 @@ def loopback_host(request: web.Request) -> bool:
     return name in _LOOPBACK_NAMES
 
 
-def guard(sessions: Sessions, loopback_only: bool, public: frozenset[str]) -> Callable:
+def behind_proxy(request: web.Request) -> web.Request:
+    """The request as the client sent it to the proxy: its scheme (X-Forwarded-Proto) and address (the
+    last X-Forwarded-For entry, the one the proxy itself added). Only for a trusted proxy."""
+    changes: dict = {}
+    scheme = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    if scheme in ("http", "https"):
+        changes["scheme"] = scheme
+    client = request.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
+    with contextlib.suppress(ValueError):  # not an address: keep the proxy's own
+        changes["remote"] = str(ipaddress.ip_address(client))
+    return request.clone(**changes) if changes else request
+
+
+def guard(sessions: Sessions, loopback_only: bool, public: frozenset[str], trust_proxy: bool = False) -> Callable:
     """The middleware: host, origin and session checks before handlers. Paths in `public` (the
     page's own files, the login form) need no session; the others get the session's user id as
-    `request[USER]`."""
+    `request[USER]`. With `trust_proxy`, handlers see the request as the proxy says it came."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if trust_proxy:
+            request = behind_proxy(request)
         if loopback_only and not loopback_host(request):
             return json_error(421, "This web chat answers only at localhost or 127.0.0.1.")
         if request.method not in _SAFE_METHODS and not same_origin(request):
@@ -137,3 +161,91 @@ def guard(sessions: Sessions, loopback_only: bool, public: frozenset[str]) -> Ca
         return await handler(request)
 
     return middleware
+
+
+@dataclass
+class _Guesses:
+    wrong: int = 0
+    until: float = 0.0  # no check before this (monotonic time)
+
+
+class LoginThrottle:
+    """Bounds wrong token guesses. A client address gets `free` wrong guesses, then must wait before
+    each next one, twice as long each time (1 s, 2 s, ... up to `max_delay_s`); a right token clears
+    its record. In total, at most `per_minute` wrong guesses a minute are checked: beyond that, clients
+    that guessed wrong before wait, and the others (the owner, say, from an address of their own)
+    share one check a second, so an attacker can't lock the owner out."""
+
+    def __init__(self, free: int = 5, per_minute: int = 30, max_delay_s: float = 900.0, clients: int = 10_000, clock: Callable[[], float] = time.monotonic):
+        self.free = free
+        self.per_minute = per_minute
+        self.max_delay_s = max_delay_s
+        self.clock = clock
+        self._clients: collections.OrderedDict[str, _Guesses] = collections.OrderedDict()
+        self._most_clients = clients
+        self._recent: collections.deque[float] = collections.deque()  # times of wrong guesses in the last minute
+        self._newcomers_next = 0.0
+
+    def admit(self, client: str) -> float:
+        """0 if `client` may have its guess checked now, else the seconds it must wait."""
+        now = self.clock()
+        guesses = self._clients.get(client)
+        if guesses is not None and guesses.until > now:
+            return guesses.until - now
+        while self._recent and self._recent[0] <= now - 60:
+            self._recent.popleft()
+        if len(self._recent) < self.per_minute:
+            return 0.0
+        if guesses is not None:
+            return self._recent[0] + 60 - now
+        if now < self._newcomers_next:
+            return self._newcomers_next - now
+        self._newcomers_next = now + 1.0
+        return 0.0
+
+    def wrong(self, client: str) -> None:
+        now = self.clock()
+        guesses = self._clients.pop(client, None) or _Guesses()
+        guesses.wrong += 1
+        if guesses.wrong >= self.free:
+            guesses.until = now + min(2.0 ** (guesses.wrong - self.free), self.max_delay_s)
+        self._clients[client] = guesses  # the most recent last: the oldest record goes first
+        if len(self._clients) > self._most_clients:
+            self._clients.popitem(last=False)
+        self._recent.append(now)
+
+    def right(self, client: str) -> None:
+        self._clients.pop(client, None)
+
+
+def retry_after(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
+
+
+class _Refused(asyncio.Protocol):
+    """A connection beyond the bound: told so, and closed."""
+
+    _ANSWER = b"Too many connections to the web chat right now; please try again in a moment.\n"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(self._ANSWER)}\r\nConnection: close\r\nRetry-After: 5\r\n\r\n"
+        )
+        transport.write(head.encode() + self._ANSWER)
+        transport.close()
+
+
+class ConnectionLimit:
+    """The listening socket's protocol factory: aiohttp's `server` while it has fewer than `limit`
+    open connections, a 503 and a close beyond (give or take the connections accepted at once)."""
+
+    def __init__(self, server: web.Server, limit: int):
+        self.server = server
+        self.limit = limit
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if len(self.server.connections) >= self.limit:
+            return _Refused()
+        return self.server()

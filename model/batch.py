@@ -14,7 +14,7 @@ Every row keeps `generate`'s rules, so a greedy row's tokens are those of the sa
 (in fp32; see /work/shared/notes/continuous-batching.md for the pitfalls): position ids count the
 row's own tokens, decoding reuses the image mask of the last prompt token, logits are processed in
 fp32 in `generate`'s order (repetition penalty, banned tokens, the row's own processors, then
-temperature and top-p for sampled rows). Everything stays on the model's device; `choose` makes the
+temperature, top-k and top-p for sampled rows). Everything stays on the model's device; `choose` makes the
 one host copy of a step (the chosen tokens).
 """
 
@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache, LogitsProcessor
 from transformers.cache_utils import DynamicLayer
 
+from model.beams import BeamSearch
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -40,6 +42,7 @@ class Sampling:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    top_k: int = 50  # generate's default: a sampled row keeps its 50 likeliest tokens (0: all)
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ class Row:
     """One request in a batch: its tokens so far (prompt and reply), its images and how it samples.
 
     The last token of `ids` is the one the next forward feeds (not in the cache yet), except before
-    the row's first prefill. `owner` is whoever asked; the batch never looks at it.
+    the row's first prefill. `owner` is whoever asked; the batch never looks at it. A row of a beam
+    search (`beams`) gets its tokens from the search, with the other beams of its request.
     """
 
     owner: Any
@@ -69,6 +73,7 @@ class Row:
     ids: list[int] = field(default_factory=list)
     cached: int = 0  # this row's tokens in the cache (its rightmost columns)
     generator: torch.Generator | None = None
+    beams: BeamSearch | None = None
     _buffer: torch.Tensor | None = field(default=None, repr=False)  # `ids` as a tensor, filled on demand
     _filled: int = 0
 
@@ -155,11 +160,11 @@ def image_state_shape(config) -> tuple[int, int]:
 
 
 class RowImages(Protocol):
-    """What a batch's rows need of their images at every decoding step, in the model family's own
-    form (model/family.py makes it at the prefill): rows leave and join through `select` and `concatenate`."""
+    """What a batch's rows need of their images when they are fed more tokens, in the model family's
+    own form (model/family.py makes it at the prefill): rows leave and join through `select` and `concatenate`."""
 
-    def decode_inputs(self, model) -> dict[str, Any]:
-        """The forward's image arguments for one decoding step of every row."""
+    def step_inputs(self, model, width: int = 1) -> dict[str, Any]:
+        """The forward's image arguments for feeding every row `width` more tokens (a decoding step: one)."""
         ...
 
     def select(self, index: torch.Tensor, rows: Sequence[Row]) -> RowImages:
@@ -176,6 +181,32 @@ class PrefillInputs(Protocol):
     rows, and what the rows keep of their images for decoding."""
 
     def prefill_inputs(self, model, rows: Sequence[Row], ids: torch.Tensor) -> tuple[dict[str, Any], RowImages]: ...
+
+
+@dataclass(frozen=True)
+class PrefillForward:
+    """The inputs and output of one prefill: `ids` and `attention_mask` (rows, longest) left-padded,
+    what the rows keep of their images (the family's `RowImages`), and the model's output."""
+
+    ids: torch.Tensor
+    attention_mask: torch.Tensor
+    images: RowImages
+    output: Any
+
+
+def prefill_forward(model, rows: Sequence[Row], family: PrefillInputs, pad_id: int, keep: int = 1) -> PrefillForward:
+    """One forward of the rows' tokens so far, left-padded, with a fresh cache; logits of the last
+    `keep` positions. `family` (model/family.py) gives the forward the rows' images in the model's own form."""
+    device = model.device
+    longest = max(len(row.ids) for row in rows)
+    ids = torch.tensor([[pad_id] * (longest - len(row.ids)) + row.ids for row in rows], device=device)
+    lengths = torch.tensor([len(row.ids) for row in rows], device=device)
+    attention_mask = (torch.arange(longest, device=device) >= longest - lengths[:, None]).long()
+    # generate's rule: positions count the row's own tokens; padding sits at 0.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    inputs, images = family.prefill_inputs(model, rows, ids)
+    output = _forward(model, attention_mask, position_ids, DynamicCache(config=model.config), keep, **inputs)
+    return PrefillForward(ids, attention_mask, images, output)
 
 
 class Batch:
@@ -214,26 +245,17 @@ class Batch:
     def prefill(cls, model, rows: list[Row], family: PrefillInputs, pad_id: int) -> Batch:
         """Run the rows' tokens so far (left-padded) through the model: a new batch with their logits.
         `family` (model/family.py) gives the forward the rows' images in the model's own form."""
-        device = model.device
-        longest = max(len(row.ids) for row in rows)
-        ids = torch.tensor([[pad_id] * (longest - len(row.ids)) + row.ids for row in rows], device=device)
-        lengths = torch.tensor([len(row.ids) for row in rows], device=device)
-        columns = torch.arange(longest, device=device)
-        attention_mask = (columns >= longest - lengths[:, None]).long()
-        # generate's rule: positions count the row's own tokens; padding sits at 0.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        inputs, images = family.prefill_inputs(model, rows, ids)
-        output = _forward(model, attention_mask, position_ids, DynamicCache(config=model.config), **inputs)
+        forward = prefill_forward(model, rows, family, pad_id)
         for row in rows:
             row.cached = len(row.ids)
         return cls(
             rows=list(rows),
-            cache=output.cache,
-            attention_mask=attention_mask,
-            positions=lengths,
-            next_ids=ids[:, -1],
-            images=images,
-            logits=output.logits[:, -1].float(),
+            cache=forward.output.cache,
+            attention_mask=forward.attention_mask,
+            positions=forward.attention_mask.sum(-1),
+            next_ids=forward.ids[:, -1],
+            images=forward.images,
+            logits=forward.output.logits[:, -1].float(),
         )
 
     def decode(self, model) -> None:
@@ -245,7 +267,7 @@ class Batch:
         attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
         try:
             output = _forward(
-                model, attention_mask, self.positions[:, None], self.cache, input_ids=self.next_ids[:, None], **self.images.decode_inputs(model)
+                model, attention_mask, self.positions[:, None], self.cache, input_ids=self.next_ids[:, None], **self.images.step_inputs(model)
             )
         except BaseException:
             for layer, (keys, values) in zip(self.cache.layers, _tensors(self.cache)):
@@ -258,6 +280,20 @@ class Batch:
             row.cached += 1
         self.logits = output.logits[:, -1].float()
 
+    def extend(self, model, suffixes: Sequence[list[int]], pad_id: int) -> torch.Tensor:
+        """Feed row i the tokens `suffixes[i]` after what it holds (right-padded: a row's padding comes
+        after its own tokens, so nothing of its own sees it) and return the logits of every fed
+        position, (rows, longest suffix, vocabulary). For scoring: the batch is spent afterwards."""
+        device = self.attention_mask.device
+        width = max(len(suffix) for suffix in suffixes)
+        ids = torch.tensor([suffix + [pad_id] * (width - len(suffix)) for suffix in suffixes], device=device)
+        lengths = torch.tensor([len(suffix) for suffix in suffixes], device=device)
+        own = (torch.arange(width, device=device) < lengths[:, None]).long()
+        attention_mask = torch.cat([self.attention_mask, own], dim=1)
+        position_ids = self.positions[:, None] + torch.arange(width, device=device)
+        output = _forward(model, attention_mask, position_ids, self.cache, width, input_ids=ids, **self.images.step_inputs(model, width))
+        return output.logits.float()
+
     @torch.inference_mode()
     def choose(self, banned: Sequence[int]) -> tuple[list[int], dict[int, Exception]]:
         """Pick every row's next token from `logits` by its own settings; it becomes the token to feed.
@@ -266,39 +302,74 @@ class Batch:
         processors raised, by index; those rows get no token and should leave the batch."""
         assert self.logits is not None, "choose follows a forward"
         scores = self.logits
+        searches: dict[BeamSearch, list[int]] = {}
+        for index, row in enumerate(self.rows):
+            if row.beams is not None:
+                searches.setdefault(row.beams, []).append(index)
+        for search, indices in searches.items():
+            indices.sort(key=lambda index: search.rows.index(self.rows[index]))
+        beam_logits = {search: scores[indices].clone() for search, indices in searches.items()}  # before anything shapes them
         for index, row in enumerate(self.rows):
             penalty = row.sampling.repetition_penalty
-            if penalty != 1.0:
+            if penalty != 1.0 and row.beams is None:
                 seen = row.tokens(scores.device)
                 picked = scores[index].gather(0, seen)
                 scores[index].scatter_(0, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
         scores[:, list(banned)] = -float("inf")
         failed: dict[int, Exception] = {}
         for index, row in enumerate(self.rows):
-            for processor in row.processors:
+            for processor in row.processors if row.beams is None else ():
                 try:
                     scores[index : index + 1] = processor(row.tokens(scores.device)[None], scores[index : index + 1])
                 except Exception as exc:  # a row's own processor fails that row only
                     failed[index] = exc
         tokens = scores.argmax(-1)
-        sampled = [index for index, row in enumerate(self.rows) if row.sampling.do_sample]
+        sampled = [index for index, row in enumerate(self.rows) if row.sampling.do_sample and row.beams is None]
         if sampled:
             tokens[sampled] = self._sample(scores[sampled], [self.rows[index] for index in sampled])
+        for search, indices in searches.items():
+            try:
+                self._search(search, indices, beam_logits[search], tokens)
+            except Exception as exc:  # a search that fails (a beam lost, a processor raising) fails its request
+                failed.update((index, exc) for index in indices)
         self.next_ids = tokens
         self.logits = None
         chosen = tokens.tolist()
         for index, (row, token) in enumerate(zip(self.rows, chosen)):
-            if index not in failed:
+            if index not in failed and row.beams is None:
                 row.ids.append(token)
         return chosen, failed
 
+    def _search(self, search: BeamSearch, indices: list[int], logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        """A step of `search`, whose beams are the rows at `indices` (in beam order): each beam row takes
+        its parent's cache and tokens, and its new token."""
+        if len(indices) != search.num_beams:
+            raise RuntimeError("a beam of this search left the batch")
+        parents, chosen = search.step(logits)
+        tokens[indices] = torch.tensor(chosen, device=tokens.device)
+        if parents != list(range(len(indices))):
+            target = torch.tensor(indices, device=self.attention_mask.device)
+            source = target[torch.tensor(parents, device=target.device)]
+            for keys, values in _tensors(self.cache):
+                keys[target.to(keys.device)] = keys[source.to(keys.device)]
+                values[target.to(values.device)] = values[source.to(values.device)]
+        for beam, index in enumerate(indices):
+            row = self.rows[index]
+            row.ids = search.beam_ids(beam)
+            row._filled = min(row._filled, len(row.prompt.ids))
+
     @staticmethod
     def _sample(scores: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-        """Temperature, then top-p (as transformers' warpers do), then one draw per row from its own generator."""
+        """Temperature, then top-k, then top-p (transformers' warpers, in generate's order), then one
+        draw per row from its own generator."""
         device = scores.device
         temperature = torch.tensor([row.sampling.temperature for row in rows], device=device)[:, None]
         top_p = torch.tensor([row.sampling.top_p for row in rows], device=device)[:, None]
         scores = scores / temperature
+        vocabulary = scores.shape[-1]
+        top_k = torch.tensor([min(row.sampling.top_k or vocabulary, vocabulary) for row in rows], device=device)[:, None]
+        kth = scores.sort(dim=-1, descending=True).values.gather(1, top_k - 1)
+        scores = scores.masked_fill(scores < kth, -float("inf"))
         ordered, order = scores.sort(dim=-1)
         drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
         drop[:, -1] = False  # keep at least the likeliest token
@@ -390,8 +461,9 @@ def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     return cache
 
 
-def _forward(model, attention_mask, position_ids, cache, **inputs):
-    """One forward of the language model; `inputs` are the tokens (ids or embeddings) and the images
-    in the family's form (precomputed states: the vision encoder never runs here)."""
+def _forward(model, attention_mask, position_ids, cache, keep: int = 1, **inputs):
+    """One forward of the language model, logits of the last `keep` positions; `inputs` are the
+    tokens (ids or embeddings) and the images in the family's form (precomputed states: the vision
+    encoder never runs here)."""
     with torch.inference_mode():
-        return model(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1, **inputs)
+        return model(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=keep, **inputs)

@@ -60,9 +60,17 @@ class Family(abc.ABC):
         """What the model receives for `chat`: its text, with the images in their places."""
 
     @abc.abstractmethod
+    def processed_text(self, chat: Chat) -> str:
+        """The text the processor tokenizes for `chat`, each image as the tokens it writes for it (any
+        `ImageSlot` that is not a `ModelImage` as those of the largest image the processor makes)."""
+
     def count_tokens(self, chat: Chat) -> int:
-        """Tokens `chat` takes in the context, images at their real cost (any `ImageSlot` that is not
-        a `ModelImage` counts as the largest image the processor makes)."""
+        """Tokens `chat` takes in the context, images at their real cost (on the event loop)."""
+        return len(self._counting(self.processed_text(chat), add_special_tokens=False).input_ids)
+
+    def token_ids(self, chat: Chat) -> list[int]:
+        """The token ids of `chat`, as the processor makes them (on the model's worker)."""
+        return self.tokenizer(self.processed_text(chat), add_special_tokens=False).input_ids
 
     @abc.abstractmethod
     def model_inputs(self, chats: Sequence[Chat]) -> Any:

@@ -29,7 +29,7 @@ _IMAGE_PLACE = re.compile(re.escape(IMAGE_TOKEN))
 class CachedImages:
     """Idefics3 rows need nothing of their images after the prefill: the cache holds them."""
 
-    def decode_inputs(self, model) -> dict[str, Any]:
+    def step_inputs(self, model, width: int = 1) -> dict[str, Any]:
         return {}
 
     def select(self, index: torch.Tensor, rows: Sequence[Row]) -> CachedImages:
@@ -102,12 +102,12 @@ class Idefics3(Family):
             rendered.append(piece)
         return [part for part in rendered if part != ""]
 
-    def count_tokens(self, chat: Chat) -> int:
+    def processed_text(self, chat: Chat) -> str:
         pieces = _IMAGE_PLACE.split(self.text(chat))
         expanded = [pieces[0]]
         for image, piece in zip(_images(chat), pieces[1:]):
             expanded += [self.image_text(image), piece]
-        return len(self._counting("".join(expanded), add_special_tokens=False).input_ids)
+        return "".join(expanded)
 
     def image_text(self, image: object) -> str:
         """The tokens the processor writes for `image` (tiles and the global image): from its size

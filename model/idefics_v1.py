@@ -46,8 +46,8 @@ class PerceiverImages:
     states: torch.Tensor  # (rows, images, states, hidden)
     mask: torch.Tensor  # (rows, images) bool
 
-    def decode_inputs(self, model) -> dict[str, Any]:
-        return _image_arguments(model, self.states, self.mask[:, None])
+    def step_inputs(self, model, width: int = 1) -> dict[str, Any]:
+        return _image_arguments(model, self.states, self.mask[:, None].expand(-1, width, -1))
 
     def select(self, index: torch.Tensor, rows: Sequence[Row]) -> PerceiverImages:
         slots = max([1, *(row.images for row in rows)])  # image slots only the rows that left needed go
@@ -82,10 +82,9 @@ class IdeficsV1(Family):
     def render(self, chat: Chat) -> list[Part]:
         return render_instruct(chat)
 
-    def count_tokens(self, chat: Chat) -> int:
+    def processed_text(self, chat: Chat) -> str:
         # The same text the processor builds: <s>, then the shared marker rules (model/markers.py).
-        text = self.tokenizer.bos_token + marked_text(self.render(chat))
-        return len(self._counting(text, add_special_tokens=False).input_ids)
+        return self.tokenizer.bos_token + marked_text(self.render(chat))
 
     def model_inputs(self, chats: Sequence[Chat]) -> Any:
         prompts = [processor_items(self.render(chat)) for chat in chats]

@@ -5,12 +5,15 @@ What differs between the model families (IDEFICS v1, Idefics3/SmolVLM) is the `F
 the same for all.
 
 Iteration-level scheduling: there is one running batch (`model.batch.Batch`). Before every decoding
-step the worker takes the requests waiting in the queue that fit (`max_batch_size` rows, and the
-`max_batch_tokens` budget of cache rows x tokens), prefills them and merges them in; after every
+step the worker takes the requests waiting in the queue that fit (the `max_batch_tokens` budget of
+cache rows x tokens, and at most `max_batch_size` rows), prefills them and merges them in; after every
 step, rows that ended (an end token, a stop string, their own max_new_tokens, their asker gone or
-out of time) leave at once. Nobody waits for somebody else's long answer, and greedy and sampled
-requests share the batch. The event loop never runs the model: tokens go back through
-`loop.call_soon_threadsafe`, and a watchdog on the loop replaces a worker that stops making progress.
+out of time) leave at once. Nobody waits for somebody else's long answer: greedy, sampled and
+beam-search requests (one row per beam, `model.beams`) share the batch, and label scoring is a
+prefill-only request run between two steps (`model.scoring`). A newcomer whose prefill runs out of
+memory while others decode waits in front of the queue, under a lowered budget, for room. The event
+loop never runs the model: tokens go back through `loop.call_soon_threadsafe`, and a watchdog on the
+loop replaces a worker that stops making progress.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from transformers import LogitsProcessor
 
 from model.batch import Batch, Row, Sampling, footprint
-from model.beams import search_beams
+from model.beams import BeamSearch, beam_reply
 from model.family import Family, family_for
 from model.loading import CheckpointSettings, load_checkpoint
 from model.scoring import score_continuations
@@ -67,9 +70,11 @@ RowProcessorFactory = Callable[[list[int]], LogitsProcessor]
 class BatchSettings:
     """How requests share the model: rows, cache budget, queue, recovery, the watchdog, threads."""
 
-    max_batch_size: int = 8
+    # A ceiling on rows, high enough that the token budget below, i.e. memory, is what limits the batch.
+    max_batch_size: int = 64
     # Rows x tokens of KV cache the running batch may need at most (every row padded to the longest
-    # prompt + reply); an out-of-memory error lowers it for a while. 8 rows x 2,048 tokens by default.
+    # prompt + reply); an out-of-memory error lowers it for a while. 8 rows x 2,048 tokens by default
+    # (or 40 rows of ~400); size it to the GPU memory left after the weights (README, "Sizing the batch").
     max_batch_tokens: int = 16384
     max_queue: int = 64
     # After an out-of-memory error the budget is halved; this many answered requests later it doubles back.
@@ -89,8 +94,10 @@ class _Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set on the loop: the worker drops the row at its next step
     started: bool = False
-    row: Row | None = None  # the prompt, encoded by the worker; kept if the row is put back in the queue
-    reply: ReplyStream | None = None
+    # The prompt, encoded by the worker: one row, or one per beam; kept if put back in the queue.
+    rows: list[Row] = field(default_factory=list)
+    reply: ReplyStream | None = None  # a streamed reply's text so far (a beam search's arrives whole)
+    answered: bool = False
 
     def emit(self, event: StreamEvent | BaseException) -> None:
         """Hand an event to the asker; safe from the worker thread."""
@@ -98,7 +105,7 @@ class _Job:
 
     @property
     def open(self) -> bool:
-        return not self.cancelled and not (self.reply is not None and self.reply.finished)
+        return not self.cancelled and not self.answered and not (self.reply is not None and self.reply.finished)
 
 
 class LocalBackend(ModelService):
@@ -211,17 +218,14 @@ class LocalBackend(ModelService):
         return self.family.count_tokens(prompt)
 
     async def score(self, request: ScoreRequest) -> list[float]:
-        # All continuations in one forward pass, between two steps of the running batch.
+        # A prefill-only request: the image encoded once, all continuations in one forward pass, between
+        # two steps of the running batch (the pause of one newcomer's prefill).
         def weigh(model, processor) -> list[float]:
-            return score_continuations(model, self.family, request.prompt, request.continuations, self.row_processors)
+            return score_continuations(model, self.family, request.prompt, request.continuations, end_ids=self._end_ids, row_processors=self.row_processors)
 
         return await self._one_off(weigh, request, lambda: ModelTimeout.scoring(request))
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
-        if request.params.num_beams > 1:
-            async for event in self._searched(request):
-                yield event
-            return
         job = self._submit(request)
         loop = job.loop
         deadline = None if request.queue_timeout is None else loop.time() + request.queue_timeout
@@ -257,29 +261,6 @@ class LocalBackend(ModelService):
             self._lock.notify()
         return await asyncio.wrap_future(done)
 
-    async def _searched(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
-        """A beam-search reply (model/beams.py): one `generate` call between two steps of the running
-        batch, which pauses meanwhile; the reply is sent whole."""
-        yield Started(batch_size=1)
-
-        def search(model, processor) -> Finished:
-            return search_beams(
-                model,
-                processor,
-                self.family.model_inputs([request.prompt]),
-                request,
-                end_ids=self._end_ids,
-                banned_ids=self._banned,
-                row_processors=self.row_processors,
-                decode=self._decode,
-                on_step=self._progressed,
-            )
-
-        finished = await self._one_off(search, request, lambda: ModelTimeout.after(request, started=True))
-        if finished.text:
-            yield TextDelta(finished.text)
-        yield finished
-
     async def _one_off(self, work: Callable[[Any, Any], T], request: GenerationRequest | ScoreRequest, timed_out: Callable[[], ModelError]) -> T:
         """`work` run between steps, within the request's time limits (queue and work together), its
         failure told as a `ModelError`."""
@@ -295,9 +276,6 @@ class LocalBackend(ModelService):
             log.exception("request.failed", extra={"request": request.label})
             detail = "it ran out of memory" if _is_out_of_memory(exc) else "it hit an internal error"
             raise GenerationFailed(f"Sorry, the model could not answer this one ({detail}). Please try again.") from None
-
-    def _progressed(self) -> None:
-        self._last_progress = time.monotonic()
 
     # -- the queue (event loop side) ---------------------------------------------------------
 
@@ -324,10 +302,13 @@ class LocalBackend(ModelService):
         self._announce_positions()
 
     def _announce_positions(self) -> None:
+        """Tell every waiting request its place; rows put back in the queue (already started) count
+        in front of them, though they hear nothing themselves."""
         with self._lock:
-            waiting = [job for job in self._pending if not job.started]
+            waiting = list(self._pending)
         for position, job in enumerate(waiting, start=1):
-            job.events.put_nowait(Queued(position=position))
+            if not job.started:
+                job.events.put_nowait(Queued(position=position))
 
     # -- the watchdog (event loop side) -------------------------------------------------------
 
@@ -400,23 +381,22 @@ class LocalBackend(ModelService):
                 if not self._pending or len(rows) + len(joining) >= self.batching.max_batch_size:
                     break
                 job = self._pending[0]
-            if job.row is None and not self._encode(job):
+            if not job.rows and not self._encode(job):
                 continue
-            assert job.row is not None
             with self._lock:
                 if not self._pending or self._pending[0] is not job:
                     continue  # cancelled while it was being encoded
-                together = [*rows, *joining, job.row]
+                together = [*rows, *joining, *job.rows]
                 if rows + joining and footprint(together) > self._token_budget:
                     break
                 self._pending.popleft()
-            joining.append(job.row)
+            joining.extend(job.rows)
             if not job.started:
                 job.started = True
                 job.emit(Started(batch_size=len(together)))
         if joining:
             self._loop.call_soon_threadsafe(self._announce_positions)
-            self._active = [*self._active, *(row.owner for row in joining)]
+            self._active = [*self._active, *dict.fromkeys(row.owner for row in joining)]
         return joining
 
     def _run_between_steps(self) -> None:
@@ -443,20 +423,28 @@ class LocalBackend(ModelService):
             self._fail([job], GenerationFailed("Sorry, the model could not answer this one (it hit an internal error). Please try again."))
             return False
         params = job.request.params
+        processors = [make(prompt.ids) for make in self.row_processors]
+        if params.num_beams > 1:
+            search = BeamSearch(
+                prompt.ids,
+                params.num_beams,
+                params.max_new_tokens,
+                end_ids=self._end_ids,
+                banned_ids=self._banned,
+                repetition_penalty=params.repetition_penalty,
+                processors=processors,
+            )
+            search.rows = [Row(owner=job, prompt=prompt, max_new_tokens=params.max_new_tokens, beams=search) for _ in range(params.num_beams)]
+            job.rows = list(search.rows)
+            return True
         sampling = Sampling(params.do_sample, params.temperature, params.top_p, params.repetition_penalty, params.seed)
-        job.row = Row(
-            owner=job,
-            prompt=prompt,
-            max_new_tokens=params.max_new_tokens,
-            sampling=sampling,
-            processors=[make(prompt.ids) for make in self.row_processors],
-        )
+        job.rows = [Row(owner=job, prompt=prompt, max_new_tokens=params.max_new_tokens, sampling=sampling, processors=processors)]
         job.reply = ReplyStream(job.emit, self._decode, self._end_ids, params.max_new_tokens, job.request.stop_strings, self._byte_ids)
         return True
 
     def _join(self, batch: Batch | None, rows: list[Row]) -> Batch | None:
         """Prefill `rows`, give each its first token, and merge those still going into `batch`."""
-        joined: Batch | None = self._isolating(rows, self._prefill)
+        joined: Batch | None = self._isolating(rows, self._prefill, batch)
         if joined is not None:
             joined = self._advance(joined)
         parts = [part for part in (batch, joined) if part is not None]
@@ -492,13 +480,26 @@ class LocalBackend(ModelService):
             if index in failed:
                 log.error("request.failed", exc_info=failed[index], extra={"request": job.request.label})
                 self._fail([job], GenerationFailed("Sorry, the model could not answer this one (it hit an internal error). Please try again."))
-            elif job.cancelled:
+            elif not job.open:
                 continue
+            elif row.beams is not None:
+                if not row.beams.done:
+                    keep.append(index)
+                elif row is row.beams.rows[0]:
+                    self._answer_beams(job, row.beams)
             elif job.reply.push(token):
                 self._answered()
             else:
                 keep.append(index)
         return self._keep(batch, keep)
+
+    def _answer_beams(self, job: _Job, search: BeamSearch) -> None:
+        finished = beam_reply(search, self._decode, self._end_ids, job.request.stop_strings)
+        job.answered = True
+        if finished.text:
+            job.emit(TextDelta(finished.text))
+        job.emit(finished)
+        self._answered()
 
     @staticmethod
     def _keep(batch: Batch, keep: list[int]) -> Batch | None:
@@ -506,51 +507,66 @@ class LocalBackend(ModelService):
             return None
         return batch if len(keep) == len(batch) else batch.select(keep)
 
-    def _isolating(self, work: Batch | list[Row], run: Callable) -> Batch | None:
-        """`run(work)` (a prefill of rows, or a decoding step of a batch), so that a row that makes
-        the model raise fails alone: on an error the work is split in halves until the failing row is
-        alone; the halves that succeed come back merged. Out of memory lowers the token budget and
-        puts the newest rows back into the queue instead."""
+    def _isolating(self, work: Batch | list[Row], run: Callable, running: Batch | None = None) -> Batch | None:
+        """`run(work)` (a prefill of rows, or a decoding step of a batch), so that a request that makes
+        the model raise fails alone: on an error the work is split in halves until the failing
+        request is alone; the halves that succeed come back merged. Out of memory lowers the token
+        budget and puts rows back into the queue instead (see `_out_of_memory`); `running` is the
+        batch that decodes on while newcomers are prefilled."""
         rows = work.rows if isinstance(work, Batch) else work
         try:
             return run(work)
         except Exception as exc:
             if _is_out_of_memory(exc):
-                return self._out_of_memory(work, rows, run)
-            if len(rows) == 1:
+                return self._out_of_memory(work, rows, run, running)
+            if _one_request(rows):
                 job = rows[0].owner
                 log.exception("request.failed", extra={"request": job.request.label})
                 self._fail([job], GenerationFailed("Sorry, the model could not answer this one (it hit an internal error). Please try again."))
                 return None
             log.warning("batch.split", extra={"size": len(rows), "error": type(exc).__name__})
             halves = work.split() if isinstance(work, Batch) else (work[: len(work) // 2], work[len(work) // 2 :])
-            done = [part for part in (self._isolating(half, run) for half in halves) if part is not None]
+            done = [part for part in (self._isolating(half, run, running) for half in halves) if part is not None]
             return Batch.concatenate(done) if done else None
 
-    def _out_of_memory(self, work: Batch | list[Row], rows: list[Row], run: Callable) -> Batch | None:
-        """Lower the budget below what failed; the rows beyond it wait in the queue (keeping what they
-        have said) and the rest is tried again. A row that does not fit alone fails."""
-
+    def _out_of_memory(self, work: Batch | list[Row], rows: list[Row], run: Callable, running: Batch | None) -> Batch | None:
+        """Lower the budget below what failed. Newcomers whose prefill failed while others decode wait
+        in front of the queue until rows leave and make room. Otherwise the rows beyond the budget wait
+        in the queue (keeping what they have said) and the rest is tried again; a request that does
+        not fit alone fails."""
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        if len(rows) == 1:
+        waiting_for_room = running is not None and not isinstance(work, Batch)
+        if _one_request(rows) and not waiting_for_room:
             job = rows[0].owner
             log.error("request.out_of_memory", extra={"request": job.request.label, "tokens": footprint(rows)})
             self._fail([job], GenerationFailed("Sorry, the model could not answer this one (it ran out of memory). Please try again."))
             return None
-        self._token_budget = max(1, min(self._token_budget, footprint(rows)) // 2)
+        everything = [*running.rows, *rows] if waiting_for_room and running is not None else rows
+        self._token_budget = max(1, min(self._token_budget, footprint(everything)) // 2)
         self._answered_since_oom = 0
-        log.warning("batch.budget_lowered", extra={"tokens": self._token_budget, "rows": len(rows)})
-        fit = 1
-        while fit < len(rows) and footprint(rows[: fit + 1]) <= self._token_budget:
-            fit += 1
-        with self._lock:
-            self._pending.extendleft(row.owner for row in reversed(rows[fit:]))
-        self._loop.call_soon_threadsafe(self._announce_positions)
-        for row in rows[fit:]:
-            row.cached = 0  # it will be prefilled again with its reply so far
+        log.warning("batch.budget_lowered", extra={"tokens": self._token_budget, "rows": len(everything)})
+        fit = 0
+        if not waiting_for_room:
+            fit = 1
+            while fit < len(rows) and footprint(rows[: fit + 1]) <= self._token_budget:
+                fit += 1
+            while fit < len(rows) and rows[fit].owner is rows[fit - 1].owner:  # a request's beams stay together
+                fit += 1
+        self._put_back(rows[fit:])
+        if fit == 0:
+            return None
         kept = work.select(range(fit)) if isinstance(work, Batch) else work[:fit]
-        return self._isolating(kept, run)
+        return self._isolating(kept, run, running)
+
+    def _put_back(self, rows: list[Row]) -> None:
+        """Rows back to the front of the queue, in their order: they continue from what they have said
+        when they fit again."""
+        with self._lock:
+            self._pending.extendleft(reversed(dict.fromkeys(row.owner for row in rows)))
+        self._loop.call_soon_threadsafe(self._announce_positions)
+        for row in rows:
+            row.cached = 0  # it will be prefilled again with its reply so far
 
     def _answered(self) -> None:
         if self._token_budget >= self.batching.max_batch_tokens:
@@ -563,6 +579,11 @@ class LocalBackend(ModelService):
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _one_request(rows: Sequence[Row]) -> bool:
+    """Whether `rows` are all one request's (one row, or the beams of one search)."""
+    return all(row.owner is rows[0].owner for row in rows)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -172,11 +172,13 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class Finished:
-    """The reply is complete. `reason` is "stop" (end of utterance or stop string) or "length"."""
+    """The reply is complete. `reason` is "stop" (end of utterance or stop string), "length", or
+    "cut" (a remote server's stream broke off: `text` is what came, and `note` says so)."""
 
     text: str
     reason: str
     tokens: int
+    note: str = ""  # for the asker, shown with the reply
 
 
 StreamEvent = Queued | Started | TextDelta | Finished
@@ -217,6 +219,14 @@ class ModelTimeout(ModelError):
 
 class GenerationFailed(ModelError):
     """The model raised while working on this request (the other requests of its batch go on)."""
+
+
+class ContextTooLong(GenerationFailed):
+    """A remote server refused the prompt as longer than its context (the bot's count fell short)."""
+
+
+class ScoringUnavailable(ModelError):
+    """The backend can't weigh continuations (its server scores no prompts): generate instead."""
 
 
 class ModelUnavailable(ModelError):

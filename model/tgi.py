@@ -15,28 +15,32 @@ shown twice: the server couldn't be reached, or said it was overloaded, before s
 from __future__ import annotations
 
 import asyncio
-import base64
-import functools
-import hashlib
-import io
 import json
 import logging
-import math
-import random
-from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, aclosing
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar, cast
+from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import aiohttp
-from PIL import Image, UnidentifiedImageError
 
 from model.instruct import CHAT_FORMAT_STARTS, render_chat_format, render_instruct
 from model.markers import image_markers
-from model.pictures import decode
+from model.remote import (
+    AUTH_REFUSED,
+    BUSY,
+    SERVER_FAILED,
+    TOO_MANY_IMAGES,
+    RemoteBackend,
+    RemoteSettings,
+    Retry,
+    compact,
+    data_uri,
+    data_uri_bytes,
+    error_payload,
+    retry_after,
+    server_events,
+)
 from model.reply_text import visible_text
 from model.service import (
     END_OF_UTTERANCE,
@@ -53,13 +57,11 @@ from model.service import (
     ModelImage,
     ModelInfo,
     ModelLoadError,
-    ModelService,
     ModelTimeout,
     ModelUnavailable,
     Part,
     Prompt,
     PromptItem,
-    Queued,
     ScoreRequest,
     Started,
     StreamEvent,
@@ -73,14 +75,9 @@ T = TypeVar("T")
 
 # TGI reads `![](...)` in the prompt as an image to fetch; in text people typed it is written apart.
 _IMAGE_MARKUP, _INERT_MARKUP = "![](", "![ ]("
-_QUICK_CALL_S = 30.0  # /info and /tokenize answer at once on a healthy server
-_ERROR_BODY_BYTES = 64 * 1024
 # The tokens that end a reply. TGI checks the length limit before them, so one that is also the
 # max_new_tokens-th token comes with finish_reason "length", though the reply is complete.
 _END_TOKENS = (END_OF_UTTERANCE, "</s>")
-# IDEFICS' image processor squashes every image to this square, so an image at most this large on
-# each side loses nothing the model sees.
-MODEL_IMAGE_SIDE = 224
 # What one image costs in the context of each later family, as the server's processor cuts it (at most
 # 4 x 4 tiles and the global image, each its <image> tokens and markers): an estimate from the published
 # processor settings, since the server's tokenizer is asked about text only. Too high rather than too low.
@@ -98,15 +95,8 @@ def served_family(model_id: str) -> str | None:
 
 # What a request body holds besides `inputs`: the generation parameters, with room for stop strings.
 _PARAMETERS_BYTES = 1024
-_JSON = {"Content-Type": "application/json"}
 
-_BUSY = "The model server is busy right now; please try again in a moment."
-_UNREACHABLE = "I can't reach the model server right now; please try again in a few minutes."
-_AUTH_REFUSED = "The model server refused my credentials, so I can't answer right now. Please tell whoever runs this bot."
 _TOO_LONG = "Your message is too long for the model server to read. Please shorten it."
-_SERVER_FAILED = "Sorry, the model server hit an error while answering this one. Please try again."
-_SHUTTING_DOWN = "The bot is shutting down; your request was not answered."
-_TOO_MANY_IMAGES = "These images are more than the model server takes in one request. Please send fewer images at a time."
 _PAYLOAD_REFUSED = (
     "The model server refused a request this large (HTTP 413). Please send fewer images at a time; whoever "
     "runs the bot can raise the server's --payload-limit, or set [model] payload_limit to match it."
@@ -114,20 +104,8 @@ _PAYLOAD_REFUSED = (
 
 
 @dataclass(frozen=True)
-class TGISettings:
-    """Where the server is and how this process uses it."""
-
-    url: str
-    token: str | None = field(default=None, repr=False)  # sent as "Authorization: Bearer ..."
-    max_concurrency: int = 16  # requests at the server at once; the rest wait here
-    max_queue: int = 64  # requests waiting here beyond this many are told "busy" at once
-    max_retries: int = 3
-    retry_backoff_s: float = 0.5  # before the first retry; doubles each time. The server's Retry-After wins.
-    connect_timeout_s: float = 10.0
-    payload_limit: int = 2_000_000  # bytes in a request body: the server's --payload-limit
-    # What the engine reserves for a reply ([generation] max_new_tokens): with it, the context the
-    # engine fits conversations into keeps prompts within the server's max_input_tokens too.
-    reply_tokens: int = 512
+class TGISettings(RemoteSettings):
+    """Where the TGI server is (its root address) and how this process uses it."""
 
 
 # -- the prompt, as TGI takes it -------------------------------------------------------------
@@ -155,20 +133,6 @@ def _parts(prompt: Sequence[str | _Image]) -> list[str | _Image]:
     return parts
 
 
-def _mime(image: ModelImage) -> str:
-    """The image's media type, read from its bytes (TGI guesses from the bytes itself when unknown)."""
-    try:
-        with Image.open(io.BytesIO(image.data)) as picture:
-            return Image.MIME.get(picture.format or "", "application/octet-stream")
-    except UnidentifiedImageError:
-        return "application/octet-stream"
-
-
-def data_uri(image: ModelImage) -> str:
-    """The image as a data URI, its type read from its bytes."""
-    return f"data:{_mime(image)};base64,{base64.b64encode(image.data).decode('ascii')}"
-
-
 def render_inputs(prompt: Prompt, uri: Callable[[ModelImage], str] = data_uri) -> str:
     """The `inputs` string for TGI: the text, with every image inline as `![](<uri(image)>)`."""
     return "".join(part if isinstance(part, str) else f"![]({uri(part)})" for part in _parts(prompt))
@@ -178,26 +142,8 @@ def inputs_bytes(prompt: Prompt) -> int:
     """The size of `inputs` as JSON in the request body, its images sent as they are. (A data URI
     has nothing JSON escapes, so each adds exactly its length.)"""
     text = json.dumps(render_inputs(prompt, lambda image: ""))
-    uris = sum(len(f"data:{_mime(part)};base64,") + 4 * math.ceil(len(part.data) / 3) for part in prompt if isinstance(part, ModelImage))
+    uris = sum(data_uri_bytes(part) for part in prompt if isinstance(part, ModelImage))
     return len(text.encode()) + uris
-
-
-@functools.lru_cache(maxsize=32)
-def compact(image: ModelImage) -> ModelImage:
-    """`image` as the model sees it, in fewer bytes: at most MODEL_IMAGE_SIDE pixels on each side
-    (the processor squashes it to that square anyway), as a JPEG of quality 90; `image` itself if
-    that is no smaller. CPU-bound: call it off the event loop."""
-    picture = decode(image)
-    width, height = picture.size
-    side = (min(width, MODEL_IMAGE_SIDE), min(height, MODEL_IMAGE_SIDE))
-    if side != picture.size:
-        picture = picture.resize(side, Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    picture.save(buffer, "JPEG", quality=90)
-    data = buffer.getvalue()
-    if len(data) >= len(image.data):
-        return image
-    return ModelImage(hashlib.sha256(data).hexdigest(), data, image.name)
 
 
 def within_payload(prompt: Prompt, limit: int) -> tuple[list[PromptItem], int]:
@@ -228,32 +174,6 @@ def counted_text(prompt: CountedPrompt) -> str:
 # -- talking to the server -------------------------------------------------------------------
 
 
-class _Retry(Exception):
-    """An answer that is safe to retry; `failure` is what the asker gets when retries run out."""
-
-    def __init__(self, failure: ModelError, wait: float | None = None):
-        super().__init__(str(failure))
-        self.failure = failure
-        self.wait = wait
-
-
-def retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (delay in seconds, or an HTTP date), if it has one."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
 def server_error(error_type: str, message: str, status: int | None = None) -> ModelError:
     """The asker's error for an error TGI reported, as an HTTP status or as an event in the stream.
 
@@ -261,17 +181,17 @@ def server_error(error_type: str, message: str, status: int | None = None) -> Mo
     the model with 424 ("generation"), a body over its --payload-limit with 413 (in plain text), and
     a stream that the model ended without its last token with "incomplete_generation_stream"."""
     if status in (401, 403):
-        return ModelUnavailable(_AUTH_REFUSED)
+        return ModelUnavailable(AUTH_REFUSED)
     if status == 413:
         return GenerationFailed(_PAYLOAD_REFUSED)
     if status in (429, 503) or error_type == "overloaded":
-        return ModelBusy(_BUSY)
+        return ModelBusy(BUSY)
     if status == 422 or error_type == "validation":
         if "inputs" in message and "tokens" in message:
             return GenerationFailed(_TOO_LONG)
         return GenerationFailed(f"The model server could not take this request: {message or 'it gave no reason'}.")
     if status == 424 or error_type == "generation":
-        return GenerationFailed(_SERVER_FAILED)
+        return GenerationFailed(SERVER_FAILED)
     if error_type == "incomplete_generation_stream":
         return GenerationFailed("The model server stopped in the middle of the reply. Please send your message again.")
     code = f" (HTTP {status})" if status else ""
@@ -279,125 +199,34 @@ def server_error(error_type: str, message: str, status: int | None = None) -> Mo
 
 
 async def _check_status(response: aiohttp.ClientResponse) -> None:
-    """Raise for a response that isn't 200: `_Retry` when trying again is safe (429, 503), else the error."""
+    """Raise for a response that isn't 200: `Retry` when trying again is safe (429, 503), else the error."""
     if response.status == 200:
         return
-    body = await response.content.read(_ERROR_BODY_BYTES)
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        payload = {}
-    if not isinstance(payload, dict):
-        payload = {}
+    payload = await error_payload(response)
     error_type, message = str(payload.get("error_type", "")), str(payload.get("error", ""))
     log.warning("tgi.refused", extra={"status": response.status, "error_type": error_type})
     log.debug("tgi.refused_detail", extra={"status": response.status, "error": message})
     failure = server_error(error_type, message, response.status)
     if response.status in (429, 503):
-        raise _Retry(failure, retry_after(response.headers.get("Retry-After")))
+        raise Retry(failure, retry_after(response.headers.get("Retry-After")))
     raise failure
-
-
-async def server_events(response: aiohttp.ClientResponse) -> AsyncGenerator[dict, None]:
-    """The JSON payloads of a server-sent event stream, in order. Keep-alive comments and other
-    fields are skipped; a connection that breaks just ends the stream (the caller sees no final event)."""
-    data: list[str] = []
-    try:
-        async for raw in response.content:
-            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-            if line:
-                if line.startswith("data:"):
-                    data.append(line[5:].removeprefix(" "))
-                continue
-            if not data:
-                continue
-            text, data = "\n".join(data), []
-            try:
-                payload = json.loads(text)
-            except ValueError:
-                payload = None
-            if not isinstance(payload, dict):
-                log.warning("tgi.unreadable_event", extra={"bytes": len(text)})
-                raise GenerationFailed("The model server sent a reply I couldn't read. Please try again.")
-            yield payload
-    except aiohttp.ClientError as exc:
-        log.warning("tgi.stream_broken", extra={"error": type(exc).__name__})
-
-
-# -- waiting for a place at the server -------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Place:
-    position: int = 0  # 0 once admitted
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-class _Line:
-    """At most `limit` requests at the server at once; the others wait their turn in arrival order.
-    A place that is given up passes straight to the first in line."""
-
-    def __init__(self, limit: int, max_waiting: int):
-        self.limit = limit
-        self.max_waiting = max_waiting
-        self.admitted = 0
-        self._waiting: deque[_Place] = deque()
-
-    def join(self) -> _Place:
-        place = _Place()
-        if self.admitted < self.limit and not self._waiting:
-            self.admitted += 1
-            return place
-        if len(self._waiting) >= self.max_waiting:
-            raise ModelBusy("I'm busy with other requests right now; please try again in a moment.")
-        self._waiting.append(place)
-        place.position = len(self._waiting)
-        return place
-
-    def leave(self, place: _Place) -> None:
-        if place in self._waiting:
-            self._waiting.remove(place)
-        elif self._waiting:
-            first = self._waiting.popleft()
-            first.position = 0
-            first.changed.set()
-        else:
-            self.admitted -= 1
-        for position, waiting in enumerate(self._waiting, start=1):
-            if waiting.position != position:
-                waiting.position = position
-                waiting.changed.set()
-
-    def wake_all(self) -> None:
-        for place in self._waiting:
-            place.changed.set()
 
 
 # -- the backend -----------------------------------------------------------------------------
 
 
-class TGIBackend(ModelService):
+class TGIBackend(RemoteBackend):
     """IDEFICS on a text-generation-inference server, behind the same interface as the local backend.
     Made ready by `await TGIBackend.open(settings)`, which checks the server first."""
 
+    source = "tgi"
+
     def __init__(self, settings: TGISettings):
         """A backend with its HTTP session (in a running event loop); `open` makes sure the server answers."""
-        self.settings = settings
+        super().__init__(settings)
         self.info = ModelInfo(name=settings.url, max_request_bytes=settings.payload_limit)
-        self._base = settings.url.rstrip("/")
-        self._line = _Line(settings.max_concurrency, settings.max_queue)
-        self._tokenizing = asyncio.Semaphore(settings.max_concurrency)
         self._max_stops = 4  # TGI's default max_stop_sequences, until /info says otherwise
         self._family: str | None = None  # the served model's later family (None: IDEFICS v1), from /info
-        headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
-        self._http = aiohttp.ClientSession(
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s),
-            connector=aiohttp.TCPConnector(limit=settings.max_concurrency * 2),  # streams, and token counts
-        )
-        self._reachable = False
-        self._closed = False
-        self._streams: set[aiohttp.ClientResponse] = set()  # replies being read
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -414,20 +243,6 @@ class TGIBackend(ModelService):
             raise
         backend._reachable = True
         return backend
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._line.wake_all()  # those waiting for a place hear that the bot stops
-        # Break the streams in flight, so their askers are told why. Closing the session alone doesn't
-        # wake a reader: aiohttp's protocol lets go of the response before the connection is lost.
-        for response in self._streams:
-            response.content.set_exception(aiohttp.ClientConnectionError("the bot is shutting down"))
-        await self._http.close()
-
-    def health(self) -> dict[str, bool]:
-        return {"connected": not self._closed, "server_reachable": self._reachable}
 
     async def _startup_call(self, method: str, path: str, payload: dict | None, purpose: str) -> object:
         """One start-up call, its JSON answer (None if it isn't JSON). What can go wrong becomes a
@@ -508,9 +323,6 @@ class TGIBackend(ModelService):
             "TGI_TOKEN environment variable) to the key the server was started with (text-generation-launcher --api-key)."
         )
 
-    def _quick_timeout(self) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=_QUICK_CALL_S, sock_connect=self.settings.connect_timeout_s)
-
     # -- the interface -----------------------------------------------------------------------
 
     def render(self, prompt: Chat) -> list[Part]:
@@ -557,21 +369,16 @@ class TGIBackend(ModelService):
         started = False
         place = self._line.join()
         try:
-            # Position 1 is at the server, waiting for its first token; the line here comes after it.
-            while place.position:
-                place.changed.clear()
-                yield Queued(place.position + 1)
-                await self._within(place.changed.wait(), deadline, request, started)
-                self._check_open()
-            yield Queued(1)
+            async for queued in self._waiting(place, deadline, request):
+                yield queued
             async with AsyncExitStack() as stack:  # however the iteration ends, the HTTP stream is closed
 
                 async def opened(response: aiohttp.ClientResponse) -> tuple[AsyncIterator[dict], dict | None]:
                     await _check_status(response)
-                    events = server_events(response)
+                    events = server_events(response, self.source)
                     first = await anext(events, None)
                     if first is not None and first.get("error_type") == "overloaded":
-                        raise _Retry(ModelBusy(_BUSY))
+                        raise Retry(ModelBusy(BUSY))
                     stack.callback(response.close)
                     self._streams.add(response)
                     stack.callback(self._streams.discard, response)
@@ -652,24 +459,13 @@ class TGIBackend(ModelService):
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ModelUnavailable(_SHUTTING_DOWN)
-
-    def _broken_off(self, shown: str) -> ModelError:
-        if self._closed:
-            return ModelUnavailable(_SHUTTING_DOWN)
-        if shown:
-            return GenerationFailed("The connection to the model server broke off in the middle of the reply. Please send your message again.")
-        return GenerationFailed("The model server closed the connection before answering. Please try again.")
-
     def _body(self, request: GenerationRequest) -> bytes:
         """The JSON body for `request`, within the server's payload limit. CPU-bound."""
         prompt, _ = within_payload(self._items(request.prompt), self.settings.payload_limit)
         body = json.dumps({"inputs": render_inputs(prompt), "parameters": self._parameters(request)}).encode()
         if len(body) > self.settings.payload_limit:
             log.warning("tgi.payload_too_large", extra={"request": request.label, "bytes": len(body), "limit": self.settings.payload_limit})
-            raise GenerationFailed(_TOO_MANY_IMAGES)
+            raise GenerationFailed(TOO_MANY_IMAGES)
         return body
 
     def _parameters(self, request: GenerationRequest) -> dict:
@@ -689,60 +485,3 @@ class TGIBackend(ModelService):
             if params.top_p < 1:
                 parameters["top_p"] = params.top_p
         return parameters
-
-    @staticmethod
-    async def _within(awaitable: Awaitable[T], deadline: float | None, request: GenerationRequest, started: bool) -> T:
-        """Await under the request's current time limit (a timeout spanning a `yield` would fire in the asker's task)."""
-        if deadline is None:
-            return await awaitable
-        limit = asyncio.timeout_at(deadline)
-        try:
-            async with limit:
-                return await awaitable
-        except TimeoutError:
-            if limit.expired():
-                raise ModelTimeout.after(request, started) from None
-            raise
-
-    async def _call(
-        self,
-        path: str,
-        body: bytes,
-        opened: Callable[[aiohttp.ClientResponse], Awaitable[T]],
-        deadline: float | None,
-        timeout: aiohttp.ClientTimeout | None = None,
-    ) -> T:
-        """POST the JSON `body` and hand the response to `opened`, retrying what is safe to retry: no
-        answer at all, or an overloaded server (`_Retry`), with exponential backoff or the server's
-        Retry-After, as long as the retries and the asker's `deadline` allow."""
-        loop = asyncio.get_running_loop()
-        attempt = 0
-        while True:
-            self._check_open()
-            try:
-                options: dict[str, Any] = {"timeout": timeout} if timeout else {}
-                response = await self._http.post(f"{self._base}{path}", data=body, headers=_JSON, **options)
-            except aiohttp.ClientConnectionError as exc:
-                # Refused, timed out, or dropped before any answer (a stale pooled connection to a
-                # restarted server): nothing was generated for anyone to see.
-                self._reachable = False
-                log.warning("tgi.unreachable", extra={"error": type(exc).__name__, "attempt": attempt})
-                retry = _Retry(ModelUnavailable(_UNREACHABLE))
-            except aiohttp.ClientError:
-                raise self._broken_off("") from None
-            else:
-                self._reachable = True
-                try:
-                    return await opened(response)
-                except _Retry as refused:
-                    response.close()
-                    retry = refused
-                except BaseException:
-                    response.close()
-                    raise
-            delay = retry.wait if retry.wait is not None else self.settings.retry_backoff_s * 2**attempt * random.uniform(1, 1.5)
-            if attempt == self.settings.max_retries or (deadline is not None and loop.time() + delay > deadline):
-                raise retry.failure
-            attempt += 1
-            log.info("tgi.retry", extra={"path": path, "attempt": attempt, "delay_s": round(delay, 2)})
-            await asyncio.sleep(delay)

@@ -14,7 +14,7 @@ at most 100 characters) and only the bot's own messages can be edited, so only t
 A person can run the bot's commands where the bot is not a member when the app is installed to their
 account (`foreign_channel`, `group_dm`): then only commands registered globally for user installs
 (`integration_types` 1) in that context are offered, and the bot can answer only through the
-interaction (posting in such a channel is refused with Missing Access). Command registrations are kept
+interaction (posting in such a channel is refused with Missing Access), in at most 5 follow-ups. Command registrations are kept
 with their `integration_types` and `contexts`, and each bulk overwrite is counted (`command_syncs`).
 """
 
@@ -38,6 +38,9 @@ DISCORD_EPOCH_MS = 1420070400000
 TIMESTAMP = "2025-01-01T00:00:00+00:00"
 GUILD_INSTALL, USER_INSTALL = 0, 1  # integration types
 IN_GUILD, IN_BOT_DM, IN_PRIVATE_CHANNEL = 0, 1, 2  # interaction contexts
+# "Apps are limited to 5 followup messages per interaction if it was initiated from a user-installed app
+# and isn't installed in the server" (authorizing integration owners: USER_INSTALL only); error 40094.
+MAX_USER_INSTALL_FOLLOWUPS = 5
 BUTTON_STYLES = {1, 2, 3, 4}  # primary, secondary, success, danger (5, link, has a url and no custom_id)
 
 
@@ -67,6 +70,8 @@ class Interaction:
     original: str | None = None  # the original response's content after the last edit
     type: int = 2  # 2: a command; 3: a button press (MESSAGE_COMPONENT)
     message_id: str | None = None  # a button press: the message the button is on (its "original response")
+    user_installed_only: bool = False  # its authorizing integration owners are the person's account alone
+    followups: list[dict] = field(default_factory=list)  # the follow-up messages sent for it
 
 
 @dataclass
@@ -515,6 +520,8 @@ class FakeDiscord:
         self.interactions[interaction.token] = interaction
         context, user_installed = self._context_of(channel)
         guild_id = channel.get("guild_id")
+        owners = {"1": person["id"]} if user_installed or context == IN_BOT_DM else {"0": guild_id}
+        interaction.user_installed_only = set(owners) == {"1"}
         payload: dict[str, Any] = {
             "id": interaction.id,
             "application_id": self.application_id,
@@ -528,7 +535,7 @@ class FakeDiscord:
             # Outside its guilds a user-installed app may only answer the interaction (no channel permissions).
             "app_permissions": "0" if user_installed else "2248473465835073",
             "entitlements": [],
-            "authorizing_integration_owners": {"1": person["id"]} if user_installed or context == IN_BOT_DM else {"0": guild_id},
+            "authorizing_integration_owners": owners,
             "context": context,
             "attachment_size_limit": 10 * 1024 * 1024,
         }
@@ -735,7 +742,7 @@ class FakeDiscord:
         if problem is not None:
             return _invalid("commands", problem)
         self.command_syncs.append(scope)
-        defaults = {"description": "", "options": [], "type": 1}
+        defaults = {"description": "", "options": [], "type": 1, "default_member_permissions": None, "nsfw": False}  # as Discord fills them in
         self.commands[scope] = [{**defaults, **command, "id": self.new_id(), "application_id": self.application_id, "version": "1"} for command in body]
         if scope != "global":
             for command in self.commands[scope]:
@@ -832,7 +839,10 @@ class FakeDiscord:
 
     async def _followup(self, request, body) -> web.Response:
         interaction = self.interactions[request.match_info["token"]]
+        if interaction.user_installed_only and len(interaction.followups) >= MAX_USER_INSTALL_FOLLOWUPS:
+            return _json({"message": "This interaction has hit the maximum number of follow up messages", "code": 40094}, 400)
         message = self._message(interaction.channel_id, self.bot, body.get("content", ""), application_id=self.application_id, webhook_id=self.application_id)
+        interaction.followups.append(message)
         return _json(message)
 
     async def _edit_webhook_message(self, request, body) -> web.Response:

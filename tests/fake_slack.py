@@ -11,8 +11,11 @@ endpoint, or pushes them through the socket and waits for the acknowledgement. U
 Slack's AI-app surface is here too: `assistant.threads.setStatus/setSuggestedPrompts/setTitle` (with
 the `assistant:write` scope; prompts and titles only in assistant threads, which a test opens with
 `assistant_thread_started`), native streaming (`chat.startStream/appendStream/stopStream`: a stream
-replies in a thread, names its recipient outside DMs, takes no text once stopped, and can't be edited
-with `chat.update` while it streams; `refuse_streaming` makes the workspace refuse the method), Block
+replies in a thread, names its recipient and the recipient's own team outside DMs, takes no text once
+stopped or once Slack closed it (`close_stream`), and can't be edited with `chat.update` while it
+streams; `refuse_streaming` makes the workspace refuse the method), channels the bot is not in
+(`outside`: posts there answer `not_in_channel`), people of other teams (`teams`, as in a Slack Connect
+channel, whose messages carry `user_team`), Block
 Kit on messages (checked as Slack checks it: known block types, unique `action_id`s), and the
 interactivity payloads (`block_actions` for a button that is on a message the bot posted, and the
 `message_action` of a message shortcut), sent to the app over HTTP (signed, form-encoded) or as
@@ -93,6 +96,7 @@ class Posted:
     blocks: list[dict] = field(default_factory=list)  # as last set (Slack gives each a block_id)
     streaming: bool | None = None  # None: an ordinary message; True: a stream still open; False: stopped
     recipient: str | None = None  # the user a stream was started for
+    recipient_team: str | None = None  # and their team
 
     @property
     def text(self) -> str:
@@ -177,6 +181,9 @@ class FakeSlack:
         self.failed = Journal()  # (method, status, params) of each call answered with an injected error
         self.deleted: list[Posted] = []  # the bot's messages it deleted (chat.delete)
         self.refuse_streaming: str | None = None  # chat.startStream answers this error when set
+        self.outside: set[str] = set()  # channels the bot is not a member of
+        self.streams_close_at_once = False  # Slack ends each stream right after it starts (see close_stream)
+        self.teams: dict[str, str] = {}  # user -> their team, where it is not TEAM (Slack Connect)
         self.statuses = Journal()  # (channel, thread_ts, status) of each assistant.threads.setStatus
         self.titles: dict[tuple[str, str], str] = {}  # assistant thread -> its title
         self.suggested: dict[tuple[str, str | None], list[dict]] = {}  # assistant thread -> its suggested prompts
@@ -253,9 +260,12 @@ class FakeSlack:
         return self.url(f"/images/{name}")
 
     def message(self, channel: str, user: str, text: str = "", *, files=(), thread_ts=None, channel_type="channel", name=None) -> dict:
-        """A `message` event as Slack sends it (subtype file_share when files come with it)."""
+        """A `message` event as Slack sends it (subtype file_share when files come with it; the sender's
+        team in `team` and `user_team`, the workspace it was sent from in `source_team`)."""
         ts = self.next_ts()
-        event = {"type": "message", "channel": channel, "user": user, "text": text, "ts": ts, "event_ts": ts, "channel_type": channel_type, "team": TEAM}
+        team = self.team_of(user)
+        event = {"type": "message", "channel": channel, "user": user, "text": text, "ts": ts, "event_ts": ts, "channel_type": channel_type, "team": team}
+        event |= {"user_team": team, "source_team": team}
         if name:
             event["user_profile"] = {"display_name": name, "real_name": name, "name": name.lower()}
         if files:
@@ -286,8 +296,16 @@ class FakeSlack:
         thread = {**started["assistant_thread"], "context": {"channel_id": context_channel, "team_id": TEAM, "enterprise_id": None}}
         return {"type": "assistant_thread_context_changed", "assistant_thread": thread, "event_ts": self.next_ts()}
 
+    def team_of(self, user: str) -> str:
+        return self.teams.get(user, TEAM)
+
+    def close_stream(self, posted: Posted) -> None:
+        """Slack ends the stream `posted` on its own (as it does to long streams): it takes no more text."""
+        assert posted.streaming, "that message is not a stream being written"
+        posted.streaming = False
+
     def _user(self, user: str) -> dict:
-        return {"id": user, "username": user.lower(), "name": user.lower(), "team_id": TEAM}
+        return {"id": user, "username": user.lower(), "name": user.lower(), "team_id": self.team_of(user)}
 
     def click(self, posted: Posted, action_id: str, user: str, *, value: str | None = None) -> dict:
         """The `block_actions` payload of `user` pressing the element `action_id` on the bot's message
@@ -476,6 +494,8 @@ class FakeSlack:
         return web.json_response(body, headers={"x-oauth-scopes": ",".join(self.scopes)})
 
     async def _api_chat_postMessage(self, params: dict) -> web.Response:
+        if params.get("channel") in self.outside:
+            return _error("not_in_channel")
         try:
             blocks = checked_blocks(params["blocks"]) if params.get("blocks") else []
         except BlockError:
@@ -518,14 +538,20 @@ class FakeSlack:
         channel, thread_ts = params.get("channel"), params.get("thread_ts")
         if not channel or not thread_ts:
             return _error("invalid_arguments")  # a stream always answers in a thread
-        recipient = params.get("recipient_user_id")
-        if not channel.startswith("D") and not (recipient and params.get("recipient_team_id")):
-            return _error("invalid_arguments")  # outside DMs a stream names who it is for
+        if channel in self.outside:
+            return _error("not_in_channel")
+        recipient, team = params.get("recipient_user_id"), params.get("recipient_team_id")
+        if not channel.startswith("D") and not recipient:
+            return _error("missing_recipient_user_id")  # outside DMs a stream names who it is for
+        if not channel.startswith("D") and not team:
+            return _error("missing_recipient_team_id")
+        if recipient and team and team != self.team_of(recipient):
+            return _error("user_not_found")  # no such user in that team
         text = _stream_text(params)
         if text is None:
             return _error("msg_too_long")
         ts = self.next_ts()
-        self.messages[ts] = Posted(channel, ts, thread_ts, [text], streaming=True, recipient=recipient)
+        self.messages[ts] = Posted(channel, ts, thread_ts, [text], streaming=not self.streams_close_at_once, recipient=recipient, recipient_team=team)
         return web.json_response({"ok": True, "channel": channel, "ts": ts})
 
     async def _api_chat_appendStream(self, params: dict) -> web.Response:

@@ -104,6 +104,7 @@ class FakeTGI:
         self.default_reply = Reply(["A", " red", " square", ".", "<end_of_utterance>"])
         self.failures: deque[Failure] = deque()
         self.release = asyncio.Event()
+        self.tokenize_gate: asyncio.Event | None = None  # when set to an Event, /tokenize answers once it is set
         self.prefill_logprob: Callable[[str], float] = lambda text: -1.0
         self.generate_requests: list[dict] = []
         self.generate_headers: list[dict[str, str]] = []
@@ -185,6 +186,8 @@ class FakeTGI:
         if isinstance(body, web.Response):
             return body
         await self._record(lambda: self.tokenize_requests.append(body))
+        if self.tokenize_gate is not None:
+            await self.tokenize_gate.wait()
         text = _IMAGE.sub("<image>", body["inputs"])
         tokens = tokenize(text)
         if not self.special_tokens:

@@ -5,7 +5,8 @@ posted for it; when the dead process is started again, nothing is answered twice
 from __future__ import annotations
 
 from tests.adoption import run_adoption
-from tests.test_process_faults import LATE, REPLY
+from tests.test_adoption_cases import ADOPTED
+from tests.test_process_faults import REPLY
 
 ADOPT_AFTER_S = 4.0
 
@@ -17,7 +18,7 @@ async def test_a_live_process_answers_a_dead_ones_questions_once_in_the_messages
     # quarter: found within three quarters of it; then answered, which takes a moment on a busy machine.
     assert adoption.delay <= ADOPT_AFTER_S + 2.0, adoption.delay
     for question, begun in adoption.begun.items():
-        assert adoption.answers[question] == [(begun[0], f"{REPLY}\n\n{LATE}")]  # the dead process's message, edited
+        assert adoption.answers[question] == [(begun[0], f"{REPLY}\n\n{ADOPTED}")]  # the dead process's message, edited
     assert sorted(conversation.rsplit(":", 1)[1] for conversation in adoption.resumed) == sorted(adoption.begun)
     assert adoption.model_requests == 4  # two cut short by the kill, two answers from the live process
     assert adoption.found_on_return == [0]  # back again, the dead process finds nothing left to answer

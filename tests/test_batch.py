@@ -141,6 +141,26 @@ def test_sampled_and_greedy_rows_share_a_batch(loaded):
     assert other != replies[0]
 
 
+@pytest.mark.parametrize("name", ["one image", "two images"])
+def test_a_seeded_sampled_row_gets_the_tokens_of_generate_with_that_seed(loaded, name):
+    """generate samples after temperature, top_k (50 by default) and top_p; so does a row."""
+    model, family, no_end = loaded
+    hot = Sampling(do_sample=True, temperature=1.5, top_p=0.95, seed=5)
+    inputs = family.model_inputs([PROMPTS[name]])
+    torch.manual_seed(hot.seed)
+    output = model.generate(
+        **inputs,
+        max_new_tokens=LENGTHS[name],
+        do_sample=True,
+        temperature=hot.temperature,
+        top_p=hot.top_p,
+        bad_words_ids=[[token] for token in family.banned_ids],
+        logits_processor=[no_end],
+        pad_token_id=family.tokenizer.pad_token_id,
+    )
+    assert alone(loaded, name, hot) == output[0, inputs["input_ids"].shape[1] :].tolist()
+
+
 def test_splitting_and_merging_keep_the_cache_consistent(loaded):
     """Rows split into halves (as when a step fails) and merged back go on as if nothing happened."""
     model, family, no_end = loaded
@@ -211,3 +231,65 @@ def test_images_go_through_the_vision_encoder_and_perceiver_once(loaded):
             hook.remove()
     assert len(replies[0]) == LENGTHS["two images"] and len(calls) == 2  # one run each, for both images at once
     assert torch.equal(torch.tensor(replies[0]), torch.tensor(alone(loaded, "two images")))
+
+
+def beams_alone(loaded, name: str, num_beams: int, max_new_tokens: int, ends: bool) -> list[int]:
+    """The reply tokens of `generate(num_beams=...)` on this prompt alone, cut like a beam reply."""
+    model, family, no_end = loaded
+    inputs = family.model_inputs([PROMPTS[name]])
+    output = model.generate(
+        **inputs,
+        num_beams=num_beams,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=sorted(family.end_ids),
+        bad_words_ids=[[token] for token in family.banned_ids],
+        logits_processor=[] if ends else [no_end],
+        pad_token_id=family.tokenizer.pad_token_id,
+    )
+    return output[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("ends", [False, True], ids=["to the token limit", "ending on their own"])
+def test_beam_rows_get_the_tokens_of_generate_with_beams_among_other_rows(loaded, ends):
+    """Searches of 2 and 3 beams join a running batch at different steps, beside greedy rows."""
+    from model.beams import BeamSearch
+
+    model, family, no_end = loaded
+    arrivals = {0: ["one image", "no image"], 2: ["two images"], 5: ["long text"]}
+    beams = {"one image": 2, "two images": 3, "long text": 2}
+    searches: dict[str, BeamSearch] = {}
+
+    def advance(part: Batch) -> Batch | None:
+        part.choose(family.banned_ids)
+        keep = [i for i, row in enumerate(part.rows) if not (row.beams.done if row.beams else row.generated >= row.max_new_tokens)]
+        return part.select(keep) if keep else None
+
+    batch: Batch | None = None
+    step = 0
+    while step <= max(arrivals) or batch is not None:
+        joining: list[Row] = []
+        for name in arrivals.get(step, []):
+            prompt = encoded(model, family, name)
+            if name in beams:
+                processors = [] if ends else [no_end]
+                search = searches[name] = BeamSearch(
+                    prompt.ids, beams[name], LENGTHS[name] + 9, end_ids=sorted(family.end_ids), banned_ids=family.banned_ids, processors=processors
+                )
+                search.rows = [Row(name, prompt, LENGTHS[name] + 9, beams=search) for _ in range(beams[name])]
+                joining += search.rows
+            else:
+                joining.append(Row(name, prompt, LENGTHS[name], Sampling(), [no_end]))
+        if joining:
+            joined = advance(Batch.prefill(model, joining, family, family.tokenizer.pad_token_id))
+            parts = [part for part in (batch, joined) if part is not None]
+            batch = Batch.concatenate(parts) if parts else None
+        if batch is not None:
+            batch.decode(model)
+            batch = advance(batch)
+        step += 1
+    for name, search in searches.items():
+        assert search.done
+        expected = beams_alone(loaded, name, beams[name], LENGTHS[name] + 9, ends)
+        got = search.best()
+        assert got == expected[: len(got)] and set(expected[len(got) :]) <= {family.tokenizer.pad_token_id}, name

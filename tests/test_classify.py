@@ -17,6 +17,7 @@ from tests.conftest import BOTH_FAMILIES, image_bytes, write_config
 from tests.fake_tgi import FakeTGI
 from tests.test_cli import assert_no_traceback, idefics_bot
 from tests.test_engine import attachment
+from tests.test_model_service import model_image
 
 KEY = ConversationKey("test", "channel-1")
 ANN = Author("u1", "Ann")
@@ -119,3 +120,64 @@ def test_ask_prints_the_ranking_and_keeps_the_guides_form(tmp_path, tiny_checkpo
     assert not ANSWER.fullmatch(generated.stdout.strip())  # the model's own words
     missing = idefics_bot("ask", "--model", str(tiny_checkpoint), "--image", "pet.png", "--task", "classify", cwd=tmp_path)
     assert missing.returncode == 1 and "--task classify needs --labels" in missing.stderr
+
+
+class Grammar(LogitsProcessor):
+    """After "dog" the model says "house", after "house" it ends: "dog house" is the likely label."""
+
+    def __init__(self, tokenizer):
+        self.dog, self.house = (tokenizer(word, add_special_tokens=False).input_ids[-1] for word in ("dog", " house"))
+        self.end = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        last = input_ids[:, -1]
+        scores[last == self.dog, self.house] += 30.0
+        scores[last == self.house, self.end] += 30.0
+        return scores
+
+
+async def test_a_label_that_begins_another_does_not_always_win(runtime):
+    runtime.model.row_processors.append(lambda prompt_ids: Grammar(runtime.model._tokenizer))
+    final = [event async for event in runtime.engine.run_task(classify_request("dog, dog house"))][-1]
+    answer = ANSWER.fullmatch(final.text)
+    assert answer and answer["best"] == "dog house" and int(answer["p1"].rstrip("%")) >= 99, final.text
+
+
+@BOTH_FAMILIES
+async def test_scores_are_the_labels_then_their_end_with_the_image_encoded_once(runtime):
+    """The prefill-only request gives what a plain forward of each prompt + label (pixels and all) gives."""
+    from model.local import LocalBackend
+    from model.scoring import score_continuations
+    from model.service import Chat, Message
+
+    backend: LocalBackend = runtime.model
+    family = backend.family
+    labels = ["cat", "small dog", "a red bird"]
+    guide = ("Instruction: Classify the image.\n", model_image((200, 30, 30)), "Category: ")
+    chat = Chat((Message("user", guide[:2]),), reply_start="Category: ", guide=guide)
+
+    def both(model, processor):
+        calls = []
+        # IDEFICS v1's vision tower and perceiver; Idefics3's vision tower and connector.
+        second = model.model.perceiver_resampler if hasattr(model.model, "perceiver_resampler") else model.model.connector
+        hooks = [part.register_forward_hook(lambda *_: calls.append(1)) for part in (model.model.vision_model, second)]
+        try:
+            scored = score_continuations(model, family, chat, labels, end_ids=backend._end_ids)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        ends = sorted(family.end_ids)
+        prompt_ids = family.model_inputs([chat])["input_ids"][0].tolist()
+        expected = []
+        for label in labels:
+            inputs = family.model_inputs([chat.continued(label)])
+            log_probs = torch.log_softmax(model(**inputs).logits[0].float(), -1)
+            ids = inputs["input_ids"][0]
+            own = next(at for at, (a, b) in enumerate(zip([*prompt_ids, -1], ids.tolist())) if a != b)  # the label's first token
+            label_part = sum(log_probs[position - 1, ids[position]] for position in range(own, len(ids)))
+            expected.append(float(label_part + log_probs[-1, ends].logsumexp(-1)))
+        return scored, expected, len(calls)
+
+    scored, expected, calls = await backend.call_between_steps(both)
+    assert calls == 2  # the vision encoder and the perceiver (connector), once each for the one image
+    assert scored == pytest.approx(expected, abs=1e-4)

@@ -130,4 +130,4 @@ async def test_after_a_kill_only_the_process_of_the_shard_answers_what_was_left(
         assert zero_tap.prompts == []  # the process of shard 0 never worked on it
         assert "what is left?" in first_tap.prompt(0)
         [answer] = fake.bot_messages(one["id"])  # the processes drained before stopping: it is final
-        assert answer["content"].endswith("*I was restarted while writing this answer, so it comes late.*")
+        assert answer["content"].endswith("*The bot process that was writing this answer stopped, so another one took it over: it comes late.*")

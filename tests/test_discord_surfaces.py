@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import asyncio
 
+from adapters.discord_delivery import CUT
 from bot.runtime.cli import main
 from tests.bots import bot_says, command_answer, thread_of
 from tests.conftest import image_bytes
 from tests.fake_discord import FakeDiscord
+from tests.fake_tgi import FakeTGI, Reply
 from tests.model_tap import tap  # noqa: F401 (a fixture)
-from tests.test_discord import fake, no_errors, start_bot  # noqa: F401 (fixtures)
+from tests.test_discord import RunningBot, discord_config, fake, no_errors, start_bot  # noqa: F401 (fixtures)
+
+CUT_NOTE = CUT.split(",")[0]  # as shown in italics, with Markdown escaped
 
 EPHEMERAL = 64
 
@@ -117,18 +121,32 @@ async def test_commands_installed_to_an_account_answer_through_the_interaction(f
     assert posts == []  # everything went through the interactions
 
 
-async def test_commands_are_published_by_one_process_only_when_they_changed(fake, start_bot, tmp_path, config):
+async def test_commands_are_published_by_one_process_only_when_they_differ_from_discords(fake, start_bot, tmp_path, config):
     bot = await start_bot()
     assert fake.command_syncs == [fake.guild_id]
     await bot.stop()
     bot = await start_bot()
     assert fake.command_syncs == [fake.guild_id]  # the same commands: nothing sent at this start
     await bot.stop()
-    bot = await start_bot(command_guild_ids=[])  # now global: a set Discord hasn't got yet
-    assert fake.command_syncs == [fake.guild_id, "global"]
+
+    # Changed elsewhere (another tool, or by hand): one command gone, one described differently.
+    fake.commands[fake.guild_id] = [c for c in fake.commands[fake.guild_id] if c["name"] != "story"]
+    next(c for c in fake.commands[fake.guild_id] if c["name"] == "ask")["description"] = "Something else"
+    bot = await start_bot()
+    assert fake.command_syncs == [fake.guild_id] * 2  # repaired
+    names = {c["name"]: c for c in fake.commands[fake.guild_id]}
+    assert "story" in names and names["ask"]["description"] == "Answer a question about an image."
+    await bot.stop()
+
+    bot = await start_bot(command_guild_ids=[])  # now global: a set Discord hasn't got yet, and the guild's copies go
+    assert fake.command_syncs == [fake.guild_id] * 2 + ["global", fake.guild_id]
+    assert fake.commands[fake.guild_id] == [] and len(fake.commands["global"]) == 7  # nobody sees every command twice
+    await bot.stop()
+    bot = await start_bot(command_guild_ids=[])
+    assert fake.command_syncs == [fake.guild_id] * 2 + ["global", fake.guild_id]  # all agrees: nothing sent
     await bot.stop()
     await start_bot(command_guild_ids=["123"], shard_count=2, shard_ids=[1])  # shard 0's process publishes
-    assert fake.command_syncs == [fake.guild_id, "global"]
+    assert fake.command_syncs == [fake.guild_id] * 2 + ["global", fake.guild_id]
 
     path = tmp_path / "sync.toml"
     path.write_text(
@@ -146,4 +164,24 @@ command_guild_ids = ["{fake.guild_id}"]
         encoding="utf-8",
     )
     assert await asyncio.to_thread(main, ["sync-commands", "--config", str(path)]) == 0
-    assert fake.command_syncs == [fake.guild_id, "global", fake.guild_id]  # on request, changed or not
+    # On request, changed or not; and the global commands, no longer configured, go.
+    assert fake.command_syncs == [fake.guild_id] * 2 + ["global", fake.guild_id] + [fake.guild_id, "global"]
+    assert fake.commands["global"] == [] and len(fake.commands[fake.guild_id]) == 7
+
+
+async def test_a_long_answer_through_a_user_installed_command_fits_in_its_five_follow_ups(fake, config):
+    async with FakeTGI() as tgi:  # a remote model: a long answer at once
+        model = config.model.model_copy(update={"backend": "tgi", "url": tgi.url})
+        sections = {"model": model, "generation": config.generation.model_copy(update={"max_new_tokens": 1000})}
+        bot = await RunningBot(discord_config(config, fake, command_guild_ids=[]).model_copy(update=sections), fake).start()
+        tgi.replies.append(Reply([*(f" part{n:03d} of a very long answer." for n in range(700)), "<end_of_utterance>"]))  # ~21,000 characters
+        red = fake.upload("red.png", image_bytes((220, 20, 20)), "image/png")
+        question = {"question": "Tell me everything", "image": red["id"]}
+        asked = await fake.run_command(fake.user("Ann"), fake.foreign_channel(), "ask", question, attachments={red["id"]: red})
+        try:
+            await fake.wait_for(lambda: any(CUT_NOTE in m["content"] for m in asked.followups), timeout=120)
+        finally:
+            await bot.stop()
+    shown = [asked.original or "", *(m["content"] for m in asked.followups)]
+    assert len(asked.followups) == 5 and CUT_NOTE in shown[-1] and all(len(text) <= 2000 for text in shown)
+    assert shown[0].startswith("part000 of a very long answer.") and "part100 of" in shown[1]  # fuller messages, in order

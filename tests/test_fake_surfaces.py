@@ -60,11 +60,17 @@ async def test_a_stream_grows_in_its_thread_and_takes_no_text_once_stopped(slack
 
 async def test_a_stream_outside_dms_names_its_recipient_and_a_workspace_can_refuse_streams(slack):
     client = client_of(slack)
-    assert await refused(client.chat_startStream(channel=CHANNEL, thread_ts="1.000001", markdown_text="hi")) == "invalid_arguments"
+    assert await refused(client.chat_startStream(channel=CHANNEL, thread_ts="1.000001", markdown_text="hi")) == "missing_recipient_user_id"
+    assert await refused(client.chat_startStream(channel=CHANNEL, thread_ts="1.000001", markdown_text="hi", recipient_user_id=ANN)) == "missing_recipient_team_id"
+    slack.teams[ANN] = "T0000002"  # in the channel through Slack Connect: her team, not the bot's
+    assert await refused(client.chat_startStream(channel=CHANNEL, thread_ts="1.000001", recipient_user_id=ANN, recipient_team_id=TEAM)) == "user_not_found"
+    assert (await client.chat_startStream(channel=CHANNEL, thread_ts="1.000001", recipient_user_id=ANN, recipient_team_id="T0000002"))["ok"]
+    slack.outside.add("C0000009")
+    assert await refused(client.chat_startStream(channel="C0000009", thread_ts="1.000001", recipient_user_id=ANN, recipient_team_id="T0000002")) == "not_in_channel"
     assert (await client.chat_startStream(channel=DM, thread_ts="1.000001", markdown_text="hi"))["ok"]
     assert await refused(client.chat_startStream(channel=DM, thread_ts="1.000001", markdown_text="x" * 12_001)) == "msg_too_long"
-    slack.refuse_streaming = "not_allowed"
-    assert await refused(client.chat_startStream(channel=DM, thread_ts="1.000001", markdown_text="hi")) == "not_allowed"
+    slack.refuse_streaming = "unknown_method"
+    assert await refused(client.chat_startStream(channel=DM, thread_ts="1.000001", markdown_text="hi")) == "unknown_method"
 
 
 async def test_blocks_are_checked_and_only_buttons_on_the_message_can_be_clicked(slack):

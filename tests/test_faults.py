@@ -201,7 +201,7 @@ async def test_a_request_that_makes_the_model_raise_gets_an_apology_and_its_batc
 
 
 async def test_out_of_memory_lowers_the_token_budget_and_the_configured_budget_comes_back(tmp_path, tiny_checkpoint, slack, logs, tap, faulty):
-    config = bot_config(tmp_path, tiny_checkpoint, slack=slack)  # max_batch_size = 8, max_batch_tokens = 16384
+    config = bot_config(tmp_path, tiny_checkpoint, slack=slack)  # max_batch_size = 64, max_batch_tokens = 16384
     run, harness = await start_slack(config, slack, logs, tap)
     model_logs = logs[1]
     backend = tap.backend

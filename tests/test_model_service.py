@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 
 import pytest
@@ -401,7 +402,9 @@ async def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_are_unchan
         victim_stream = streams[1]
         victim_task = asyncio.create_task(collect_rest(victim_stream))
         assert await asyncio.to_thread(reached.wait, 30)  # the worker is in step 3 of the victim
-        victim_task.cancel()  # the asker goes away
+        victim_task.cancel()  # the asker goes away...
+        with contextlib.suppress(asyncio.CancelledError):
+            await victim_task  # ...and its request is cancelled before the worker goes on
         go.set()
         results = await asyncio.gather(*tasks)
         steps_of_victim = script.steps[1]
@@ -420,12 +423,14 @@ async def collect_rest(stream) -> Finished:
 
 class Faulty:
     """The real model, failing a forward whose input holds the token `poison` (as a bad kernel would for
-    one request), and running out of memory for a forward of more than `max_rows` rows."""
+    one request), running out of memory for a forward of more than `max_rows` rows, and for the
+    next `oom_prefills` prefills."""
 
     def __init__(self, model):
         self.inner = model
         self.poison: int | None = None
         self.max_rows: int | None = None
+        self.oom_prefills = 0
         self.failures: list[str] = []
 
     def __getattr__(self, name):
@@ -436,6 +441,10 @@ class Faulty:
         if self.max_rows is not None and ids.shape[0] > self.max_rows:
             self.failures.append(f"oom {ids.shape[0]}")
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB for a batch of {ids.shape[0]}")
+        if self.oom_prefills and ids.shape[1] > 1:
+            self.oom_prefills -= 1
+            self.failures.append("oom prefill")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if self.poison is not None and (ids == self.poison).any():
             self.failures.append("prefill" if ids.shape[1] > 1 else "decode")
             raise RuntimeError("CUDA error: device-side assert triggered")
@@ -499,6 +508,70 @@ async def test_out_of_memory_lowers_the_token_budget_and_every_request_is_answer
     assert budget < BatchSettings().max_batch_tokens
     assert [record.tokens for record in caplog.records if record.msg == "batch.budget_lowered"]
     assert [finished for _, finished in results] == expected  # rows put back in the queue went on where they were
+
+
+async def test_a_prefill_out_of_memory_waits_for_room_while_the_others_decode(tiny_checkpoint, tokenizer, faulty_models, caplog):
+    service = await scripted_backend(tiny_checkpoint, no_end(tokenizer), max_batch_size=2)
+    try:
+        running, newcomer, behind = request(PROMPTS["one image"], 80), request(PROMPTS["no image"], 16), request(PROMPTS["two images"], 60)
+        expected = await solo_replies(service, [running, newcomer, behind])
+        stream = service.stream(running)
+        events = [event async for event in _until_text(stream)]
+        faulty_models[0].oom_prefills = 1  # the next prefill (the newcomer's) runs out of memory
+        with caplog.at_level("WARNING", logger="model.local"):
+            others = asyncio.gather(collect(service, newcomer), collect(service, behind))
+            events += [event async for event in stream]
+            (_, newcomer_finished), (behind_events, behind_finished) = await others
+    finally:
+        await service.close()
+    assert faulty_models[0].failures == ["oom prefill"]
+    assert [record.msg for record in caplog.records if record.levelname == "WARNING"] == ["batch.budget_lowered"]
+    assert events[-1] == expected[0]  # the running reply went on, untouched
+    assert [newcomer_finished, behind_finished] == expected[1:]  # the newcomer waited, then was answered
+    positions = [event.position for event in behind_events if isinstance(event, Queued)]
+    assert positions[-2:] == [2, 1]  # the newcomer, put back in front, counted in the place shown
+
+
+async def test_a_beam_search_runs_in_the_batch_beside_others_and_gives_generates_tokens(tiny_checkpoint, tokenizer):
+    ends = [tokenizer.convert_tokens_to_ids("<end_of_utterance>"), tokenizer.eos_token_id]
+    service = await scripted_backend(tiny_checkpoint, no_end(tokenizer))
+    try:
+        guide = guided(["Instruction: Use the image to write a story. \n", RED, "Story: \n"])
+        story = GenerationRequest(guide, GenerationParams(max_new_tokens=30, num_beams=2))
+
+        def searched(model, processor) -> list[int]:
+            inputs = service.family.model_inputs([story.prompt])
+            output = model.generate(
+                **inputs,
+                num_beams=2,
+                max_new_tokens=30,
+                eos_token_id=ends,
+                bad_words_ids=[[token] for token in service.family.banned_ids],
+                logits_processor=[Script(ban=tuple(ends))([])],
+                pad_token_id=processor.tokenizer.pad_token_id,
+            )
+            return output[0, inputs["input_ids"].shape[1] :].tolist()
+
+        expected = await service.call_between_steps(searched)
+        long_request = request(PROMPTS["one image"], 60)
+        running = service.stream(long_request)
+        events = [event async for event in _until_text(running)]
+        story_events, story_finished = await collect(service, story)
+        events += [event async for event in running]
+        sizes = service.batch_sizes
+    finally:
+        await service.close()
+    assert story_finished == Finished(text=service._decode(expected), reason="length", tokens=30)
+    assert sum(isinstance(event, TextDelta) for event in story_events) == 1  # whole, at the end
+    assert isinstance(events[-1], Finished) and events[-1].tokens == 60
+    assert max(sizes) == 3  # the long reply's row and the story's two beams, decoding together
+
+
+async def _until_text(stream):
+    async for event in stream:
+        yield event
+        if isinstance(event, TextDelta):
+            return
 
 
 async def test_work_between_steps_runs_on_the_worker_and_the_batch_goes_on(tiny_checkpoint, tokenizer):

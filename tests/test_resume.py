@@ -12,9 +12,10 @@ import asyncpg
 from bot.runtime.app import Runtime
 from bot.core.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
 from bot.core.engine import Engine
-from bot.core.messages import Final
+from bot.core.messages import Final, IncomingMessage
 from bot.platform.delivery import LiveReply
 from bot.state.postgres import PostgresStore
+from tests.bots import logged
 from tests.test_delivery import RecordingSurface
 from tests.test_store import new_store, store  # noqa: F401 (fixtures: SQLite and PostgreSQL)
 
@@ -53,6 +54,25 @@ async def test_one_process_adopts_a_question_however_many_try(new_store):  # noq
     finally:
         for each in stores:
             await each.close()
+
+
+async def test_a_stranded_question_is_found_whatever_came_after_it_until_it_is_answered(new_store):  # noqa: F811
+    key = ConversationKey("slack", "C1", "1.1")
+    first = await new_store()
+    try:
+        stranded = await first.add_turn(key, Turn("user", ("first",), ANN, "1.1"), answerer=KILLED)
+        follow_up = await first.add_turn(key, Turn("user", ("second",), ANN, "1.2"), answerer=first.process_id)
+        await first.add_turn(key, Turn("assistant", ("two",)), answers=follow_up.id)  # a follow-up that didn't wait for it
+        [found] = await first.unanswered("slack", since=time.time() - 60)
+        assert found.turn.id == stranded.id and await first.adopt(found)
+        await first.add_turn(key, Turn("assistant", ("one",)), answers=stranded.id)  # answered late, after the others
+    finally:
+        await first.close()
+    after = await new_store()  # another process, or this one restarted: nothing is left
+    try:
+        assert await after.unanswered("slack", since=time.time() - 60) == []
+    finally:
+        await after.close()
 
 
 async def test_a_question_is_found_once_its_process_has_neither_a_lease_nor_a_hold(postgres_url):
@@ -113,3 +133,28 @@ async def test_a_process_that_does_not_adopt_a_question_leaves_it_and_its_messag
         final = await LiveReply(surface, limit=2000, messages=[0]).run(engine.resume(pending, shared=True))
         assert final == Final("") and surface.messages == ["Half an answer"] and surface.calls == []
         assert [turn.role for turn in await store.load_turns(key)] == ["user"]  # left to the process that adopted it
+
+
+async def test_a_follow_up_that_takes_the_conversation_first_waits_for_the_stranded_question_before_it(config):
+    # One process on SQLite, after a restart: a follow-up gets the conversation before the question
+    # the killed process left is taken up; it steps aside until that one is answered.
+    config = config.model_copy(update={"bot": config.bot.model_copy(update={"adopt_after_s": 1.0})})
+    key = ConversationKey("test", "c1", "t1")
+    async with Runtime.open(config) as runtime:
+        store, engine = runtime.store, runtime.engine
+        await store.add_turn(key, Turn("user", ("first question",), ANN, "m1"), answerer=KILLED)
+        [pending] = await engine.unanswered("test")
+        with logged("bot.core.turns") as logs:
+            follow_up = asyncio.create_task(_finals(engine.reply(IncomingMessage(key, ANN, "and a follow-up", message_id="m2"))))
+            await logs.wait_for(lambda records: any(r.msg == "turn.waiting_for_stranded" for r in records))
+            adopted = await _finals(engine.resume(pending, shared=False))
+            answered = await follow_up
+        turns = await store.load_turns(key)
+    assert adopted.text and answered.text
+    assert [(turn.role, turn.text) for turn in turns] == [
+        ("user", "first question"), ("assistant", adopted.text), ("user", "and a follow-up"), ("assistant", answered.text)
+    ]  # fmt: skip
+
+
+async def _finals(events) -> Final:
+    return [event async for event in events][-1]

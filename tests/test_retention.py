@@ -160,3 +160,33 @@ def test_the_prune_command_says_what_would_go_then_deletes_it(tmp_path):
     assert done.returncode == 0 and "Deleted 2 turns older than 90 days and 2 images" in done.stdout
     again = idefics_bot("prune", cwd=tmp_path)
     assert "Deleted 0 turns older than 90 days and 0 images" in again.stdout
+
+
+@pytest.mark.parametrize("forgetting", ["reset", "forget", "prune"])
+async def test_nothing_of_a_forgotten_turn_stays_in_any_file_of_the_state_folder(tmp_path, forgetting):
+    """SQLite keeps the pages a delete changed, as they were, in its -wal file until a checkpoint: a
+    forgotten question would stay readable there (and in free pages) while the bot runs."""
+    store = await SQLiteStore.open(tmp_path / "state" / "bot.sqlite3")
+    try:
+        marker = "forget-me-" + "7" * 12
+        kept, gone = ConversationKey("slack", "C1", "keep"), ConversationKey("slack", "C1", "gone")
+        await store.add_turn(kept, Turn("user", ("nothing to hide",), BOB))
+        for number in range(30):
+            await store.add_turn(gone, Turn("user", (f"{marker} question {number}",), ANN))
+            await store.add_turn(gone, Turn("assistant", (f"{marker} answer {number}",)))
+        if forgetting == "prune":
+            await age(store, 40 * 86400)
+            await store.add_turn(kept, Turn("assistant", ("still here",)))
+        found = [path for path in (tmp_path / "state").rglob("*") if path.is_file() and marker.encode() in path.read_bytes()]
+        assert found  # the test looks where the text is
+        if forgetting == "reset":
+            assert await store.reset(gone) == 60
+        elif forgetting == "forget":
+            assert (await store.forget_author("slack", ANN.id)).turns == 60
+        else:
+            assert (await store.prune(time.time() - 30 * 86400, frozenset(), grace_s=HOUR)).turns == 61
+        left = {path.name: path.read_bytes().count(marker.encode()) for path in (tmp_path / "state").rglob("*") if path.is_file()}
+        assert not any(left.values()), left
+        assert [turn.text for turn in await store.load_turns(kept)][-1] in ("nothing to hide", "still here")
+    finally:
+        await store.close()

@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from adapters.slack_actions import NOT_ALLOWED
+from adapters.slack_blocks import STOP
 from bot.runtime.config import load_config
 from tests.bots import slack_settings
 from tests.fake_slack import BOT_USER, FakeSlack, Journal
@@ -126,3 +128,37 @@ async def test_two_processes_on_one_database_answer_each_event_once_and_a_thread
     assert f"<@{BOT_USER}>" not in asked
     replies = [message.text for message in slack.thread(CHANNEL, mention["ts"])]
     assert len(replies) == 3 and replies[1:] == ["First answer", "Second answer"]
+
+
+async def test_a_stop_click_that_reaches_the_other_process_stops_the_reply_where_it_is_written(tmp_path, postgres_url):
+    async with FakeSlack() as slack, FakeTGI() as tgi:
+        writer, other = (BotProcess(write_config(tmp_path / f"bot{n}.toml", slack, tgi, postgres_url)) for n in (1, 2))
+        try:
+            await asyncio.gather(writer.start(), other.start())
+            tgi.replies.append(Reply(["A", " long", " answer", " that", " goes", " on"], hold_after=2, gate=asyncio.Event()))
+            mention = slack.mention(CHANNEL, ANN, "Tell me everything", name="Ann")
+            body = slack.envelope(mention)
+            assert (await slack.deliver(writer.endpoint, body)).status == 200
+            await slack.calls.wait_for(lambda calls: any(m.text == "A long" for m in slack.thread(CHANNEL, mention["ts"])))
+            [placeholder] = slack.thread(CHANNEL, mention["ts"])
+
+            # Slack hands the clicks to the other process (a load balancer would, half of the time).
+            bobs = slack.click(placeholder, STOP, BOB)
+            assert (await slack.interact(other.endpoint, bobs)).status == 200
+            assert (await responded(slack, bobs))["text"] == NOT_ALLOWED
+            assert (await slack.interact(other.endpoint, slack.click(placeholder, STOP, ANN))).status == 200
+            assert await writer.outcome(body["event_id"]) == "slack.replied"
+        finally:
+            statuses = await asyncio.gather(writer.stop(), other.stop())
+        assert statuses == [0, 0] and writer.errors() == [] and other.errors() == []
+
+    assert placeholder.text.startswith("A long") and placeholder.text.endswith(f"_Stopped by {ANN.lower()}._")
+    assert STOP not in placeholder.actions() and len(slack.thread(CHANNEL, mention["ts"])) == 1
+    assert [entry["outcome"] for entry in other.logs.items if entry["event"] == "slack.stop"] == ["not_allowed", "stopped"]
+    assert len(slack.responses.items) == 1  # Ann's click needs no word: the reply shows it stopped
+
+
+async def responded(slack: FakeSlack, click: dict) -> dict:
+    """What the bot posted to the click's response_url."""
+    response_id = click["response_url"].rsplit("/", 1)[1]
+    return await slack.responses.wait_for(lambda items: next((body for rid, body in items if rid == response_id), None))

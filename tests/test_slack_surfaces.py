@@ -9,14 +9,15 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from adapters.slack import DESCRIBE, SCOPES
+from adapters.slack import DESCRIBE, SCOPES, SlackSettings
 from adapters.slack_assistant import GREETING
 from adapters.slack_blocks import DESCRIBE_IMAGE, FEEDBACK, STOP
+from adapters.slack_text import escape
 from bot.state.store import SQLiteStore
 from tests.bots import Harness, free_port, running
-from tests.fake_slack import APP_TOKEN, FakeSlack, Posted
+from tests.fake_slack import APP_TOKEN, Failure, FakeSlack, Posted
 from tests.model_tap import tap  # noqa: F401 (a fixture)
-from tests.test_slack import ANN, BOB, CHANNEL, DM, harness, logs, processes, red_and_blue, slack, slack_config, start_bots  # noqa: F401 (fixtures)
+from tests.test_slack import ALSO_TWO_PROCESSES, ANN, BOB, CHANNEL, DM, OTHER_CHANNEL, harness, logs, processes, red_and_blue, slack, slack_config, start_bots  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,21 +67,115 @@ async def test_the_assistant_panel_greets_names_the_chat_and_streams_with_a_stat
     assert len(slack.api("assistant.threads.setTitle")) == 1  # named once, after its first question
 
 
+@ALSO_TWO_PROCESSES
 async def test_a_workspace_that_refuses_streams_gets_edited_placeholders_decided_once(start_bots, slack, tap, logs):
     harness = await start_bots(native_streaming=True)
-    slack.refuse_streaming = "feature_not_enabled"
+    slack.refuse_streaming = "unknown_method"  # Slack's "This method is currently not available."
     tap.say = "A red square"
     first = slack.mention(CHANNEL, ANN, "What is this?")
     (reply,) = await harness.answer(first)
     assert reply.texts[0] == "_Thinking…_" and reply.text.startswith("A red square")
     assert FEEDBACK in reply.actions() and STOP not in reply.actions()
-    second = slack.mention(CHANNEL, BOB, "And this?")
-    await harness.answer(second)
-    assert len(slack.api("chat.startStream")) == 1  # the workspace's answer is kept
+    for user in (BOB, ANN):  # with two processes, behind the load balancer each gets one of these
+        await harness.answer(slack.mention(CHANNEL, user, "And this?"))
+    assert len(slack.api("chat.startStream")) == 1  # the workspace's answer is kept, for every process
     refusals = [r for r in logs.items if r.msg == "slack.streaming_unavailable"]
-    assert [r.error for r in refusals] == ["feature_not_enabled"]
+    assert [r.error for r in refusals] == ["unknown_method"]
 
 
+async def test_a_stream_refused_in_one_channel_or_thread_falls_back_for_that_reply_only(start_bots, slack, tap, logs):
+    harness = await start_bots(native_streaming=True)
+    tap.say = "A red square"
+    for error in ("channel_type_not_supported", "restricted_action_thread_locked", "ekm_access_denied", "message_limit_exceeded"):
+        slack.fail("chat.startStream", Failure(200, error))
+        (reply,) = await harness.answer(slack.mention(CHANNEL, ANN, "What is this?"))
+        assert reply.texts[0] == "_Thinking…_" and reply.text.startswith("A red square") and FEEDBACK in reply.actions()
+    # "Describe image" on a message in a channel the bot isn't in: that reply can't be posted at all...
+    slack.outside.add(OTHER_CHANNEL)
+    red, _ = red_and_blue(slack)
+    shortcut = slack.shortcut(DESCRIBE_IMAGE, slack.message(OTHER_CHANNEL, BOB, "look", files=[red]), ANN)
+    await interact(harness, shortcut)
+    assert (await responded(slack, shortcut))["text"].startswith("I can't post in this conversation: invite me")
+    # ...and the workspace still streams.
+    (streamed,) = await harness.answer(slack.mention(CHANNEL, BOB, "And this?"))
+    assert streamed.streaming is False and streamed.text.startswith("A red square") and FEEDBACK in streamed.actions()
+    assert not [r for r in logs.items if r.msg == "slack.streaming_unavailable"]
+
+
+async def test_a_stream_is_for_the_asker_and_their_own_team(start_bots, slack, tap):
+    harness = await start_bots(native_streaming=True)
+    slack.teams[BOB] = "T0000002"  # Bob is in the channel through Slack Connect
+    tap.say = "A red square"
+    (streamed,) = await harness.answer(slack.mention(CHANNEL, BOB, "What is this?"))
+    assert streamed.streaming is False and (streamed.recipient, streamed.recipient_team) == (BOB, "T0000002")
+    assert streamed.text.startswith("A red square") and not slack.api("chat.update")
+
+
+async def test_stop_is_there_at_once_while_a_streamed_answer_waits(start_bots, slack, tap):
+    harness = await start_bots(native_streaming=True)
+    tap.say, tap.finish = "", False  # the model holds before its first word, as for a long queue
+    tap.gate.clear()
+    mention = slack.mention(CHANNEL, ANN, "Describe it at length")
+    event_id = await harness.send(mention)
+    control = await slack.calls.wait_for(lambda calls: with_action(slack, CHANNEL, STOP))
+    await tap.wait_held()
+    assert not slack.api("chat.startStream")  # nothing written yet, and already stoppable
+    await interact(harness, slack.click(control, STOP, ANN))
+    await harness.outcome(event_id)
+    tap.gate.set()
+    (answer,) = slack.thread(CHANNEL, mention["ts"])
+    assert answer.streaming is False and answer.text == "_Stopped by u0000001._" and slack.deleted == [control]
+
+
+async def test_a_stream_that_slack_closes_goes_on_in_messages_with_nothing_lost(start_bots, slack, tap):
+    harness = await start_bots(native_streaming=True)
+    tap.say, tap.finish = "A red square on a white", False
+    tap.gate.clear()
+    mention = slack.mention(CHANNEL, ANN, "Describe it at length")
+    event_id = await harness.send(mention)
+    stream = await slack.calls.wait_for(lambda calls: next((m for m in slack.thread(CHANNEL, mention["ts"]) if m.streaming), None))
+    await tap.wait_held()
+    await slack.calls.wait_for(lambda calls: stream.text == "A red square on a white")
+    slack.close_stream(stream)
+    tap.gate.set()  # the model goes on, and the bot's next append or the stop finds the stream closed
+    await harness.outcome(event_id)
+    streamed, rest = slack.thread(CHANNEL, mention["ts"])
+    assert streamed is stream and stream.text == "A red square on a white" and not stream.actions()
+    assert rest.text.startswith("…") and FEEDBACK in rest.actions() and STOP not in rest.actions()
+    await all_shown(harness, mention, stream, rest)
+
+
+async def test_a_stream_that_slack_closes_while_the_model_is_slow_goes_on_as_the_model_does(start_bots, slack, tap):
+    harness = await start_bots(native_streaming=True)
+    slack.streams_close_at_once = True  # so the bot's first append finds it closed
+    tap.say, tap.finish = "A red square on a white", False
+    tap.gate.clear()
+    mention = slack.mention(CHANNEL, ANN, "Describe it at length")
+    event_id = await harness.send(mention)
+    await tap.wait_held()
+    # The rest goes on in a message while the model is still held...
+    rest = await slack.calls.wait_for(lambda calls: next((m for m in slack.thread(CHANNEL, mention["ts"]) if m.text.startswith("…")), None))
+    assert STOP in rest.actions()
+    tap.gate.set()  # ...and takes what the model says next
+    await harness.outcome(event_id)
+    stream, shown_rest = slack.thread(CHANNEL, mention["ts"])
+    assert shown_rest is rest and stream.streaming is False and FEEDBACK in rest.actions() and STOP not in rest.actions()
+    await all_shown(harness, mention, stream, rest)
+
+
+async def all_shown(harness: Harness, question: dict, stream: Posted, rest: Posted) -> None:
+    """The stored answer to `question` is all in its thread: in the closed `stream`, then in `rest`."""
+    store = await SQLiteStore.open(harness.config.state.path)
+    try:
+        answer = (await store.load_turns(await store.conversation_of("slack", f"{CHANNEL}/{question['ts']}")))[-1]
+    finally:
+        await store.close()
+    shown = escape(answer.text)
+    assert shown.startswith(stream.text) and len(shown) > len(stream.text)
+    assert rest.text.removeprefix("…").startswith(shown[len(stream.text) :].strip())
+
+
+@ALSO_TWO_PROCESSES  # a click may reach the process that doesn't write the reply
 async def test_stop_is_for_the_asker_and_keeps_what_was_written(start_bots, slack, tap):
     harness = await start_bots(native_streaming=True)
     tap.say, tap.finish = "A red square on", False
@@ -104,6 +199,7 @@ async def test_stop_is_for_the_asker_and_keeps_what_was_written(start_bots, slac
     assert slack.deleted == [control]
 
 
+@ALSO_TWO_PROCESSES  # a click may reach the process that doesn't write the reply
 async def test_anyone_may_stop_when_configured_and_a_finished_reply_says_so(start_bots, slack, tap):
     harness = await start_bots(native_streaming=False, anyone_can_stop=True)
     tap.say, tap.finish = "Blue", False
@@ -188,4 +284,20 @@ def test_the_manifest_asks_for_what_the_adapter_uses_and_the_readme_shows_it():
     assert {"assistant_thread_started", "assistant_thread_context_changed", "app_mention", "message.im"} <= set(manifest["settings"]["event_subscriptions"]["bot_events"])
     assert [s["callback_id"] for s in manifest["features"]["shortcuts"]] == [DESCRIBE_IMAGE]
     assert manifest["settings"]["interactivity"]["is_enabled"] and "assistant_view" in manifest["features"]
-    assert text.strip() in (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert text.strip() in readme and manifest["settings"]["socket_mode_enabled"]
+
+
+def test_the_http_mode_manifest_gives_slack_the_bots_address_for_everything():
+    socket = yaml.safe_load((ROOT / "slack-manifest.yml").read_text(encoding="utf-8"))
+    http = yaml.safe_load((ROOT / "slack-manifest-http.yml").read_text(encoding="utf-8"))
+    address = "https://bot.example.com" + SlackSettings().events_path  # Bolt takes all three on one path
+    settings, (command,) = http["settings"], http["features"]["slash_commands"]
+    assert settings["socket_mode_enabled"] is False
+    assert settings["event_subscriptions"]["request_url"] == settings["interactivity"]["request_url"] == command["url"] == address
+    # Otherwise the same app: the same scopes, events, shortcut and command.
+    settings.update(socket_mode_enabled=True)
+    del settings["event_subscriptions"]["request_url"], settings["interactivity"]["request_url"], command["url"]
+    assert http == socket
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "`slack-manifest-http.yml`, **HTTP mode**" in readme and "`slack-manifest.yml`, **Socket Mode**" in readme

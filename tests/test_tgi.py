@@ -283,18 +283,33 @@ async def test_requests_beyond_max_concurrency_wait_here_in_order_with_their_pos
         while not isinstance(await anext(first), TextDelta):
             pass
         second, third = service.stream(request(label="second")), service.stream(request(label="third"))
-        assert await anext(second) == Queued(2)
-        assert await anext(third) == Queued(3)
+        assert await anext(second) == Queued(1)
+        assert await anext(third) == Queued(2)
         with pytest.raises(ModelBusy):
             await anext(service.stream(request(label="fourth")))
         await second.aclose()  # the second one gives up; the third moves up
-        assert await anext(third) == Queued(2)
+        assert await anext(third) == Queued(1)
         fake.release.set()
         assert [event async for event in first][-1].text == "first reply"
         rest = [event async for event in third]
-        assert rest[0] == Queued(1) and rest[-1].text == "second"
+        assert isinstance(rest[0], Started) and rest[-1].text == "second"
         assert len(fake.generate_requests) == 2 and fake.most_streaming == 1
     finally:
+        await service.close()
+
+
+async def test_a_newcomer_behind_one_running_and_one_waiting_request_is_second_in_line(fake):
+    # The same meaning of the place as on the local backend: 1 goes to the model next.
+    service = await connected(fake, max_concurrency=1)
+    fake.replies.append(Reply(["first"], hold_after=0))
+    running, waiting, newcomer = (service.stream(request(label=label)) for label in ("running", "waiting", "newcomer"))
+    try:
+        assert await anext(running) == Queued(1)
+        assert await anext(waiting) == Queued(1)
+        assert await anext(newcomer) == Queued(2)
+    finally:
+        for stream in (running, waiting, newcomer):
+            await stream.aclose()
         await service.close()
 
 
@@ -318,7 +333,7 @@ async def test_closing_answers_the_requests_in_flight_and_in_line(fake):
     streaming, waiting = service.stream(request()), service.stream(request())
     while not isinstance(await anext(streaming), TextDelta):
         pass
-    assert await anext(waiting) == Queued(2)
+    assert await anext(waiting) == Queued(1)
     await service.close()
     for stream in (streaming, waiting):
         with pytest.raises(ModelUnavailable, match="shutting down"):

@@ -104,6 +104,11 @@ async def test_a_refused_image_shows_its_reason(tmp_path, tiny_checkpoint, brows
         note = page.locator(".message.assistant.done .note")
         await note.wait_for()
         assert "scan.png is a PDF document, not an image" in await note.inner_text()
+        # In the question: the file's name and the reason, not a broken-image icon.
+        refused = page.locator(".message.user .refused")
+        assert await refused.locator("strong").inner_text() == "scan.png"
+        assert "is a PDF document, not an image" in await refused.inner_text()
+        assert await page.locator(".message.user img").count() == 0
         assert not tap.prompts  # refused before the model
         assert not problems.seen
 

@@ -64,14 +64,31 @@ function markCurrent() {
 
 // -- showing messages ----------------------------------------------------------------------
 
+// An image the bot refused, or the browser can't show: its name and why, never a broken-image icon.
+function refusedImage(name, reason) {
+  const figure = element("figure", "refused", element("strong", "", name));
+  if (reason) figure.append(element("span", "", reason));
+  figure.title = name;
+  return figure;
+}
+
 function imageStrip(images) {
   return element("div", "images", ...images.map(({ src, name }) => {
     const image = element("img");
     image.src = src;
     image.alt = name;
     image.title = name;
+    image.addEventListener("error", () => image.replaceWith(refusedImage(name, "")), { once: true });
     return image;
   }));
+}
+
+// The images of a question that the answer's notes refuse (a refusal names its file).
+function markRefused(question, notes) {
+  for (const shown of question.querySelectorAll(".images > *")) {
+    const reason = notes.find((note) => note.includes(shown.title));
+    if (reason) shown.replaceWith(refusedImage(shown.title, reason));
+  }
 }
 
 function showQuestion(words, images) {
@@ -110,6 +127,7 @@ class Answer {
     this.setText(words);
     // Notes (refusals, limits, what happened) read as they do on the other platforms: in italics.
     for (const note of notes) this.body.append(element("p", "note", element("em", "", note)));
+    if (this.question) markRefused(this.question, notes);
   }
 }
 
@@ -182,11 +200,12 @@ async function send() {
   const form = new FormData();
   form.append("text", words);
   for (const { file } of pending) form.append("image", file, file.name);
-  showQuestion(words, pending.map(({ url, file }) => ({ src: url, name: file.name })));
+  const question = showQuestion(words, pending.map(({ url, file }) => ({ src: url, name: file.name })));
   text.value = "";
   pending = [];
   showPending();
   const answer = new Answer();
+  answer.question = question;
   answer.setStatus("Sending…");
   setReplying(+1);
   try {

@@ -26,10 +26,10 @@ from typing import Literal
 
 from bot.core.conversation import ConversationKey
 from bot.core.generation import Generation
-from bot.core.messages import CommandRequest, Final, Refusal, ReplyEvent, TaskRequest, Working
+from bot.core.messages import CommandRequest, Final, Partial, Refusal, ReplyEvent, TaskRequest, Working
 from bot.core.prompt import PromptTooLong, check_fits
-from bot.core.ranking import classify
-from bot.core.tasks import FewShotPair, TaskError, build_task
+from bot.core.ranking import classify, named_label
+from bot.core.tasks import DEFAULT_MAX_NEW_TOKENS, FewShotPair, TaskError, TaskPrompt, build_task
 from bot.core.turns import Conversations, unsaved
 from bot.images.attachments import ImageIntake
 from bot.images.intake import ImageRejected
@@ -37,7 +37,7 @@ from bot.runtime.config import Config
 from bot.runtime.files import FileTooLarge, NotARegularFile, read_regular_file
 from bot.runtime.metrics import Metrics
 from bot.state.store import Forgotten, StoreUnavailable
-from model.service import ModelError
+from model.service import ModelError, ScoringUnavailable
 
 
 @dataclass(frozen=True)
@@ -191,6 +191,10 @@ class Commands:
                     timeout=self.config.model.generation_timeout_s,
                     label=f"{request.key} task=classify",
                 )
+            except ScoringUnavailable:
+                async for event in self._label_named(request, prompt, notes):
+                    yield event
+                return
             except ModelError as error:
                 self.metrics.error(type(error).__name__)
                 yield Final("", (*notes, str(error)))
@@ -203,6 +207,24 @@ class Commands:
                 if not event.text and not event.notes:
                     event = Final("", ("The model gave an empty reply.",))
             yield event
+
+    async def _label_named(self, request: TaskRequest, prompt: TaskPrompt, notes: list[str]) -> AsyncIterator[ReplyEvent]:
+        """Classification on a model that can't weigh labels: the guide's free-generation form, and
+        the label the model names, said to be approximate."""
+        length = self.config.tasks.max_new_tokens.get("classify_generate", DEFAULT_MAX_NEW_TOKENS["classify_generate"])
+        async for event in self.generation.stream(prompt.chat, length, f"{request.key} task=classify"):
+            if isinstance(event, Partial):
+                continue  # the model's own words are not the answer
+            if not isinstance(event, Final):
+                yield event
+                continue
+            label = named_label(event.text, prompt.labels) if event.text else None
+            if label is not None:
+                yield Final(f"{label} (approximate: this model server can't weigh the labels, so this is the one the model named)", (*notes, *event.notes))
+            elif event.text:
+                yield Final("", (*notes, f'The model answered "{event.text[:100]}", which is none of the labels. Please try other labels.'))
+            else:
+                yield Final("", (*notes, *event.notes))
 
     async def _few_shot_examples(self) -> list[FewShotPair]:
         if self._few_shot is None:

@@ -15,6 +15,7 @@ from bot.runtime.metrics import Metrics
 from bot.state.store import Store
 from model.service import (
     Chat,
+    ContextTooLong,
     Finished,
     GenerationParams,
     GenerationRequest,
@@ -118,10 +119,10 @@ class Generation:
                         metrics.generation.observe(clock() - generating_since)
                     metrics.tokens.inc(event.tokens)
                     metrics.replies.labels(outcome=event.reason).inc()
-                    yield Final(event.text)
+                    yield Final(event.text, (event.note,) if event.note else ())
                     return
         except ModelError as error:
-            metrics.error(type(error).__name__)
+            metrics.error("too_long" if isinstance(error, ContextTooLong) else type(error).__name__)
             log.warning("request.failed", extra={"request": label, "error": type(error).__name__})
             yield Final("", (str(error),))
         finally:

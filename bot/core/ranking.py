@@ -43,3 +43,14 @@ async def classify(model: ModelService, prompt: Chat, labels: Sequence[str], **r
     `ScoreRequest`'s time limits and log label."""
     scores = await model.score(ScoreRequest(prompt=prompt, continuations=tuple(labels), **request))
     return rank(labels, scores)
+
+
+def named_label(reply: str, labels: Sequence[str]) -> str | None:
+    """The label a freely written reply names: the longest one it starts with, else the one it
+    mentions first (ignoring case and surrounding punctuation); None if it names none."""
+    text = reply.strip().strip("\"'.,:;!").lower()
+    starting = [label for label in labels if text.startswith(label.lower())]
+    if starting:
+        return max(starting, key=len)
+    found = [(text.find(label.lower()), -len(label), label) for label in labels if label.lower() in text]
+    return min(found)[2] if found else None

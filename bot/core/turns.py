@@ -13,7 +13,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable, Iterator
-from contextlib import aclosing, contextmanager
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager, contextmanager
 
 from bot.core.conversation import Author, ConversationKey, Turn, Unanswered
 from bot.core.generation import Generation
@@ -29,6 +29,7 @@ from model.service import ModelError
 log = logging.getLogger(__name__)
 
 _RESUMED = "I was restarted while writing this answer, so it comes late."
+_ADOPTED = "The bot process that was writing this answer stopped, so another one took it over: it comes late."
 _NOT_LATEST = "Only the latest answer of a conversation can be written again."
 _OVERTAKEN = "A newer message arrived while this one waited, so I'll answer that one with this in mind."
 UNSAVED = "I couldn't save this conversation right now, so I can't answer it. Please try again in a little while."
@@ -87,7 +88,7 @@ class Conversations:
         # in: one whose image is slow to download is not overtaken by the messages sent after it.
         with self._arrivals.arriving(message.key) as overtaken:
             try:
-                async with self.store.hold_conversation(message.key):
+                async with self._after_stranded(message.key):
                     try:
                         refs, notes = await self.intake.take_in(message.key, message.attachments, message.text)
                     except Refusal as refusal:
@@ -114,6 +115,35 @@ class Conversations:
                 final = unsaved(self.metrics, str(message.key), error)
         yield final  # shown once the conversation is free for its next message
 
+    def _after_stranded(self, key: ConversationKey) -> AbstractAsyncContextManager[None]:
+        """The conversation's hold, for a new message: once the question a stopped process left
+        unanswered at its end (if any) is answered, so that answers come in the order of their
+        questions. That question is adopted (`resume`, by whichever process finds it first) while
+        this message waits outside the hold; if it is not answered within two [bot] adopt_after_s
+        (nobody can take it over), the new message goes first."""
+        window = self.config.bot.resume_window_s
+        if not window:
+            return self.store.hold_conversation(key)
+        return self._held_after_stranded(key, window)
+
+    @asynccontextmanager
+    async def _held_after_stranded(self, key: ConversationKey, window: float) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        patience = self.config.bot.adopt_after_s
+        deadline: float | None = None
+        while True:
+            async with self.store.hold_conversation(key):
+                stranded = await self.store.stranded(key, time.time() - window)
+                if stranded is None or (deadline is not None and loop.time() >= deadline):
+                    if stranded is not None:
+                        log.warning("turn.stranded_overtaken", extra={"conversation": str(key), "turn": stranded})
+                    yield
+                    return
+            if deadline is None:
+                log.info("turn.waiting_for_stranded", extra={"conversation": str(key), "turn": stranded})
+                deadline = loop.time() + 2 * patience
+            await asyncio.sleep(patience / 4)  # as often as processes look for stranded questions
+
     async def unanswered(self, platform: str) -> list[Unanswered]:
         """Messages of `platform` that a stopped process stored but never answered, at most
         [bot] resume_window_s old, oldest first."""
@@ -123,19 +153,26 @@ class Conversations:
         return await self.store.unanswered(platform, time.time() - window)
 
     async def resume(self, pending: Unanswered, shared: bool) -> AsyncIterator[ReplyEvent]:
-        async def still_last(history: list[Turn]) -> bool:
-            # Still unanswered, and this process is the one to take it over (exactly one is).
-            return bool(history) and history[-1].id == pending.turn.id and await self.store.adopt(pending)
+        async def unanswered(history: list[Turn]) -> int | None:
+            # Still stored and unanswered, and this process is the one to take it over (exactly one
+            # is). Whatever came after it (a follow-up that didn't wait), it is answered from the
+            # turns before it.
+            at = next((index for index, turn in enumerate(history) if turn.id == pending.turn.id), None)
+            if at is None or (at + 1 < len(history) and history[at + 1].role == "assistant"):
+                return None
+            return at if await self.store.adopt(pending) else None
 
-        async for event in self._answer_stored(pending.key, still_last, shared, [_RESUMED], Final(""), "turn.resuming"):
+        late = _ADOPTED if self.store.shared else _RESUMED
+        async for event in self._answer_stored(pending.key, unanswered, shared, [late], Final(""), "turn.resuming"):
             yield event
 
     async def regenerate(self, key: ConversationKey, turn_id: int, shared: bool) -> AsyncIterator[ReplyEvent]:
         """Answer again the question whose stored answer is `turn_id`, the latest of its conversation;
         the new answer replaces it in the history (if none comes, the old one stays)."""
 
-        async def answered_last(history: list[Turn]) -> bool:
-            return len(history) >= 2 and history[-1].id == turn_id and history[-1].role == "assistant" and history[-2].role == "user"
+        async def answered_last(history: list[Turn]) -> int | None:
+            latest = len(history) >= 2 and history[-1].id == turn_id and history[-1].role == "assistant" and history[-2].role == "user"
+            return len(history) - 2 if latest else None
 
         async for event in self._answer_stored(key, answered_last, shared, [], Final("", (_NOT_LATEST,)), "turn.regenerating", replace=True):
             yield event
@@ -143,7 +180,7 @@ class Conversations:
     async def _answer_stored(
         self,
         key: ConversationKey,
-        expected: Callable[[list[Turn]], Awaitable[bool]],
+        expected: Callable[[list[Turn]], Awaitable[int | None]],
         shared: bool,
         notes: list[str],
         otherwise: Final,
@@ -151,17 +188,18 @@ class Conversations:
         replace: bool = False,
     ) -> AsyncIterator[ReplyEvent]:
         """Answer a question that is already stored, under the conversation's hold (so that a process
-        still answering it finishes first): the last turn, or with `replace` the question of the last
-        answer, which the new answer replaces. Unless `expected(history)` (the conversation moved on,
-        or another process takes the question), the Final is `otherwise`. Logs `event` when it answers."""
+        still answering it finishes first): the turn at the index `expected(history)` gives, from the
+        turns before it; with `replace` the question of the last answer, which the new answer
+        replaces. If `expected` gives None (the conversation moved on, or another process takes the
+        question), the Final is `otherwise`. Logs `event` when it answers."""
         started = time.perf_counter()
         final = otherwise
         try:
             async with self.store.hold_conversation(key):
                 history = await self.store.load_turns(key)
-                if await expected(history):
+                question = await expected(history)
+                if question is not None:
                     log.info(event, extra={"conversation": str(key)})
-                    question = len(history) - (2 if replace else 1)
                     replacing = history[-1] if replace else None
                     async with aclosing(self._answer(key, history[:question], history[question], shared, notes, started, replacing)) as events:
                         async for answer in events:
@@ -229,7 +267,7 @@ class Conversations:
         previous = next((turn for turn in reversed(history) if turn.role == "assistant"), None)
         if fitted.dropped and (previous is None or not previous.dropped):
             notes.append("This conversation is now longer than I can read at once, so I no longer see its oldest messages.")
-        answer_turn = await self.store.add_turn(key, Turn("assistant", (answer,), dropped=fitted.dropped))
+        answer_turn = await self.store.add_turn(key, Turn("assistant", (answer,), dropped=fitted.dropped), answers=stored.id if stored else None)
         if replacing is not None and replacing.id is not None:
             await self.store.remove_turn(replacing.id)
         log.info(

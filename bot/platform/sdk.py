@@ -9,7 +9,9 @@ conversations (`conversations`, `turns`, `image`, for showing it again), the thr
 /metrics (`record`), answering the questions a killed process left unanswered, after a restart
 or, with processes sharing PostgreSQL, as soon as another notices (`watch_unanswered`, `resume`),
 answering the latest question again (`latest_answer`, `regenerate`), votes on answers
-(`record_feedback`), and a few values an adapter keeps (`get_value`, `set_value`). It runs every
+(`record_feedback`), a few values an adapter keeps (`get_value`, `set_value`), and, with processes
+sharing the state, asking the one that has something (a reply it is writing, for a Stop click that
+reached another process: `ask_owner`, `answer_for`). It runs every
 adapter's messages through the same steps and logs them the same way (`<adapter>.replied`,
 `.duplicate`, `.reply_lost`, `.resumed`, with their conversation), and keeps the ids of the messages
 each reply posts, so that a process taking a question over continues in them.
@@ -22,8 +24,10 @@ be had raises `ImageRejected` (or `FetchRefused`, from `download`) from its `rea
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -42,6 +46,10 @@ from bot.state.store import Store, StoreUnavailable
 from model.service import ModelImage
 
 ErrorFields = Callable[[BaseException], Mapping[str, Any]]
+Handler = Callable[[dict[str, Any]], dict[str, Any] | None]
+# How long a process waits for another one's answer: PostgreSQL passes a notification on in a few
+# milliseconds, and a click must be answered (Discord: within 3 s) whether or not one comes.
+ASK_TIMEOUT_S = 1.0
 
 
 def error_name(error: BaseException) -> Mapping[str, Any]:
@@ -71,6 +79,9 @@ class Platform:
         self._describe_error = describe_error
         self._work: set[asyncio.Task[None]] = set()
         self.log = logging.getLogger(f"adapters.{name}")
+        self._handlers: dict[str, Handler] = {}  # topic -> what answers other processes' asks
+        self._asked: dict[str, asyncio.Future[dict[str, Any]]] = {}  # ask id -> its answer, once one comes
+        self._listening = False
 
     # -- work after an acknowledgement -------------------------------------------------------
 
@@ -177,6 +188,66 @@ class Platform:
             return True
         return await self._store.has_conversation(key)
 
+    # -- asking the process that has something ------------------------------------------------
+
+    async def answer_for(self, topic: str, handler: Handler) -> None:
+        """Answer the asks of other processes about `topic` (see `ask_owner`): `handler(body)` gives
+        this process's answer, or None when what is asked about isn't here (so another may answer)."""
+        self._handlers[topic] = handler
+        await self._listen()
+
+    async def ask_owner(self, topic: str, body: dict[str, Any], timeout: float = ASK_TIMEOUT_S) -> dict[str, Any] | None:
+        """Ask the other processes that share the state about something only one of them has (the
+        reply it is writing): that one's answer, or None if none came within `timeout` seconds (or
+        the state has no other processes)."""
+        if not self._store.shared:
+            return None
+        await self._listen()
+        ask = uuid.uuid4().hex
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._asked[ask] = answer
+        try:
+            await self._store.publish(json.dumps({"ask": ask, "topic": f"{self.name}.{topic}", "from": self._store.process_id, "body": body}))
+            async with asyncio.timeout(timeout):
+                return await answer
+        except TimeoutError:
+            return None
+        except Exception as error:  # the state is out of reach: nobody can be asked
+            self.log.warning(f"{self.name}.ask_failed", extra={"topic": topic, "error": type(error).__name__})
+            return None
+        finally:
+            del self._asked[ask]
+
+    async def _listen(self) -> None:
+        if self._listening or not self._store.shared:
+            return
+        try:
+            await self._store.subscribe(self._heard)
+        except Exception as error:  # the state is out of reach: asks go unanswered until the next try
+            self.log.warning(f"{self.name}.not_listening", extra={"error": type(error).__name__})
+            return
+        self._listening = True
+
+    def _heard(self, message: str) -> None:
+        """A message of a process on the state: an ask for a handler here, or an answer to an ask of this process."""
+        try:
+            heard = json.loads(message)
+        except ValueError:
+            return
+        if not isinstance(heard, dict) or not isinstance(heard.get("body"), dict):
+            return
+        answered = self._asked.get(heard.get("answer", ""))
+        if answered is not None and not answered.done():
+            answered.set_result(heard["body"])
+            return
+        topic = heard.get("topic")
+        handler = self._handlers.get(topic.removeprefix(f"{self.name}.")) if isinstance(topic, str) and topic.startswith(f"{self.name}.") else None
+        if handler is None or heard.get("from") == self._store.process_id:
+            return
+        answer = handler(heard["body"])
+        if answer is not None:
+            self.spawn(self._store.publish(json.dumps({"answer": heard.get("ask"), "body": answer})), "answer")
+
     # -- the pipeline ------------------------------------------------------------------------
 
     def record(self, kind: str) -> None:
@@ -204,8 +275,9 @@ class Platform:
         event once shown, or None if the platform didn't take the reply (counted and logged)."""
         self.record("message")
         started = time.perf_counter()
-        self._keep_message_ids(live, message.message_id)
+        self._keep_message_ids(live, message.message_id, message.key)
         final = await self.show(live, self._engine.reply(message), message.key, **about)
+        await self._forget_reply(message.message_id)
         if final is not None:
             seconds = round(time.perf_counter() - started, 3)
             extra = {"conversation": str(message.key), **about, "answered": bool(final.text), "messages": len(live.messages), "seconds": seconds}
@@ -233,11 +305,11 @@ class Platform:
         share the state, those a process leaves when it dies, looked for four times per
         [bot] adopt_after_s. Runs until cancelled, or, with a state of one process, until the
         start-up ones are handed out."""
-        handed: set[int | None] = set()
+        handed: set[int | str | None] = set()
         first = True
         while True:
             try:
-                found = [pending for pending in await self._engine.unanswered(self.name) if pending.turn.id not in handed]
+                found = [pending for pending in await self._engine.unanswered(self.name) if _handle(pending) not in handed]
             except Exception as error:  # the state may be out of reach for a while: look again later
                 self.log.warning(f"{self.name}.unanswered_unknown", extra={"error": type(error).__name__})
                 found = []
@@ -245,7 +317,7 @@ class Platform:
                 self.log.info(f"{self.name}.unanswered", extra={"found": len(found)})
             first = False
             for pending in found:
-                handed.add(pending.turn.id)
+                handed.add(_handle(pending))
                 take_over(pending)
             if not self._store.shared:
                 return
@@ -256,25 +328,54 @@ class Platform:
         with `messages=` the handles of `pending.reply` (the messages the stopped process had posted
         for it) to continue in them."""
         key = pending.key
-        self._keep_message_ids(live, pending.turn.message_id)
+        self._keep_message_ids(live, pending.turn.message_id, key)
         final = await self.show(live, self._engine.resume(pending, shared), key, **about)
+        if final is not None and not final.text and not final.notes:
+            # Another process took it over first (or it was answered meanwhile): nothing was shown.
+            self.log.info(f"{self.name}.resume_left", extra={"conversation": str(key), **about})
+            return final
+        await self._forget_reply(pending.turn.message_id)
         if final is not None:
             self.record("resumed")
             self.log.info(f"{self.name}.resumed", extra={"conversation": str(key), **about, "answered": bool(final.text), "messages": len(live.messages)})
         return final
 
-    def _keep_message_ids(self, live: Presenter, question: str) -> None:
+    async def take_back(self, pending: Unanswered) -> bool:
+        """For a reply whose process stopped before its question was stored (`pending.turn.id` is
+        None): True if this process is the one to remove its messages (`pending.reply`), which the
+        adapter then does."""
+        taken = await self._store.adopt(pending)
+        if taken:
+            self.log.info(f"{self.name}.reply_removed", extra={"conversation": str(pending.key), "messages": len(pending.reply)})
+        return taken
+
+    async def _forget_reply(self, question: str) -> None:
+        """The reply to `question` is shown in full: nobody is to continue or remove its messages."""
+        if not question:
+            return
+        try:
+            await self._store.forget_reply(self.name, question)
+        except Exception as error:  # out of reach: once this process stops, its messages may be taken for a stray reply
+            self.log.warning(f"{self.name}.reply_not_forgotten", extra={"error": type(error).__name__})
+
+    def _keep_message_ids(self, live: Presenter, question: str, key: ConversationKey) -> None:
         """Keep the platform ids of `live`'s messages as they are posted in answer to the message
-        `question`, so that a process taking the question over can edit them. A surface whose
-        handles are not the ids themselves says how to get one (`message_id(handle)`)."""
+        `question` of `key`, so that a process taking the question over can edit them (or remove
+        them, if this one stops before the question is stored). A surface whose handles are not
+        the ids themselves says how to get one (`message_id(handle)`)."""
         if not question:
             return
         message_id = getattr(live.surface, "message_id", str)
 
         async def record(messages: list[Any]) -> None:
             try:
-                await self._store.record_reply(self.name, question, [message_id(message) for message in messages])
+                await self._store.record_reply(self.name, question, [message_id(message) for message in messages], key)
             except Exception as error:  # the reply goes on; only a process taking it over would post anew
                 self.log.warning(f"{self.name}.reply_not_recorded", extra={"error": type(error).__name__})
 
         live.on_post = record
+
+
+def _handle(pending: Unanswered) -> int | str | None:
+    """What tells one left question (or stray reply) from the others."""
+    return pending.turn.id if pending.turn.id is not None else f"reply:{pending.turn.message_id}"

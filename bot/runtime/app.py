@@ -44,6 +44,22 @@ async def open_model(config: Config) -> ModelService:
                 reply_tokens=config.generation.max_new_tokens,
             )
         )
+    if settings.backend == "openai":
+        from model.openai import OpenAIBackend, OpenAISettings
+
+        return await OpenAIBackend.open(
+            OpenAISettings(
+                url=settings.url or "",  # the config refuses backend = "openai" without url and model
+                model=settings.model or "",
+                token=settings.token.get_secret_value() if settings.token else None,
+                max_concurrency=settings.max_concurrency,
+                max_queue=settings.max_queue,
+                max_retries=settings.max_retries,
+                connect_timeout_s=settings.connect_timeout_s,
+                payload_limit=settings.payload_limit,
+                reply_tokens=config.generation.max_new_tokens,
+            )
+        )
     from model.local import BatchSettings, LocalBackend
 
     return await LocalBackend.open(

@@ -224,8 +224,8 @@ async def chat(config: Config) -> int:
     """The terminal chat: the terminal adapter on this process's engine."""
     from bot.runtime.app import Runtime
 
-    tgi = config.model.backend == "tgi"
-    print(f"Connecting to the TGI server at {config.model.url} ..." if tgi else f"Loading {config.model.checkpoint} ...", file=sys.stderr)
+    remote = {"tgi": "the TGI server", "openai": f"{config.model.model} on the model server"}.get(config.model.backend)
+    print(f"Connecting to {remote} at {config.model.url} ..." if remote else f"Loading {config.model.checkpoint} ...", file=sys.stderr)
     async with Runtime.open(config) as runtime:
         session: Any = runtime.adapter(TERMINAL)  # the terminal adapter, which also has wait_closed()
         await session.start()
@@ -344,11 +344,13 @@ def _item_lines(items: list) -> list[str]:
 class _Renderer:
     """What the configured model receives for a chat, one item a line (images by name): rendered by
     the local model's family (its chat template, read from the checkpoint without loading the
-    weights), or in IDEFICS v1's instruct format (the TGI backend's, and a checkpoint not at hand)."""
+    weights), as an OpenAI-compatible server's messages, or in IDEFICS v1's instruct format (the TGI
+    backend's, and a checkpoint not at hand)."""
 
     def __init__(self, config: Config):
         from model.loading import prompt_family
 
+        self.openai = config.model.backend == "openai"
         try:
             self.family = prompt_family(config.model.checkpoint) if config.model.backend == "local" else None
         except ModelLoadError as error:
@@ -357,6 +359,10 @@ class _Renderer:
         self.special_tokens = self.family.special_tokens if self.family is not None else ()
 
     def lines(self, chat: Chat) -> list[str]:
+        if self.openai:
+            from model.openai import render_messages
+
+            return _item_lines(render_messages(chat))
         return _item_lines(self.family.render(chat) if self.family is not None else render_instruct(chat))
 
 

@@ -46,21 +46,23 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    backend: Literal["local", "tgi"] = "local"
+    backend: Literal["local", "tgi", "openai"] = "local"
     checkpoint: str = DEFAULT_CHECKPOINT
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     quantization: Literal["none", "8bit", "4bit"] = "none"
     device_map: str | None = None
-    max_batch_size: int = Field(8, ge=1, le=128)
+    max_batch_size: int = Field(64, ge=1, le=256)  # a ceiling: max_batch_tokens (memory) is the real limit
     max_batch_tokens: int = Field(16384, ge=64)  # KV cache rows x tokens of the running batch, at most
     threads: int | None = Field(None, ge=1, le=1024)  # torch.set_num_threads; unset: torch's own choice
     max_queue: int = Field(64, ge=1)
     queue_timeout_s: float = Field(120.0, gt=0)
     generation_timeout_s: float = Field(300.0, gt=0)
     stall_timeout_s: float = Field(120.0, gt=0)  # no new token for this long: the worker is replaced
-    # backend = "tgi": a text-generation-inference server serving IDEFICS.
+    # backend = "tgi": a text-generation-inference server serving IDEFICS (url: its root address).
+    # backend = "openai": an OpenAI-compatible server (url: its /v1 base; model: the served model's id).
     url: str | None = None
-    token: SecretStr | None = None
+    model: str | None = None
+    token: SecretStr | None = None  # or TGI_TOKEN / OPENAI_API_KEY; never logged
     max_concurrency: int = Field(16, ge=1, le=1024)
     max_retries: int = Field(3, ge=0, le=10)
     connect_timeout_s: float = Field(10.0, gt=0)
@@ -70,6 +72,11 @@ class ModelConfig(Section):
     def _tgi_has_an_address(self) -> ModelConfig:
         if self.backend == "tgi" and not self.url:
             raise ValueError('backend = "tgi" needs url, the TGI server\'s address (e.g. url = "http://127.0.0.1:8080")')
+        if self.backend == "openai" and not (self.url and self.model):
+            raise ValueError(
+                'backend = "openai" needs url, the server\'s /v1 base (e.g. url = "http://127.0.0.1:8000/v1"), and model, the id of '
+                'the model it serves (e.g. model = "HuggingFaceTB/SmolVLM-Instruct")'
+            )
         if self.url is not None:
             address = urlsplit(self.url)
             if address.scheme not in ("http", "https") or not address.hostname:
@@ -182,11 +189,13 @@ class HealthConfig(Section):
 
 
 # Secrets of the core's own sections that may come from the environment: (section, key) -> variable.
-# Adapters declare theirs in their settings model (`AdapterSettings.environment`).
+# Adapters declare theirs in their settings model (`AdapterSettings.environment`). The model's
+# token comes from the variable of the backend in use (`_MODEL_TOKEN_FROM_ENV`).
 _SECRETS_FROM_ENV = {
     ("model", "token"): "TGI_TOKEN",
     ("state", "url"): "DATABASE_URL",
 }
+_MODEL_TOKEN_FROM_ENV = {"tgi": "TGI_TOKEN", "openai": "OPENAI_API_KEY"}
 
 
 class Config(Section):
@@ -260,14 +269,20 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             adapter_errors.append(f"[{name}] must be a table of settings")
             continue
         model = adapter_settings_model(name)
+        from_environment = []  # for errors that name the variable rather than the key
         for key, env in getattr(model, "environment", {}).items():
             if environ.get(env) and not raw.get(key):
                 raw[key] = environ[env]
+                from_environment.append(key)
         try:
-            sections[name] = model.model_validate(raw)
+            sections[name] = model.model_validate(raw, context={"from_environment": from_environment})
         except ValidationError as exc:
             adapter_errors += [_describe(error, name, frozenset(getattr(model, "environment", {}))) for error in exc.errors()]
+    model_section = data.get("model", {})
+    backend = model_section.get("backend") if isinstance(model_section, dict) else None
     for (section, key), env in _SECRETS_FROM_ENV.items():
+        if (section, key) == ("model", "token"):
+            env = _MODEL_TOKEN_FROM_ENV.get(str(backend), env)
         if environ.get(env) and isinstance(data.get(section, {}), dict) and not data.get(section, {}).get(key):
             data.setdefault(section, {})[key] = environ[env]
     try:

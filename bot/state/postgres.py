@@ -15,6 +15,9 @@ safe when several processes use one database at once:
 - Each process keeps a lease (a row in `processes`, renewed every `lease_s / 3`), and the user
   turns it is answering name it. When a process dies, its lease runs out and its holds end with its
   connections; `unanswered` then finds the questions it left, and another process `adopt`s them.
+- Messages between the processes (`publish`, `subscribe`: a Stop click that reached a process other
+  than the one writing the reply) go through PostgreSQL's LISTEN/NOTIFY on the channel `idefics_bot`,
+  on one connection per process that listens.
 - The schema is versioned (table `schema_version`); missing migrations are applied at start-up in
   one transaction under an advisory lock, so two processes starting together don't race.
 
@@ -31,7 +34,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -116,6 +119,13 @@ _MIGRATIONS = [
     );
     CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # Who posted a reply's messages, and where: a process that stops before storing the question
+    # leaves them for another to remove.
+    """
+    ALTER TABLE replies ADD COLUMN owner TEXT;
+    ALTER TABLE replies ADD COLUMN channel TEXT NOT NULL DEFAULT '';
+    ALTER TABLE replies ADD COLUMN thread TEXT NOT NULL DEFAULT '';
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # A bucket that hasn't been used for a day is full again: its row can go.
@@ -160,6 +170,8 @@ QUERY_CONNECTIONS = 4
 _CONNECT_TIMEOUT_S = 10.0
 _QUERY_TIMEOUT_S = 60.0
 _CLOSE_TIMEOUT_S = 10.0
+_CHANNEL = "idefics_bot"  # LISTEN/NOTIFY: messages between the processes
+_RELISTEN_S = 1.0  # a listening connection that broke is opened again after this long
 
 
 def conversation_lock(key: ConversationKey) -> tuple[int, int]:
@@ -236,6 +248,9 @@ class PostgresStore(Store):
         self.process_id = uuid.uuid4().hex
         self._locks = ConversationLocks()
         self.where = describe_url(url)
+        self._receivers: list[Callable[[str], None]] = []
+        self._listener: asyncpg.Connection | None = None  # LISTENs on _CHANNEL, once something subscribed
+        self._relistening: asyncio.Task | None = None
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.where})"
@@ -326,7 +341,54 @@ class PostgresStore(Store):
                 await connection.execute("INSERT INTO schema_version (version) VALUES ($1)", number + 1)
                 log.info("store.migrated", extra={"where": self.where, "schema": number + 1})
 
+    # -- messages between the processes ------------------------------------------------------
+
+    async def publish(self, message: str) -> None:
+        await self._pool.execute("SELECT pg_notify($1, $2)", _CHANNEL, message)
+
+    async def subscribe(self, receive: Callable[[str], None]) -> None:
+        if self._listener is None:
+            await self._listen()
+        self._receivers.append(receive)
+
+    async def _listen(self) -> None:
+        connection = await asyncpg.connect(self._url, timeout=_CONNECT_TIMEOUT_S, server_settings={"application_name": "idefics-bot"})
+        await connection.add_listener(_CHANNEL, self._heard)
+        connection.add_termination_listener(self._lost)
+        self._listener = connection
+
+    def _heard(self, connection: object, pid: int, channel: str, payload: str) -> None:
+        for receive in self._receivers:
+            receive(payload)
+
+    def _lost(self, connection: object) -> None:
+        """The listening connection broke (the server restarted, say): listen again, until closed."""
+        if self._listener is None or self._listener is not connection:
+            return
+        log.warning("store.listener_lost")
+        self._listener = None
+        self._relistening = asyncio.get_running_loop().create_task(self._relisten(), name="store-relisten")
+
+    async def _relisten(self) -> None:
+        while self._listener is None:
+            await asyncio.sleep(_RELISTEN_S)
+            try:
+                await self._listen()
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                log.warning("store.listener_not_restored", extra={"error": type(error).__name__})
+        log.info("store.listener_restored")
+
     async def close(self) -> None:
+        listener, self._listener = self._listener, None  # None first: its end is no loss
+        if self._relistening is not None:
+            self._relistening.cancel()
+            await asyncio.gather(self._relistening, return_exceptions=True)
+        if listener is not None:
+            try:
+                async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                    await listener.close()
+            except (TimeoutError, OSError, asyncpg.InterfaceError):
+                listener.terminate()
         self._renewing.cancel()
         await asyncio.gather(self._renewing, return_exceptions=True)
         try:  # a process that stops cleanly leaves nothing unanswered; its lease goes with it
@@ -411,8 +473,8 @@ class PostgresStore(Store):
             for row in reversed(rows)
         ]
 
-    async def add_turn(self, key: ConversationKey, turn: Turn, answerer: str | None = None) -> Turn:
-        async with self._pool.acquire() as connection:
+    async def add_turn(self, key: ConversationKey, turn: Turn, answerer: str | None = None, answers: int | None = None) -> Turn:
+        async with self._pool.acquire() as connection, connection.transaction():
             conversation = await self._conversation_id(connection, key)
             author = turn.author
             turn_id = await connection.fetchval(
@@ -427,27 +489,18 @@ class PostgresStore(Store):
                 turn.dropped,
                 answerer,
             )
+            if answers is not None:
+                await connection.execute("UPDATE turns SET answerer = NULL WHERE id = $1", answers)
         return Turn(turn.role, turn.parts, turn.author, turn.message_id, turn.dropped, id=turn_id)
 
     async def remove_turn(self, turn_id: int) -> None:
         await self._pool.execute("DELETE FROM turns WHERE id=$1", turn_id)
 
     async def unanswered(self, platform: str, since: float) -> list[Unanswered]:
-        rows = await self._pool.fetch(
-            """SELECT c.channel, c.thread, t.id, t.author_id, t.author_name, t.parts, t.message_id, t.answerer, r.messages
-               FROM turns t JOIN conversations c ON c.id = t.conversation_id
-               LEFT JOIN replies r ON r.platform = c.platform AND r.question = t.message_id AND t.message_id <> ''
-               WHERE t.role = 'user' AND t.created >= to_timestamp($2) AND c.platform = $1 AND t.answerer <> $3
-                 AND NOT EXISTS (SELECT 1 FROM turns later WHERE later.conversation_id = t.conversation_id AND later.id > t.id)
-                 AND NOT EXISTS (SELECT 1 FROM processes p WHERE p.id = t.answerer AND p.seen > now() - make_interval(secs => $4))
-               ORDER BY t.id""",
-            platform,
-            since,
-            self.process_id,
-            self.lease_s,
-        )
         # A lease can run out while its process lives on (stalled); the process still holds the
-        # conversation then, and its questions are left to it.
+        # conversation then, and its questions are left to it. The holds are read first: a
+        # conversation taken since by a process adopting its question is then one that process
+        # answers, whose lease is fresh, so the questions below leave it out anyway.
         held = {
             row["objid"]
             for row in await self._pool.fetch(
@@ -455,6 +508,20 @@ class PostgresStore(Store):
                 _CONVERSATION_LOCKS,
             )
         }
+        rows = await self._pool.fetch(
+            """SELECT c.channel, c.thread, t.id, t.author_id, t.author_name, t.parts, t.message_id, t.answerer, r.messages
+               FROM turns t JOIN conversations c ON c.id = t.conversation_id
+               LEFT JOIN replies r ON r.platform = c.platform AND r.question = t.message_id AND t.message_id <> ''
+               WHERE t.role = 'user' AND t.created >= to_timestamp($2) AND c.platform = $1 AND t.answerer <> $3
+                 AND coalesce((SELECT n.role FROM turns n WHERE n.conversation_id = t.conversation_id AND n.id > t.id ORDER BY n.id LIMIT 1), '')
+                     <> 'assistant'
+                 AND NOT EXISTS (SELECT 1 FROM processes p WHERE p.id = t.answerer AND p.seen > now() - make_interval(secs => $4))
+               ORDER BY t.id""",
+            platform,
+            since,
+            self.process_id,
+            self.lease_s,
+        )
         found = []
         for row in rows:
             key = ConversationKey(platform, row["channel"], row["thread"])
@@ -463,22 +530,63 @@ class PostgresStore(Store):
             author = Author(row["author_id"], row["author_name"]) if row["author_id"] is not None else None
             turn = Turn("user", decode_parts(row["parts"]), author, row["message_id"], id=row["id"])
             found.append(Unanswered(key, turn, row["answerer"], tuple(json.loads(row["messages"])) if row["messages"] else ()))
+        # Replies whose process stopped before storing their question: nothing to answer, messages to remove.
+        orphans = await self._pool.fetch(
+            """SELECT r.channel, r.thread, r.question, r.owner, r.messages FROM replies r
+               WHERE r.platform = $1 AND r.owner <> $2 AND r.seen >= to_timestamp($3)
+                 AND NOT EXISTS (SELECT 1 FROM processes p WHERE p.id = r.owner AND p.seen > now() - make_interval(secs => $4))
+                 AND NOT EXISTS (SELECT 1 FROM turns t JOIN conversations c ON c.id = t.conversation_id
+                                 WHERE c.platform = r.platform AND t.message_id = r.question AND t.role = 'user')
+               ORDER BY r.seen""",
+            platform,
+            self.process_id,
+            since,
+            self.lease_s,
+        )
+        for row in orphans:
+            key = ConversationKey(platform, row["channel"], row["thread"])
+            found.append(Unanswered(key, Turn("user", (), message_id=row["question"]), row["owner"], tuple(json.loads(row["messages"]))))
         return found
 
+    async def stranded(self, key: ConversationKey, since: float) -> int | None:
+        row = await self._pool.fetchrow(
+            """SELECT t.id, t.role = 'user' AND t.answerer <> $4 AND t.created >= to_timestamp($5) AS stranded
+               FROM turns t JOIN conversations c ON c.id = t.conversation_id
+               WHERE c.platform=$1 AND c.channel=$2 AND c.thread=$3 ORDER BY t.id DESC LIMIT 1""",
+            key.platform,
+            key.channel,
+            key.thread,
+            self.process_id,
+            since,
+        )
+        return row["id"] if row is not None and row["stranded"] else None
+
     async def adopt(self, pending: Unanswered) -> bool:
+        if pending.turn.id is None:
+            status = await self._pool.execute(
+                "DELETE FROM replies WHERE platform = $1 AND question = $2 AND owner = $3", pending.key.platform, pending.turn.message_id, pending.answerer
+            )
+            return status == "DELETE 1"
         status = await self._pool.execute(
             "UPDATE turns SET answerer = $1 WHERE id = $2 AND answerer = $3", self.process_id, pending.turn.id, pending.answerer
         )
         return status == "UPDATE 1"
 
-    async def record_reply(self, platform: str, question: str, messages: Sequence[str]) -> None:
+    async def record_reply(self, platform: str, question: str, messages: Sequence[str], where: ConversationKey | None = None) -> None:
         await self._pool.execute(
-            "INSERT INTO replies (platform, question, messages) VALUES ($1, $2, $3)"
-            " ON CONFLICT (platform, question) DO UPDATE SET messages = EXCLUDED.messages, seen = now()",
+            "INSERT INTO replies (platform, question, messages, owner, channel, thread) VALUES ($1, $2, $3, $4, $5, $6)"
+            " ON CONFLICT (platform, question) DO UPDATE SET messages = EXCLUDED.messages, seen = now(), owner = EXCLUDED.owner,"
+            " channel = EXCLUDED.channel, thread = EXCLUDED.thread",
             platform,
             question,
             json.dumps(list(messages)),
+            self.process_id,
+            where.channel if where else "",
+            where.thread if where else "",
         )
+
+    async def forget_reply(self, platform: str, question: str) -> None:
+        await self._pool.execute("DELETE FROM replies WHERE platform = $1 AND question = $2", platform, question)
 
     async def _reset(self, key: ConversationKey) -> tuple[int, set[str]]:
         rows = await self._pool.fetch(

@@ -16,7 +16,7 @@ import sqlite3
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -56,6 +56,16 @@ class Store(abc.ABC):
         memory, by default: a SQLite state belongs to one process."""
         return RateLimiter(per_minute, burst)
 
+    async def publish(self, message: str) -> None:
+        """Send `message` (a short text) to every process that shares this state, this one too (see
+        `subscribe`). A state of one process has no others to tell: nothing is sent."""
+        return None
+
+    async def subscribe(self, receive: Callable[[str], None]) -> None:
+        """Have `receive` called with each message that a process sharing this state publishes from
+        now on (a state of one process: none)."""
+        return None
+
     @abc.abstractmethod
     def hold_conversation(self, key: ConversationKey) -> AbstractAsyncContextManager[None]:
         """`async with store.hold_conversation(key):` one holder at a time per conversation, among all
@@ -66,9 +76,11 @@ class Store(abc.ABC):
         """The newest `limit` turns of the conversation, oldest first."""
 
     @abc.abstractmethod
-    async def add_turn(self, key: ConversationKey, turn: Turn, answerer: str | None = None) -> Turn:
+    async def add_turn(self, key: ConversationKey, turn: Turn, answerer: str | None = None, answers: int | None = None) -> Turn:
         """Append a turn; returns it with its `id`. `answerer`: the process that is answering this
-        user turn now (None for a turn nobody answers, like one a newer message overtook)."""
+        user turn now (None for a turn nobody answers, like one a newer message overtook).
+        `answers`: the question this answer answers, which nobody is answering any more (its
+        answerer goes, in the same transaction)."""
 
     @abc.abstractmethod
     async def remove_turn(self, turn_id: int) -> None:
@@ -76,26 +88,45 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def unanswered(self, platform: str, since: float) -> list[Unanswered]:
-        """The conversations of `platform` whose last turn is a user turn stored at or after `since`
-        (Unix time) that a process began to answer and can't finish any more: it stopped (SQLite:
+        """The user turns of `platform` stored at or after `since` (Unix time) that a process began to
+        answer and can't finish any more, whatever came after them (none is followed by its answer
+        nor was answered later): that process stopped (SQLite:
         any process but this one; PostgreSQL: one whose lease ran out and whose hold on the
-        conversation is gone). Oldest first."""
+        conversation is gone). Oldest first. Then the replies such a process began (`record_reply`)
+        for a question it stopped before storing: their `turn` has no id and no parts, only the
+        question's message id, and their messages are to be removed."""
+
+    @abc.abstractmethod
+    async def stranded(self, key: ConversationKey, since: float) -> int | None:
+        """The id of the conversation's last turn if it is a question stored at or after `since` that
+        another process began to answer and didn't: asked while holding the conversation, when
+        nobody else can be answering it, so that process stopped (or lost its hold)."""
 
     @abc.abstractmethod
     async def adopt(self, pending: Unanswered) -> bool:
         """Make this process the answerer of `pending` if it still has the answerer it was found
-        with; True for exactly one of several processes that try."""
+        with (a reply without a stored question: take it to remove its messages); True for exactly
+        one of several processes that try."""
 
     @abc.abstractmethod
-    async def record_reply(self, platform: str, question: str, messages: Sequence[str]) -> None:
-        """Remember the platform ids of the messages posted so far in answer to the message
-        `question`, so that a process taking the question over can edit them."""
+    async def record_reply(self, platform: str, question: str, messages: Sequence[str], where: ConversationKey | None = None) -> None:
+        """Remember the platform ids of the messages this process posted so far in answer to the
+        message `question` (of the conversation `where`), so that a process taking the question over
+        can edit them, or, if this process stops before the question is stored, remove them (found
+        by `unanswered` as a question without a turn)."""
+
+    @abc.abstractmethod
+    async def forget_reply(self, platform: str, question: str) -> None:
+        """The reply to the message `question` is shown in full: its messages are nobody's to
+        continue or remove any more."""
 
     async def reset(self, key: ConversationKey, keep: frozenset[str] = frozenset()) -> int:
         """Forget a conversation, and the images only it used (but those in `keep`); returns how
         many turns it had."""
         count, digests = await self._reset(key)
         await self._release(digests, keep)
+        if count:
+            await self._scrub()
         return count
 
     async def forget_author(self, platform: str, author_id: str, keep: frozenset[str] = frozenset()) -> Forgotten:
@@ -103,6 +134,8 @@ class Store(abc.ABC):
         the images only they sent."""
         turns, digests = await self._forget_author(platform, author_id)
         images, size = await self._release(digests, keep)
+        if turns:
+            await self._scrub()
         return Forgotten(turns, images, size)
 
     async def prune(self, turns_before: float | None, keep: frozenset[str], grace_s: float, dry_run: bool = False) -> Forgotten:
@@ -115,6 +148,8 @@ class Store(abc.ABC):
         gone = {digest: size for digest, (size, age) in stored.items() if digest not in referenced and digest not in keep and age >= grace_s}
         if not dry_run:
             await self._delete_images(list(gone), grace_s)
+            if turns:
+                await self._scrub()
         return Forgotten(turns, len(gone), sum(gone.values()), tuple(sorted(gone)))
 
     async def _release(self, digests: set[str], keep: frozenset[str]) -> tuple[int, int]:
@@ -127,6 +162,11 @@ class Store(abc.ABC):
         gone = {d: stored[d][0] for d in digests - referenced - keep if d in stored}
         await self._delete_images(list(gone), 0.0)
         return len(gone), sum(gone.values())
+
+    async def _scrub(self) -> None:
+        """After turns were deleted: leave no copy of them in the store's files (a store whose
+        deletions leave none has nothing to do)."""
+        return None
 
     # The primitives of forgetting, per store.
 
@@ -268,6 +308,13 @@ _MIGRATIONS = [
     );
     CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # Who posted a reply's messages, and where: a process that stops before storing the question
+    # leaves them for another to remove.
+    """
+    ALTER TABLE replies ADD COLUMN owner TEXT;
+    ALTER TABLE replies ADD COLUMN channel TEXT NOT NULL DEFAULT '';
+    ALTER TABLE replies ADD COLUMN thread TEXT NOT NULL DEFAULT '';
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # Platforms re-deliver an event for minutes at most; a week of event ids is plenty.
@@ -335,6 +382,7 @@ class SQLiteStore(Store):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # with WAL: a killed process loses no committed change
             db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten with zeros, not just unlinked
             db.execute("PRAGMA busy_timeout=5000")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -429,7 +477,7 @@ class SQLiteStore(Store):
 
         return await self._run(load)
 
-    async def add_turn(self, key: ConversationKey, turn: Turn, answerer: str | None = None) -> Turn:
+    async def add_turn(self, key: ConversationKey, turn: Turn, answerer: str | None = None, answers: int | None = None) -> Turn:
         def add() -> Turn:
             with self._transaction():
                 conversation = self._conversation_id(key, create=True)
@@ -449,6 +497,8 @@ class SQLiteStore(Store):
                         answerer,
                     ),
                 ).lastrowid
+                if answers is not None:
+                    self._db.execute("UPDATE turns SET answerer = NULL WHERE id=?", (answers,))
             return Turn(turn.role, turn.parts, turn.author, turn.message_id, turn.dropped, id=turn_id)
 
         return await self._run(add)
@@ -460,9 +510,11 @@ class SQLiteStore(Store):
         def find() -> list[Unanswered]:
             rows = self._db.execute(
                 """SELECT c.channel, c.thread, t.id, t.author_id, t.author_name, t.parts, t.message_id, t.answerer, r.messages
-                   FROM conversations c JOIN turns t ON t.id = (SELECT max(id) FROM turns WHERE conversation_id = c.id)
+                   FROM conversations c JOIN turns t ON t.conversation_id = c.id
                    LEFT JOIN replies r ON r.platform = c.platform AND r.question = t.message_id AND t.message_id != ''
-                   WHERE c.platform=? AND t.role='user' AND t.created >= ? AND t.answerer != ? ORDER BY t.id""",
+                   WHERE c.platform=? AND t.role='user' AND t.created >= ? AND t.answerer != ?
+                     AND coalesce((SELECT n.role FROM turns n WHERE n.conversation_id = c.id AND n.id > t.id ORDER BY n.id LIMIT 1), '') != 'assistant'
+                   ORDER BY t.id""",
                 (platform, since, self.process_id),
             ).fetchall()
             return [
@@ -473,25 +525,57 @@ class SQLiteStore(Store):
                     tuple(json.loads(reply)) if reply else (),
                 )
                 for channel, thread, id_, author_id, author_name, parts, message_id, answerer, reply in rows
+            ] + [
+                Unanswered(ConversationKey(platform, channel, thread), Turn("user", (), message_id=question), owner, tuple(json.loads(reply)))
+                for channel, thread, question, owner, reply in self._db.execute(
+                    """SELECT r.channel, r.thread, r.question, r.owner, r.messages FROM replies r
+                       WHERE r.platform=? AND r.owner != ? AND r.seen >= ? AND NOT EXISTS (
+                           SELECT 1 FROM turns t JOIN conversations c ON c.id = t.conversation_id
+                           WHERE c.platform = r.platform AND t.message_id = r.question AND t.role = 'user')
+                       ORDER BY r.seen""",
+                    (platform, self.process_id, since),
+                ).fetchall()
             ]
+
+        return await self._run(find)
+
+    async def stranded(self, key: ConversationKey, since: float) -> int | None:
+        def find() -> int | None:
+            row = self._db.execute(
+                """SELECT t.id, t.role, t.answerer, t.created FROM turns t JOIN conversations c ON c.id = t.conversation_id
+                   WHERE c.platform=? AND c.channel=? AND c.thread=? ORDER BY t.id DESC LIMIT 1""",
+                (key.platform, key.channel, key.thread),
+            ).fetchone()
+            if row is None:
+                return None
+            turn_id, role, answerer, created = row
+            return turn_id if role == "user" and answerer not in (None, self.process_id) and created >= since else None
 
         return await self._run(find)
 
     async def adopt(self, pending: Unanswered) -> bool:
         def adopt() -> bool:
-            cursor = self._db.execute(
-                "UPDATE turns SET answerer=? WHERE id=? AND answerer=?", (self.process_id, pending.turn.id, pending.answerer)
-            )
+            if pending.turn.id is None:
+                cursor = self._db.execute(
+                    "DELETE FROM replies WHERE platform=? AND question=? AND owner=?", (pending.key.platform, pending.turn.message_id, pending.answerer)
+                )
+            else:
+                cursor = self._db.execute(
+                    "UPDATE turns SET answerer=? WHERE id=? AND answerer=?", (self.process_id, pending.turn.id, pending.answerer)
+                )
             return cursor.rowcount == 1
 
         return await self._run(adopt)
 
-    async def record_reply(self, platform: str, question: str, messages: Sequence[str]) -> None:
+    async def record_reply(self, platform: str, question: str, messages: Sequence[str], where: ConversationKey | None = None) -> None:
         await self._run(
             self._write,
-            "INSERT OR REPLACE INTO replies (platform, question, messages, seen) VALUES (?, ?, ?, ?)",
-            (platform, question, json.dumps(list(messages)), time.time()),
+            "INSERT OR REPLACE INTO replies (platform, question, messages, seen, owner, channel, thread) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (platform, question, json.dumps(list(messages)), time.time(), self.process_id, where.channel if where else "", where.thread if where else ""),
         )
+
+    async def forget_reply(self, platform: str, question: str) -> None:
+        await self._run(self._write, "DELETE FROM replies WHERE platform=? AND question=?", (platform, question))
 
     async def _reset(self, key: ConversationKey) -> tuple[int, set[str]]:
         def reset() -> tuple[int, set[str]]:
@@ -526,6 +610,11 @@ class SQLiteStore(Store):
                 return len(gone), digests
 
         return await self._run(forget)
+
+    async def _scrub(self) -> None:
+        # The WAL still holds the pages as they were before the delete: copy the zeroed pages into the
+        # database and empty the WAL, so a forgotten turn is in no file of the state folder.
+        await self._run(self._db.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
 
     async def _old_turns(self, before: float, delete: bool) -> int:
         def old() -> int:
