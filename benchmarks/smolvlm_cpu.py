@@ -96,6 +96,7 @@ async def main() -> None:
             question = Chat((Message("user", (photo(), "What is in this image?")),))
             print(f"prompt: {await service.count_tokens(question)} tokens")
             # The first token needs the prefill (vision encoder on every tile, then the prompt); the rest decode.
+            await answer(service, GenerationRequest(question, GenerationParams(max_new_tokens=1)))  # warm-up
             first = await answer(service, GenerationRequest(question, GenerationParams(max_new_tokens=1)))
             total = await answer(service, GenerationRequest(question, GenerationParams(max_new_tokens=args.tokens)))
             print(f"one question about the photo: first token after {first:.1f} s, then {(args.tokens - 1) / max(total - first, 1e-9):.1f} tokens/s")
