@@ -7,9 +7,10 @@
 (D) six 16-token requests arriving 100 ms apart while a 2-beam 200-token story runs: latency over solo.
 (E) the same six while three 10-label classifications arrive among them: latency over solo.
 Targets on a 2-core CPU with the tiny checkpoint, with the shipped batch settings: A at most 1.5x,
-B p90 at most 3x, C at least 5x, D and E at most 1.5x.
+B p90 at most 3x, C at least 5x, D and E at most 1.5x. Runs on the tiny checkpoint of each family
+(IDEFICS v1, and Idefics3 in SmolVLM's layout, whose images are cut into tiles) and prints both.
 
-    python benchmarks/mixed_load.py [--threads 1] [--max-batch-size N] [--cases ABCDE] [--seed 0]
+    python benchmarks/mixed_load.py [--threads 1] [--max-batch-size N] [--cases ABCDE] [--seed 0] [--family idefics3]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from transformers import LogitsProcessor
 from model.loading import CheckpointSettings
 from model.local import BatchSettings, LocalBackend
 from model.service import Chat, GenerationParams, GenerationRequest, Message, ScoreRequest, Started, StreamEvent
-from model.tiny import write_tiny_checkpoint
+from model.tiny import FAMILIES, write_tiny_checkpoint
 
 
 def make_request(number: int, tokens: int) -> GenerationRequest:
@@ -83,9 +84,8 @@ async def generate_alone(service: LocalBackend, request: GenerationRequest, no_e
 
     def run(model, processor) -> float:
         started = time.perf_counter()
-        items = LocalBackend._processor_items(service.render(request.prompt))
-        inputs = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False)
-        banned = processor.tokenizer.convert_tokens_to_ids(["<image>", "<fake_token_around_image>"])
+        inputs = service.family.model_inputs([request.prompt])
+        banned = service.family.banned_ids
         model.generate(
             **inputs,
             max_new_tokens=request.params.max_new_tokens,
@@ -141,22 +141,28 @@ async def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=None, help=f"a ceiling on rows (default: the bot's, {BatchSettings().max_batch_size})")
     parser.add_argument("--cases", default="ABCDE", help="which cases to run, e.g. DE")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=FAMILIES, action="append", help="only this family (repeatable; default: both)")
     args = parser.parse_args()
+    for family in args.family or FAMILIES:
+        await measure(family, args)
+
+
+async def measure(family: str, args: argparse.Namespace) -> None:
+    """The cases asked for, on the tiny checkpoint of `family`."""
     rng = random.Random(args.seed)
     cases = set(args.cases.upper())
-
     with tempfile.TemporaryDirectory() as directory:
-        checkpoint = write_tiny_checkpoint(directory)
+        checkpoint = write_tiny_checkpoint(directory, family=family)
         rows = args.max_batch_size or BatchSettings().max_batch_size
         settings = BatchSettings(max_batch_size=rows, threads=args.threads or None)
         service = await LocalBackend.open(CheckpointSettings(str(checkpoint)), settings)
         import torch
 
-        print(f"tiny IDEFICS, fp32, {os.cpu_count()} CPU cores, torch threads: {torch.get_num_threads()} "
+        name = "Idefics3 (SmolVLM layout)" if family == "idefics3" else "IDEFICS v1"
+        print(f"tiny {name}, fp32, {os.cpu_count()} CPU cores, torch threads: {torch.get_num_threads()} "
               f"({'set with --threads' if args.threads else 'torch default'}), max_batch_size {rows}, max_batch_tokens {settings.max_batch_tokens}, "
               f"load average {os.getloadavg()[0]:.1f} (other processes on the machine make every figure noisier)", flush=True)
-        tokenizer = service._tokenizer
-        no_end = NoEarlyEnd([tokenizer.convert_tokens_to_ids("<end_of_utterance>"), tokenizer.eos_token_id])
+        no_end = NoEarlyEnd(sorted(service.family.end_ids))
         service.row_processors.append(lambda prompt_ids: no_end)
         await service.generate(make_request(0, 8))  # warm-up
 

@@ -1,8 +1,10 @@
 """The running batch of the local backend: rows that decode together, one token per step.
 
 A `Batch` holds what the next forward of each row needs: the row's keys and values in a left-padded
-KV cache, the attention mask, the token to feed and its position, and the row's images (perceiver
-states, computed once per request by `encode_prompt`) with the image mask of its last prompt token.
+KV cache, the attention mask, the token to feed and its position, and what the row's images give
+its decoding steps (`RowImages`, which the model's family makes: for IDEFICS v1 the perceiver states,
+computed once per request by `encode_prompt`, with the image mask of its last prompt token; nothing
+for Idefics3, whose images live in the prompt's embeddings and so in the cache).
 Rows join by being prefilled as a batch of their own and `concatenate`d into the running one; they
 leave through `select`, which also trims padding nobody needs any more, so a finished row stops
 costing compute at once. This is the design of TGI's `IdeficsCausalLMBatch` (filter / concatenate),
@@ -21,7 +23,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +50,10 @@ class Prompt:
     """A prompt ready for the model: token ids, which images each token sees, the images' states."""
 
     ids: list[int]
-    image_mask: torch.Tensor  # (len(ids), images) bool
-    images: torch.Tensor | None  # (images, states, hidden): perceiver (or vision encoder) output
+    image_mask: torch.Tensor  # (len(ids), images) bool; IDEFICS v1 only (Idefics3: no columns)
+    # IDEFICS v1: (images, states, hidden), perceiver (or vision encoder) output. Idefics3: (image
+    # tokens, hidden), the connector's output for the prompt's <image> tokens in order.
+    images: torch.Tensor | None
 
 
 @dataclass(eq=False)
@@ -155,21 +159,44 @@ def image_state_shape(config) -> tuple[int, int]:
     return (vision.image_size // vision.patch_size) ** 2 + 1, vision.embed_dim
 
 
+class RowImages(Protocol):
+    """What a batch's rows need of their images when they are fed more tokens, in the model family's
+    own form (model/family.py makes it at the prefill): rows leave and join through `select` and `concatenate`."""
+
+    def step_inputs(self, model, width: int = 1) -> dict[str, Any]:
+        """The forward's image arguments for feeding every row `width` more tokens (a decoding step: one)."""
+        ...
+
+    def select(self, index: torch.Tensor, rows: Sequence[Row]) -> RowImages:
+        """The images of the rows at `index` (which are now `rows`)."""
+        ...
+
+    def concatenate(self, others: Sequence[RowImages]) -> RowImages:
+        """This batch's rows' images followed by those of `others`, in order."""
+        ...
+
+
+class PrefillInputs(Protocol):
+    """A model family's side of a prefill: the forward's token and image arguments for left-padded
+    rows, and what the rows keep of their images for decoding."""
+
+    def prefill_inputs(self, model, rows: Sequence[Row], ids: torch.Tensor) -> tuple[dict[str, Any], RowImages]: ...
+
+
 @dataclass(frozen=True)
 class PrefillForward:
     """The inputs and output of one prefill: `ids` and `attention_mask` (rows, longest) left-padded,
-    the rows' image states and per-token image masks (see `row_images`), and the model's output."""
+    what the rows keep of their images (the family's `RowImages`), and the model's output."""
 
     ids: torch.Tensor
     attention_mask: torch.Tensor
-    images: torch.Tensor
-    token_images: torch.Tensor
+    images: RowImages
     output: Any
 
 
-def prefill_forward(model, rows: Sequence[Row], image_shape: tuple[int, int], pad_id: int, keep: int = 1) -> PrefillForward:
+def prefill_forward(model, rows: Sequence[Row], family: PrefillInputs, pad_id: int, keep: int = 1) -> PrefillForward:
     """One forward of the rows' tokens so far, left-padded, with a fresh cache; logits of the last
-    `keep` positions."""
+    `keep` positions. `family` (model/family.py) gives the forward the rows' images in the model's own form."""
     device = model.device
     longest = max(len(row.ids) for row in rows)
     ids = torch.tensor([[pad_id] * (longest - len(row.ids)) + row.ids for row in rows], device=device)
@@ -177,23 +204,9 @@ def prefill_forward(model, rows: Sequence[Row], image_shape: tuple[int, int], pa
     attention_mask = (torch.arange(longest, device=device) >= longest - lengths[:, None]).long()
     # generate's rule: positions count the row's own tokens; padding sits at 0.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    images, token_images = row_images(model, rows, image_shape, longest)
-    output = _forward(model, ids, attention_mask, position_ids, DynamicCache(config=model.config), images, token_images, keep)
-    return PrefillForward(ids, attention_mask, images, token_images, output)
-
-
-def row_images(model, rows: Sequence[Row], image_shape: tuple[int, int], longest: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """IDEFICS (v1) image inputs of left-padded rows: each row's image states (rows, slots, states,
-    hidden), zeros past its own images, and which images each token sees (rows, longest, slots)."""
-    device = model.device
-    slots = max([1, *(row.images for row in rows)])
-    token_images = torch.zeros((len(rows), longest, slots), dtype=torch.bool, device=device)
-    images = torch.zeros((len(rows), slots, *image_shape), dtype=model.dtype, device=device)
-    for index, row in enumerate(rows):
-        if row.prompt.images is not None:
-            token_images[index, longest - len(row.ids) :, : row.images] = row.image_mask()
-            images[index, : row.images] = row.prompt.images
-    return images, token_images
+    inputs, images = family.prefill_inputs(model, rows, ids)
+    output = _forward(model, attention_mask, position_ids, DynamicCache(config=model.config), keep, **inputs)
+    return PrefillForward(ids, attention_mask, images, output)
 
 
 class Batch:
@@ -207,8 +220,7 @@ class Batch:
         attention_mask: torch.Tensor,  # (rows, cache length) long
         positions: torch.Tensor,  # (rows,) position id of the token to feed
         next_ids: torch.Tensor,  # (rows,) token to feed
-        images: torch.Tensor,  # (rows, images, states, hidden), zeros past a row's own images
-        image_mask: torch.Tensor,  # (rows, images) bool: what a decoded token of the row sees
+        images: RowImages,  # what each row's decoding steps need of its images
         logits: torch.Tensor | None,
     ):
         self.rows = rows
@@ -217,7 +229,6 @@ class Batch:
         self.positions = positions
         self.next_ids = next_ids
         self.images = images
-        self.image_mask = image_mask
         self.logits = logits
 
     def __len__(self) -> int:
@@ -231,9 +242,10 @@ class Batch:
     # -- forwards ------------------------------------------------------------------------------
 
     @classmethod
-    def prefill(cls, model, rows: list[Row], image_shape: tuple[int, int], pad_id: int) -> Batch:
-        """Run the rows' tokens so far (left-padded) through the model: a new batch with their logits."""
-        forward = prefill_forward(model, rows, image_shape, pad_id)
+    def prefill(cls, model, rows: list[Row], family: PrefillInputs, pad_id: int) -> Batch:
+        """Run the rows' tokens so far (left-padded) through the model: a new batch with their logits.
+        `family` (model/family.py) gives the forward the rows' images in the model's own form."""
+        forward = prefill_forward(model, rows, family, pad_id)
         for row in rows:
             row.cached = len(row.ids)
         return cls(
@@ -243,7 +255,6 @@ class Batch:
             positions=forward.attention_mask.sum(-1),
             next_ids=forward.ids[:, -1],
             images=forward.images,
-            image_mask=forward.token_images[:, -1],
             logits=forward.output.logits[:, -1].float(),
         )
 
@@ -256,13 +267,7 @@ class Batch:
         attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
         try:
             output = _forward(
-                model,
-                self.next_ids[:, None],
-                attention_mask,
-                self.positions[:, None],
-                self.cache,
-                self.images,
-                self.image_mask[:, None],
+                model, attention_mask, self.positions[:, None], self.cache, input_ids=self.next_ids[:, None], **self.images.step_inputs(model)
             )
         except BaseException:
             for layer, (keys, values) in zip(self.cache.layers, _tensors(self.cache)):
@@ -286,8 +291,7 @@ class Batch:
         own = (torch.arange(width, device=device) < lengths[:, None]).long()
         attention_mask = torch.cat([self.attention_mask, own], dim=1)
         position_ids = self.positions[:, None] + torch.arange(width, device=device)
-        token_images = self.image_mask[:, None].expand(-1, width, -1)
-        output = _forward(model, ids, attention_mask, position_ids, self.cache, self.images, token_images, keep=width)
+        output = _forward(model, attention_mask, position_ids, self.cache, width, input_ids=ids, **self.images.step_inputs(model, width))
         return output.logits.float()
 
     @torch.inference_mode()
@@ -389,7 +393,6 @@ class Batch:
         index = torch.tensor(list(keep), device=device)
         rows = [self.rows[position] for position in keep]
         cut = self.length - max(row.cached for row in rows)
-        slots = max([1, *(row.images for row in rows)])
         cache = _cache_of([(keys[index.to(keys.device), :, cut:], values[index.to(values.device), :, cut:]) for keys, values in _tensors(self.cache)])
         return Batch(
             rows=rows,
@@ -397,8 +400,7 @@ class Batch:
             attention_mask=self.attention_mask[index, cut:],
             positions=self.positions[index],
             next_ids=self.next_ids[index],
-            images=self.images[index, :slots],
-            image_mask=self.image_mask[index, :slots],
+            images=self.images.select(index, rows),
             logits=None if self.logits is None else self.logits[index],
         )
 
@@ -410,19 +412,14 @@ class Batch:
     @staticmethod
     @torch.inference_mode()
     def concatenate(batches: Sequence[Batch]) -> Batch:
-        """One batch of all the rows, in order: shorter caches padded on the left, image slots on the right."""
+        """One batch of all the rows, in order: shorter caches padded on the left."""
         if len(batches) == 1:
             return batches[0]
         length = max(batch.length for batch in batches)
-        slots = max(batch.images.shape[1] for batch in batches)
 
         def left(tensor: torch.Tensor, batch: Batch, dim: int) -> torch.Tensor:
             # F.pad counts dimensions from the last one, two numbers each.
             padding = [0, 0] * (tensor.dim() - 1 - dim) + [length - batch.length, 0]
-            return F.pad(tensor, padding)
-
-        def slotted(tensor: torch.Tensor) -> torch.Tensor:
-            padding = [0, 0] * (tensor.dim() - 2) + [0, slots - tensor.shape[1]]
             return F.pad(tensor, padding)
 
         per_batch = [_tensors(batch.cache) for batch in batches]
@@ -440,8 +437,7 @@ class Batch:
             attention_mask=torch.cat([left(batch.attention_mask, batch, 1) for batch in batches]),
             positions=torch.cat([batch.positions for batch in batches]),
             next_ids=torch.cat([batch.next_ids for batch in batches]),
-            images=torch.cat([slotted(batch.images) for batch in batches]),
-            image_mask=torch.cat([slotted(batch.image_mask) for batch in batches]),
+            images=batches[0].images.concatenate([batch.images for batch in batches[1:]]),
             logits=None if any(part is None for part in logits) else torch.cat(logits),  # type: ignore[arg-type]
         )
 
@@ -465,19 +461,9 @@ def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     return cache
 
 
-def _forward(model, ids, attention_mask, position_ids, cache, images, token_images, keep: int = 1):
-    """One forward of the language model over `ids`, the images given as precomputed states; logits
-    of the last `keep` positions."""
-    states = images.flatten(0, 1)
-    image_input = {"perceiver_embeddings" if model.config.use_resampler else "image_encoder_embeddings": states}
+def _forward(model, attention_mask, position_ids, cache, keep: int = 1, **inputs):
+    """One forward of the language model, logits of the last `keep` positions; `inputs` are the
+    tokens (ids or embeddings) and the images in the family's form (precomputed states: the vision
+    encoder never runs here)."""
     with torch.inference_mode():
-        return model(
-            input_ids=ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            image_attention_mask=token_images,
-            use_cache=True,
-            logits_to_keep=keep,
-            **image_input,
-        )
+        return model(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=keep, **inputs)

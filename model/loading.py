@@ -1,4 +1,8 @@
-"""Loading an IDEFICS v1 checkpoint (model + processor) from the hub or a directory, with readable errors."""
+"""Loading an IDEFICS checkpoint (model + processor) from the hub or a directory, with readable errors.
+
+The checkpoint's config says which family it is (model/family.py): IDEFICS v1, or Idefics3 and the
+SmolVLM models built on it. Idefics2 is not served (its processor and image handling differ again,
+and nothing in the bot needs it: Idefics3 supersedes it)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from model.service import IDEFICS_TOKENS, SPECIAL_TOKENS, ModelLoadError
+from model.family import SUPPORTED, supported_text
+from model.service import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IDEFICS_TOKENS, IMAGE_TOKEN, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -16,10 +21,14 @@ DEFAULT_CHECKPOINT = "HuggingFaceM4/idefics-9b-instruct"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 
+# A small checkpoint that answers at a useful speed on a CPU (README "Try it").
+SMALL_CHECKPOINT = "HuggingFaceTB/SmolVLM-256M-Instruct"
 _TRY_LOCALLY = (
     "To try the bot without the real weights, write a tiny random checkpoint and use it: "
     "`idefics-bot tiny-checkpoint ./tiny-idefics && idefics-bot chat --model ./tiny-idefics`."
 )
+# The tokens each family's prompts are made of: a tokenizer without them belongs to another model.
+_PROMPT_TOKENS = {"idefics": IDEFICS_TOKENS, "idefics3": (FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE, "<global-img>")}
 
 
 @dataclass(frozen=True)
@@ -106,8 +115,11 @@ def _quantization_config(quantization: str, dtype):
 def load_checkpoint(settings: CheckpointSettings):
     """Load `(model, processor)` or raise `ModelLoadError` explaining what failed and what to do."""
     import torch
-    from transformers import AutoConfig, AutoProcessor, IdeficsForVisionText2Text
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
     from transformers.utils import logging as transformers_logging
+
+    from model.family import family_for
 
     transformers_logging.disable_progress_bar()  # our logs are one line per event
     checkpoint = settings.checkpoint
@@ -119,11 +131,8 @@ def load_checkpoint(settings: CheckpointSettings):
             f"Could not read the configuration of {checkpoint}: {_first_line(exc)}. Check the hub id or directory "
             f"in [model] checkpoint. {_TRY_LOCALLY}"
         ) from exc
-    if config.model_type != "idefics":
-        raise ModelLoadError(
-            f"{checkpoint} is a '{config.model_type}' model, not IDEFICS v1. idefics-bot runs IDEFICS checkpoints "
-            f"such as {DEFAULT_CHECKPOINT} or HuggingFaceM4/idefics-80b-instruct."
-        )
+    if config.model_type not in SUPPORTED:
+        raise ModelLoadError(f"{checkpoint} is a '{config.model_type}' model, which the bot can't serve: {supported_text()}")
     dtype = resolve_dtype(settings.dtype)
     device_map = settings.device_map or ("auto" if torch.cuda.is_available() else "cpu")
     kwargs = {"dtype": dtype, "device_map": device_map}
@@ -134,8 +143,9 @@ def load_checkpoint(settings: CheckpointSettings):
         # The PIL image backend, whatever else is installed: image intake resizes as it does
         # (bot/images.py), so the processor's own resize of a stored image changes nothing.
         processor = AutoProcessor.from_pretrained(checkpoint, backend="pil")
-        _check_tokenizer(checkpoint, processor.tokenizer)
-        model = IdeficsForVisionText2Text.from_pretrained(checkpoint, **kwargs)
+        _check_tokenizer(checkpoint, processor.tokenizer, _PROMPT_TOKENS[config.model_type])
+        family = family_for(processor, config)
+        model = getattr(transformers, family.model_class).from_pretrained(checkpoint, **kwargs)
     except ModelLoadError:
         raise
     except Exception as exc:  # safetensors, torch and bitsandbytes each raise their own kinds
@@ -144,39 +154,49 @@ def load_checkpoint(settings: CheckpointSettings):
             f"device_map {device_map}) failed: {_first_line(exc)}. Check that the checkpoint is complete and that "
             "the device has room for it (4-bit quantization needs about 7 GB for the 9B model)."
         ) from exc
-    _check_special_tokens(checkpoint, processor.tokenizer)
     if processor.tokenizer.padding_side != "left":
         processor.tokenizer.padding_side = "left"  # batched generation is only correct with left padding
     model.eval()
     log.info(
         "model.loaded",
-        extra={"checkpoint": checkpoint, "dtype": str(dtype), "quantization": settings.quantization, "device": str(model.device)},
+        extra={"checkpoint": checkpoint, "family": family.name, "dtype": str(dtype), "quantization": settings.quantization, "device": str(model.device)},
     )
     return model, processor
 
 
-def _check_special_tokens(checkpoint: str, tokenizer) -> None:
-    """Refuse a tokenizer that matches a token in raw text that the bot doesn't clean out of what
-    people type: such a token would reach the model as itself."""
-    declared = {*tokenizer.all_special_tokens, *(token.content for token in tokenizer.added_tokens_decoder.values())}
-    unknown = sorted(declared - set(SPECIAL_TOKENS))
-    if unknown:
-        raise ModelLoadError(
-            f"The tokenizer of {checkpoint} declares special tokens the bot doesn't know ({', '.join(unknown)}), so it "
-            f"can't keep them out of what people type. idefics-bot runs IDEFICS checkpoints such as {DEFAULT_CHECKPOINT}."
-        )
-
-
-def _check_tokenizer(checkpoint: str, tokenizer) -> None:
+def _check_tokenizer(checkpoint: str, tokenizer, needed: tuple[str, ...]) -> None:
     """transformers makes an empty tokenizer of a directory without tokenizer files; the model would
-    load and then fail every request. It must know the tokens IDEFICS's prompts are made of."""
-    missing = [token for token in IDEFICS_TOKENS if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id)]
+    load and then fail every request. It must know the tokens the family's prompts are made of."""
+    missing = [token for token in needed if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id)]
     if missing:
         raise ModelLoadError(
             f"The tokenizer of {checkpoint} doesn't know the IDEFICS tokens {', '.join(missing)}: its tokenizer files "
             "(tokenizer.json, tokenizer_config.json) are missing or belong to another model. Copy them from the "
             "checkpoint it was made from, e.g. AutoProcessor.from_pretrained(original).save_pretrained(directory)."
         )
+
+
+def prompt_family(checkpoint: str):
+    """The `Family` that renders prompts for `checkpoint`, made from its config and processor without
+    its weights and without the network (for `idefics-bot render`); None when the checkpoint is not
+    at hand here or is IDEFICS v1, whose instruct format needs no files. `ModelLoadError` for a
+    checkpoint the bot can't serve."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = Path(checkpoint).expanduser()
+    config_file = path / "config.json" if path.is_dir() else try_to_load_from_cache(checkpoint, "config.json")
+    if not isinstance(config_file, (str, Path)) or not Path(config_file).is_file():
+        return None
+    from transformers import AutoConfig, AutoProcessor
+
+    from model.family import family_for
+
+    config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
+    if config.model_type not in SUPPORTED:
+        raise ModelLoadError(f"{checkpoint} is a '{config.model_type}' model, which the bot can't serve: {supported_text()}")
+    if config.model_type == "idefics":
+        return None
+    return family_for(AutoProcessor.from_pretrained(checkpoint, backend="pil", local_files_only=True), config)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,5 +1,9 @@
 """The in-process IDEFICS backend: a queue, and one worker thread that runs the running batch.
 
+What differs between the model families (IDEFICS v1, Idefics3/SmolVLM) is the `Family` object's
+(model/family.py): prompts, images, and what the batch's rows carry of them; the scheduling here is
+the same for all.
+
 Iteration-level scheduling: there is one running batch (`model.batch.Batch`). Before every decoding
 step the worker takes the requests waiting in the queue that fit (the `max_batch_tokens` budget of
 cache rows x tokens, and at most `max_batch_size` rows), prefills them and merges them in; after every
@@ -15,7 +19,6 @@ loop replaces a worker that stops making progress.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import threading
 import time
@@ -23,29 +26,24 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import torch
 from transformers import LogitsProcessor
 
-from model.batch import Batch, Row, Sampling, encode_prompt, footprint, image_state_shape, process_prompt
+from model.batch import Batch, Row, Sampling, footprint
 from model.beams import BeamSearch, beam_reply
-from model.instruct import render_instruct
+from model.family import Family, family_for
 from model.loading import CheckpointSettings, load_checkpoint
-from model.markers import marked_text
-from model.pictures import decode
 from model.scoring import score_continuations
 from model.service import (
-    END_OF_UTTERANCE,
-    FAKE_IMAGE_TOKEN,
-    IMAGE_TOKEN,
+    SPECIAL_TOKENS,
     Chat,
     Finished,
     GenerationFailed,
     GenerationRequest,
     ModelBusy,
     ModelError,
-    ModelImage,
     ModelInfo,
     ModelService,
     ModelTimeout,
@@ -165,19 +163,18 @@ class LocalBackend(ModelService):
         self._model, self._processor = await self._loop.run_in_executor(self._executor, load_checkpoint, self.checkpoint)
         tokenizer = self._processor.tokenizer
         self._tokenizer = tokenizer
-        # Tokens are counted on the event loop while the worker tokenizes prompts, and a fast
-        # tokenizer keeps its padding and truncation settings on the shared Rust object. So counting
-        # has a tokenizer of its own.
-        self._counting_tokenizer = copy.deepcopy(tokenizer)
-        self._end_ids = frozenset({tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE), tokenizer.eos_token_id})
-        self._banned = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, FAKE_IMAGE_TOKEN])
+        self.family: Family = family_for(self._processor, self._model.config)
+        self._end_ids = self.family.end_ids
+        self._banned = self.family.banned_ids
+        # Byte-fallback tokens (Llama's <0x..>); byte-level tokenizers (SmolVLM's) have none.
         byte_ids = tokenizer.convert_tokens_to_ids([f"<0x{byte:02X}>" for byte in range(256)])
-        self._byte_ids = frozenset(byte_ids) - {tokenizer.unk_token_id}
-        self._image_shape = image_state_shape(self._model.config)
+        self._byte_ids = frozenset(byte_ids) - {tokenizer.unk_token_id, None}
         self.info = ModelInfo(
             name=self.checkpoint.checkpoint,
-            context_tokens=self._model.config.max_position_embeddings,
-            image_size=self._processor.image_processor.size.height,
+            context_tokens=self.family.context_tokens,
+            family=self.family.name,
+            special_tokens=tuple(token for token in self.family.special_tokens if token not in SPECIAL_TOKENS),
+            **self.family.image_preparation(),
         )
         self._watchdog = asyncio.create_task(self._watch(), name="idefics-watchdog")
 
@@ -215,19 +212,16 @@ class LocalBackend(ModelService):
         }
 
     def render(self, prompt: Chat) -> list[Part]:
-        return render_instruct(prompt)
+        return self.family.render(prompt)
 
     async def count_tokens(self, prompt: Chat) -> int:
-        # The same text the processor builds: <s>, then the shared marker rules (model/markers.py).
-        text = marked_text(self.render(prompt))
-        return len(self._counting_tokenizer(self._tokenizer.bos_token + text, add_special_tokens=False).input_ids)
+        return self.family.count_tokens(prompt)
 
     async def score(self, request: ScoreRequest) -> list[float]:
         # A prefill-only request: the image encoded once, all continuations in one forward pass, between
         # two steps of the running batch (the pause of one newcomer's prefill).
         def weigh(model, processor) -> list[float]:
-            items = self._processor_items(self.render(request.prompt))
-            return score_continuations(model, processor, items, request.continuations, end_ids=self._end_ids, row_processors=self.row_processors)
+            return score_continuations(model, self.family, request.prompt, request.continuations, end_ids=self._end_ids, row_processors=self.row_processors)
 
         return await self._one_off(weigh, request, lambda: ModelTimeout.scoring(request))
 
@@ -419,7 +413,7 @@ class LocalBackend(ModelService):
     def _encode(self, job: _Job) -> bool:
         """Tokenize `job`'s prompt and run its images through the vision encoder; a bad prompt fails alone."""
         try:
-            prompt = encode_prompt(self._model, process_prompt(self._processor, self._processor_items(self.render(job.request.prompt))))
+            prompt = self.family.prepare(self._model, job.request.prompt)
         except Exception:
             log.exception("request.failed", extra={"request": job.request.label})
             with self._lock:
@@ -461,7 +455,7 @@ class LocalBackend(ModelService):
         return merged
 
     def _prefill(self, rows: list[Row]) -> Batch:
-        return Batch.prefill(self._model, rows, self._image_shape, self._tokenizer.pad_token_id)
+        return Batch.prefill(self._model, rows, self.family, self._tokenizer.pad_token_id)
 
     def _step(self, batch: Batch) -> Batch | None:
         """Drop rows nobody waits for, decode one token for the rest, and drop the rows that ended."""
@@ -585,26 +579,6 @@ class LocalBackend(ModelService):
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
-
-    @staticmethod
-    def _processor_items(prompt: Sequence[Part]) -> list:
-        """Prompt items as the processor takes them: PIL images, and text it can't mistake for a URL.
-
-        The processor downloads any text item that parses as a URL. Such an item (a user typing only
-        a link) is handed over one character at a time: the processor concatenates text items with
-        no separator, so the tokens are the same, and no single character is a URL.
-        """
-        from transformers.models.idefics.processing_idefics import is_url
-
-        items: list = []
-        for item in prompt:
-            if not isinstance(item, str):
-                items.append(decode(cast(ModelImage, item)))
-            elif is_url(item.strip(" ")):
-                items.extend(item)
-            else:
-                items.append(item)
-        return items
 
 
 def _one_request(rows: Sequence[Row]) -> bool:

@@ -1,8 +1,8 @@
 """Weighing continuations of one prompt by the model's likelihood, as one prefill-only request.
 
-The prompt's images go through the vision encoder and perceiver once (`encode_prompt`), and every
-continuation becomes a row (the prompt with the continuation appended to its last text item, as if
-the model had written it there). The tokens all rows share are prefilled once; the rows' own tokens
+The prompt's images go through the vision encoder once (the family's `prepare`), and every
+continuation becomes a row (the prompt with the continuation written after the start of its reply,
+`Chat.continued`, as if the model had written it there). The tokens all rows share are prefilled once; the rows' own tokens
 then go through the model together in one more forward, on copies of that cache: the cost of one
 newcomer's prefill in the running batch, not one per label. A continuation's score is the sum of the log probabilities of its
 tokens (from where its tokens stop matching the prompt's own) and of its ending there: the
@@ -18,9 +18,8 @@ from collections.abc import Callable, Collection, Sequence
 
 import torch
 
-from model.batch import Batch, Prompt, Row, encode_prompt, image_state_shape, process_prompt
-from model.markers import marked_text
-from model.service import continued
+from model.batch import Batch, Prompt, Row
+from model.service import Chat
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -32,15 +31,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return length
 
 
-def continuation_rows(model, processor, items: list, continuations: Sequence[str]) -> tuple[Prompt, list[Row], list[int]]:
+def continuation_rows(model, family, chat: Chat, continuations: Sequence[str]) -> tuple[Prompt, list[Row], list[int]]:
     """The prompt (its images encoded), one row per continuation sharing those images, and where each
-    row's own tokens start. Only the prompt's last text item changes, so every token after the prompt's common part
+    row's own tokens start. Only the reply changes, so every token after the prompt's common part
     sees the images the prompt's last token sees."""
-    prompt = encode_prompt(model, process_prompt(processor, items))
-    tokenizer = processor.tokenizer
+    prompt = family.prepare(model, chat)
     rows, starts = [], []
     for text in continuations:
-        ids = tokenizer(tokenizer.bos_token + marked_text(continued(items, text)), add_special_tokens=False).input_ids
+        ids = family.token_ids(chat.continued(text))
         start = _common_prefix(prompt.ids, ids)
         if start == len(ids):
             raise ValueError("every continuation must add at least one token")
@@ -51,18 +49,18 @@ def continuation_rows(model, processor, items: list, continuations: Sequence[str
 
 
 def score_continuations(
-    model, processor, items: list, continuations: Sequence[str], *, end_ids: Collection[int], row_processors: Sequence[Callable] = ()
+    model, family, chat: Chat, continuations: Sequence[str], *, end_ids: Collection[int], row_processors: Sequence[Callable] = ()
 ) -> list[float]:
-    """The log-likelihood of each continuation, then an end token, after `items` (processor items:
-    text and PIL images, the last one text). The part all rows share is prefilled once; each row's
+    """The log-likelihood of each continuation, then an end token, as the reply to `chat`; `family`
+    (model/family.py) makes the model's input. The part all rows share is prefilled once; each row's
     own tokens then run on copies of its cache."""
-    prompt, rows, starts = continuation_rows(model, processor, items, continuations)
+    prompt, rows, starts = continuation_rows(model, family, chat, continuations)
     logits_processors = [make(list(prompt.ids)) for make in row_processors]
     shared = min(starts)
     common = Row(owner="prompt", prompt=Prompt(prompt.ids[:shared], prompt.image_mask[:shared], prompt.images), max_new_tokens=0)
-    pad_id = processor.tokenizer.pad_token_id
+    pad_id = family.tokenizer.pad_token_id
     with torch.inference_mode():  # logits processors may change the scores in place, as in generate
-        prefilled = Batch.prefill(model, [common], image_state_shape(model.config), pad_id)
+        prefilled = Batch.prefill(model, [common], family, pad_id)
         assert prefilled.logits is not None
         suffixes = [row.ids[shared:] for row in rows]
         extended = prefilled.select([0] * len(rows)).extend(model, suffixes, pad_id)  # column j predicts suffix token j + 1

@@ -246,6 +246,19 @@ class ModelInfo:
     # The largest request the backend can send (a remote server's body limit); None: no such limit.
     max_request_bytes: int | None = None
     image_size: int = 224  # the processor resizes every image to this square; intake keeps exactly that
+    # Set for a processor that keeps the aspect ratio (Idefics3): it scales every image to this
+    # longest edge, and intake scales larger images down to it the same way (`image_size` is unused).
+    image_longest_edge: int | None = None
+    family: str = "idefics"  # the model's family (model/family.py): "idefics" (v1) or "idefics3"
+    # Every token the model's tokenizer reads as itself in raw text, besides SPECIAL_TOKENS: the bot
+    # removes them from what people type and from stored replies.
+    special_tokens: tuple[str, ...] = ()
+
+    @property
+    def image_cost_varies(self) -> bool:
+        """Whether an image's token cost depends on its size (Idefics3's tiles): then count tokens
+        with the images themselves, not references standing for them."""
+        return self.image_longest_edge is not None
 
 
 class ModelService(abc.ABC):

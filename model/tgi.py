@@ -1,5 +1,9 @@
 """The remote backend: IDEFICS served by text-generation-inference (TGI), over HTTP.
 
+TGI serves IDEFICS v1 and its successors Idefics2, Idefics3 and SmolVLM; `/info` names the model, and
+the prompt is written in that family's format (v1's instruct format, or the chat format of the later
+ones' templates: model/instruct.py).
+
 The prompt goes to TGI as one string, each image inline as a markdown data URI
 (`![](data:image/png;base64,...)`), within the server's request size limit (--payload-limit); the
 reply streams back from `POST /generate_stream` as server-sent events, one per token. The server
@@ -20,7 +24,7 @@ from typing import TypeVar, cast
 
 import aiohttp
 
-from model.instruct import render_instruct
+from model.instruct import CHAT_FORMAT_STARTS, render_chat_format, render_instruct
 from model.markers import image_markers
 from model.remote import (
     AUTH_REFUSED,
@@ -74,6 +78,21 @@ _IMAGE_MARKUP, _INERT_MARKUP = "![](", "![ ]("
 # The tokens that end a reply. TGI checks the length limit before them, so one that is also the
 # max_new_tokens-th token comes with finish_reason "length", though the reply is complete.
 _END_TOKENS = (END_OF_UTTERANCE, "</s>")
+# What one image costs in the context of each later family, as the server's processor cuts it (at most
+# 4 x 4 tiles and the global image, each its <image> tokens and markers): an estimate from the published
+# processor settings, since the server's tokenizer is asked about text only. Too high rather than too low.
+_IMAGE_TOKENS = {"smolvlm": 17 * (64 + 2) + 4, "idefics3": 17 * (169 + 2) + 4, "idefics2": 5 * (64 + 2)}
+# The longest edge their processors scale images to (intake keeps no more than that).
+_LONGEST_EDGE = {"smolvlm": 2048, "idefics3": 1456, "idefics2": 980}
+
+
+def served_family(model_id: str) -> str | None:
+    """The later family a served model belongs to, by its name ("smolvlm", "idefics3", "idefics2"),
+    or None for IDEFICS v1."""
+    name = model_id.lower()
+    return next((family for family in CHAT_FORMAT_STARTS if family in name), None)
+
+
 # What a request body holds besides `inputs`: the generation parameters, with room for stop strings.
 _PARAMETERS_BYTES = 1024
 
@@ -207,6 +226,7 @@ class TGIBackend(RemoteBackend):
         super().__init__(settings)
         self.info = ModelInfo(name=settings.url, max_request_bytes=settings.payload_limit)
         self._max_stops = 4  # TGI's default max_stop_sequences, until /info says otherwise
+        self._family: str | None = None  # the served model's later family (None: IDEFICS v1), from /info
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -250,18 +270,14 @@ class TGIBackend(RemoteBackend):
         return info
 
     async def _check_tokenizer(self, info: dict) -> None:
-        """Refuse anything but IDEFICS (v1): its tokenizer has the image and end-of-utterance tokens,
-        and Idefics2/3, which share them, are named as such."""
+        """Refuse anything but the IDEFICS line: its tokenizer has the image and end-of-utterance tokens.
+        Idefics2/3 and SmolVLM, which share them, are told apart by name."""
         model_id, url = info["model_id"], self._base
         serve_idefics = (
-            "Launch TGI with --model-id HuggingFaceM4/idefics-9b-instruct or HuggingFaceM4/idefics-80b-instruct "
-            '(see "Scaling out" in the README), or set [model] backend = "local".'
+            "Launch TGI with --model-id HuggingFaceM4/idefics-9b-instruct, HuggingFaceM4/Idefics3-8B-Llama3 or "
+            'HuggingFaceTB/SmolVLM-Instruct (see "Scaling out" in the README), or set [model] backend = "local".'
         )
-        if any(later in model_id.lower() for later in ("idefics2", "idefics3")):
-            raise ModelLoadError(
-                f"The TGI server at {url} serves {model_id}, a later Idefics model: this bot is built for IDEFICS, whose "
-                f"prompt format and image tokens differ. {serve_idefics}"
-            )
+        self._family = served_family(model_id)
         tokens = await self._startup_call(
             "POST",
             "/tokenize",
@@ -281,6 +297,8 @@ class TGIBackend(RemoteBackend):
             name=model_id,
             context_tokens=min(max_total, max_input + self.settings.reply_tokens),
             max_request_bytes=self.settings.payload_limit,
+            family=self._family or "idefics",
+            image_longest_edge=_LONGEST_EDGE.get(self._family or ""),
         )
         self._max_stops = info.get("max_stop_sequences", self._max_stops)
         server_limit = info.get("max_concurrent_requests")
@@ -308,7 +326,9 @@ class TGIBackend(RemoteBackend):
     # -- the interface -----------------------------------------------------------------------
 
     def render(self, prompt: Chat) -> list[Part]:
-        return render_instruct(prompt)
+        if self._family is None:
+            return render_instruct(prompt)
+        return render_chat_format(prompt, CHAT_FORMAT_STARTS[self._family])
 
     def _items(self, prompt: Chat) -> list[PromptItem]:
         """The rendered prompt of a request, whose images are `ModelImage`s."""
@@ -328,9 +348,15 @@ class TGIBackend(RemoteBackend):
                 raise GenerationFailed("The model server's tokenizer gave an answer I couldn't read. Please try again.")
             return len(tokens)
 
+        rendered = self.render(prompt)
+        if self._family is None:
+            text, images = counted_text(rendered), 0
+        else:  # the text, and each image at its estimated cost
+            text, images = "".join(part for part in _parts(rendered) if isinstance(part, str)), sum(not isinstance(part, str) for part in rendered)
         async with self._tokenizing:
-            body = json.dumps({"inputs": counted_text(self.render(prompt))}).encode()
-            return await self._call("/tokenize", body, read, deadline=None, timeout=self._quick_timeout())
+            body = json.dumps({"inputs": text}).encode()
+            tokens = await self._call("/tokenize", body, read, deadline=None, timeout=self._quick_timeout())
+        return tokens + images * _IMAGE_TOKENS.get(self._family or "", 0)
 
     async def request_bytes(self, prompt: Chat) -> int:
         return (await asyncio.to_thread(within_payload, self._items(prompt), self.settings.payload_limit))[1]

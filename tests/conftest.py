@@ -25,8 +25,28 @@ from tests.postgres import postgres_server, postgres_url  # noqa: E402, F401 (fi
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-idefics"))
+def tiny_checkpoints(tmp_path_factory):
+    """A tiny checkpoint of each family, written when first asked for: "idefics" (v1), "idefics3"
+    (SmolVLM's layout, images cut into tiles) and "idefics3-whole" (no image splitting)."""
+    written: dict[str, Path] = {}
+
+    def checkpoint(name: str) -> Path:
+        if name not in written:
+            family, _, whole = name.partition("-")
+            written[name] = write_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{name}"), family=family, image_splitting=not whole)
+        return written[name]
+
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(request, tiny_checkpoints) -> Path:
+    """The tiny IDEFICS v1 checkpoint, or another family's where a test is marked `BOTH_FAMILIES`."""
+    return tiny_checkpoints(getattr(request, "param", "idefics"))
+
+
+# Runs a test, and every fixture built on `tiny_checkpoint` (backend, config, the bots), on each family.
+BOTH_FAMILIES = pytest.mark.parametrize("tiny_checkpoint", ["idefics", "idefics3"], indirect=True)
 
 
 @pytest.fixture
@@ -55,6 +75,10 @@ def write_config(path: Path, text: str) -> Config:
 @pytest.fixture
 def config(tmp_path, tiny_checkpoint) -> Config:
     """Defaults, on the tiny checkpoint, with state in a temporary directory."""
+    return tiny_config(tmp_path, tiny_checkpoint)
+
+
+def tiny_config(tmp_path: Path, tiny_checkpoint: Path) -> Config:
     return write_config(
         tmp_path / "config.toml",
         f"""

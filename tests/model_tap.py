@@ -65,6 +65,12 @@ class ModelTap:
         """One request's prompt (by default the latest)."""
         return self.prompts[index]
 
+    @staticmethod
+    def images(prompt: str) -> int:
+        """How many images a recorded prompt holds: IDEFICS v1 writes one <image> for each; Idefics3
+        a run of them per tile, and one global image each."""
+        return prompt.count("<global-img>") if "<global-img>" in prompt else prompt.count("<image>")
+
     async def wait_held(self, timeout: float = 60) -> None:
         assert await asyncio.to_thread(self.held.wait, timeout), "generation never reached the hold point"
 

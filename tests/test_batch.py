@@ -1,5 +1,6 @@
-"""The running batch on the tiny checkpoint (fp32): rows that join at any step, leave at any step and
-wait while the batch is full get exactly the tokens of the same prompt run alone with `generate`."""
+"""The running batch on the tiny checkpoint of each family (fp32): rows that join at any step, leave at
+any step and wait while the batch is full get exactly the tokens of the same prompt run alone with
+`generate` (Idefics3 with its images cut into tiles and whole)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,18 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
-from model.batch import Batch, Row, Sampling, encode_prompt, image_state_shape, process_prompt
+from model.batch import Batch, Row, Sampling
+from model.family import family_for
 from model.loading import CheckpointSettings, load_checkpoint
-from model.local import LocalBackend
-from tests.test_model_service import BLUE, RED
-from tests.test_model_service import V1_ITEMS as PROMPTS
+from model.service import Chat, Message
+from tests.test_model_service import BLUE, PROMPTS, RED
 
 PROMPTS = {
     **PROMPTS,
-    "long text": ["User: " + "Describe a small dog running on the grass by the sea. " * 6 + "<end_of_utterance>", "\nAssistant:"],
-    "two images, long": ["User: look", BLUE, "and then at this one, which is a photo of a street", RED, "what changed?<end_of_utterance>", "\nAssistant:"],
+    "long text": Chat((Message("user", ("Describe a small dog running on the grass by the sea. " * 6,)),)),
+    "two images, long": Chat(
+        (Message("system", ("Be brief.",)), Message("user", ("look", BLUE, "and then at this one, which is a photo of a street", RED, "what changed?")))
+    ),
 }
 LENGTHS = {"no image": 7, "one image": 30, "two images": 12, "long text": 22, "two images, long": 3}
 
@@ -35,36 +38,31 @@ class NoEnd(LogitsProcessor):
         return scores
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoint):
-    model, processor = load_checkpoint(CheckpointSettings(str(tiny_checkpoint), dtype="float32"))
-    tokenizer = processor.tokenizer
-    ends = [tokenizer.convert_tokens_to_ids("<end_of_utterance>"), tokenizer.eos_token_id]
-    return model, processor, NoEnd(ends)
+@pytest.fixture(scope="module", params=["idefics", "idefics3", "idefics3-whole"])
+def loaded(request, tiny_checkpoints):
+    """The model (fp32), its family, and a processor that lets no reply end early."""
+    model, processor = load_checkpoint(CheckpointSettings(str(tiny_checkpoints(request.param)), dtype="float32"))
+    family = family_for(processor, model.config)
+    return model, family, NoEnd(sorted(family.end_ids))
 
 
-def encoded(model, processor, name: str):
-    return encode_prompt(model, process_prompt(processor, LocalBackend._processor_items(PROMPTS[name])))
-
-
-def banned(processor) -> list[int]:
-    return processor.tokenizer.convert_tokens_to_ids(["<image>", "<fake_token_around_image>"])
+def encoded(model, family, name: str):
+    return family.prepare(model, PROMPTS[name])
 
 
 def alone(loaded, name: str, sampling: Sampling | None = None) -> list[int]:
     """The reply tokens of `generate` on this prompt alone (greedy), or of a batch of just this row (sampled)."""
-    model, processor, no_end = loaded
-    items = LocalBackend._processor_items(PROMPTS[name])
+    model, family, no_end = loaded
     if sampling is not None:
         return run(loaded, [(0, name, sampling)], max_rows=1)[0]
-    inputs = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False)
+    inputs = family.model_inputs([PROMPTS[name]])
     output = model.generate(
         **inputs,
         max_new_tokens=LENGTHS[name],
         do_sample=False,
-        bad_words_ids=[[token] for token in banned(processor)],
+        bad_words_ids=[[token] for token in family.banned_ids],
         logits_processor=[no_end],
-        pad_token_id=processor.tokenizer.pad_token_id,
+        pad_token_id=family.tokenizer.pad_token_id,
     )
     return output[0, inputs["input_ids"].shape[1] :].tolist()
 
@@ -73,7 +71,7 @@ def run(loaded, arrivals: list[tuple], max_rows: int, leave: dict[int, int] | No
     """Schedule `arrivals` (step, prompt name, sampling) through one running batch as the backend does:
     before each step, rows that arrived and fit join (prefilled, then merged); after each step, rows
     that are done or told to `leave` (number: step) leave. Returns each row's reply tokens."""
-    model, processor, no_end = loaded
+    model, family, no_end = loaded
     leave = leave or {}
     waiting = deque(enumerate(arrivals))
     batch: Batch | None = None
@@ -81,7 +79,7 @@ def run(loaded, arrivals: list[tuple], max_rows: int, leave: dict[int, int] | No
     step = 0
 
     def advance(part: Batch) -> Batch | None:
-        part.choose(banned(processor))
+        part.choose(family.banned_ids)
         keep = [index for index, row in enumerate(part.rows) if row.generated < row.max_new_tokens and leave.get(row.owner, -1) != step]
         return part.select(keep) if keep else None
 
@@ -89,12 +87,12 @@ def run(loaded, arrivals: list[tuple], max_rows: int, leave: dict[int, int] | No
         joining = []
         while waiting and waiting[0][1][0] <= step and len(joining) + (len(batch) if batch else 0) < max_rows:
             number, (_, name, sampling) = waiting.popleft()
-            prompt = encoded(model, processor, name)
+            prompt = encoded(model, family, name)
             row = Row(number, prompt, LENGTHS[name], sampling or Sampling(), [no_end])
             replies[number] = row
             joining.append(row)
         if joining:
-            joined = advance(Batch.prefill(model, joining, image_state_shape(model.config), processor.tokenizer.pad_token_id))
+            joined = advance(Batch.prefill(model, joining, family, family.tokenizer.pad_token_id))
             parts = [part for part in (batch, joined) if part is not None]
             batch = Batch.concatenate(parts) if parts else None
         if batch is not None:
@@ -146,10 +144,9 @@ def test_sampled_and_greedy_rows_share_a_batch(loaded):
 @pytest.mark.parametrize("name", ["one image", "two images"])
 def test_a_seeded_sampled_row_gets_the_tokens_of_generate_with_that_seed(loaded, name):
     """generate samples after temperature, top_k (50 by default) and top_p; so does a row."""
-    model, processor, no_end = loaded
+    model, family, no_end = loaded
     hot = Sampling(do_sample=True, temperature=1.5, top_p=0.95, seed=5)
-    items = LocalBackend._processor_items(PROMPTS[name])
-    inputs = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False)
+    inputs = family.model_inputs([PROMPTS[name]])
     torch.manual_seed(hot.seed)
     output = model.generate(
         **inputs,
@@ -157,24 +154,24 @@ def test_a_seeded_sampled_row_gets_the_tokens_of_generate_with_that_seed(loaded,
         do_sample=True,
         temperature=hot.temperature,
         top_p=hot.top_p,
-        bad_words_ids=[[token] for token in banned(processor)],
+        bad_words_ids=[[token] for token in family.banned_ids],
         logits_processor=[no_end],
-        pad_token_id=processor.tokenizer.pad_token_id,
+        pad_token_id=family.tokenizer.pad_token_id,
     )
     assert alone(loaded, name, hot) == output[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 def test_splitting_and_merging_keep_the_cache_consistent(loaded):
     """Rows split into halves (as when a step fails) and merged back go on as if nothing happened."""
-    model, processor, no_end = loaded
-    rows = [Row(name, encoded(model, processor, name), LENGTHS[name], Sampling(), [no_end]) for name in NAMES]
-    batch = Batch.prefill(model, rows, image_state_shape(model.config), processor.tokenizer.pad_token_id)
-    batch.choose(banned(processor))
+    model, family, no_end = loaded
+    rows = [Row(name, encoded(model, family, name), LENGTHS[name], Sampling(), [no_end]) for name in NAMES]
+    batch = Batch.prefill(model, rows, family, family.tokenizer.pad_token_id)
+    batch.choose(family.banned_ids)
     for _ in range(2):
         first, second = batch.split()
         for part in (first, second):
             part.decode(model)
-            part.choose(banned(processor))
+            part.choose(family.banned_ids)
         batch = Batch.concatenate([second, first])
     assert [row.owner for row in batch.rows] == [NAMES[4], *NAMES[:4]]  # halves swapped twice
     for row in batch.rows:
@@ -182,10 +179,10 @@ def test_splitting_and_merging_keep_the_cache_consistent(loaded):
 
 
 def test_a_failed_step_leaves_the_batch_as_it_was(loaded):
-    model, processor, no_end = loaded
-    rows = [Row(name, encoded(model, processor, name), 4, Sampling(), [no_end]) for name in NAMES[:3]]
-    batch = Batch.prefill(model, rows, image_state_shape(model.config), processor.tokenizer.pad_token_id)
-    batch.choose(banned(processor))
+    model, family, no_end = loaded
+    rows = [Row(name, encoded(model, family, name), 4, Sampling(), [no_end]) for name in NAMES[:3]]
+    batch = Batch.prefill(model, rows, family, family.tokenizer.pad_token_id)
+    batch.choose(family.banned_ids)
     length = batch.length
 
     class Broken:
@@ -200,7 +197,7 @@ def test_a_failed_step_leaves_the_batch_as_it_was(loaded):
     assert batch.length == length and all(layer.keys.shape[-2] == length for layer in batch.cache.layers)
     for _ in range(3):
         batch.decode(model)
-        batch.choose(banned(processor))
+        batch.choose(family.banned_ids)
     for row in batch.rows:
         assert row.ids[len(row.prompt.ids) :] == alone(loaded, row.owner)[:4]
 
@@ -224,7 +221,9 @@ def test_incremental_text_equals_decoding_the_whole_reply(loaded):
 def test_images_go_through_the_vision_encoder_and_perceiver_once(loaded):
     model = loaded[0]
     calls = []
-    hooks = [part.register_forward_hook(lambda *_: calls.append(1)) for part in (model.model.vision_model, model.model.perceiver_resampler)]
+    # IDEFICS v1's vision tower and perceiver; Idefics3's vision tower and connector.
+    second = model.model.perceiver_resampler if hasattr(model.model, "perceiver_resampler") else model.model.connector
+    hooks = [part.register_forward_hook(lambda *_: calls.append(1)) for part in (model.model.vision_model, second)]
     try:
         replies = run(loaded, [(0, "two images", None)], max_rows=1)
     finally:
@@ -236,24 +235,19 @@ def test_images_go_through_the_vision_encoder_and_perceiver_once(loaded):
 
 def beams_alone(loaded, name: str, num_beams: int, max_new_tokens: int, ends: bool) -> list[int]:
     """The reply tokens of `generate(num_beams=...)` on this prompt alone, cut like a beam reply."""
-    model, processor, no_end = loaded
-    items = LocalBackend._processor_items(PROMPTS[name])
-    inputs = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False)
+    model, family, no_end = loaded
+    inputs = family.model_inputs([PROMPTS[name]])
     output = model.generate(
         **inputs,
         num_beams=num_beams,
         do_sample=False,
         max_new_tokens=max_new_tokens,
-        eos_token_id=end_ids(processor),
-        bad_words_ids=[[token] for token in banned(processor)],
+        eos_token_id=sorted(family.end_ids),
+        bad_words_ids=[[token] for token in family.banned_ids],
         logits_processor=[] if ends else [no_end],
-        pad_token_id=processor.tokenizer.pad_token_id,
+        pad_token_id=family.tokenizer.pad_token_id,
     )
     return output[0, inputs["input_ids"].shape[1] :].tolist()
-
-
-def end_ids(processor) -> list[int]:
-    return [processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>"), processor.tokenizer.eos_token_id]
 
 
 @pytest.mark.parametrize("ends", [False, True], ids=["to the token limit", "ending on their own"])
@@ -261,13 +255,13 @@ def test_beam_rows_get_the_tokens_of_generate_with_beams_among_other_rows(loaded
     """Searches of 2 and 3 beams join a running batch at different steps, beside greedy rows."""
     from model.beams import BeamSearch
 
-    model, processor, no_end = loaded
+    model, family, no_end = loaded
     arrivals = {0: ["one image", "no image"], 2: ["two images"], 5: ["long text"]}
     beams = {"one image": 2, "two images": 3, "long text": 2}
     searches: dict[str, BeamSearch] = {}
 
     def advance(part: Batch) -> Batch | None:
-        part.choose(banned(processor))
+        part.choose(family.banned_ids)
         keep = [i for i, row in enumerate(part.rows) if not (row.beams.done if row.beams else row.generated >= row.max_new_tokens)]
         return part.select(keep) if keep else None
 
@@ -276,17 +270,18 @@ def test_beam_rows_get_the_tokens_of_generate_with_beams_among_other_rows(loaded
     while step <= max(arrivals) or batch is not None:
         joining: list[Row] = []
         for name in arrivals.get(step, []):
-            prompt = encoded(model, processor, name)
+            prompt = encoded(model, family, name)
             if name in beams:
+                processors = [] if ends else [no_end]
                 search = searches[name] = BeamSearch(
-                    prompt.ids, beams[name], LENGTHS[name] + 9, end_ids=end_ids(processor), banned_ids=banned(processor), processors=[] if ends else [no_end]
+                    prompt.ids, beams[name], LENGTHS[name] + 9, end_ids=sorted(family.end_ids), banned_ids=family.banned_ids, processors=processors
                 )
                 search.rows = [Row(name, prompt, LENGTHS[name] + 9, beams=search) for _ in range(beams[name])]
                 joining += search.rows
             else:
                 joining.append(Row(name, prompt, LENGTHS[name], Sampling(), [no_end]))
         if joining:
-            joined = advance(Batch.prefill(model, joining, image_state_shape(model.config), processor.tokenizer.pad_token_id))
+            joined = advance(Batch.prefill(model, joining, family, family.tokenizer.pad_token_id))
             parts = [part for part in (batch, joined) if part is not None]
             batch = Batch.concatenate(parts) if parts else None
         if batch is not None:
@@ -297,4 +292,4 @@ def test_beam_rows_get_the_tokens_of_generate_with_beams_among_other_rows(loaded
         assert search.done
         expected = beams_alone(loaded, name, beams[name], LENGTHS[name] + 9, ends)
         got = search.best()
-        assert got == expected[: len(got)] and set(expected[len(got) :]) <= {processor.tokenizer.pad_token_id}, name
+        assert got == expected[: len(got)] and set(expected[len(got) :]) <= {family.tokenizer.pad_token_id}, name

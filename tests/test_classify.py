@@ -13,7 +13,7 @@ from bot.core.messages import Final, TaskRequest, Working
 from bot.core.ranking import rank
 from bot.core.tasks import TaskError, parse_labels
 from bot.runtime.app import Runtime
-from tests.conftest import image_bytes, write_config
+from tests.conftest import BOTH_FAMILIES, image_bytes, write_config
 from tests.fake_tgi import FakeTGI
 from tests.test_cli import assert_no_traceback, idefics_bot
 from tests.test_engine import attachment
@@ -29,7 +29,7 @@ class Favour(LogitsProcessor):
     and records the batch shapes."""
 
     def __init__(self, tokenizer, word: str):
-        self.ids = tokenizer(word, add_special_tokens=False).input_ids
+        self.ids = tokenizer(f"Category: {word}", add_special_tokens=False).input_ids[-1:]  # the word as it follows the cue
         self.rows: list[int] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -48,6 +48,7 @@ async def runtime(config):
         yield started
 
 
+@BOTH_FAMILIES
 async def test_the_likely_label_wins_in_one_batched_pass(runtime):
     favour = Favour(runtime.model._tokenizer, "dog")
     runtime.model.row_processors.append(lambda prompt_ids: favour)
@@ -59,6 +60,7 @@ async def test_the_likely_label_wins_in_one_batched_pass(runtime):
     assert favour.rows and set(favour.rows) == {4}  # all four labels in one forward pass
 
 
+@BOTH_FAMILIES
 async def test_without_help_the_answer_is_still_two_of_the_labels(runtime):
     labels = ["red", "green", "blue", "small car", "sky"]
     final = [event async for event in runtime.engine.run_task(classify_request(", ".join(labels)))][-1]
@@ -141,37 +143,41 @@ async def test_a_label_that_begins_another_does_not_always_win(runtime):
     assert answer and answer["best"] == "dog house" and int(answer["p1"].rstrip("%")) >= 99, final.text
 
 
+@BOTH_FAMILIES
 async def test_scores_are_the_labels_then_their_end_with_the_image_encoded_once(runtime):
     """The prefill-only request gives what a plain forward of each prompt + label (pixels and all) gives."""
     from model.local import LocalBackend
     from model.scoring import score_continuations
-    from model.service import END_OF_UTTERANCE
+    from model.service import Chat, Message
 
     backend: LocalBackend = runtime.model
+    family = backend.family
     labels = ["cat", "small dog", "a red bird"]
-    prompt = ["Instruction: Classify the image.\n", model_image((200, 30, 30)), "Category: "]
+    guide = ("Instruction: Classify the image.\n", model_image((200, 30, 30)), "Category: ")
+    chat = Chat((Message("user", guide[:2]),), reply_start="Category: ", guide=guide)
 
     def both(model, processor):
-        items = backend._processor_items(prompt)
         calls = []
-        hooks = [part.register_forward_hook(lambda *_: calls.append(1)) for part in (model.model.vision_model, model.model.perceiver_resampler)]
+        # IDEFICS v1's vision tower and perceiver; Idefics3's vision tower and connector.
+        second = model.model.perceiver_resampler if hasattr(model.model, "perceiver_resampler") else model.model.connector
+        hooks = [part.register_forward_hook(lambda *_: calls.append(1)) for part in (model.model.vision_model, second)]
         try:
-            scored = score_continuations(model, processor, items, labels, end_ids=backend._end_ids)
+            scored = score_continuations(model, family, chat, labels, end_ids=backend._end_ids)
         finally:
             for hook in hooks:
                 hook.remove()
-        ends = [processor.tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE), processor.tokenizer.eos_token_id]
+        ends = sorted(family.end_ids)
+        prompt_ids = family.model_inputs([chat])["input_ids"][0].tolist()
         expected = []
         for label in labels:
-            inputs = processor(text=[[*items[:-1], items[-1] + label]], return_tensors="pt", add_end_of_utterance_token=False)
+            inputs = family.model_inputs([chat.continued(label)])
             log_probs = torch.log_softmax(model(**inputs).logits[0].float(), -1)
             ids = inputs["input_ids"][0]
-            prompt_ids = processor(text=[items], add_end_of_utterance_token=False)["input_ids"][0]
             own = next(at for at, (a, b) in enumerate(zip([*prompt_ids, -1], ids.tolist())) if a != b)  # the label's first token
             label_part = sum(log_probs[position - 1, ids[position]] for position in range(own, len(ids)))
             expected.append(float(label_part + log_probs[-1, ends].logsumexp(-1)))
         return scored, expected, len(calls)
 
     scored, expected, calls = await backend.call_between_steps(both)
-    assert calls == 2  # the vision encoder and the perceiver, once each for the one image
+    assert calls == 2  # the vision encoder and the perceiver (connector), once each for the one image
     assert scored == pytest.approx(expected, abs=1e-4)

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import image_bytes
+from tests.conftest import BOTH_FAMILIES, image_bytes
 
 COMMAND = [sys.executable, "-m", "bot"]
 
@@ -75,13 +75,17 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     result = idefics_bot("ask", "--model", "bert", "hello", cwd=tmp_path)
-    assert result.returncode == 1 and "is a 'bert' model, not IDEFICS v1" in result.stderr
+    assert result.returncode == 1 and "is a 'bert' model, which the bot can't serve: idefics-bot serves IDEFICS v1" in result.stderr
+    assert "Idefics3 and SmolVLM" in result.stderr
 
 
 def test_run_without_any_platform_says_what_to_configure(tmp_path):
     (tmp_path / "config.toml").write_text("[web]\nenabled = false\n")
     result = idefics_bot("run", cwd=tmp_path)
     assert result.returncode == 1
+    # The default checkpoint on a machine without a GPU: the first line says so, and what to run instead.
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("No GPU here: HuggingFaceM4/idefics-9b-instruct") and "idefics-bot run --model HuggingFaceTB/SmolVLM-256M-Instruct" in first
     for needed in ("[web] enabled", "DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "idefics-bot chat", "tiny-checkpoint"):
         assert needed in result.stderr
     assert_no_traceback(result)
@@ -150,6 +154,7 @@ def test_render_prints_the_exact_model_input(tmp_path):
     assert bad.returncode == 1 and 'bad.json: turn 1: needs "role": "user" or "assistant".' in bad.stderr
 
 
+@BOTH_FAMILIES
 def test_terminal_chat_streams_and_remembers(tmp_path, tiny_checkpoint):
     (tmp_path / "red.png").write_bytes(image_bytes())
     script = "/image red.png\nWhat is this?\n/image missing.png\nand this?\n/reset\n/quit\n"

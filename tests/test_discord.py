@@ -21,7 +21,7 @@ from bot.runtime.cli import CommandError
 from bot.runtime.config import Config, ConfigError
 from bot.core.messages import Attachment
 from tests.bots import BotRun, bot_says, command_answer, discord_connected, discord_section, free_port, logged, thread_of
-from tests.conftest import image_bytes, write_config
+from tests.conftest import BOTH_FAMILIES, image_bytes, write_config
 from tests.fake_discord import FakeDiscord, RestFailure
 from tests.model_tap import tap  # noqa: F401 (a fixture)
 from tests.test_images import truncated_jpeg
@@ -92,6 +92,7 @@ def png(size: tuple[int, int]) -> bytes:
 # -- conversations -----------------------------------------------------------------------------
 
 
+@BOTH_FAMILIES
 async def test_a_mention_with_an_image_opens_a_thread_that_continues_without_mentions(fake, start_bot, tap):
     await start_bot()
     ann, bob = fake.user("Ann"), fake.user("Bob")
@@ -112,7 +113,7 @@ async def test_a_mention_with_an_image_opens_a_thread_that_continues_without_men
     await bot_says(fake, thread, second)
     # What the model read for the second answer: both turns, both images, each speaker named.
     seen = tap.prompt()
-    assert seen.count("<image>") == 2
+    assert tap.images(seen) == 2
     assert seen.index("User: [Ann] What is in this image?") < seen.index(f"Assistant: {first}") < seen.index("User: [Bob] And this one?")
 
     writes = fake.writes()

@@ -10,7 +10,7 @@ from bot.runtime.app import Runtime
 from bot.core.conversation import Author, ConversationKey, ImageRef
 from bot.core.messages import Attachment, Final, IncomingMessage, Partial, TaskRequest, Waiting
 from bot.core.prompt import chat_of
-from tests.conftest import image_bytes
+from tests.conftest import BOTH_FAMILIES, image_bytes
 from tests.test_images import truncated_jpeg
 
 KEY = ConversationKey("test", "channel-1", "thread-1")
@@ -36,6 +36,7 @@ async def runtime(config):
         yield started
 
 
+@BOTH_FAMILIES
 async def test_a_conversation_with_two_images_keeps_both_turns(runtime):
     engine = runtime.engine
     first = IncomingMessage(KEY, ANN, "What is in this image?", (attachment("red.png", image_bytes((255, 0, 0))),), "m1", shared=True)
@@ -55,7 +56,8 @@ async def test_a_conversation_with_two_images_keeps_both_turns(runtime):
     items = runtime.engine.generation.model.render(chat_of(turns[:3], runtime.config.conversation.system_prompt, shared=True))
     images = [item for item in items if isinstance(item, ImageRef)]
     assert [image.name for image in images] == ["red.png", "blue.png"]
-    assert "\nUser: [Ann] What is in this image?" in items and "\nUser: [Bob] And this one?" in items
+    texts = "".join(item for item in items if isinstance(item, str))
+    assert "User: [Ann] What is in this image?" in texts and "User: [Bob] And this one?" in texts
 
 
 async def test_a_restart_keeps_the_conversation(config):

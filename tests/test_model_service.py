@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
+from model.idefics_v1 import processor_items
 from model.loading import CheckpointSettings
 from model.local import BatchSettings, LocalBackend
 from model.pictures import decode
@@ -27,7 +28,7 @@ from model.service import (
     Started,
     TextDelta,
 )
-from tests.conftest import guided, image_bytes
+from tests.conftest import BOTH_FAMILIES, guided, image_bytes
 
 
 def model_image(color, size=(64, 48)) -> ModelImage:
@@ -138,19 +139,23 @@ def test_v1_receives_the_instruct_format(backend):
         assert backend.render(chat) == V1_ITEMS[name], name
 
 
+@BOTH_FAMILIES
 async def test_batched_greedy_replies_equal_replies_run_alone(backend):
     alone = {name: (await collect(backend, request(prompt, max_new_tokens=24)))[1] for name, prompt in PROMPTS.items()}
     sizes_before = len(backend.batch_sizes)
     together = await asyncio.gather(*(collect(backend, request(prompt, max_new_tokens=24)) for prompt in PROMPTS.values()))
-    assert backend.batch_sizes[sizes_before:][-1] == 3  # all three ran together
+    # All three ran together (a reply whose first token ends it leaves at once).
+    assert backend.batch_sizes[sizes_before:][-1] == sum(finished.tokens > 0 for _, finished in together)
     for (name, single), (_, batched) in zip(alone.items(), together):
         assert batched == single, name
-    # The images matter: the same question about another image gets another reply.
-    other = (await collect(backend, request(Chat((Message("user", ("What is in this image?", BLUE)),)), 24)))[1]
-    assert other.text != alone["one image"].text
+    # The images matter: the same question about the images in the other order gets another reply.
+    other = (await collect(backend, request(Chat((Message("user", (BLUE, RED, "And who is that?")),)), 24)))[1]
+    assert other.text != alone["two images"].text
 
 
+@BOTH_FAMILIES
 async def test_each_row_streams_its_own_text(backend):
+    backend.row_processors.append(Script(ban=tuple(backend.family.end_ids)))  # every reply runs its 30 tokens
     results = await asyncio.gather(*(collect(backend, request(prompt, max_new_tokens=30)) for prompt in PROMPTS.values()))
     for events, finished in results:
         kinds = [type(event) for event in events]
@@ -237,13 +242,22 @@ async def test_token_count_matches_the_processor(backend):
     assert await backend.count_tokens(guided(prompt)) == expected
 
 
+@pytest.mark.parametrize("sizes", [[], [(64, 48)], [(64, 48), (40, 80)], [(500, 20), (20, 20), (300, 300)]])
+@BOTH_FAMILIES
+async def test_token_counts_match_the_processor_on_both_families(backend, sizes):
+    images = [model_image((10 * n, 0, 0), size) for n, size in enumerate(sizes)]
+    chat = Chat((Message("system", ("System.",)), Message("user", ("look", *images, "here")), Message("assistant", ("Fine.",)), Message("user", ("and?",))))
+    family = backend.family
+    assert await backend.count_tokens(chat) == len(family.model_inputs([chat])["input_ids"][0])
+
+
 async def test_text_that_looks_like_a_url_is_never_fetched(backend):
     # The processor would download this item; a refused connection would fail the request.
     link = "http://127.0.0.1:9/cat.png"
     prompt = ["User:", RED, f"{link}<end_of_utterance>", "\nAssistant:"]
     _, finished = await collect(backend, request(prompt, 8))
     assert finished.tokens > 0
-    items = LocalBackend._processor_items(prompt)
+    items = processor_items(prompt)
     assert all(isinstance(item, str) and len(item) == 1 for item in items[2:-1])
     assert "".join(items[2:-1]) == f"{link}<end_of_utterance>"
 
@@ -522,17 +536,17 @@ async def test_a_beam_search_runs_in_the_batch_beside_others_and_gives_generates
     ends = [tokenizer.convert_tokens_to_ids("<end_of_utterance>"), tokenizer.eos_token_id]
     service = await scripted_backend(tiny_checkpoint, no_end(tokenizer))
     try:
-        story = GenerationRequest(guided(["Instruction: Use the image to write a story. \n", RED, "Story: \n"]), GenerationParams(max_new_tokens=30, num_beams=2))
+        guide = guided(["Instruction: Use the image to write a story. \n", RED, "Story: \n"])
+        story = GenerationRequest(guide, GenerationParams(max_new_tokens=30, num_beams=2))
 
         def searched(model, processor) -> list[int]:
-            items = LocalBackend._processor_items(list(story.prompt.guide))
-            inputs = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False)
+            inputs = service.family.model_inputs([story.prompt])
             output = model.generate(
                 **inputs,
                 num_beams=2,
                 max_new_tokens=30,
                 eos_token_id=ends,
-                bad_words_ids=[[token] for token in processor.tokenizer.convert_tokens_to_ids(["<image>", "<fake_token_around_image>"])],
+                bad_words_ids=[[token] for token in service.family.banned_ids],
                 logits_processor=[Script(ban=tuple(ends))([])],
                 pad_token_id=processor.tokenizer.pad_token_id,
             )

@@ -7,6 +7,9 @@ import pytest
 from bot.core.conversation import Author, ImageRef, Turn
 from bot.core.prompt import PromptTooLong, chat_of, clean_name, clean_text, fit
 from model.instruct import render_instruct
+from model.loading import CheckpointSettings
+from model.local import LocalBackend
+from tests.conftest import BOTH_FAMILIES
 
 IDEFIX = ImageRef("a" * 64, "idefix.png")
 OBELIX = ImageRef("b" * 64, "obelix.png")
@@ -89,6 +92,7 @@ class _Counter:
         return await self.backend.count_tokens(items)
 
 
+@BOTH_FAMILIES
 async def test_history_is_trimmed_oldest_first_to_fit_2048_tokens(backend):
     paragraph = "the dog is running on the green grass near a big red house " * 6
     turns = []
@@ -107,6 +111,7 @@ async def test_history_is_trimmed_oldest_first_to_fit_2048_tokens(backend):
     assert counter.calls <= 8  # bisected, not measured turn by turn
 
 
+@BOTH_FAMILIES
 async def test_image_limit_drops_old_turns_too(backend):
     turns = [Turn("user", ("a", IDEFIX, OBELIX), ANN), Turn("assistant", ("b",)), Turn("user", ("c", IDEFIX), ANN)]
     fitted = await fit(turns, backend.count_tokens, context_tokens=2048, reserve_tokens=10, max_images=2)
@@ -114,6 +119,7 @@ async def test_image_limit_drops_old_turns_too(backend):
     assert fitted.chat.images == [IDEFIX]
 
 
+@BOTH_FAMILIES
 async def test_a_message_too_long_alone_is_refused_with_numbers(backend):
     turns = [Turn("user", ("word " * 3000,), ANN)]
     with pytest.raises(PromptTooLong, match=r"too long for me: it takes about \d+ tokens and I can read about 1536"):
@@ -121,3 +127,19 @@ async def test_a_message_too_long_alone_is_refused_with_numbers(backend):
     too_many = [Turn("user", ("x", IDEFIX, OBELIX, IDEFIX), ANN)]
     with pytest.raises(PromptTooLong, match="3 images; I can look at 2 at most"):
         await fit(too_many, backend.count_tokens, context_tokens=2048, reserve_tokens=512, max_images=2)
+
+
+async def test_images_that_cost_more_than_the_context_are_named(tiny_checkpoints):
+    # Idefics3 cuts each image into tiles: on the tiny one up to 2 x 2 and the global image, 34 tokens.
+    backend = await LocalBackend.open(CheckpointSettings(str(tiny_checkpoints("idefics3"))))
+    try:
+        turns = [Turn("user", ("look at these", IDEFIX, OBELIX, IDEFIX), ANN)]
+        alone = await backend.count_tokens(chat_of(turns[:1]))
+        text_only = await backend.count_tokens(chat_of([Turn("user", ("look at these",), ANN)]))
+        assert alone - text_only == 3 * 34
+        with pytest.raises(PromptTooLong, match=rf"Your 3 images take about {3 * 34} tokens, and with your text I can read about 60\. Please send fewer"):
+            await fit(turns, backend.count_tokens, context_tokens=70, reserve_tokens=10, max_images=8)
+        fitted = await fit(turns, backend.count_tokens, context_tokens=200, reserve_tokens=10, max_images=8)
+        assert fitted.tokens == alone
+    finally:
+        await backend.close()

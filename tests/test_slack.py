@@ -25,7 +25,7 @@ import pytest
 from bot.runtime.cli import CommandError
 from bot.runtime.config import Config, ConfigError
 from tests.bots import BotRun, Harness, logged, running, slack_settings, slack_started
-from tests.conftest import image_bytes, write_config
+from tests.conftest import BOTH_FAMILIES, image_bytes, write_config
 from tests.fake_slack import ALL_SCOPES, APP_TOKEN, BOT_ID, Failure, FakeSlack
 from tests.load_balancer import LoadBalancer
 from tests.model_tap import tap  # noqa: F401 (a fixture)
@@ -142,6 +142,7 @@ async def test_a_mention_is_answered_in_its_thread_as_the_text_streams_in(harnes
 
 
 @ALSO_TWO_PROCESSES
+@BOTH_FAMILIES
 async def test_a_thread_continues_without_mentions_and_the_model_sees_both_images(harness, slack, tap):
     red, blue = red_and_blue(slack)
     mention = slack.mention(CHANNEL, ANN, "What is in this image?", files=[red], name="Ann")
@@ -154,7 +155,7 @@ async def test_a_thread_continues_without_mentions_and_the_model_sees_both_image
     thread = await harness.answer(follow_up)
     assert len(thread) == 2 and all(message.thread_ts == mention["ts"] for message in thread)
     last = tap.prompts[-1]
-    assert last.count("<image>") == 2
+    assert tap.images(last) == 2
     assert last.index("[Ann] What is in this image?") < last.index("[Bob] And this one?")
 
     # Not addressed to the bot: a top-level message, and a thread the bot is not in.

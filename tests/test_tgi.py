@@ -23,6 +23,7 @@ from model.service import (
     GenerationFailed,
     GenerationParams,
     GenerationRequest,
+    Message,
     ModelBusy,
     ModelImage,
     ModelLoadError,
@@ -355,6 +356,24 @@ async def test_tokens_are_counted_by_the_server_with_images_as_their_marker_toke
     assert service.info.name == "HuggingFaceM4/idefics-9b-instruct"
 
 
+async def test_a_served_smolvlm_gets_its_chat_format_and_images_their_estimated_cost():
+    async with FakeTGI(model_id="HuggingFaceTB/SmolVLM-Instruct") as fake:
+        service = await connected(fake)
+        try:
+            chat = Chat((Message("system", ("Be brief.",)), Message("user", (RED, "And who is that?"), speaker="Ann")), reply_start="Category: ")
+            await events_of(service, request(chat))
+            text_only = await service.count_tokens(Chat((Message("user", ("And who is that?",), speaker="Ann"),)))
+            with_image = await service.count_tokens(Chat((Message("user", (RED, "And who is that?"), speaker="Ann"),)))
+        finally:
+            await service.close()
+    assert fake.generate_requests[0]["inputs"] == (
+        f"<|im_start|>System: Be brief.<end_of_utterance>\nUser: [Ann]{uri(RED, 'image/png')}And who is that?<end_of_utterance>\nAssistant: Category:"
+    )
+    # Up to 4 x 4 tiles and the global image, 64 tokens and 2 markers each (the text around it differs by a space).
+    assert abs(with_image - text_only - (17 * 66 + 4)) <= 1
+    assert service.info.family == "smolvlm" and service.info.image_longest_edge == 2048
+
+
 @pytest.mark.parametrize(
     "max_input, max_total, context",
     [(2047, 2048, 2048), (1024, 2048, 1024 + 512)],
@@ -371,10 +390,9 @@ async def test_the_context_keeps_prompts_within_the_servers_limits(max_input, ma
     "fake_settings, backend_settings, message",
     [
         ({"model_id": "meta-llama/Llama-2-7b-chat-hf", "special_tokens": False}, {}, "not an IDEFICS model"),
-        ({"model_id": "HuggingFaceM4/idefics2-8b"}, {}, "a later Idefics model"),
         ({"api_key": "right"}, {"token": "wrong"}, "refused the bot's credentials .* TGI_TOKEN"),
     ],
-    ids=["llama", "idefics2", "bad-token"],
+    ids=["llama", "bad-token"],
 )
 async def test_start_up_refuses_what_it_cannot_serve(fake_settings, backend_settings, message):
     async with FakeTGI(**fake_settings) as fake:

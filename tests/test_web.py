@@ -19,7 +19,7 @@ from adapters.web_form import FormRefused, UploadBudget
 from adapters.web_guard import COOKIE, SECURITY_HEADERS, LoginThrottle, Sessions
 from bot.runtime.app import enabled_adapters
 from bot.runtime.config import ConfigError, load_config
-from tests.conftest import image_bytes, write_config
+from tests.conftest import BOTH_FAMILIES, image_bytes, write_config
 from tests.loopback import LoopbackServer
 from tests.model_tap import ModelTap, tap  # noqa: F401 (a fixture)
 from tests.test_cli import COMMAND, environment
@@ -143,6 +143,7 @@ def test_exposing_the_web_chat_needs_a_token(tmp_path, section, problem):
     assert allowed.section("web").token.get_secret_value() == TOKEN and TOKEN not in repr(allowed)
 
 
+@BOTH_FAMILIES
 async def test_each_browser_session_has_its_own_rate_limit_and_image_links_are_fetched(tmp_path, tiny_checkpoint, tap: ModelTap):
     config = web_config(tmp_path, tiny_checkpoint)
     config = config.model_copy(

@@ -163,11 +163,12 @@ class Commands:
                 system_prompt=self.config.conversation.system_prompt,
                 max_new_tokens={str(task): tokens for task, tokens in self.config.tasks.max_new_tokens.items()},
                 num_beams={str(task): beams for task, beams in self.config.tasks.num_beams.items()},
+                special_tokens=self.generation.model.info.special_tokens,
             )
             model = self.generation.model
             # A ranking reads each label after the prompt instead of a reply: the longest must fit.
             longest = prompt.chat.continued(max(prompt.labels, key=len)) if prompt.labels else prompt.chat
-            await check_fits(longest, model.count_tokens, context_tokens=model.info.context_tokens, reserve_tokens=prompt.max_new_tokens)
+            await check_fits(longest, self.generation.token_counter(), context_tokens=model.info.context_tokens, reserve_tokens=prompt.max_new_tokens)
         except (Refusal, TaskError, PromptTooLong) as refusal:
             self.metrics.error("too_long" if isinstance(refusal, PromptTooLong) else "input_refused")
             yield Final("", (*notes, str(refusal)))

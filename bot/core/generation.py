@@ -55,6 +55,18 @@ class Generation:
                 loaded[ref] = await self.store.get_image(ref)
         return chat.with_images(loaded)
 
+    def token_counter(self) -> Callable[[Chat], Awaitable[int]]:
+        """The model's token count, for one fit: with the images loaded (once) where an image's cost
+        depends on its size, else with the references standing for them."""
+        if not self.model.info.image_cost_varies:
+            return self.model.count_tokens
+        loaded: dict[ImageRef, ModelImage] = {}
+
+        async def count(chat: Chat) -> int:
+            return await self.model.count_tokens(await self.model_prompt(chat, loaded))
+
+        return count
+
     def sendable_check(self) -> Callable[[Chat], Awaitable[bool]] | None:
         """For a model with a limit on the size of a request, a check that a prompt keeps within it
         (the images of one fit are loaded once); None for a model without one."""

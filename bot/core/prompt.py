@@ -3,21 +3,22 @@ renders in its model's format), within the model's context.
 
 Anything a person typed is cleaned first, and so is every reply of the model before it goes back into
 a prompt, so neither can inject the tokenizer's special tokens (image markers, end of utterance, end of
-document) nor forge turns.
+document) nor forge turns. The special tokens are those every IDEFICS tokenizer has (SPECIAL_TOKENS)
+and those of the loaded model's own (`ModelInfo.special_tokens`: Idefics3 adds "<|im_start|>",
+"<global-img>", the "<row_R_col_C>" tile tokens), passed in as `special_tokens`.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from bot.core.conversation import Turn
 from model.service import SPECIAL_TOKENS, Chat, Message
 
-_SPECIAL = re.compile("|".join(re.escape(token) for token in SPECIAL_TOKENS))
-_TOKENS_ENDING = {end: tuple(token for token in SPECIAL_TOKENS if token.endswith(end)) for end in {token[-1] for token in SPECIAL_TOKENS}}
 # A line that starts like a turn ("Assistant:", "User:") would let a user write the model's lines.
 _FORGED_TURN = re.compile(r"(?im)^([ \t]*)(user|assistant)([ \t]*):")
 _CONTROL = {"Cc", "Cs", "Co"}
@@ -26,54 +27,71 @@ _CONTROL = {"Cc", "Cs", "Co"}
 _INVISIBLE = {"Cf", "Zs", "Zl", "Zp", "Cc"}
 
 
-def _without_special_tokens(text: str) -> str:
+class _Specials:
+    """A set of special tokens, ready to be cut out of text."""
+
+    def __init__(self, tokens: frozenset[str]):
+        self.pattern = re.compile("|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True)))
+        self.ending = {end: tuple(token for token in tokens if token.endswith(end)) for end in {token[-1] for token in tokens}}
+
+
+@functools.lru_cache(maxsize=8)
+def _specials(extra: frozenset[str]) -> _Specials:
+    return _Specials(frozenset(SPECIAL_TOKENS) | {token for token in extra if token})
+
+
+def without_special_tokens(text: str, special_tokens: Iterable[str] = ()) -> str:
     """`text` without special tokens, including those that removing one would assemble
     ("<ima<image>ge>"). One pass, in time linear in the text: a token is cut as soon as its last
     character arrives, so what is kept never contains one."""
-    if _SPECIAL.search(text) is None:
+    specials = _specials(frozenset(special_tokens))
+    if specials.pattern.search(text) is None:
         return text
     kept: list[str] = []
     for character in text:
         kept.append(character)
-        for token in _TOKENS_ENDING.get(character, ()):
+        for token in specials.ending.get(character, ()):
             if len(kept) >= len(token) and "".join(kept[-len(token) :]) == token:
                 del kept[-len(token) :]
                 break
     return "".join(kept)
 
 
-def clean_text(text: str) -> str:
-    """User text made safe for the prompt: every special token of the tokenizer removed (repeatedly,
-    so that removing one can't assemble another), turn prefixes at line starts defused, control
-    characters dropped; "" if nothing visible is left."""
+def clean_text(text: str, special_tokens: Iterable[str] = ()) -> str:
+    """User text made safe for the prompt: every special token of the tokenizer (and `special_tokens`)
+    removed (repeatedly, so that removing one can't assemble another), turn prefixes at line starts
+    defused, control characters dropped; "" if nothing visible is left."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in _CONTROL)
-    text = _without_special_tokens(text)
+    text = without_special_tokens(text, special_tokens)
     text = _FORGED_TURN.sub(r"\1\2\3 :", text).strip()
     return text if any(unicodedata.category(ch) not in _INVISIBLE for ch in text) else ""
 
 
-def clean_name(name: str) -> str:
+def clean_name(name: str, special_tokens: Iterable[str] = ()) -> str:
     """A display name fit to stand in a user turn: one line, no brackets, at most 40 characters."""
-    name = " ".join(clean_text(name).replace("[", "(").replace("]", ")").split())
+    name = " ".join(clean_text(name, special_tokens).replace("[", "(").replace("]", ")").split())
     return name[:40] or "someone"
 
 
-def chat_of(turns: Sequence[Turn], system_prompt: str = "", shared: bool = False) -> Chat:
+def chat_of(turns: Sequence[Turn], system_prompt: str = "", shared: bool = False, special_tokens: Iterable[str] = ()) -> Chat:
     """The model's `Chat` for `turns` (the system prompt first, if any), images as references.
 
-    User text in turns is expected to be cleaned already; the assistant's replies are cleaned here,
-    since a reply can spell a special token in ordinary tokens that the tokenizer would read back as
-    the special itself. In `shared` conversations each user message names its speaker, so the model
-    can tell people apart.
+    User text in turns is expected to be cleaned already (it is cut free of `special_tokens` again:
+    it may have been stored while another model was loaded); the assistant's replies are cleaned
+    here, since a reply can spell a special token in ordinary tokens that the tokenizer would read
+    back as the special itself. In `shared` conversations each user message names its speaker, so
+    the model can tell people apart.
     """
+    specials = tuple(special_tokens)
     messages = [Message("system", (system_prompt.strip(),))] if system_prompt.strip() else []
     for turn in turns:
         if turn.role == "assistant":
-            messages.append(Message("assistant", (clean_text(turn.text),)))
+            messages.append(Message("assistant", (clean_text(turn.text, specials),)))
         else:
-            speaker = clean_name(turn.author.name) if shared and turn.author is not None else ""
-            messages.append(Message("user", turn.parts, speaker))
+            speaker = clean_name(turn.author.name, specials) if shared and turn.author is not None else ""
+            parts = tuple(without_special_tokens(part, specials) if isinstance(part, str) else part for part in turn.parts)
+            messages.append(Message("user", parts, speaker))
     return Chat(tuple(messages))
 
 
@@ -111,6 +129,7 @@ async def fit(
     system_prompt: str = "",
     shared: bool = False,
     sendable: Callable[[Chat], Awaitable[bool]] | None = None,
+    special_tokens: Iterable[str] = (),
 ) -> FittedPrompt:
     """The chat of the longest suffix of `turns` that starts at a user turn and fits: at most
     `context_tokens - reserve_tokens` tokens (the reserve is for the reply), `max_images` images,
@@ -129,7 +148,7 @@ async def fit(
         )
 
     async def measure(start: int) -> tuple[Chat, int, bool]:
-        chat = chat_of(turns[start:], system_prompt, shared)
+        chat = chat_of(turns[start:], system_prompt, shared, special_tokens)
         tokens = await count_tokens(chat)
         return chat, tokens, tokens <= budget and (sendable is None or await sendable(chat))
 
@@ -137,6 +156,16 @@ async def fit(
     low, high = 0, len(candidates) - 1
     chat, tokens, fits = await measure(candidates[high])
     if tokens > budget:
+        newest = turns[candidates[high] :]
+        images = sum(len(turn.images) for turn in newest)
+        if images:  # images can cost many tokens each (Idefics3's tiles): say if they are what is too much
+            words = [Turn(turn.role, tuple(part for part in turn.parts if isinstance(part, str)), turn.author) for turn in newest]
+            text_tokens = await count_tokens(chat_of(words, system_prompt, shared, special_tokens))
+            if text_tokens <= budget:
+                raise PromptTooLong(
+                    f"Your {images} image{'s' if images > 1 else ''} take about {tokens - text_tokens} tokens, and with your text "
+                    f"I can read about {budget}. Please send fewer images at a time."
+                )
         raise PromptTooLong.tokens(tokens, budget)
     if not fits:
         raise PromptTooLong("Your images are more than the model server takes in one request. Please send fewer at a time.")

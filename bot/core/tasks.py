@@ -11,7 +11,7 @@ form, which may name no label at all, is `classify_generate`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from bot.core.conversation import Author, ImageRef, Turn
@@ -60,12 +60,13 @@ class TaskPrompt:
     labels: tuple[str, ...] = ()
 
 
-def parse_labels(labels: str | Sequence[str]) -> list[str]:
-    """Labels from "cat, dog, bird" or a list: cleaned like anything typed, empty ones and repeats
-    dropped; more than MAX_LABELS, or one longer than MAX_LABEL_CHARS, is refused."""
+def parse_labels(labels: str | Sequence[str], special_tokens: Iterable[str] = ()) -> list[str]:
+    """Labels from "cat, dog, bird" or a list: cleaned like anything typed (of `special_tokens` too),
+    empty ones and repeats dropped; more than MAX_LABELS, or one longer than MAX_LABEL_CHARS, is refused."""
     if isinstance(labels, str):
         labels = labels.split(",", MAX_LABELS * 4)  # bounded: the excess is refused below anyway
-    cleaned = list(dict.fromkeys(label for label in (" ".join(clean_text(label).split()) for label in labels) if label))
+    specials = tuple(special_tokens)
+    cleaned = list(dict.fromkeys(label for label in (" ".join(clean_text(label, specials).split()) for label in labels) if label))
     if len(cleaned) > MAX_LABELS:
         raise TaskError(f"That's more than {MAX_LABELS} labels; please give at most {MAX_LABELS}.")
     for label in cleaned:
@@ -84,11 +85,14 @@ def build_task(
     system_prompt: str = "",
     max_new_tokens: dict[str, int] | None = None,
     num_beams: dict[str, int] | None = None,
+    special_tokens: Iterable[str] = (),
 ) -> TaskPrompt:
-    """The prompt for `task` on `images` (the guide's tasks take exactly one image; chat takes any)."""
+    """The prompt for `task` on `images` (the guide's tasks take exactly one image; chat takes any);
+    what people typed is cleaned of the model's `special_tokens` too."""
     if task not in TASKS:
         raise TaskError(f"Unknown task '{task}'. Choose one of: {', '.join(TASKS)}.")
-    question = clean_text(question)
+    specials = tuple(special_tokens)
+    question = clean_text(question, specials)
     lengths = {**DEFAULT_MAX_NEW_TOKENS, **(max_new_tokens or {})}
     beams = {**DEFAULT_NUM_BEAMS, **(num_beams or {})}.get(task, 1)
     if task == "chat":
@@ -115,7 +119,7 @@ def build_task(
         items = [instruction, image, f"Question: {question} Answer:"]
         messages, cue = [Message("user", (instruction, image, f"Question: {question}"))], "Answer:"
     elif task in ("classify", "classify_generate"):
-        labels = parse_labels(labels)
+        labels = parse_labels(labels, specials)
         if len(labels) < 2:
             raise TaskError('The classify task needs at least two labels, e.g. "cat, dog, bird".')
         instruction = f"Instruction: Classify the following image into a single category from the following list: {labels}.\n"
@@ -131,7 +135,7 @@ def build_task(
             raise TaskError("The few_shot task needs examples: add [[tasks.few_shot]] entries (image, text) to the config.")
         items, messages = [], []
         for example in examples:
-            answer = clean_text(example.text)
+            answer = clean_text(example.text, specials)
             items += ["User:", example.image, f"Describe this image.\nAssistant: {answer}\n"]
             messages += [Message("user", (example.image, "Describe this image.")), Message("assistant", (answer,))]
         items += ["User:", image, "Describe this image.\nAssistant:"]

@@ -95,7 +95,7 @@ class Conversations:
                         self.metrics.error("input_refused")
                         final = Final("", (str(refusal),))
                     else:
-                        text = clean_text(message.text)
+                        text = clean_text(message.text, self.generation.model.info.special_tokens)
                         user_turn = Turn("user", (*((text,) if text else ()), *refs), message.author, message.message_id)
                         if not text and not refs:
                             final = Final("", (*notes, "Send me a question, an image, or both, and I'll answer."))
@@ -235,13 +235,14 @@ class Conversations:
             try:
                 fitted = await fit(
                     [*history, user_turn],
-                    model.count_tokens,
+                    self.generation.token_counter(),
                     context_tokens=model.info.context_tokens,
                     reserve_tokens=budget,
                     max_images=self.config.conversation.max_images,
                     system_prompt=self.config.conversation.system_prompt,
                     shared=shared,
                     sendable=self.generation.sendable_check(),
+                    special_tokens=model.info.special_tokens,
                 )
             except PromptTooLong as too_long:
                 self.metrics.error("too_long")

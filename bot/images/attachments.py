@@ -88,4 +88,5 @@ class ImageIntake:
 
     async def prepare(self, data: bytes, name: str) -> ModelImage:
         """Check one image's bytes and keep what the model's processor makes of it, off the event loop."""
-        return await asyncio.to_thread(prepare_image, data, name, self.limits, self.model.info.image_size)
+        info = self.model.info
+        return await asyncio.to_thread(prepare_image, data, name, self.limits, info.image_size, info.image_longest_edge)

@@ -7,7 +7,10 @@ What is kept is what the model's processor would make of the original: an image 
 processor's square input (224 x 224 for IDEFICS) in either side is resized to exactly that square,
 with the processor's own filter (PIL bicubic), so the processor's resize of the stored image changes
 nothing; a smaller image keeps its pixels, and the processor upscales it as it would the original.
-Either way the model sees `processor(original image)`, bit for bit. The one approximation: a JPEG
+Either way the model sees `processor(original image)`, bit for bit. A processor that keeps the aspect
+ratio (Idefics3, SmolVLM: `longest_edge`) gets the same treatment: a larger image is scaled to that
+longest edge as the processor scales it (its rounding, Lanczos), a smaller one keeps its pixels (the
+processor scales it up itself). The one approximation: a JPEG
 at least twice `DRAFT_FACTOR` times the input size is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
 draft mode, several times faster), never below `DRAFT_FACTOR` times the input size, which keeps the
 pixels within a mean of 0.002 (normalised units) of a full decode (benchmarks/image_intake.py).
@@ -105,9 +108,23 @@ def _megabytes(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MB"
 
 
-def prepare_image(data: bytes, name: str, limits: ImageLimits = ImageLimits(), size: int = MODEL_IMAGE_SIZE) -> ModelImage:
+def longest_edge_size(width: int, height: int, edge: int) -> tuple[int, int]:
+    """(width, height) with the longest side scaled to `edge`, by the rule of Idefics3's image
+    processor (the other side rounded down, then up to an even number)."""
+    if width >= height:
+        scaled = int(edge / (width / height))
+        return edge, max(1, scaled + scaled % 2)
+    scaled = int(edge * (width / height))
+    return max(1, scaled + scaled % 2), edge
+
+
+def prepare_image(
+    data: bytes, name: str, limits: ImageLimits = ImageLimits(), size: int = MODEL_IMAGE_SIZE, longest_edge: int | None = None
+) -> ModelImage:
     """Check one image and keep the pixels the model's processor makes of it for a `size` x `size`
-    input. CPU-bound: call it off the event loop."""
+    input, or (with `longest_edge`) for a processor that keeps the aspect ratio and scales the
+    longest side to that. CPU-bound: call it off the event loop."""
+    side = longest_edge or size
     if len(data) > limits.max_bytes:
         raise ImageRejected(f"{name} is {_megabytes(len(data))}; the limit is {_megabytes(limits.max_bytes)} per image.")
     kind = sniff(data)
@@ -125,10 +142,13 @@ def prepare_image(data: bytes, name: str, limits: ImageLimits = ImageLimits(), s
             _check_shape(name, width, height, limits)
             if kind == "JPEG":
                 # The largest reduction that leaves both sides at least DRAFT_FACTOR x size (none if that's 1/1).
-                image.draft("RGB", (size * DRAFT_FACTOR, size * DRAFT_FACTOR))
+                image.draft("RGB", (side * DRAFT_FACTOR, side * DRAFT_FACTOR))
             image.load()  # a GIF or animated WebP: only the first frame is decoded
             image = _to_rgb(ImageOps.exif_transpose(image))
-            if image.width > size or image.height > size:
+            if longest_edge is not None:
+                if max(image.size) > longest_edge:
+                    image = image.resize(longest_edge_size(*image.size, longest_edge), Image.Resampling.LANCZOS)  # as Idefics3's processor does
+            elif image.width > size or image.height > size:
                 image = image.resize((size, size), Image.Resampling.BICUBIC)  # as IDEFICS' processor does
     except ImageRejected:
         raise

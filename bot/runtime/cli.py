@@ -86,6 +86,25 @@ def _running_alone(config: Config, names: list[str]) -> str:
 (The README's sections on each platform say how; with {keep} it keeps running alongside them.)"""
 
 
+def _slow_here(config: Config) -> str | None:
+    """Said first when the default (9B) checkpoint would run on a machine without a GPU: how slow,
+    and how to start with SmolVLM instead."""
+    from model.loading import DEFAULT_CHECKPOINT, SMALL_CHECKPOINT
+
+    if config.model.backend != "local" or config.model.checkpoint != DEFAULT_CHECKPOINT:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return (
+        f"No GPU here: {DEFAULT_CHECKPOINT} (9 billion parameters) answers at about a token a second or slower on "
+        f"this machine's CPU. To start on a laptop, use SmolVLM instead: `idefics-bot run --model {SMALL_CHECKPOINT}` "
+        f'(or [model] checkpoint = "{SMALL_CHECKPOINT}" in config.toml), a 0.5 GB download that answers at useful speed '
+        '(README "Try it").'
+    )
+
+
 def _config(args: argparse.Namespace) -> Config:
     config = load_config(args.config).with_checkpoint(getattr(args, "model", None))
     # In the terminal commands, INFO lines would interleave with the conversation.
@@ -104,6 +123,9 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
     from bot.runtime.health import HealthServer
     from bot.runtime.retention import keep_pruned
 
+    slow = _slow_here(config)
+    if slow:
+        print(slow, file=sys.stderr, flush=True)
     names = enabled_adapters(config)
     if not names:
         raise CommandError(_nothing_enabled(config, source))
@@ -319,23 +341,41 @@ def _item_lines(items: list) -> list[str]:
     return [f"<image {item.name}>" if isinstance(item, (ImageRef, ModelImage)) else json.dumps(item, ensure_ascii=False) for item in items]
 
 
-def model_input(config: Config, chat: Chat) -> list[str]:
-    """What the configured model receives for `chat`, one item a line (images by name)."""
-    if config.model.backend == "openai":
-        from model.openai import render_messages
+class _Renderer:
+    """What the configured model receives for a chat, one item a line (images by name): rendered by
+    the local model's family (its chat template, read from the checkpoint without loading the
+    weights), as an OpenAI-compatible server's messages, or in IDEFICS v1's instruct format (the TGI
+    backend's, and a checkpoint not at hand)."""
 
-        return _item_lines(render_messages(chat))
-    return _item_lines(render_instruct(chat))
+    def __init__(self, config: Config):
+        from model.loading import prompt_family
+
+        self.openai = config.model.backend == "openai"
+        try:
+            self.family = prompt_family(config.model.checkpoint) if config.model.backend == "local" else None
+        except ModelLoadError as error:
+            raise CommandError(str(error)) from None
+        # What people typed is cleaned of the model's own special tokens too.
+        self.special_tokens = self.family.special_tokens if self.family is not None else ()
+
+    def lines(self, chat: Chat) -> list[str]:
+        if self.openai:
+            from model.openai import render_messages
+
+            return _item_lines(render_messages(chat))
+        return _item_lines(self.family.render(chat) if self.family is not None else render_instruct(chat))
 
 
 def render_lines(config: Config, path: Path) -> list[str]:
     turns, shared, system_prompt = load_conversation(path)
     prompt = system_prompt if system_prompt is not None else config.conversation.system_prompt
-    return model_input(config, chat_of(turns, prompt, shared))
+    renderer = _Renderer(config)
+    return renderer.lines(chat_of(turns, prompt, shared, renderer.special_tokens))
 
 
 def render_task_lines(config: Config, task: str, images: list[str], question: str, labels: str) -> list[str]:
     """The prompt of a one-off task on images named `images` (not read), then its generation settings."""
+    renderer = _Renderer(config)
     try:
         prompt = build_task(
             task,
@@ -346,12 +386,13 @@ def render_task_lines(config: Config, task: str, images: list[str], question: st
             system_prompt=config.conversation.system_prompt,
             max_new_tokens={str(task): tokens for task, tokens in config.tasks.max_new_tokens.items()},
             num_beams={str(task): beams for task, beams in config.tasks.num_beams.items()},
+            special_tokens=renderer.special_tokens,
         )
     except TaskError as error:
         raise CommandError(str(error)) from None
     if prompt.labels:
-        return [*model_input(config, prompt.chat), f"# ranks {len(prompt.labels)} labels by likelihood: {json.dumps(prompt.labels, ensure_ascii=False)}"]
-    return [*model_input(config, prompt.chat), f"# max_new_tokens={prompt.max_new_tokens} num_beams={prompt.num_beams}"]
+        return [*renderer.lines(prompt.chat), f"# ranks {len(prompt.labels)} labels by likelihood: {json.dumps(prompt.labels, ensure_ascii=False)}"]
+    return [*renderer.lines(prompt.chat), f"# max_new_tokens={prompt.max_new_tokens} num_beams={prompt.num_beams}"]
 
 
 # -- the command line ------------------------------------------------------------------------
@@ -376,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask_command.add_argument("--task", choices=TASKS, default="chat", help="prompt template (default: chat)")
     ask_command.add_argument("--labels", default="", help='labels for --task classify, e.g. "cat, dog, bird"')
     ask_command.add_argument("question", nargs="?", default="", help="the question (optional for caption, classify and story)")
-    render_command = add("render", "Print the exact model input for a conversation given as JSON, or for a task.", model=False)
+    render_command = add("render", "Print the exact model input for a conversation given as JSON, or for a task.")
     source = render_command.add_mutually_exclusive_group(required=True)
     source.add_argument("--conversation", type=Path, metavar="FILE.json")
     source.add_argument("--task", choices=TASKS, help="a one-off task: prints its prompt and generation settings")
@@ -387,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune_command.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
     tiny = commands.add_parser("tiny-checkpoint", help="Write a tiny random IDEFICS checkpoint (for trying the bot offline and for tests).")
     tiny.add_argument("directory", type=Path)
+    tiny.add_argument("--family", choices=("idefics", "idefics3"), default="idefics", help="IDEFICS v1 (default) or Idefics3 (SmolVLM's layout)")
     return parser
 
 
@@ -406,8 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tiny-checkpoint":
             from model.tiny import write_tiny_checkpoint
 
-            path = write_tiny_checkpoint(args.directory)
-            print(f"Wrote a tiny random IDEFICS checkpoint to {path}. Try: idefics-bot chat --model {path}")
+            path = write_tiny_checkpoint(args.directory, family=args.family)
+            kind = "Idefics3" if args.family == "idefics3" else "IDEFICS"
+            print(f"Wrote a tiny random {kind} checkpoint to {path}. Try: idefics-bot chat --model {path}")
             return 0
         config = _config(args)
         if args.command == "render":

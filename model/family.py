@@ -1,0 +1,129 @@
+"""What differs between the IDEFICS generations the local backend serves, in one place per family.
+
+The running batch (model/batch.py) and its scheduler (model/local.py) are the same for every family;
+a `Family` says how a `Chat` becomes this model's input (its prompt format, its token count, its
+images through the processor and vision encoder, once per request) and how a batch's rows carry
+their images through the prefill and the decoding steps (`RowImages`, which rows take along as they
+leave and join). The checkpoint's config says which family it is (`model_type`).
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from model.service import END_OF_UTTERANCE, Chat, ModelImage, Part
+
+if TYPE_CHECKING:  # the bot imports the list of families without loading torch
+    import torch
+
+    from model.batch import Prompt, Row, RowImages
+
+# What the local backend serves, by the config's model_type, as a refusal names them.
+SUPPORTED = {
+    "idefics": "IDEFICS v1 (IdeficsForVisionText2Text: HuggingFaceM4/idefics-9b-instruct, idefics-80b-instruct)",
+    "idefics3": (
+        "Idefics3 and SmolVLM (Idefics3ForConditionalGeneration: HuggingFaceM4/Idefics3-8B-Llama3, "
+        "HuggingFaceTB/SmolVLM-256M-Instruct, SmolVLM-500M-Instruct, SmolVLM-Instruct)"
+    ),
+}
+
+
+def supported_text() -> str:
+    """The supported families in one sentence, for refusals."""
+    return "idefics-bot serves " + " and ".join(SUPPORTED.values()) + "."
+
+
+class Family(abc.ABC):
+    """One generation of IDEFICS: its prompts and its images, for a loaded processor and model config."""
+
+    name: ClassVar[str]  # the config's model_type
+    model_class: ClassVar[str]  # the transformers class that loads it
+    # Tokens a reply must never contain: generating one would break the image merge of later steps.
+    banned_tokens: tuple[str, ...]
+
+    def __init__(self, processor, config):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.config = config
+        # Tokens are counted on the event loop while the worker tokenizes prompts, and a fast
+        # tokenizer keeps its padding and truncation settings on the shared Rust object. So counting
+        # has a tokenizer of its own.
+        self._counting = copy.deepcopy(self.tokenizer)
+
+    # -- prompts -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def render(self, chat: Chat) -> list[Part]:
+        """What the model receives for `chat`: its text, with the images in their places."""
+
+    @abc.abstractmethod
+    def processed_text(self, chat: Chat) -> str:
+        """The text the processor tokenizes for `chat`, each image as the tokens it writes for it (any
+        `ImageSlot` that is not a `ModelImage` as those of the largest image the processor makes)."""
+
+    def count_tokens(self, chat: Chat) -> int:
+        """Tokens `chat` takes in the context, images at their real cost (on the event loop)."""
+        return len(self._counting(self.processed_text(chat), add_special_tokens=False).input_ids)
+
+    def token_ids(self, chat: Chat) -> list[int]:
+        """The token ids of `chat`, as the processor makes them (on the model's worker)."""
+        return self.tokenizer(self.processed_text(chat), add_special_tokens=False).input_ids
+
+    @abc.abstractmethod
+    def model_inputs(self, chats: Sequence[Chat]) -> Any:
+        """The processor's output for `chats` (left-padded, with pixels), as `model.generate` and a
+        plain forward take it: for one-off work such as beam search and scoring."""
+
+    @abc.abstractmethod
+    def prepare(self, model, chat: Chat) -> Prompt:
+        """`chat` tokenized and its images through the vision encoder, once for the whole reply."""
+
+    @abc.abstractmethod
+    def prefill_inputs(self, model, rows: Sequence[Row], ids: torch.Tensor) -> tuple[dict[str, Any], RowImages]:
+        """The forward's token and image arguments for the left-padded `ids` of `rows`, and what the
+        rows keep of their images for decoding."""
+
+    # -- what the bot needs to know ------------------------------------------------------------
+
+    @property
+    def context_tokens(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """Every token the tokenizer matches in raw text: what the bot removes from what people type."""
+        tokenizer = self.tokenizer
+        return tuple(sorted({*tokenizer.all_special_tokens, *(token.content for token in tokenizer.added_tokens_decoder.values())}))
+
+    @property
+    def end_ids(self) -> frozenset[int]:
+        """The tokens that end a reply."""
+        return frozenset({self.tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE), self.tokenizer.eos_token_id} - {None})
+
+    @property
+    def banned_ids(self) -> list[int]:
+        return [self.tokenizer.convert_tokens_to_ids(token) for token in self.banned_tokens]
+
+    @abc.abstractmethod
+    def image_preparation(self) -> dict[str, int]:
+        """How intake should prepare images for this processor: {"image_size": side} for a square,
+        or {"image_longest_edge": edge} to keep the aspect ratio (ModelInfo's fields)."""
+
+
+def pictures(chat_parts: Sequence[Part]) -> list:
+    """The PIL images of a rendered prompt's image parts, in order."""
+    from model.pictures import decode
+
+    return [decode(part) for part in chat_parts if isinstance(part, ModelImage)]
+
+
+def family_for(processor, config) -> Family:
+    """The family of a loaded checkpoint (its config's model_type must be one of `SUPPORTED`)."""
+    from model.idefics3 import Idefics3
+    from model.idefics_v1 import IdeficsV1
+
+    families: dict[str, type[Family]] = {IdeficsV1.name: IdeficsV1, Idefics3.name: Idefics3}
+    return families[config.model_type](processor, config)

@@ -1,0 +1,109 @@
+"""IDEFICS v1 (`IdeficsForVisionText2Text`) as a model family: the instruct format, and images as
+perceiver states that every decoding step attends to through the gated cross-attention layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+
+from model.batch import Prompt, Row, encode_prompt, image_state_shape, process_prompt
+from model.family import Family
+from model.instruct import render_instruct
+from model.markers import marked_text
+from model.pictures import decode
+from model.service import FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Chat, ModelImage, Part
+
+
+def processor_items(prompt: Sequence[Part]) -> list:
+    """Prompt items as IDEFICS' processor takes them: PIL images, and text it can't mistake for a URL.
+
+    The processor downloads any text item that parses as a URL. Such an item (a user typing only
+    a link) is handed over one character at a time: the processor concatenates text items with
+    no separator, so the tokens are the same, and no single character is a URL.
+    """
+    from transformers.models.idefics.processing_idefics import is_url
+
+    items: list = []
+    for item in prompt:
+        if not isinstance(item, str):
+            items.append(decode(cast("ModelImage", item)))
+        elif is_url(item.strip(" ")):
+            items.extend(item)
+        else:
+            items.append(item)
+    return items
+
+
+@dataclass(frozen=True)
+class PerceiverImages:
+    """Each row's images (perceiver states, zero-padded to the batch's most images) and the image
+    mask its decoded tokens use: that of its last prompt token, as `generate` does."""
+
+    states: torch.Tensor  # (rows, images, states, hidden)
+    mask: torch.Tensor  # (rows, images) bool
+
+    def step_inputs(self, model, width: int = 1) -> dict[str, Any]:
+        return _image_arguments(model, self.states, self.mask[:, None].expand(-1, width, -1))
+
+    def select(self, index: torch.Tensor, rows: Sequence[Row]) -> PerceiverImages:
+        slots = max([1, *(row.images for row in rows)])  # image slots only the rows that left needed go
+        return PerceiverImages(self.states[index, :slots], self.mask[index, :slots])
+
+    def concatenate(self, others: Sequence[Any]) -> PerceiverImages:
+        parts = [self, *others]
+        slots = max(part.states.shape[1] for part in parts)
+
+        def slotted(tensor: torch.Tensor) -> torch.Tensor:
+            return F.pad(tensor, [0, 0] * (tensor.dim() - 2) + [0, slots - tensor.shape[1]])
+
+        return PerceiverImages(torch.cat([slotted(part.states) for part in parts]), torch.cat([slotted(part.mask) for part in parts]))
+
+
+def _image_arguments(model, states: torch.Tensor, token_images: torch.Tensor) -> dict[str, Any]:
+    key = "perceiver_embeddings" if model.config.use_resampler else "image_encoder_embeddings"
+    return {key: states.flatten(0, 1), "image_attention_mask": token_images}
+
+
+class IdeficsV1(Family):
+    """IDEFICS v1: HuggingFaceM4/idefics-9b-instruct, idefics-80b-instruct."""
+
+    name = "idefics"
+    model_class = "IdeficsForVisionText2Text"
+    banned_tokens = (IMAGE_TOKEN, FAKE_IMAGE_TOKEN)
+
+    def __init__(self, processor, config):
+        super().__init__(processor, config)
+        self._image_shape = image_state_shape(config)
+
+    def render(self, chat: Chat) -> list[Part]:
+        return render_instruct(chat)
+
+    def processed_text(self, chat: Chat) -> str:
+        # The same text the processor builds: <s>, then the shared marker rules (model/markers.py).
+        return self.tokenizer.bos_token + marked_text(self.render(chat))
+
+    def model_inputs(self, chats: Sequence[Chat]) -> Any:
+        prompts = [processor_items(self.render(chat)) for chat in chats]
+        return self.processor(text=prompts, padding=True, return_tensors="pt", add_end_of_utterance_token=False)
+
+    def prepare(self, model, chat: Chat) -> Prompt:
+        return encode_prompt(model, process_prompt(self.processor, processor_items(self.render(chat))))
+
+    def prefill_inputs(self, model, rows: Sequence[Row], ids: torch.Tensor) -> tuple[dict[str, Any], PerceiverImages]:
+        longest = ids.shape[1]
+        slots = max([1, *(row.images for row in rows)])
+        token_images = torch.zeros((len(rows), longest, slots), dtype=torch.bool, device=ids.device)
+        states = torch.zeros((len(rows), slots, *self._image_shape), dtype=model.dtype, device=ids.device)
+        for index, row in enumerate(rows):
+            if row.prompt.images is not None:
+                token_images[index, longest - len(row.ids) :, : row.images] = row.image_mask()
+                states[index, : row.images] = row.prompt.images
+        inputs = {"input_ids": ids, **_image_arguments(model, states, token_images)}
+        return inputs, PerceiverImages(states, token_images[:, -1])
+
+    def image_preparation(self) -> dict[str, int]:
+        return {"image_size": self.processor.image_processor.size.height}
