@@ -225,7 +225,7 @@ async def test_out_of_memory_lowers_the_token_budget_and_the_configured_budget_c
         await burst([f"C{n}" for n in range(1, 9)])
         lowered = [r.tokens for r in model_logs.items if r.msg == "batch.budget_lowered"]
         assert lowered and lowered == sorted(lowered, reverse=True) and lowered[-1] < 16384
-        assert model_.calls[1] == (7, "oom")  # the seven waiting joined the first question at once
+        assert model_.calls[1] == (8, "oom")  # the eight waiting joined the first question at once
         assert all(rows <= 2 for rows, outcome in model_.calls if outcome == "ok")
         for n in range(1, 9):
             [answer] = final_texts(slack, f"C{n}")
@@ -240,8 +240,8 @@ async def test_out_of_memory_lowers_the_token_budget_and_the_configured_budget_c
         await burst([f"D{n}" for n in range(1, 9)])
     finally:
         await run.stop()
-    # The whole budget is back: seven join the first question at once, the eighth when a row leaves.
-    assert max(backend.batch_sizes[sizes:]) == 8 and (7, "ok") in model_.calls[calls:]
+    # The whole budget is back: the eight join the first question at once.
+    assert max(backend.batch_sizes[sizes:]) == 9 and (8, "ok") in model_.calls[calls:]
     assert_whole(stored_conversations(tmp_path / "state" / "bot.sqlite3"))
 
 
