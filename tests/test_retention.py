@@ -190,3 +190,18 @@ async def test_nothing_of_a_forgotten_turn_stays_in_any_file_of_the_state_folder
         assert [turn.text for turn in await store.load_turns(kept)][-1] in ("nothing to hide", "still here")
     finally:
         await store.close()
+
+
+async def test_one_forgetting_after_another_leaves_the_store_writable(tmp_path):
+    """The checkpoint after a delete answers with a row: left unread, its statement stays open and the
+    next transaction can't commit ("SQL statements in progress")."""
+    store = await SQLiteStore.open(tmp_path / "state" / "bot.sqlite3")
+    try:
+        key = ConversationKey("slack", "C1", "T1")
+        for _ in range(3):
+            await store.add_turn(key, Turn("user", ("a question",), ANN))
+            await store.add_turn(key, Turn("assistant", ("an answer",)))
+            assert await store.reset(key) == 2
+            assert (await store.forget_author("slack", ANN.id)).turns == 0
+    finally:
+        await store.close()

@@ -614,7 +614,8 @@ class SQLiteStore(Store):
     async def _scrub(self) -> None:
         # The WAL still holds the pages as they were before the delete: copy the zeroed pages into the
         # database and empty the WAL, so a forgotten turn is in no file of the state folder.
-        await self._run(self._db.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
+        # The pragma answers with a row; read it, or its statement stays open and the next commit fails.
+        await self._run(lambda: self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
 
     async def _old_turns(self, before: float, delete: bool) -> int:
         def old() -> int:
