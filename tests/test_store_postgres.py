@@ -231,7 +231,7 @@ class PromptRecorder(LocalBackend):
         self.prompts: list[str] = []
 
     async def stream(self, request):
-        self.prompts.append("".join(item for item in request.prompt if isinstance(item, str)))
+        self.prompts.append("".join(item for item in self.render(request.prompt) if isinstance(item, str)))
         async for event in super().stream(request):
             yield event
 
