@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-from PIL import Image, ImageFilter  # noqa: E402
+import numpy as np
+from PIL import Image, ImageFilter
 
-from bot.images.intake import MODEL_IMAGE_SIZE, prepare_image  # noqa: E402
-from model.pictures import decode  # noqa: E402
+from bot.images.intake import MODEL_IMAGE_SIZE, prepare_image
+from model.pictures import decode
 
 
 def photo(detail: bool, width: int = 4000, height: int = 3000) -> bytes:

@@ -19,7 +19,7 @@ from tests.fake_slack import Journal
 
 CHROMIUM = Path("/usr/bin/chromium")
 # As root the sandbox can't start; the rest keep Chromium from reaching for Google's services, which
-# this offline machine refuses (see /work/shared/notes/platforms.md).
+# an offline machine can't reach (Playwright drives Debian's chromium here and downloads no browser).
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
