@@ -21,6 +21,7 @@ with their `integration_types` and `contexts`, and each bulk overwrite is counte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import itertools
 import json
@@ -582,10 +583,8 @@ class FakeDiscord:
             payload = {"op": 0, "t": event, "s": len(session.sent) + 2, "d": data}  # READY was s=1
             session.sent.append(payload)
             if session.ws is not None and not session.ws.closed:
-                try:
+                with contextlib.suppress(ConnectionError):  # the bot is reconnecting: it gets the event when it resumes
                     await session.ws.send_str(json.dumps(payload))
-                except ConnectionError:
-                    pass  # the bot is reconnecting: it gets the event when it resumes
 
     async def send_unparseable(self) -> None:
         """A message whose author's roles are objects instead of ids, as an independent

@@ -228,7 +228,7 @@ async def run_load(
     checkpoint: Path, directory: Path, *, conversations: int = 60, messages: int = 5, max_batch_size: int = 8, timeout: float = 300.0
 ) -> LoadResult:
     """Run the scenario: `conversations` (half on each platform) of `messages` messages each."""
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (set-up, before anything runs on the loop)
     # The tiny model's operations are too small to gain from several threads, and on a busy 2-core
     # machine torch's thread pool makes each step many times slower: one thread measures the bot.
     threads = torch.get_num_threads()

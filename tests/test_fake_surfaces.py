@@ -194,9 +194,9 @@ async def discord_fake():
 
 
 async def rest(fake: FakeDiscord, method: str, path: str, body=None) -> tuple[int, dict]:
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bot {fake.token}"}) as session:
-        async with session.request(method, fake.api_base_url + path, json=body) as response:
-            return response.status, await response.json() if response.status != 204 else {}
+    headers = {"Authorization": f"Bot {fake.token}"}
+    async with aiohttp.ClientSession(headers=headers) as session, session.request(method, fake.api_base_url + path, json=body) as response:
+        return response.status, await response.json() if response.status != 204 else {}
 
 
 def row(*custom_ids: str) -> dict:

@@ -18,6 +18,7 @@ import logging
 import re
 import sqlite3
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -369,11 +370,11 @@ async def test_a_reconnect_storm_answers_every_message_exactly_once(tmp_path, ti
     try:
         threads = []
         for n, person in enumerate(people):
-            question = await storm_while(lambda: fake.say(person, fake.text_channel, f"question {n}", mention=True))
+            question = await storm_while(partial(fake.say, person, fake.text_channel, f"question {n}", mention=True))
             threads.append(await thread_of(fake, question))
         tap.gate.clear()  # answers in flight across the reconnections
         for n, (person, thread) in enumerate(zip(people, threads)):
-            await storm_while(lambda: fake.say(person, thread, f"follow-up {n}"))
+            await storm_while(partial(fake.say, person, thread, f"follow-up {n}"))
         tap.gate.set()
         for n, thread in enumerate(threads):
             await bot_says(fake, thread, tap.spelled(f"answer to follow-up {n}"))

@@ -143,7 +143,7 @@ async def test_sigterm_finishes_the_reply_in_flight_tells_the_others_and_exits_0
         in_flight = [slack.mention("C1", "U1", "finish this"), slack.mention("C2", "U2", "and this")]
         for number, mention in enumerate(in_flight, start=1):
             await deliver(slack, bot, mention)
-            await tgi.wait_for(lambda: tgi.streaming == number, timeout=60)
+            await tgi.wait_for(lambda number=number: tgi.streaming == number, timeout=60)
         try:
             loop = asyncio.get_running_loop()
             signalled = loop.time()
