@@ -26,10 +26,11 @@ postgres:
 	    $(SUDO) apt-get update -qq && \
 	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
 
-# The linters CI runs before the tests (installed with the test extras).
+# The linters CI runs before the tests, the import contracts among them (installed with the test extras).
 lint: $(VENV)/.installed
-	$(BIN)/python -m ruff check bot model adapters
-	$(BIN)/python -m mypy bot model adapters
+	$(BIN)/python -m ruff check ground model bot adapters tests benchmarks
+	$(BIN)/python -m mypy ground model bot adapters
+	$(BIN)/lint-imports  # the floors: contracts in pyproject.toml
 
 # The web chat's tests open it in Debian's headless chromium (driven by Playwright from PyPI, which
 # downloads no browser of its own here), installed here when missing.

@@ -11,10 +11,10 @@ import asyncio
 import sys
 from typing import TextIO
 
-from bot.core.conversation import Author, ConversationKey
-from bot.core.messages import Final, IncomingMessage, Partial, Waiting
-from bot.platform.sdk import Platform
-from bot.platform.settings import Section
+from bot.sdk.platform import Platform
+from bot.sdk.settings import Section
+from ground.conversation import Author, ConversationKey
+from ground.messages import Final, IncomingMessage, Partial, Waiting
 
 HELP = "Type a message. /image PATH_OR_URL attaches an image to your next message, /reset forgets this chat, /quit leaves."
 

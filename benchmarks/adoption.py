@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bot.runtime.config import BotConfig  # noqa: E402
-from tests.adoption import run_adoption  # noqa: E402
-from tests.postgres import PostgresServer  # noqa: E402
+from bot.settings import BotConfig
+from tests.adoption import run_adoption
+from tests.postgres import PostgresServer
 
 
 async def main() -> int:

@@ -8,7 +8,7 @@ import io
 from PIL import Image
 from transformers import LogitsProcessor
 
-from model.service import ModelImage
+from ground.images import ModelImage
 
 
 class NoEarlyEnd(LogitsProcessor):

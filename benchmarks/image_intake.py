@@ -15,15 +15,16 @@ import argparse
 import io
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-from PIL import Image, ImageFilter  # noqa: E402
+import numpy as np
+from PIL import Image, ImageFilter
 
-from bot.images.intake import MODEL_IMAGE_SIZE, prepare_image  # noqa: E402
-from model.pictures import decode  # noqa: E402
+from bot.images.intake import MODEL_IMAGE_SIZE, prepare_image
+from model.pictures import decode
 
 
 def photo(detail: bool, width: int = 4000, height: int = 3000) -> bytes:
@@ -83,9 +84,9 @@ def main() -> None:
     print(f"12-megapixel JPEGs (4000x3000, quality 90), best of {args.rounds} rounds, one thread")
     for label, detail in (("smooth photo", False), ("detailed photo", True)):
         data = photo(detail)
-        intake = fastest(lambda: prepare_image(data, "photo.jpg"), args.rounds)
-        decode = fastest(lambda: full_decode(data), args.rounds)
-        decode_resize = fastest(lambda: full_decode_and_resize(data), args.rounds)
+        intake = fastest(partial(prepare_image, data, "photo.jpg"), args.rounds)
+        decode = fastest(partial(full_decode, data), args.rounds)
+        decode_resize = fastest(partial(full_decode_and_resize, data), args.rounds)
         mean, largest = pixel_distance(data)
         verdict = "OK" if mean <= 0.002 else "above target"
         print(f"  {label} ({len(data) / 2**20:.1f} MB):")

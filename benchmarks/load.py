@@ -19,8 +19,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.tiny import write_tiny_checkpoint  # noqa: E402
-from tests.load import run_load  # noqa: E402
+from model.tiny import write_tiny_checkpoint
+from tests.load import run_load
 
 
 async def main() -> int:

@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from PIL import Image
 
+from ground.images import ModelImage
 from model.loading import CheckpointSettings
 from model.local import BatchSettings, LocalBackend
-from model.service import Chat, GenerationParams, GenerationRequest, Message, ModelImage
+from model.service import Chat, GenerationParams, GenerationRequest, Message
 from model.tiny import SMOLVLM_CHAT_TEMPLATE, _byte_level_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -19,12 +19,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from fixed_length import NoEarlyEnd, image  # noqa: E402
+from fixed_length import NoEarlyEnd, image
 
-from model.loading import CheckpointSettings  # noqa: E402
-from model.local import BatchSettings, LocalBackend  # noqa: E402
-from model.service import Chat, GenerationParams, GenerationRequest, Message  # noqa: E402
-from model.tiny import write_tiny_checkpoint  # noqa: E402
+from model.loading import CheckpointSettings
+from model.local import BatchSettings, LocalBackend
+from model.service import Chat, GenerationParams, GenerationRequest, Message
+from model.tiny import write_tiny_checkpoint
 
 
 async def main() -> None:

@@ -11,8 +11,9 @@ costing compute at once. This is the design of TGI's `IdeficsCausalLMBatch` (fil
 written for transformers' `DynamicCache`.
 
 Every row keeps `generate`'s rules, so a greedy row's tokens are those of the same prompt run alone
-(in fp32; see /work/shared/notes/continuous-batching.md for the pitfalls): position ids count the
-row's own tokens, decoding reuses the image mask of the last prompt token, logits are processed in
+(in fp32, where a row's logits stay within about 1e-5 of its solo run's; in bfloat16 even `generate`'s own
+batches differ from solo runs): position ids count the row's own tokens, decoding reuses the image
+mask of the last prompt token, logits are processed in
 fp32 in `generate`'s order (repetition penalty, banned tokens, the row's own processors, then
 temperature, top-k and top-p for sampled rows). Everything stays on the model's device; `choose` makes the
 one host copy of a step (the chosen tokens).

@@ -14,7 +14,8 @@ import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from model.service import END_OF_UTTERANCE, Chat, ModelImage, Part
+from ground.images import ModelImage
+from model.service import END_OF_UTTERANCE, Chat, Part
 
 if TYPE_CHECKING:  # the bot imports the list of families without loading torch
     import torch
@@ -120,10 +121,3 @@ def pictures(chat_parts: Sequence[Part]) -> list:
     return [decode(part) for part in chat_parts if isinstance(part, ModelImage)]
 
 
-def family_for(processor, config) -> Family:
-    """The family of a loaded checkpoint (its config's model_type must be one of `SUPPORTED`)."""
-    from model.idefics3 import Idefics3
-    from model.idefics_v1 import IdeficsV1
-
-    families: dict[str, type[Family]] = {IdeficsV1.name: IdeficsV1, Idefics3.name: Idefics3}
-    return families[config.model_type](processor, config)

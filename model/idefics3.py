@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ground.images import ModelImage
 from model.batch import Prompt, Row
 from model.family import Family, pictures
-from model.service import FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Chat, Message, ModelImage, Part
+from model.service import FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Chat, Message, Part
 
 GLOBAL_IMAGE_TOKEN = "<global-img>"
 _IMAGE_PLACE = re.compile(re.escape(IMAGE_TOKEN))

@@ -10,12 +10,13 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
+from ground.images import ModelImage
 from model.batch import Prompt, Row, encode_prompt, image_state_shape, process_prompt
 from model.family import Family
 from model.instruct import render_instruct
 from model.markers import marked_text
 from model.pictures import decode
-from model.service import FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Chat, ModelImage, Part
+from model.service import FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Chat, Part
 
 
 def processor_items(prompt: Sequence[Part]) -> list:

@@ -119,7 +119,7 @@ def load_checkpoint(settings: CheckpointSettings):
     from transformers import AutoConfig, AutoProcessor
     from transformers.utils import logging as transformers_logging
 
-    from model.family import family_for
+    from model.families import family_for
 
     transformers_logging.disable_progress_bar()  # our logs are one line per event
     checkpoint = settings.checkpoint
@@ -189,7 +189,7 @@ def prompt_family(checkpoint: str):
         return None
     from transformers import AutoConfig, AutoProcessor
 
-    from model.family import family_for
+    from model.families import family_for
 
     config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
     if config.model_type not in SUPPORTED:

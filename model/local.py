@@ -33,7 +33,8 @@ from transformers import LogitsProcessor
 
 from model.batch import Batch, Row, Sampling, footprint
 from model.beams import BeamSearch, beam_reply
-from model.family import Family, family_for
+from model.families import family_for
+from model.family import Family
 from model.loading import CheckpointSettings, load_checkpoint
 from model.scoring import score_continuations
 from model.service import (

@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 from PIL import Image
 
+from ground.images import ModelImage
 from model.remote import (
     AUTH_REFUSED,
     BUSY,
@@ -56,7 +57,6 @@ from model.service import (
     GenerationRequest,
     ModelBusy,
     ModelError,
-    ModelImage,
     ModelInfo,
     ModelLoadError,
     ModelTimeout,

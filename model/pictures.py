@@ -7,7 +7,7 @@ import io
 
 from PIL import Image
 
-from model.service import ModelImage
+from ground.images import ModelImage
 
 
 def decode(image: ModelImage) -> Image.Image:

@@ -24,18 +24,9 @@ from typing import Any, TypeVar
 import aiohttp
 from PIL import Image, UnidentifiedImageError
 
+from ground.images import ModelImage
 from model.pictures import decode
-from model.service import (
-    GenerationFailed,
-    GenerationRequest,
-    ModelBusy,
-    ModelError,
-    ModelImage,
-    ModelService,
-    ModelTimeout,
-    ModelUnavailable,
-    Queued,
-)
+from model.service import GenerationFailed, GenerationRequest, ModelBusy, ModelError, ModelService, ModelTimeout, ModelUnavailable, Queued
 
 log = logging.getLogger(__name__)
 

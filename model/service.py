@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
+from ground.images import ModelImage
+
 END_OF_UTTERANCE = "<end_of_utterance>"
 IMAGE_TOKEN = "<image>"
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
@@ -22,21 +24,6 @@ SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", *IDEFICS_TOKENS)
 
 # The reference chat demo stops here too: the model starting the user's next turn by itself.
 USER_TURN_STOP = "\nUser:"
-
-
-@dataclass(frozen=True, eq=False)
-class ModelImage:
-    """An image ready for the model: the encoded bytes of an RGB picture, known by their content hash."""
-
-    digest: str
-    data: bytes
-    name: str = "image"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ModelImage) and other.digest == self.digest
-
-    def __hash__(self) -> int:
-        return hash(self.digest)
 
 
 class ImageSlot(Protocol):

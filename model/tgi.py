@@ -24,6 +24,7 @@ from typing import TypeVar, cast
 
 import aiohttp
 
+from ground.images import ModelImage
 from model.instruct import CHAT_FORMAT_STARTS, render_chat_format, render_instruct
 from model.markers import image_markers
 from model.remote import (
@@ -54,7 +55,6 @@ from model.service import (
     ImageSlot,
     ModelBusy,
     ModelError,
-    ModelImage,
     ModelInfo,
     ModelLoadError,
     ModelTimeout,

@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
+from adapters.discord.settings import DiscordSettings
+from adapters.slack.adapter import SlackSettings
 from bot.runtime.cli import run_bot
-from adapters.discord_settings import DiscordSettings
-from adapters.slack import SlackSettings
 from bot.runtime.config import Config
 from tests.fake_discord import FakeDiscord, Interaction
 from tests.fake_slack import BOT_TOKEN, SIGNING_SECRET, FakeSlack, Journal, Posted

@@ -10,18 +10,19 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
-import io  # noqa: E402
-from pathlib import Path  # noqa: E402
+import io
+from pathlib import Path
 
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
+import pytest
+from PIL import Image
 
-from bot.runtime.config import Config, load_config  # noqa: E402
-from model.loading import CheckpointSettings  # noqa: E402
-from model.local import BatchSettings, LocalBackend  # noqa: E402
-from model.service import Chat, Message  # noqa: E402
-from model.tiny import write_tiny_checkpoint  # noqa: E402
-from tests.postgres import postgres_server, postgres_url  # noqa: E402, F401 (fixtures: a real PostgreSQL)
+from bot.runtime.config import Config, load_config
+from model.loading import CheckpointSettings
+from model.local import BatchSettings, LocalBackend
+from model.service import Chat, Message
+from model.tiny import write_tiny_checkpoint
+from tests.model_tap import tap  # noqa: F401 (fixtures every test may use)
+from tests.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures: a real PostgreSQL)
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ with their `integration_types` and `contexts`, and each bulk overwrite is counte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import itertools
 import json
@@ -168,7 +169,17 @@ class FakeDiscord:
         self.application_id = self.new_id()
         self.guild_id = self.new_id()
         self.guild_names = {self.guild_id: "Test guild"}
-        self.role = {"id": self.new_id(), "name": "members", "permissions": "0", "position": 1, "color": 0, "hoist": False, "managed": False, "mentionable": True, "flags": 0}
+        self.role = {
+            "id": self.new_id(),
+            "name": "members",
+            "permissions": "0",
+            "position": 1,
+            "color": 0,
+            "hoist": False,
+            "managed": False,
+            "mentionable": True,
+            "flags": 0,
+        }
         self.bot_role = {**self.role, "id": self.new_id(), "name": "IDEFICS", "managed": True, "tags": {"bot_id": self.bot["id"]}}
         self.channels: dict[str, dict] = {}
         self.text_channel = self._channel("general", 0)
@@ -269,7 +280,16 @@ class FakeDiscord:
         return self._channel("general", 0, guild_id)
 
     def _channel(self, name: str, kind: int, guild_id: str | None = None) -> dict:
-        channel = {"id": self.new_id(), "type": kind, "guild_id": guild_id or self.guild_id, "name": name, "position": len(self.channels), "permission_overwrites": [], "nsfw": False, "parent_id": None}
+        channel = {
+            "id": self.new_id(),
+            "type": kind,
+            "guild_id": guild_id or self.guild_id,
+            "name": name,
+            "position": len(self.channels),
+            "permission_overwrites": [],
+            "nsfw": False,
+            "parent_id": None,
+        }
         if kind == 15:
             channel.update(available_tags=[], default_reaction_emoji=None, flags=0)
         self.channels[channel["id"]] = channel
@@ -428,7 +448,11 @@ class FakeDiscord:
         mentions = [self.bot] if mention or (reply_to is not None and reply_to["author"]["id"] == self.bot["id"]) else []
         extra: dict[str, Any] = {"mentions": mentions, "attachments": list(attachments)}
         if reply_to is not None:
-            extra.update(type=19, message_reference={"type": 0, "message_id": reply_to["id"], "channel_id": channel["id"], "guild_id": channel.get("guild_id")}, referenced_message=reply_to)
+            extra.update(
+                type=19,
+                message_reference={"type": 0, "message_id": reply_to["id"], "channel_id": channel["id"], "guild_id": channel.get("guild_id")},
+                referenced_message=reply_to,
+            )
         if channel["type"] != 1:
             extra["member"] = self._member(author, list(roles))
         message = self._message(channel["id"], author, content, **extra)
@@ -559,10 +583,8 @@ class FakeDiscord:
             payload = {"op": 0, "t": event, "s": len(session.sent) + 2, "d": data}  # READY was s=1
             session.sent.append(payload)
             if session.ws is not None and not session.ws.closed:
-                try:
+                with contextlib.suppress(ConnectionError):  # the bot is reconnecting: it gets the event when it resumes
                     await session.ws.send_str(json.dumps(payload))
-                except ConnectionError:
-                    pass  # the bot is reconnecting: it gets the event when it resumes
 
     async def send_unparseable(self) -> None:
         """A message whose author's roles are objects instead of ids, as an independent
@@ -852,7 +874,9 @@ class FakeDiscord:
             return self._update_message(self.messages[interaction.message_id], body)  # a button's message
         if target == "@original":
             interaction.original = body.get("content", interaction.original)
-            message = self._message(interaction.channel_id, self.bot, interaction.original, keep=False, application_id=self.application_id, webhook_id=self.application_id)
+            message = self._message(
+                interaction.channel_id, self.bot, interaction.original, keep=False, application_id=self.application_id, webhook_id=self.application_id
+            )
             message["id"] = interaction.id  # the original response is not kept with the channel's messages
             return _json(message)
         message = self.messages[target]

@@ -415,7 +415,9 @@ class FakeSlack:
             "trigger_id": f"trigger-{response_id}",
         }
 
-    async def deliver_raw(self, endpoint: str, raw: bytes, content_type: str = "application/json", *, signed: bool = True, timestamp: str | None = None) -> Delivery:
+    async def deliver_raw(
+        self, endpoint: str, raw: bytes, content_type: str = "application/json", *, signed: bool = True, timestamp: str | None = None
+    ) -> Delivery:
         """POST any bytes: signed with the real secret (over `timestamp`, if given, instead of now),
         or with a signature that doesn't match."""
         timestamp = timestamp if timestamp is not None else str(int(time.time()))
@@ -427,9 +429,8 @@ class FakeSlack:
         timestamp, signature = stamp or (timestamp, sign(raw, timestamp, secret))
         headers = {**headers, "X-Slack-Request-Timestamp": timestamp, "X-Slack-Signature": signature}
         started = time.monotonic()
-        async with aiohttp.ClientSession() as session:
-            async with session.post(endpoint, data=raw, headers=headers) as response:
-                return Delivery(response.status, await response.text(), time.monotonic() - started)
+        async with aiohttp.ClientSession() as session, session.post(endpoint, data=raw, headers=headers) as response:
+            return Delivery(response.status, await response.text(), time.monotonic() - started)
 
     async def drop_sockets(self) -> None:
         """Close every Socket Mode connection from Slack's side, without a goodbye."""
@@ -490,7 +491,16 @@ class FakeSlack:
         return failure
 
     async def _api_auth_test(self, params: dict) -> web.Response:
-        body = {"ok": True, "url": self.url("/"), "team": "Test", "user": "idefics", "team_id": TEAM, "user_id": BOT_USER, "bot_id": BOT_ID, "is_enterprise_install": False}
+        body = {
+            "ok": True,
+            "url": self.url("/"),
+            "team": "Test",
+            "user": "idefics",
+            "team_id": TEAM,
+            "user_id": BOT_USER,
+            "bot_id": BOT_ID,
+            "is_enterprise_install": False,
+        }
         return web.json_response(body, headers={"x-oauth-scopes": ",".join(self.scopes)})
 
     async def _api_chat_postMessage(self, params: dict) -> web.Response:
@@ -503,7 +513,9 @@ class FakeSlack:
         ts = self.next_ts()
         posted = Posted(params["channel"], ts, params.get("thread_ts"), [params.get("text", "")], params.get("metadata"), blocks)
         self.messages[ts] = posted
-        return web.json_response({"ok": True, "channel": posted.channel, "ts": ts, "message": {"type": "message", "text": posted.text, "ts": ts, "bot_id": BOT_ID, "user": BOT_USER}})
+        return web.json_response(
+            {"ok": True, "channel": posted.channel, "ts": ts, "message": {"type": "message", "text": posted.text, "ts": ts, "bot_id": BOT_ID, "user": BOT_USER}}
+        )
 
     async def _api_chat_update(self, params: dict) -> web.Response:
         if self.rate_limited_updates:

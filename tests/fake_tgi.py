@@ -240,7 +240,8 @@ class FakeTGI:
             if parameters.get("decoder_input_details"):
                 prefill = tokenize(_IMAGE.sub("<image>", body["inputs"]))
                 answer["details"]["prefill"] = [
-                    {"id": token["id"], "text": token["text"], "logprob": None if at == 0 else self.prefill_logprob(token["text"])} for at, token in enumerate(prefill)
+                    {"id": token["id"], "text": token["text"], "logprob": None if at == 0 else self.prefill_logprob(token["text"])}
+                    for at, token in enumerate(prefill)
                 ]
         return web.json_response(answer)
 

@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from bot.runtime.config import load_config
-from bot.core.conversation import ConversationKey, Turn
 from bot.state.store import SQLiteStore
+from ground.conversation import ConversationKey, Turn
 from tests.bots import BotRun, Harness, discord_connected, discord_section, logged, slack_failures, slack_section, slack_started, thread_of
 from tests.fake_discord import FakeDiscord
 from tests.fake_slack import FakeSlack
@@ -224,9 +224,11 @@ class _Scenario:
         return done
 
 
-async def run_load(checkpoint: Path, directory: Path, *, conversations: int = 60, messages: int = 5, max_batch_size: int = 8, timeout: float = 300.0) -> LoadResult:
+async def run_load(
+    checkpoint: Path, directory: Path, *, conversations: int = 60, messages: int = 5, max_batch_size: int = 8, timeout: float = 300.0
+) -> LoadResult:
     """Run the scenario: `conversations` (half on each platform) of `messages` messages each."""
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (set-up, before anything runs on the loop)
     # The tiny model's operations are too small to gain from several threads, and on a busy 2-core
     # machine torch's thread pool makes each step many times slower: one thread measures the bot.
     threads = torch.get_num_threads()

@@ -83,10 +83,9 @@ class ModelTap:
         forced = self._forced.pop(0) if self._forced else None
         text = forced if forced is not None else self.say(prompt) if callable(self.say) else self.say
         said = tokenizer(text, add_special_tokens=False).input_ids if text else []
+        plan = [*said, end] if self.finish or forced is not None else said
         if not said:
             plan = [_FREE] * self.length + [end]
-        else:
-            plan = said + [end] if self.finish or forced is not None else said
         return _PlannedReply(self, plan, hold_at=len(said), ends=[end, tokenizer.eos_token_id])
 
 

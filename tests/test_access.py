@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.discord_settings import DiscordSettings, discord_refusal
-from adapters.slack import SlackSettings
-from bot.platform.access import Requester, refusal_reason
+from adapters.discord.settings import DiscordSettings, discord_refusal
+from adapters.slack.adapter import SlackSettings
+from bot.sdk.access import Requester, refusal_reason
 
 ANYONE = Requester(user_id="u1", channel_id="c1")
 

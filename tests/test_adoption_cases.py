@@ -11,9 +11,9 @@ import signal
 
 import asyncpg
 
-from adapters.slack_blocks import STOP
-from bot.core.conversation import ConversationKey
+from adapters.slack.blocks import STOP
 from bot.state.postgres import PostgresStore
+from ground.conversation import ConversationKey
 from tests.adoption import write_config
 from tests.fake_slack import FakeSlack, Posted
 from tests.fake_tgi import FakeTGI, Reply
@@ -133,7 +133,7 @@ def took_up(lines: list[dict], question: str) -> str | None:
 async def until_released(database: asyncpg.Connection) -> None:
     """Wait (10 s at most) until no conversation is held: a killed process's connections are gone."""
     async with asyncio.timeout(10):
-        while await database.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"):
+        while await database.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"):  # noqa: ASYNC110 (PostgreSQL's state can only be polled)
             await asyncio.sleep(0.01)
 
 
@@ -143,7 +143,7 @@ async def until_looking(url: str, count: int) -> None:
     query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%NOT EXISTS (SELECT 1 FROM processes p%'"
     try:
         async with asyncio.timeout(20):
-            while await connection.fetchval(query) < count:
+            while await connection.fetchval(query) < count:  # noqa: ASYNC110 (PostgreSQL's state can only be polled)
                 await asyncio.sleep(0.01)
     finally:
         await connection.close()
@@ -160,7 +160,7 @@ async def test_a_placeholder_posted_for_a_question_its_process_never_stored_is_r
             question = slack.mention("C1", "U1", "a question", name="Ann")
             await deliver(slack, doomed, question)
             async with asyncio.timeout(30):  # the placeholder is posted, and recorded with the question
-                while not await database.fetchval("SELECT count(*) FROM replies WHERE question = $1", question["ts"]):
+                while not await database.fetchval("SELECT count(*) FROM replies WHERE question = $1", question["ts"]):  # noqa: ASYNC110 (PostgreSQL's state can only be polled)
                     await asyncio.sleep(0.01)
             [placeholder] = slack.thread("C1", question["ts"])
             await kill(doomed)

@@ -12,7 +12,7 @@ import torch
 from transformers import LogitsProcessor
 
 from model.batch import Batch, Row, Sampling
-from model.family import family_for
+from model.families import family_for
 from model.loading import CheckpointSettings, load_checkpoint
 from model.service import Chat, Message
 from tests.test_model_service import BLUE, PROMPTS, RED

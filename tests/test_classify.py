@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
-from bot.core.conversation import Author, ConversationKey
-from bot.core.messages import Final, TaskRequest, Working
 from bot.core.ranking import rank
 from bot.core.tasks import TaskError, parse_labels
 from bot.runtime.app import Runtime
+from ground.conversation import Author, ConversationKey
+from ground.messages import Final, TaskRequest, Working
 from tests.conftest import BOTH_FAMILIES, image_bytes, write_config
 from tests.fake_tgi import FakeTGI
 from tests.test_cli import assert_no_traceback, idefics_bot

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -211,9 +211,21 @@ def test_start_up_problems_are_one_paragraph(tmp_path, tiny_checkpoint):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (no_tokenizer / name).unlink()
     cases = [
-        (("ask", "--model", "truncated", "hi"), {}, "Loading truncated (dtype float32, quantization none, device_map cpu) failed: Error while deserializing header"),
-        (("ask", "--model", "no-tokenizer", "hi"), {}, "The tokenizer of no-tokenizer doesn't know the IDEFICS tokens <fake_token_around_image>, <image>, <end_of_utterance>"),
-        (("ask", "--model", str(tiny_checkpoint), "hi"), {"DATABASE_URL": "postgresql://idefics:s3cret@[::1/idefics"}, "[state]: url (or DATABASE_URL) can't be parsed as a URL"),
+        (
+            ("ask", "--model", "truncated", "hi"),
+            {},
+            "Loading truncated (dtype float32, quantization none, device_map cpu) failed: Error while deserializing header",
+        ),
+        (
+            ("ask", "--model", "no-tokenizer", "hi"),
+            {},
+            "The tokenizer of no-tokenizer doesn't know the IDEFICS tokens <fake_token_around_image>, <image>, <end_of_utterance>",
+        ),
+        (
+            ("ask", "--model", str(tiny_checkpoint), "hi"),
+            {"DATABASE_URL": "postgresql://idefics:s3cret@[::1/idefics"},
+            "[state]: url (or DATABASE_URL) can't be parsed as a URL",
+        ),
     ]
     for args, env, message in cases:
         result = idefics_bot(*args, cwd=tmp_path, env=env)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.runtime.config import ConfigError, load_config
+from bot.runtime.config import load_config
+from bot.settings import ConfigError
 
 
 def load(tmp_path, text: str, environ: dict | None = None):
@@ -73,5 +74,5 @@ def test_errors_name_the_file_key_and_problem(tmp_path, text, message):
 
 
 def test_a_missing_file_is_explained(tmp_path):
-    with pytest.raises(ConfigError, match="no such file. Copy config.example.toml"):
+    with pytest.raises(ConfigError, match=r"no such file. Copy config.example.toml"):
         load_config(tmp_path / "nope.toml", environ={})

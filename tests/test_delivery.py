@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from bot.platform.delivery import WRITING, LiveReply, format_final, split_message, waiting_text
-from bot.core.messages import Final, Partial, Waiting, Working
+from bot.sdk.delivery import WRITING, LiveReply, format_final, split_message, waiting_text
+from ground.messages import Final, Partial, Waiting, Working
 
 SENTENCE = "The quick brown fox jumps over the lazy dog. "
 

@@ -11,19 +11,18 @@ import logging
 import time
 
 import aiohttp
-
 import discord
 import pytest
 from PIL import Image
 
-from adapters.discord_input import thread_name
+from adapters.discord.input import thread_name
 from bot.runtime.cli import CommandError
-from bot.runtime.config import Config, ConfigError
-from bot.core.messages import Attachment
+from bot.runtime.config import Config
+from bot.settings import ConfigError
+from ground.messages import Attachment
 from tests.bots import BotRun, bot_says, command_answer, discord_connected, discord_section, free_port, logged, thread_of
 from tests.conftest import BOTH_FAMILIES, image_bytes, write_config
 from tests.fake_discord import FakeDiscord, RestFailure
-from tests.model_tap import tap  # noqa: F401 (a fixture)
 from tests.test_images import truncated_jpeg
 
 
@@ -509,7 +508,10 @@ async def test_a_gateway_that_keeps_failing_makes_run_exit_with_an_error_and_hea
             await logs.wait_for(lambda records: any(r.msg == "discord.reconnecting" for r in records))
         async with http.get(f"http://127.0.0.1:{health.port}/healthz") as response:  # in the pause before reconnecting
             assert response.status == 503 and (await response.json())["adapters"] == {"discord": False}
-        with pytest.raises(CommandError, match=r"The discord connection was lost and couldn't be restored \(the gateway connection failed 2 times in a row; the last error was TypeError\)"):
+        with pytest.raises(
+            CommandError,
+            match=r"The discord connection was lost and couldn't be restored \(the gateway connection failed 2 times in a row; the last error was TypeError\)",
+        ):
             await asyncio.wait_for(bot.task, 60)
     assert fake.sessions == ["identify", "identify"]
     assert any(r.getMessage() == "discord.gave_up" for r in caplog.records)
@@ -520,7 +522,16 @@ async def test_a_gateway_that_keeps_failing_makes_run_exit_with_an_error_and_hea
     "failure, logged_as",
     [
         (
-            RestFailure("PUT", "/applications/*/commands", 400, body={"message": "Invalid Form Body", "code": 50035, "errors": {"0": {"name": {"_errors": [{"code": "APPLICATION_COMMAND_INVALID_NAME", "message": "Command name is invalid"}]}}}}),
+            RestFailure(
+                "PUT",
+                "/applications/*/commands",
+                400,
+                body={
+                    "message": "Invalid Form Body",
+                    "code": 50035,
+                    "errors": {"0": {"name": {"_errors": [{"code": "APPLICATION_COMMAND_INVALID_NAME", "message": "Command name is invalid"}]}}},
+                },
+            ),
             ("WARNING", "In 0.name: Command name is invalid"),
         ),
         (RestFailure("PUT", "/applications/*/commands", 403, code=50001, message="Missing Access"), ("WARNING", "Missing Access")),
@@ -563,7 +574,7 @@ async def test_startup_problems_are_reported_with_what_to_do(config, tap):
         with pytest.raises(ConfigError, match="Privileged Gateway Intents → MESSAGE CONTENT INTENT"):
             await RunningBot(discord_config(config, fake), fake).start()
         wrong = discord_config(config, fake, token="not-the-token")
-        with pytest.raises(ConfigError, match="Discord refused the token. Copy your bot's token from https://discord.com/developers/applications"):
+        with pytest.raises(ConfigError, match=r"Discord refused the token. Copy your bot's token from https://discord.com/developers/applications"):
             await RunningBot(wrong, fake).start()
         assert fake.unknown == []
     assert discord.http.Route.BASE == "https://discord.com/api/v10"

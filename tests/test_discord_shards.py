@@ -12,8 +12,9 @@ import discord
 import pytest
 from pydantic import SecretStr
 
-from adapters.discord import SHARDING_REQUIRED
-from bot.runtime.config import Config, ConfigError
+from adapters.discord.adapter import SHARDING_REQUIRED
+from bot.runtime.config import Config
+from bot.settings import ConfigError
 from tests.bots import BotRun, bot_says, discord_connected, discord_section, thread_of
 from tests.conftest import write_config
 from tests.fake_discord import FakeDiscord
@@ -105,8 +106,8 @@ def test_shard_settings_are_checked(tmp_path, section, message):
 
 
 async def test_after_a_kill_only_the_process_of_the_shard_answers_what_was_left(start_process, postgres_url):
-    from bot.core.conversation import Author, ConversationKey, Turn
     from bot.state.postgres import PostgresStore
+    from ground.conversation import Author, ConversationKey, Turn
     from tests.bots import logged
 
     async with FakeDiscord() as fake:

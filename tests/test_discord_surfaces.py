@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import asyncio
 
-from adapters.discord_delivery import CUT
+from adapters.discord.delivery import CUT
 from bot.runtime.cli import main
 from tests.bots import bot_says, command_answer, thread_of
 from tests.conftest import image_bytes
 from tests.fake_discord import FakeDiscord
 from tests.fake_tgi import FakeTGI, Reply
-from tests.model_tap import tap  # noqa: F401 (a fixture)
-from tests.test_discord import RunningBot, discord_config, fake, no_errors, start_bot  # noqa: F401 (fixtures)
+from tests.test_discord import RunningBot, discord_config, no_errors  # noqa: F401 (fixtures)
+from tests.test_discord import fake as fake
+from tests.test_discord import start_bot as start_bot
 
 CUT_NOTE = CUT.split(",")[0]  # as shown in italics, with Markdown escaped
 

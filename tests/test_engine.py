@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from bot.runtime.app import Runtime
-from bot.core.conversation import Author, ConversationKey, ImageRef
-from bot.core.messages import Attachment, Final, IncomingMessage, Partial, TaskRequest, Waiting
 from bot.core.prompt import chat_of
+from bot.runtime.app import Runtime
+from ground.conversation import Author, ConversationKey, ImageRef
+from ground.messages import Attachment, Final, IncomingMessage, Partial, TaskRequest, Waiting
 from tests.conftest import BOTH_FAMILIES, image_bytes
 from tests.test_images import truncated_jpeg
 
@@ -96,7 +96,7 @@ async def test_reset_forgets_only_that_conversation(runtime):
 )
 async def test_bad_input_gets_a_clear_answer_and_nothing_is_stored(runtime, text, files, note):
     message = IncomingMessage(KEY, ANN, text, tuple(attachment(*file) for file in files))
-    events, final = await run(runtime.engine.reply(message))
+    _events, final = await run(runtime.engine.reply(message))
     assert final.text == "" and any(note in n for n in final.notes), final.notes
     assert await runtime.store.load_turns(KEY) == []
     _, fine = await run(runtime.engine.reply(IncomingMessage(KEY, ANN, "and now a normal question")))
@@ -144,7 +144,10 @@ async def test_history_drop_is_mentioned_once(config, tmp_path):
     assert notes[2] == ()
 
 
-@pytest.mark.parametrize("task, question, labels", [("caption", "", ""), ("vqa", "What colour?", ""), ("classify", "", "cat, dog, bird"), ("story", "", ""), ("prompted_caption", "", "")])
+@pytest.mark.parametrize(
+    "task, question, labels",
+    [("caption", "", ""), ("vqa", "What colour?", ""), ("classify", "", "cat, dog, bird"), ("story", "", ""), ("prompted_caption", "", "")],
+)
 async def test_tasks_answer_without_touching_the_conversation(runtime, task, question, labels):
     request = TaskRequest(task, KEY, ANN, (attachment("red.png", image_bytes()),), question, labels)
     _, final = await run(runtime.engine.run_task(request))

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import re
 
-from bot.runtime.app import Runtime
-from bot.core.conversation import Author, ConversationKey
-from bot.core.messages import IncomingMessage
-from bot.core.admission import RateLimiter
 from bot.core.turns import Arrivals
+from bot.runtime.app import Runtime
 from bot.state.lock import ConversationLocks
+from bot.state.rates import RateLimiter
+from ground.conversation import Author, ConversationKey
+from ground.messages import IncomingMessage
 
 KEY = ConversationKey("test", "c1", "t1")
 
@@ -102,7 +102,7 @@ async def test_the_engine_tells_a_fast_sender_when_to_come_back(config):
 
 
 async def test_latest_mode_answers_the_newest_waiting_message(config, tiny_checkpoint):
-    from bot.core.messages import Partial
+    from ground.messages import Partial
     from model.loading import CheckpointSettings
     from model.local import LocalBackend
     from tests.test_model_service import Script

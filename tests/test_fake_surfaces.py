@@ -61,12 +61,17 @@ async def test_a_stream_grows_in_its_thread_and_takes_no_text_once_stopped(slack
 async def test_a_stream_outside_dms_names_its_recipient_and_a_workspace_can_refuse_streams(slack):
     client = client_of(slack)
     assert await refused(client.chat_startStream(channel=CHANNEL, thread_ts="1.000001", markdown_text="hi")) == "missing_recipient_user_id"
-    assert await refused(client.chat_startStream(channel=CHANNEL, thread_ts="1.000001", markdown_text="hi", recipient_user_id=ANN)) == "missing_recipient_team_id"
+    assert (
+        await refused(client.chat_startStream(channel=CHANNEL, thread_ts="1.000001", markdown_text="hi", recipient_user_id=ANN)) == "missing_recipient_team_id"
+    )
     slack.teams[ANN] = "T0000002"  # in the channel through Slack Connect: her team, not the bot's
     assert await refused(client.chat_startStream(channel=CHANNEL, thread_ts="1.000001", recipient_user_id=ANN, recipient_team_id=TEAM)) == "user_not_found"
     assert (await client.chat_startStream(channel=CHANNEL, thread_ts="1.000001", recipient_user_id=ANN, recipient_team_id="T0000002"))["ok"]
     slack.outside.add("C0000009")
-    assert await refused(client.chat_startStream(channel="C0000009", thread_ts="1.000001", recipient_user_id=ANN, recipient_team_id="T0000002")) == "not_in_channel"
+    assert (
+        await refused(client.chat_startStream(channel="C0000009", thread_ts="1.000001", recipient_user_id=ANN, recipient_team_id="T0000002"))
+        == "not_in_channel"
+    )
     assert (await client.chat_startStream(channel=DM, thread_ts="1.000001", markdown_text="hi"))["ok"]
     assert await refused(client.chat_startStream(channel=DM, thread_ts="1.000001", markdown_text="x" * 12_001)) == "msg_too_long"
     slack.refuse_streaming = "unknown_method"
@@ -82,7 +87,14 @@ async def test_blocks_are_checked_and_only_buttons_on_the_message_can_be_clicked
 
     posted = slack.messages[(await client.chat_postMessage(channel=CHANNEL, thread_ts="1.000001", text="answer", blocks=buttons()))["ts"]]
     click = slack.click(posted, "feedback", ANN, value="bad")
-    assert click["actions"][0] | {"action_ts": None} == {"type": "feedback_buttons", "action_id": "feedback", "block_id": "b1", "value": "bad", "text": click["actions"][0]["text"], "action_ts": None}
+    assert click["actions"][0] | {"action_ts": None} == {
+        "type": "feedback_buttons",
+        "action_id": "feedback",
+        "block_id": "b1",
+        "value": "bad",
+        "text": click["actions"][0]["text"],
+        "action_ts": None,
+    }
     assert click["container"] == {"type": "message", "message_ts": posted.ts, "channel_id": CHANNEL, "is_ephemeral": False, "thread_ts": "1.000001"}
     with pytest.raises(AssertionError, match="no 'regenerate'"):
         slack.click(posted, "regenerate", ANN)
@@ -182,9 +194,9 @@ async def discord_fake():
 
 
 async def rest(fake: FakeDiscord, method: str, path: str, body=None) -> tuple[int, dict]:
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bot {fake.token}"}) as session:
-        async with session.request(method, fake.api_base_url + path, json=body) as response:
-            return response.status, await response.json() if response.status != 204 else {}
+    headers = {"Authorization": f"Bot {fake.token}"}
+    async with aiohttp.ClientSession(headers=headers) as session, session.request(method, fake.api_base_url + path, json=body) as response:
+        return response.status, await response.json() if response.status != 204 else {}
 
 
 def row(*custom_ids: str) -> dict:
@@ -219,7 +231,10 @@ async def test_discord_keeps_user_installs_to_their_interactions_and_counts_comm
     status, _ = await rest(fake, "PUT", f"/applications/{fake.application_id}/commands", [{**ask, "name": "Ask Me"}])
     assert status == 400 and fake.command_syncs == []
     assert (await rest(fake, "PUT", f"/applications/{fake.application_id}/commands", [ask, guild_only]))[0] == 200
-    assert fake.command_syncs == ["global"] and [c["name"] for c in (await rest(fake, "GET", f"/applications/{fake.application_id}/commands"))[1]] == ["ask", "reset"]
+    assert fake.command_syncs == ["global"] and [c["name"] for c in (await rest(fake, "GET", f"/applications/{fake.application_id}/commands"))[1]] == [
+        "ask",
+        "reset",
+    ]
 
     ann, elsewhere = fake.user("Ann"), fake.foreign_channel()
     with pytest.raises(AssertionError, match="not available to user installs"):

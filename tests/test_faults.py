@@ -18,6 +18,7 @@ import logging
 import re
 import sqlite3
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -26,13 +27,13 @@ import torch
 
 import model.local
 from bot.runtime.config import Config
-from bot.core.conversation import Author, ConversationKey, Turn
 from bot.state.store import SQLiteStore
+from ground.conversation import Author, ConversationKey, Turn
 from tests.bots import BotRun, Harness, bot_says, discord_connected, discord_section, free_port, logged, slack_settings, slack_started, thread_of
 from tests.conftest import write_config
 from tests.fake_discord import FakeDiscord, RestFailure
 from tests.fake_slack import APP_TOKEN, Failure, FakeSlack
-from tests.model_tap import ModelTap, tap  # noqa: F401 (a fixture)
+from tests.model_tap import ModelTap
 
 APOLOGY = "Sorry, the model could not answer this one (it hit an internal error). Please try again."
 
@@ -181,7 +182,9 @@ async def test_a_request_that_makes_the_model_raise_gets_an_apology_and_its_batc
         first = await harness.send(slack.mention("C0", "U0", "first"))
         await tap.wait_held()
         people = {f"C{n}": f"U{n}" for n in range(1, 5)}
-        events = {channel: await harness.send(slack.mention(channel, user, "kaboom" if channel == "C3" else f"hello {user}")) for channel, user in people.items()}
+        events = {
+            channel: await harness.send(slack.mention(channel, user, "kaboom" if channel == "C3" else f"hello {user}")) for channel, user in people.items()
+        }
         await in_line(slack, list(people))
         tap.gate.set()
         for event_id in [first, *events.values()]:
@@ -367,11 +370,11 @@ async def test_a_reconnect_storm_answers_every_message_exactly_once(tmp_path, ti
     try:
         threads = []
         for n, person in enumerate(people):
-            question = await storm_while(lambda: fake.say(person, fake.text_channel, f"question {n}", mention=True))
+            question = await storm_while(partial(fake.say, person, fake.text_channel, f"question {n}", mention=True))
             threads.append(await thread_of(fake, question))
         tap.gate.clear()  # answers in flight across the reconnections
         for n, (person, thread) in enumerate(zip(people, threads)):
-            await storm_while(lambda: fake.say(person, thread, f"follow-up {n}"))
+            await storm_while(partial(fake.say, person, thread, f"follow-up {n}"))
         tap.gate.set()
         for n, thread in enumerate(threads):
             await bot_says(fake, thread, tap.spelled(f"answer to follow-up {n}"))

@@ -7,9 +7,9 @@ import re
 import aiohttp
 
 from bot.runtime.app import Runtime
-from bot.core.conversation import Author, ConversationKey
-from bot.core.messages import IncomingMessage
 from bot.runtime.health import HealthServer
+from ground.conversation import Author, ConversationKey
+from ground.messages import IncomingMessage
 
 
 async def test_health_and_metrics(config):

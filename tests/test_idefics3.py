@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bot.core.conversation import Author, ConversationKey
-from bot.core.messages import Final, IncomingMessage, TaskRequest
 from bot.runtime.app import Runtime
+from ground.conversation import Author, ConversationKey
+from ground.messages import Final, IncomingMessage, TaskRequest
 from model.pictures import decode
 from tests.conftest import BOTH_FAMILIES, image_bytes
-from tests.model_tap import ModelTap, tap  # noqa: F401 (a fixture)
+from tests.model_tap import ModelTap
 from tests.test_cli import assert_no_traceback, idefics_bot
 from tests.test_engine import attachment
 

@@ -10,17 +10,16 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LogitsProcessor
 
-from bot.runtime.app import Runtime
-from bot.core.conversation import Author, ConversationKey, ImageRef, Turn
-from bot.core.messages import IncomingMessage, Partial, TaskRequest
 from bot.core.prompt import chat_of, clean_name, clean_text
 from bot.core.tasks import FewShotPair, build_task
 from bot.images.intake import prepare_image
+from bot.runtime.app import Runtime
 from bot.runtime.cli import main
+from ground.conversation import Author, ConversationKey, ImageRef, Turn
+from ground.messages import IncomingMessage, Partial, TaskRequest
 from model.instruct import render_instruct
 from model.service import END_OF_UTTERANCE, SPECIAL_TOKENS, Chat, Finished, GenerationParams, GenerationRequest, Message, TextDelta
 from tests.conftest import image_bytes
-from tests.model_tap import tap  # noqa: F401 (fixture)
 from tests.test_engine import attachment
 
 KEY = ConversationKey("test", "channel-1")

@@ -10,24 +10,12 @@ import pytest
 import torch
 from transformers import LogitsProcessor
 
+from ground.images import ModelImage
 from model.idefics_v1 import processor_items
 from model.loading import CheckpointSettings
 from model.local import BatchSettings, LocalBackend
 from model.pictures import decode
-from model.service import (
-    Chat,
-    Finished,
-    GenerationFailed,
-    GenerationParams,
-    GenerationRequest,
-    Message,
-    ModelBusy,
-    ModelImage,
-    ModelTimeout,
-    Queued,
-    Started,
-    TextDelta,
-)
+from model.service import Chat, Finished, GenerationFailed, GenerationParams, GenerationRequest, Message, ModelBusy, ModelTimeout, Queued, Started, TextDelta
 from tests.conftest import BOTH_FAMILIES, guided, image_bytes
 
 
@@ -212,7 +200,7 @@ async def test_one_failing_request_does_not_fail_its_batch(backend):
     results = await asyncio.gather(*good, bad, return_exceptions=True)
     assert isinstance(results[-1], GenerationFailed)
     assert "could not answer" in str(results[-1])
-    for events, finished in results[:-1]:
+    for _events, finished in results[:-1]:
         assert isinstance(finished, Finished) and finished.tokens > 0
 
 

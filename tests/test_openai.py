@@ -19,11 +19,12 @@ import pytest
 from PIL import Image
 from transformers import AutoTokenizer
 
-from bot.core.conversation import Author, ConversationKey, ImageRef
-from bot.core.messages import Attachment, Final, IncomingMessage, Partial, TaskRequest, Waiting
 from bot.runtime.app import Runtime
-from bot.runtime.config import ConfigError, load_config
+from bot.runtime.config import load_config
 from bot.runtime.health import HealthServer
+from bot.settings import ConfigError
+from ground.conversation import Author, ConversationKey, ImageRef
+from ground.messages import Attachment, Final, IncomingMessage, Partial, TaskRequest, Waiting
 from model.openai import CUT, DEFAULT_CONTEXT_TOKENS, OpenAIBackend, OpenAISettings
 from model.service import Chat, GenerationParams, GenerationRequest, Message, ModelLoadError, Queued
 from tests.conftest import image_bytes, write_config

@@ -10,10 +10,10 @@ import textwrap
 
 import pytest
 
-from bot.runtime.config import ConfigError, load_config
+from bot.runtime.config import load_config
+from bot.settings import ConfigError
 from tests.bots import BotRun
 from tests.conftest import image_bytes
-from tests.model_tap import tap  # noqa: F401 (a fixture)
 
 ADAPTER = '''
 """A chat platform that lives in a test: messages come from `say`, replies go to `shown`."""
@@ -22,11 +22,11 @@ import asyncio
 
 from pydantic import SecretStr
 
-from bot.core.conversation import Author, ConversationKey
-from bot.core.messages import Attachment, CommandRequest, Final, IncomingMessage
-from bot.platform.access import AccessSettings, Requester, refusal_reason
-from bot.platform.delivery import LiveReply
-from bot.platform.sdk import Platform
+from ground.conversation import Author, ConversationKey
+from ground.messages import Attachment, CommandRequest, Final, IncomingMessage
+from bot.sdk.access import AccessSettings, Requester, refusal_reason
+from bot.sdk.delivery import LiveReply
+from bot.sdk.platform import Platform
 
 
 class EchoSettings(AccessSettings):

@@ -19,8 +19,8 @@ import signal
 import sys
 from pathlib import Path
 
-from bot.core.conversation import ConversationKey
 from bot.state.store import SQLiteStore
+from ground.conversation import ConversationKey
 from tests.bots import slack_settings
 from tests.conftest import image_bytes
 from tests.fake_slack import FakeSlack
@@ -137,11 +137,13 @@ async def test_sigterm_finishes_the_reply_in_flight_tells_the_others_and_exits_0
         bot = BotProcess(bot_config(tmp_path, slack, tgi, grace=grace))
         await bot.start()
         finishing, never = asyncio.Event(), asyncio.Event()
-        tgi.replies.extend([Reply(["Almost", " done", ".", "<end_of_utterance>"], hold_after=2, gate=finishing), Reply(["Never", " done"], hold_after=1, gate=never)])
+        tgi.replies.extend(
+            [Reply(["Almost", " done", ".", "<end_of_utterance>"], hold_after=2, gate=finishing), Reply(["Never", " done"], hold_after=1, gate=never)]
+        )
         in_flight = [slack.mention("C1", "U1", "finish this"), slack.mention("C2", "U2", "and this")]
         for number, mention in enumerate(in_flight, start=1):
             await deliver(slack, bot, mention)
-            await tgi.wait_for(lambda: tgi.streaming == number, timeout=60)
+            await tgi.wait_for(lambda number=number: tgi.streaming == number, timeout=60)
         try:
             loop = asyncio.get_running_loop()
             signalled = loop.time()
@@ -149,7 +151,9 @@ async def test_sigterm_finishes_the_reply_in_flight_tells_the_others_and_exits_0
             await bot.logs.wait_for(lambda lines: any(e["event"] == "shutdown.started" for e in lines))
             late = slack.mention("C3", "U3", "hello?")
             await deliver(slack, bot, late)
-            await slack.calls.wait_for(lambda calls: any(c.params.get("channel") == "C3" and "shutting down for a moment" in c.params.get("text", "") for c in calls))
+            await slack.calls.wait_for(
+                lambda calls: any(c.params.get("channel") == "C3" and "shutting down for a moment" in c.params.get("text", "") for c in calls)
+            )
             finishing.set()
             status = await asyncio.wait_for(bot.process.wait(), grace + 30)
             elapsed = loop.time() - signalled
@@ -170,7 +174,7 @@ async def test_sigterm_finishes_the_reply_in_flight_tells_the_others_and_exits_0
 
 WRITER = """
 import asyncio, sys
-from bot.core.conversation import Author, ConversationKey, Turn
+from ground.conversation import Author, ConversationKey, Turn
 from bot.state.store import SQLiteStore
 
 async def main(path):

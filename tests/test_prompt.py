@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.core.conversation import Author, ImageRef, Turn
 from bot.core.prompt import PromptTooLong, chat_of, clean_name, clean_text, fit
+from ground.conversation import Author, ImageRef, Turn
 from model.instruct import render_instruct
 from model.loading import CheckpointSettings
 from model.local import LocalBackend

@@ -9,15 +9,16 @@ import time
 
 import asyncpg
 
-from bot.runtime.app import Runtime
-from bot.core.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
 from bot.core.engine import Engine
-from bot.core.messages import Final, IncomingMessage
-from bot.platform.delivery import LiveReply
+from bot.runtime.app import Runtime
+from bot.sdk.delivery import LiveReply
 from bot.state.postgres import PostgresStore
+from ground.conversation import Author, ConversationKey, ImageRef, Turn, Unanswered
+from ground.messages import Final, IncomingMessage
 from tests.bots import logged
 from tests.test_delivery import RecordingSurface
-from tests.test_store import new_store, store  # noqa: F401 (fixtures: SQLite and PostgreSQL)
+from tests.test_store import new_store  # noqa: F401 (fixtures: SQLite and PostgreSQL)
+from tests.test_store import store as store
 
 ANN = Author("u1", "Ann")
 KILLED = "a-process-that-was-killed"  # the answerer of a question left unanswered: no lease, no holds

@@ -18,10 +18,10 @@ import asyncpg
 import pytest
 from PIL import Image
 
-from bot.core.conversation import Author, ConversationKey, ImageRef, Turn
 from bot.state.postgres import PostgresStore
 from bot.state.store import SQLiteStore, Store, StoreError
-from model.service import ModelImage
+from ground.conversation import Author, ConversationKey, ImageRef, Turn
+from ground.images import ModelImage
 from tests.test_cli import idefics_bot
 
 ANN, BOB = Author("U1", "Ann"), Author("U2", "Bob")

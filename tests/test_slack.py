@@ -23,12 +23,12 @@ from contextlib import AsyncExitStack
 import pytest
 
 from bot.runtime.cli import CommandError
-from bot.runtime.config import Config, ConfigError
+from bot.runtime.config import Config
+from bot.settings import ConfigError
 from tests.bots import BotRun, Harness, logged, running, slack_settings, slack_started
 from tests.conftest import BOTH_FAMILIES, image_bytes, write_config
 from tests.fake_slack import ALL_SCOPES, APP_TOKEN, BOT_ID, Failure, FakeSlack
 from tests.load_balancer import LoadBalancer
-from tests.model_tap import tap  # noqa: F401 (a fixture)
 
 CHANNEL, OTHER_CHANNEL, DM = "C0000001", "C0000002", "D0000001"
 ANN, BOB = "U0000001", "U0000002"
@@ -299,7 +299,9 @@ async def test_malformed_requests_get_401_or_400_and_no_traceback(harness, slack
 
 @ALSO_TWO_PROCESSES
 async def test_bad_or_stale_signatures_are_refused_before_anything_runs(harness, slack, tap):
-    challenge = await slack.deliver(harness.endpoint, {"token": "unused", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P", "type": "url_verification"})
+    challenge = await slack.deliver(
+        harness.endpoint, {"token": "unused", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P", "type": "url_verification"}
+    )
     assert challenge.status == 200 and "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P" in challenge.body
 
     forged = slack.envelope(slack.mention(CHANNEL, BOB, "forged"))
@@ -533,6 +535,6 @@ async def test_http_mode_says_when_its_port_is_taken(tmp_path, tiny_checkpoint, 
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         config = slack_config(tmp_path, tiny_checkpoint, slack, http_port=taken.getsockname()[1])
-        with pytest.raises(ConfigError, match="Slack HTTP mode can't listen on 127.0.0.1:"):
+        with pytest.raises(ConfigError, match=r"Slack HTTP mode can't listen on 127.0.0.1:"):
             async with running(config, logs, tap):
                 pass

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from slack_sdk.web.async_client import AsyncWebClient
 
-from adapters.slack_commands import SlashCommand, UsageError, parse_command
-from adapters.slack_files import SlackFiles
-from adapters.slack_text import escape, plain_text
+from adapters.slack.commands import SlashCommand, UsageError, parse_command
+from adapters.slack.files import SlackFiles
+from adapters.slack.text import escape, plain_text
 from bot.images.fetch import FetchRefused
 from tests.conftest import image_bytes
 from tests.fake_slack import ALL_SCOPES, BOT_TOKEN, FakeSlack
@@ -54,7 +54,7 @@ def test_slash_command_syntax(text, command):
 
 
 def test_an_unknown_subcommand_shows_the_usage():
-    with pytest.raises(UsageError, match="(?s)I don't know “paint”. Try:.*/look caption <image url>"):
+    with pytest.raises(UsageError, match=r"(?s)I don't know “paint”. Try:.*/look caption <image url>"):
         parse_command("paint https://x.org/a.png", "/look")
 
 
@@ -92,9 +92,11 @@ async def test_a_login_page_names_the_missing_scope_or_the_token(slack):
     scopes = [s for s in ALL_SCOPES if s != "files:read"]
     async with FakeSlack(scopes=tuple(scopes)) as unscoped:
         attachment = files_of(unscoped, scopes=scopes).attachment(unscoped.add_file("red.png", image_bytes()))
-        with pytest.raises(FetchRefused, match="red.png: Slack sent its login page instead of the file because the app lacks the files:read scope"):
+        with pytest.raises(FetchRefused, match=r"red.png: Slack sent its login page instead of the file because the app lacks the files:read scope"):
             await attachment.read(10_000_000)
-    revoked = SlackFiles(AsyncWebClient(token="xoxb-revoked", base_url=slack.api_url), "xoxb-revoked", connect_timeout=5, total_timeout=10, extra_hosts=frozenset({"127.0.0.1"}))
+    revoked = SlackFiles(
+        AsyncWebClient(token="xoxb-revoked", base_url=slack.api_url), "xoxb-revoked", connect_timeout=5, total_timeout=10, extra_hosts=frozenset({"127.0.0.1"})
+    )
     with pytest.raises(FetchRefused, match="the bot token was not accepted for it"):
         await revoked.attachment(slack.add_file("red.png", image_bytes())).read(10_000_000)
 
@@ -102,7 +104,7 @@ async def test_a_login_page_names_the_missing_scope_or_the_token(slack):
 async def test_the_byte_limit_cuts_a_download(slack):
     file = slack.add_file("big.png", image_bytes(size=(800, 800)))
     file.pop("size")  # Slack didn't say: the limit applies while reading
-    with pytest.raises(FetchRefused, match="big.png: it is larger than the 0.0 MB limit"):
+    with pytest.raises(FetchRefused, match=r"big.png: it is larger than the 0.0 MB limit"):
         await files_of(slack).attachment(file).read(1000)
 
 

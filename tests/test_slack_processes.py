@@ -13,8 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from adapters.slack_actions import NOT_ALLOWED
-from adapters.slack_blocks import STOP
+from adapters.slack.actions import NOT_ALLOWED
+from adapters.slack.blocks import STOP
 from bot.runtime.config import load_config
 from tests.bots import slack_settings
 from tests.fake_slack import BOT_USER, FakeSlack, Journal

@@ -9,15 +9,18 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from adapters.slack import DESCRIBE, SCOPES, SlackSettings
-from adapters.slack_assistant import GREETING
-from adapters.slack_blocks import DESCRIBE_IMAGE, FEEDBACK, STOP
-from adapters.slack_text import escape
+from adapters.slack.adapter import DESCRIBE, SCOPES, SlackSettings
+from adapters.slack.assistant import GREETING
+from adapters.slack.blocks import DESCRIBE_IMAGE, FEEDBACK, STOP
+from adapters.slack.text import escape
 from bot.state.store import SQLiteStore
 from tests.bots import Harness, free_port, running
 from tests.fake_slack import APP_TOKEN, Failure, FakeSlack, Posted
-from tests.model_tap import tap  # noqa: F401 (a fixture)
-from tests.test_slack import ALSO_TWO_PROCESSES, ANN, BOB, CHANNEL, DM, OTHER_CHANNEL, harness, logs, processes, red_and_blue, slack, slack_config, start_bots  # noqa: F401 (fixtures)
+from tests.test_slack import ALSO_TWO_PROCESSES, ANN, BOB, CHANNEL, DM, OTHER_CHANNEL, processes, red_and_blue, slack_config  # noqa: F401 (fixtures)
+from tests.test_slack import harness as harness
+from tests.test_slack import logs as logs
+from tests.test_slack import slack as slack
+from tests.test_slack import start_bots as start_bots
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -281,7 +284,9 @@ def test_the_manifest_asks_for_what_the_adapter_uses_and_the_readme_shows_it():
     text = (ROOT / "slack-manifest.yml").read_text(encoding="utf-8")
     manifest = yaml.safe_load(text)
     assert set(manifest["oauth_config"]["scopes"]["bot"]) == SCOPES
-    assert {"assistant_thread_started", "assistant_thread_context_changed", "app_mention", "message.im"} <= set(manifest["settings"]["event_subscriptions"]["bot_events"])
+    assert {"assistant_thread_started", "assistant_thread_context_changed", "app_mention", "message.im"} <= set(
+        manifest["settings"]["event_subscriptions"]["bot_events"]
+    )
     assert [s["callback_id"] for s in manifest["features"]["shortcuts"]] == [DESCRIBE_IMAGE]
     assert manifest["settings"]["interactivity"]["is_enabled"] and "assistant_view" in manifest["features"]
     readme = (ROOT / "README.md").read_text(encoding="utf-8")

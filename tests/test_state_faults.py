@@ -9,12 +9,11 @@ import logging
 import subprocess
 from pathlib import Path
 
-from bot.core.conversation import Author, ConversationKey, Turn
 from bot.state.store import SQLiteStore
+from ground.conversation import Author, ConversationKey, Turn
 from tests.bots import Harness, logged, running
 from tests.fake_slack import FakeSlack
 from tests.filesystems import WITHOUT_ROOT_OVERRIDES, remount_read_only, tmpfs
-from tests.model_tap import tap  # noqa: F401 (a fixture)
 from tests.test_cli import COMMAND, assert_no_traceback, environment
 from tests.test_slack import slack_config
 
@@ -34,7 +33,14 @@ def chat(tmp_path: Path, state: Path, prefix: tuple[str, ...] = ()) -> subproces
     config.write_text(f'[state]\npath = "{state}"\n')
     config.chmod(0o644)
     result = subprocess.run(
-        [*prefix, *COMMAND, "chat", "--config", str(config)], check=False, cwd=tmp_path, input="", capture_output=True, text=True, timeout=120, env=environment()
+        [*prefix, *COMMAND, "chat", "--config", str(config)],
+        check=False,
+        cwd=tmp_path,
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environment(),
     )
     assert result.returncode == 1 and "Move it aside" not in result.stderr, result.stderr
     assert_no_traceback(result)

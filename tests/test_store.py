@@ -9,10 +9,10 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from bot.core.conversation import Author, ConversationKey, ImageRef, Turn
 from bot.images.intake import prepare_image
-from bot.state.store import SCHEMA_VERSION, SQLiteStore, Store, StoreError
 from bot.state.postgres import PostgresStore
+from bot.state.store import SCHEMA_VERSION, SQLiteStore, Store, StoreError
+from ground.conversation import Author, ConversationKey, ImageRef, Turn
 from tests.conftest import image_bytes
 
 KEY = ConversationKey("discord", "c1", "t1")

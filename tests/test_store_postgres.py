@@ -13,14 +13,15 @@ from contextlib import AsyncExitStack
 import asyncpg
 import pytest
 
-from bot.runtime.app import Runtime
-from bot.runtime.config import ConfigError, load_config
-from bot.core.conversation import Author, ConversationKey, Turn
 from bot.core.engine import Engine
-from bot.runtime.metrics import Metrics
-from bot.core.messages import Final, IncomingMessage, Partial
-from bot.state.store import StoreError
+from bot.metrics import Metrics
+from bot.runtime.app import Runtime
+from bot.runtime.config import load_config
+from bot.settings import ConfigError
 from bot.state.postgres import SCHEMA_VERSION, PostgresStore, describe_url
+from bot.state.store import StoreError
+from ground.conversation import Author, ConversationKey, Turn
+from ground.messages import Final, IncomingMessage, Partial
 from model.loading import CheckpointSettings
 from model.local import BatchSettings, LocalBackend
 from tests.conftest import write_config
@@ -52,7 +53,7 @@ async def until_waiting(url: str, count: int) -> None:
             " WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = current_database()"
         )
         async with asyncio.timeout(10):
-            while await connection.fetchval(query) < count:
+            while await connection.fetchval(query) < count:  # noqa: ASYNC110 (PostgreSQL's state can only be polled)
                 await asyncio.sleep(0.01)
     finally:
         await connection.close()

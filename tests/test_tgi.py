@@ -14,9 +14,11 @@ import pytest
 from PIL import Image
 
 from bot.runtime.app import Runtime
-from bot.runtime.config import ConfigError, load_config
-from bot.core.conversation import Author, ConversationKey
-from bot.core.messages import Attachment, Final, IncomingMessage, Partial
+from bot.runtime.config import load_config
+from bot.settings import ConfigError
+from ground.conversation import Author, ConversationKey
+from ground.images import ModelImage
+from ground.messages import Attachment, Final, IncomingMessage, Partial
 from model.service import (
     Chat,
     Finished,
@@ -25,7 +27,6 @@ from model.service import (
     GenerationRequest,
     Message,
     ModelBusy,
-    ModelImage,
     ModelLoadError,
     ModelTimeout,
     ModelUnavailable,
@@ -230,7 +231,7 @@ async def test_a_stream_ended_mid_answer_fails_clearly_and_is_never_resent(fake,
 
 async def test_a_request_over_the_servers_payload_limit_says_what_to_change(fake, service):
     fake.payload_limit = 200  # the server was started with a lower --payload-limit than the bot's
-    with pytest.raises(GenerationFailed, match="--payload-limit.*fewer images|fewer images.*--payload-limit"):
+    with pytest.raises(GenerationFailed, match=r"--payload-limit.*fewer images|fewer images.*--payload-limit"):
         await events_of(service, request())
     assert len(fake.body_sizes) == 1 and not fake.generate_requests, "refused, and not retried"
 
@@ -270,7 +271,7 @@ async def test_leaving_the_iteration_closes_the_http_stream(fake, service):
 
 async def test_a_reply_past_its_time_limit_stops_with_a_timeout(fake, service):
     fake.replies.append(Reply(["Hello", " there"], hold_after=1))
-    with pytest.raises(ModelTimeout, match="took longer than 0.2 s"):
+    with pytest.raises(ModelTimeout, match=r"took longer than 0.2 s"):
         await events_of(service, request(timeout=0.2))
     await fake.wait_for(lambda: fake.disconnects == 1)
 
@@ -319,7 +320,7 @@ async def test_waiting_in_line_past_the_queue_timeout_is_a_timeout(fake):
     holder = asyncio.create_task(events_of(service, request()))
     try:
         await fake.wait_for(lambda: fake.streaming == 1)
-        with pytest.raises(ModelTimeout, match="waited more than 0.2 s"):
+        with pytest.raises(ModelTimeout, match=r"waited more than 0.2 s"):
             await events_of(service, request(queue_timeout=0.2))
         assert len(fake.generate_requests) == 1
     finally:
@@ -402,7 +403,7 @@ async def test_start_up_refuses_what_it_cannot_serve(fake_settings, backend_sett
 
 async def test_start_up_explains_an_unreachable_server_and_a_wrong_address(fake):
     url = fake.url
-    with pytest.raises(ModelLoadError, match="answered GET /info with HTTP 404.*root address"):
+    with pytest.raises(ModelLoadError, match=r"answered GET /info with HTTP 404.*root address"):
         await TGIBackend.open(TGISettings(url=f"{url}/v1"))
     await fake.server.__aexit__(None, None, None)
     with pytest.raises(ModelLoadError, match=f"Can't reach the TGI server at {url}.*Check \\[model\\] url"):

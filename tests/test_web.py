@@ -15,13 +15,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from adapters.web_form import FormRefused, UploadBudget
-from adapters.web_guard import COOKIE, SECURITY_HEADERS, LoginThrottle, Sessions
+from adapters.web.form import FormRefused, UploadBudget
+from adapters.web.guard import COOKIE, SECURITY_HEADERS, LoginThrottle, Sessions
 from bot.runtime.app import enabled_adapters
-from bot.runtime.config import ConfigError, load_config
+from bot.runtime.config import load_config
+from bot.settings import ConfigError
 from tests.conftest import BOTH_FAMILIES, image_bytes, write_config
 from tests.loopback import LoopbackServer
-from tests.model_tap import ModelTap, tap  # noqa: F401 (a fixture)
+from tests.model_tap import ModelTap
 from tests.test_cli import COMMAND, environment
 from tests.web_chat import TOKEN, web_bot, web_config
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from adapters.web import STOPPED
+from adapters.web.adapter import STOPPED
 from tests.conftest import image_bytes
-from tests.model_tap import ModelTap, tap  # noqa: F401 (a fixture)
-from tests.web_chat import TOKEN, ask, browser, open_chat, web_bot, web_config  # noqa: F401 (browser: a fixture)
+from tests.model_tap import ModelTap
+from tests.web_chat import TOKEN, ask, open_chat, web_bot, web_config
+from tests.web_chat import browser as browser
 
 ANSWER = "A small red house with a brown roof stands on green grass under a blue sky, and the sun shines at the top right."
 

@@ -1,9 +1,9 @@
-"""The commands every platform offers, in one table, so a command means the same everywhere:
+"""The commands every platform offers, in one table (`ground.commands`), so a command means the same everywhere:
 
     ask       a question about an image: the instruct format (like a chat turn), up to the `chat`
               task's reply budget (512 tokens unless [tasks] max_new_tokens says otherwise)
-    caption   a short caption (the guide's captioning prompt; `caption` budget, 20 tokens)
-    classify  one of the given labels (the guide's classification prompt; `classify` budget, 6 tokens)
+    caption   a short caption (the guide's captioning prompt; `caption` budget, 10 tokens)
+    classify  one of the given labels (the guide's classification prompt; the model weighs each label and writes nothing)
     story     a short story the image inspires (the guide's story prompt; `story` budget, 200 tokens)
     reset     forget conversations: run in a thread, that thread's; run in a channel or DM, every
               conversation of the channel or DM (a Slack command can't say which thread it came from,
@@ -21,51 +21,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Literal
 
-from bot.core.conversation import ConversationKey
 from bot.core.generation import Generation
-from bot.core.messages import CommandRequest, Final, Partial, Refusal, ReplyEvent, TaskRequest, Working
 from bot.core.prompt import PromptTooLong, check_fits
 from bot.core.ranking import classify, named_label
 from bot.core.tasks import DEFAULT_MAX_NEW_TOKENS, FewShotPair, TaskError, TaskPrompt, build_task
 from bot.core.turns import Conversations, unsaved
 from bot.images.attachments import ImageIntake
 from bot.images.intake import ImageRejected
-from bot.runtime.config import Config
-from bot.runtime.files import FileTooLarge, NotARegularFile, read_regular_file
-from bot.runtime.metrics import Metrics
+from bot.metrics import Metrics
+from bot.settings import Settings
 from bot.state.store import Forgotten, StoreUnavailable
+from ground.commands import COMMANDS, Command
+from ground.conversation import ConversationKey
+from ground.files import FileTooLarge, NotARegularFile, read_regular_file
+from ground.messages import CommandRequest, Final, Partial, Refusal, ReplyEvent, TaskRequest, Working
 from model.service import ModelError, ScoringUnavailable
 
-
-@dataclass(frozen=True)
-class Command:
-    """One command of the table: the task it runs (None: no model call), what its text is, whether it
-    falls back to the channel's last image, and the words its help shows."""
-
-    name: str
-    summary: str
-    task: str | None = None
-    text: Literal["question", "labels"] | None = None
-    last_image: bool = False
-
-
-COMMANDS: dict[str, Command] = {
-    command.name: command
-    for command in (
-        Command("ask", "answer a question about an image", "chat", "question", last_image=True),
-        Command("caption", "describe an image in a few words", "caption", last_image=True),
-        Command("classify", "pick the label that fits an image", "classify", "labels", last_image=True),
-        Command("story", "write a short story about an image", "story", last_image=True),
-        Command("reset", "forget the conversation of this thread, or every conversation of this channel or DM"),
-        Command("forget", "forget everything you said to me, everywhere, and the images only you sent"),
-        Command("help", "show these commands"),
-    )
-}
-IMAGE_COMMANDS = tuple(name for name, command in COMMANDS.items() if command.task)
-LAST_IMAGE_HINT = "Without an image I use the last image I saw in this channel."
 _NEEDS = {"question": "a question, e.g. “What is in this picture?”", "labels": 'labels, e.g. "cat, dog, bird"'}
 
 
@@ -102,7 +74,7 @@ def reset_text(key: ConversationKey, conversations: int, turns: int) -> str:
 class Commands:
     """Runs commands and one-off tasks; nothing they do is added to a conversation (reset aside)."""
 
-    def __init__(self, config: Config, intake: ImageIntake, generation: Generation, conversations: Conversations, metrics: Metrics):
+    def __init__(self, config: Settings, intake: ImageIntake, generation: Generation, conversations: Conversations, metrics: Metrics):
         self.config = config
         self.intake = intake
         self.generation = generation

@@ -6,7 +6,7 @@ It admits the request (`admission`), then hands it to the part that does the job
 (`turns`: image intake, the conversation's place and context, storing both turns), commands and
 one-off tasks (`commands`), both streaming from the model through `generation`. Every problem a person
 can cause or meet ends as a `Final` whose notes say, in plain words, what happened. Adapters reach the
-engine through their `bot.platform.sdk.Platform`.
+engine through their `bot.sdk.platform.Platform`.
 """
 
 from __future__ import annotations
@@ -15,21 +15,21 @@ from collections.abc import AsyncIterator
 
 from bot.core.admission import Admission
 from bot.core.commands import Commands
-from bot.core.conversation import Author, ConversationKey, Unanswered
 from bot.core.generation import Generation
-from bot.core.messages import Attachment, CommandRequest, Final, IncomingMessage, ReplyEvent, TaskRequest
 from bot.core.turns import Conversations
 from bot.images.attachments import ImageIntake
-from bot.runtime.config import Config
-from bot.runtime.metrics import Metrics
+from bot.metrics import Metrics
+from bot.settings import Settings
 from bot.state.store import Store
+from ground.conversation import Author, ConversationKey, Unanswered
+from ground.messages import Attachment, CommandRequest, Final, IncomingMessage, ReplyEvent, TaskRequest
 from model.service import ModelService
 
 
 class Engine:
     """Ties turns to replies; shared by every adapter in the process."""
 
-    def __init__(self, config: Config, model: ModelService, store: Store, metrics: Metrics):
+    def __init__(self, config: Settings, model: ModelService, store: Store, metrics: Metrics):
         self.config = config
         limits = config.limits
         rates = store.request_buckets(limits.per_user_per_minute, limits.per_user_burst) if limits.per_user_per_minute else None

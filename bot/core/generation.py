@@ -8,24 +8,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
-from bot.core.conversation import ImageRef
-from bot.core.messages import Final, Partial, ReplyEvent, Waiting, Working
-from bot.runtime.config import Config
-from bot.runtime.metrics import Metrics
+from bot.metrics import Metrics
+from bot.settings import Settings
 from bot.state.store import Store
-from model.service import (
-    Chat,
-    ContextTooLong,
-    Finished,
-    GenerationParams,
-    GenerationRequest,
-    ModelError,
-    ModelImage,
-    ModelService,
-    Queued,
-    Started,
-    TextDelta,
-)
+from ground.conversation import ImageRef
+from ground.images import ModelImage
+from ground.messages import Final, Partial, ReplyEvent, Waiting, Working
+from model.service import Chat, ContextTooLong, Finished, GenerationParams, GenerationRequest, ModelError, ModelService, Queued, Started, TextDelta
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +22,7 @@ log = logging.getLogger(__name__)
 class Generation:
     """Streams the model's answers to prompts."""
 
-    def __init__(self, config: Config, model: ModelService, store: Store, metrics: Metrics):
+    def __init__(self, config: Settings, model: ModelService, store: Store, metrics: Metrics):
         self.model = model
         self.store = store
         self.metrics = metrics

@@ -16,7 +16,7 @@ import unicodedata
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from bot.core.conversation import Turn
+from ground.conversation import Turn
 from model.service import SPECIAL_TOKENS, Chat, Message
 
 # A line that starts like a turn ("Assistant:", "User:") would let a user write the model's lines.

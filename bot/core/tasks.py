@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from bot.core.conversation import Author, ImageRef, Turn
 from bot.core.prompt import chat_of, clean_text
+from ground.conversation import Author, ImageRef, Turn
 from model.service import Chat, Message, Part
 
 TASKS = ("chat", "caption", "prompted_caption", "vqa", "classify", "classify_generate", "story", "few_shot")

@@ -15,15 +15,15 @@ from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager, contextmanager
 
-from bot.core.conversation import Author, ConversationKey, Turn, Unanswered
 from bot.core.generation import Generation
-from bot.core.messages import Final, IncomingMessage, Refusal, ReplyEvent
 from bot.core.prompt import PromptTooLong, clean_text, fit
+from bot.core.retention import kept_images
 from bot.images.attachments import ImageIntake
-from bot.runtime.config import Config
-from bot.runtime.metrics import Metrics
-from bot.runtime.retention import kept_images
+from bot.metrics import Metrics
+from bot.settings import Settings
 from bot.state.store import Forgotten, Store, StoreUnavailable
+from ground.conversation import Author, ConversationKey, Turn, Unanswered
+from ground.messages import Final, IncomingMessage, Refusal, ReplyEvent
 from model.service import ModelError
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class Arrivals:
 class Conversations:
     """Answers messages in their conversations and keeps both turns in the store."""
 
-    def __init__(self, config: Config, store: Store, intake: ImageIntake, generation: Generation, metrics: Metrics):
+    def __init__(self, config: Settings, store: Store, intake: ImageIntake, generation: Generation, metrics: Metrics):
         self.config = config
         self.store = store
         self.intake = intake

@@ -11,13 +11,14 @@ from dataclasses import replace
 from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
-from bot.core.conversation import ConversationKey, ImageRef
-from bot.core.messages import IMAGE_SUFFIXES, Attachment, Refusal
 from bot.images.fetch import FetchLimits, FetchRefused, fetch, file_name
 from bot.images.intake import ACCEPTED, ImageLimits, ImageRejected, prepare_image
-from bot.runtime.config import ImagesConfig
+from bot.settings import ImagesConfig
 from bot.state.store import Store
-from model.service import ModelImage, ModelService
+from ground.conversation import ConversationKey, ImageRef
+from ground.images import ModelImage
+from ground.messages import IMAGE_SUFFIXES, Attachment, Refusal
+from model.service import ModelService
 
 # A link runs to the next space or delimiter: greedy and with nothing after it to backtrack into, so
 # finding them takes time linear in the text, whatever the text is.

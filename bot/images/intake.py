@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import pillow_heif
 from PIL import Image, ImageOps
 
-from model.service import ModelImage
+from ground.images import ModelImage
 
 # IDEFICS' processor input: every image becomes this square (ModelInfo.image_size has the loaded model's).
 MODEL_IMAGE_SIZE = 224

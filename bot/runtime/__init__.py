@@ -1,1 +1,2 @@
-"""Running the bot: configuration, the CLI, assembling a process, logs, metrics, health."""
+"""The top floor, the one that knows every part: the config file, the CLI, assembling a process, logs,
+health."""

@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from bot.core.engine import Engine
-from bot.platform.adapter import Adapter, AdapterFactory, installed_adapters, load_adapter
-from bot.platform.sdk import Platform, error_name
-from bot.platform.settings import AdapterSettings
+from bot.metrics import Metrics
 from bot.runtime.config import Config
-from bot.runtime.metrics import Metrics
+from bot.sdk.adapter import Adapter, AdapterFactory, installed_adapters, load_adapter
+from bot.sdk.platform import Platform, error_name
+from bot.sdk.settings import AdapterSettings
 from bot.state.postgres import PostgresStore
 from bot.state.store import SQLiteStore, Store
 from model.loading import CheckpointSettings

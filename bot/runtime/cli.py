@@ -17,19 +17,21 @@ import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
 
-from bot.core.conversation import Author, ConversationKey, ImageRef, Turn
 from bot.core.prompt import chat_of, clean_text
 from bot.core.tasks import TASKS, FewShotPair, TaskError, build_task
 from bot.images.fetch import short
-from bot.platform.adapter import AdapterMissing
-from bot.platform.settings import AdapterSettings
-from bot.runtime.config import DEFAULT_CONFIG_PATH, Config, ConfigError, MiB, load_config
-from bot.runtime.files import FileTooLarge, NotARegularFile, read_regular_file
+from bot.runtime.config import DEFAULT_CONFIG_PATH, Config, load_config
 from bot.runtime.health import HealthUnavailable
 from bot.runtime.logs import setup_logging
+from bot.sdk.adapter import AdapterMissing
+from bot.sdk.settings import AdapterSettings
+from bot.settings import ConfigError, MiB
 from bot.state.store import StoreError
+from ground.conversation import Author, ConversationKey, ImageRef, Turn
+from ground.files import FileTooLarge, NotARegularFile, read_regular_file
+from ground.images import ModelImage
 from model.instruct import render_instruct
-from model.service import Chat, ModelImage, ModelLoadError
+from model.service import Chat, ModelLoadError
 
 EXIT_USAGE = 2
 # The adapter `idefics-bot chat` runs: a conversation in this terminal.
@@ -48,7 +50,7 @@ class CommandError(Exception):
 
 def _ways_to_enable(config: Config) -> list[str]:
     """How to turn on each installed adapter that needs secrets, in one line each."""
-    from bot.platform.adapter import installed_adapters
+    from bot.sdk.adapter import installed_adapters
 
     ways = []
     for name in installed_adapters():
@@ -62,7 +64,7 @@ def _ways_to_enable(config: Config) -> list[str]:
 
 
 def _nothing_enabled(config: Config, source: str) -> str:
-    from bot.platform.adapter import installed_adapters
+    from bot.sdk.adapter import installed_adapters
 
     alone = [name for name in installed_adapters() if getattr(config.section(name), "runs_alone", False)]
     unblock = "".join(f"\nFor the {name} adapter, which needs no account: leave out [{name}] enabled = false." for name in alone)
@@ -119,9 +121,9 @@ def _config(args: argparse.Namespace) -> Config:
 async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None) -> None:
     """Start every enabled platform's adapter on one shared model service and run until SIGINT or
     SIGTERM (or until `stop` is set, for callers that manage their own signals, such as tests)."""
+    from bot.core.retention import keep_pruned
     from bot.runtime.app import Runtime, enabled_adapters
     from bot.runtime.health import HealthServer
-    from bot.runtime.retention import keep_pruned
 
     slow = _slow_here(config)
     if slow:
@@ -240,10 +242,10 @@ async def chat(config: Config) -> int:
 
 
 async def ask(config: Config, images: list[str], question: str, task: str, labels: str) -> int:
-    from bot.core.messages import Final, TaskRequest
-    from bot.platform.files import local_attachment
     from bot.runtime.app import Runtime
+    from bot.sdk.files import local_attachment
     from bot.state.store import SQLiteStore
+    from ground.messages import Final, TaskRequest
 
     with tempfile.TemporaryDirectory(prefix="idefics-ask-") as scratch:
         # One-off questions leave no state behind.
@@ -273,9 +275,9 @@ async def ask(config: Config, images: list[str], question: str, task: str, label
 
 
 async def prune_state(config: Config, dry_run: bool) -> int:
-    """Delete now what the state no longer keeps (see bot.runtime.retention), or say what would go."""
+    """Delete now what the state no longer keeps (see bot.core.retention), or say what would go."""
+    from bot.core.retention import prune
     from bot.runtime.app import open_store
-    from bot.runtime.retention import prune
 
     store = await open_store(config)
     try:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from bot.runtime.metrics import Metrics
+from bot.metrics import Metrics
 from model.service import ModelService
 
 log = logging.getLogger(__name__)

@@ -22,10 +22,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bot.core.admission import RateLimiter, RequestBuckets
-from bot.core.conversation import Author, ConversationKey, ImageRef, Part, Turn, Unanswered
 from bot.state.lock import ConversationLocks
-from model.service import ModelImage
+from bot.state.rates import RateLimiter, RequestBuckets
+from bot.state.schema import migrations
+from ground.conversation import Author, ConversationKey, ImageRef, Part, Turn, Unanswered
+from ground.images import ModelImage
 
 
 class StoreError(Exception):
@@ -254,68 +255,7 @@ class Forgotten:
     digests: tuple[str, ...] = ()
 
 
-_MIGRATIONS = [
-    """
-    CREATE TABLE conversations (
-        id INTEGER PRIMARY KEY,
-        platform TEXT NOT NULL, channel TEXT NOT NULL, thread TEXT NOT NULL,
-        created REAL NOT NULL,
-        UNIQUE (platform, channel, thread)
-    );
-    CREATE TABLE turns (
-        id INTEGER PRIMARY KEY,
-        conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-        role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
-        author_id TEXT, author_name TEXT,
-        parts TEXT NOT NULL,
-        message_id TEXT NOT NULL DEFAULT '',
-        dropped INTEGER NOT NULL DEFAULT 0,
-        created REAL NOT NULL
-    );
-    CREATE INDEX turns_by_conversation ON turns (conversation_id, id);
-    CREATE TABLE messages (
-        platform TEXT NOT NULL, message_id TEXT NOT NULL,
-        conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-        PRIMARY KEY (platform, message_id)
-    );
-    CREATE TABLE events (
-        platform TEXT NOT NULL, event_id TEXT NOT NULL, seen REAL NOT NULL,
-        PRIMARY KEY (platform, event_id)
-    );
-    CREATE TABLE channel_images (
-        platform TEXT NOT NULL, channel TEXT NOT NULL,
-        digest TEXT NOT NULL, name TEXT NOT NULL, seen REAL NOT NULL,
-        PRIMARY KEY (platform, channel)
-    );
-    """,
-    # Answers a process may leave unfinished: who is answering a question, what it has posted.
-    """
-    ALTER TABLE turns ADD COLUMN answerer TEXT;
-    CREATE TABLE replies (
-        platform TEXT NOT NULL, question TEXT NOT NULL, messages TEXT NOT NULL, seen REAL NOT NULL,
-        PRIMARY KEY (platform, question)
-    );
-    """,
-    # Votes on answers, and values adapters keep (the hash of the Discord commands they published).
-    """
-    CREATE TABLE feedback (
-        turn_id INTEGER NOT NULL REFERENCES turns(id) ON DELETE CASCADE,
-        user_id TEXT NOT NULL,
-        platform TEXT NOT NULL,
-        vote TEXT NOT NULL,
-        at REAL NOT NULL,
-        PRIMARY KEY (turn_id, user_id)
-    );
-    CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-    """,
-    # Who posted a reply's messages, and where: a process that stops before storing the question
-    # leaves them for another to remove.
-    """
-    ALTER TABLE replies ADD COLUMN owner TEXT;
-    ALTER TABLE replies ADD COLUMN channel TEXT NOT NULL DEFAULT '';
-    ALTER TABLE replies ADD COLUMN thread TEXT NOT NULL DEFAULT '';
-    """,
-]
+_MIGRATIONS = migrations("sqlite")
 SCHEMA_VERSION = len(_MIGRATIONS)
 # Platforms re-deliver an event for minutes at most; a week of event ids is plenty.
 EVENT_MEMORY_S = 7 * 24 * 3600
