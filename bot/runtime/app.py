@@ -29,37 +29,26 @@ _CLOSING_S = 1.0
 async def open_model(config: Config) -> ModelService:
     """The model service the config asks for, loaded or connected."""
     settings = config.model
-    if settings.backend == "tgi":
-        from model.tgi import TGIBackend, TGISettings
+    if settings.backend in ("tgi", "openai"):
+        from model.remote import RemoteSettings
 
-        return await TGIBackend.open(
-            TGISettings(
-                url=settings.url or "",  # the config refuses backend = "tgi" without a url
-                token=settings.token.get_secret_value() if settings.token else None,
-                max_concurrency=settings.max_concurrency,
-                max_queue=settings.max_queue,
-                max_retries=settings.max_retries,
-                connect_timeout_s=settings.connect_timeout_s,
-                payload_limit=settings.payload_limit,
-                reply_tokens=config.generation.max_new_tokens,
-            )
+        remote = RemoteSettings(
+            url=settings.url or "",  # the config refuses a remote backend without a url (and "openai" without a model)
+            token=settings.token.get_secret_value() if settings.token else None,
+            max_concurrency=settings.max_concurrency,
+            max_queue=settings.max_queue,
+            max_retries=settings.max_retries,
+            connect_timeout_s=settings.connect_timeout_s,
+            payload_limit=settings.payload_limit,
+            reply_tokens=config.generation.max_new_tokens,
         )
-    if settings.backend == "openai":
+        if settings.backend == "tgi":
+            from model.tgi import TGIBackend, TGISettings
+
+            return await TGIBackend.open(TGISettings(**vars(remote)))
         from model.openai import OpenAIBackend, OpenAISettings
 
-        return await OpenAIBackend.open(
-            OpenAISettings(
-                url=settings.url or "",  # the config refuses backend = "openai" without url and model
-                model=settings.model or "",
-                token=settings.token.get_secret_value() if settings.token else None,
-                max_concurrency=settings.max_concurrency,
-                max_queue=settings.max_queue,
-                max_retries=settings.max_retries,
-                connect_timeout_s=settings.connect_timeout_s,
-                payload_limit=settings.payload_limit,
-                reply_tokens=config.generation.max_new_tokens,
-            )
-        )
+        return await OpenAIBackend.open(OpenAISettings(**vars(remote), model=settings.model or ""))
     from model.local import BatchSettings, LocalBackend
 
     return await LocalBackend.open(
