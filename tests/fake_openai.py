@@ -30,9 +30,6 @@ The toy chat template counts each message as its role, its text's words and punc
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
 import json
 import re
 from collections import deque
@@ -41,9 +38,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from aiohttp import web
-from PIL import Image
 
-from tests.loopback import LoopbackServer
+from tests.loopback import FakeModelServer
 
 _TOKEN = re.compile(r"\w+|\s|[^\w\s]")
 Flavor = Literal["vllm", "llamacpp", "ollama"]
@@ -78,7 +74,7 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
-class FakeOpenAI:
+class FakeOpenAI(FakeModelServer):
     def __init__(
         self,
         flavor: Flavor = "vllm",
@@ -97,46 +93,24 @@ class FakeOpenAI:
         self.replies: deque[Reply] = deque()
         self.default_reply = Reply(["A", " red", " square", "."])
         self.failures: deque[Failure] = deque()
-        self.release = asyncio.Event()
         self.prompt_logprob: Callable[[str], float] = lambda text: -1.0
         self.chat_requests: list[dict] = []
         self.chat_headers: list[dict[str, str]] = []
         self.tokenize_requests: list[dict] = []
         self.body_sizes: list[int] = []  # of every chat completion request, refused ones too
-        self.images_seen: list[tuple[str, bytes]] = []
         self.disconnects = 0
         self.streaming = 0
-        self._changed = asyncio.Condition()
         routes = {"/v1/models": self._models, "/v1/chat/completions": self._chat}
         if flavor == "vllm":
             routes["/tokenize"] = self._tokenize
         if flavor == "llamacpp":
             routes |= {"/tokenize": self._tokenize, "/health": self._health, "/props": self._props}
-        self.server = LoopbackServer(routes, cancel_on_disconnect=True)
-
-    async def __aenter__(self) -> FakeOpenAI:
-        await self.server.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        self.release.set()
-        await self.server.__aexit__(*exc_info)
+        super().__init__(routes)
 
     @property
     def url(self) -> str:
         """The /v1 base, as [model] url takes it."""
         return self.server.url("/v1")
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        """Wait until `predicate()` holds; it is checked whenever the server records something."""
-        async with asyncio.timeout(timeout):
-            async with self._changed:
-                await self._changed.wait_for(predicate)
-
-    async def _record(self, change: Callable[[], None]) -> None:
-        async with self._changed:
-            change()
-            self._changed.notify_all()
 
     # -- errors, as each server shapes them ---------------------------------------------------
 
@@ -243,16 +217,7 @@ class FakeOpenAI:
     def _decode_image(self, url: str, record: bool) -> str | None:
         if not url.startswith("data:"):
             return "image URLs must be data: URIs" if self.flavor == "ollama" else "the fake never fetches links"
-        kind, _, data = url[len("data:") :].partition(";base64,")
-        try:
-            raw = base64.b64decode(data, validate=True)
-            with Image.open(io.BytesIO(raw)) as image:
-                image.load()
-        except (binascii.Error, OSError) as exc:
-            return f"invalid image: {exc}"
-        if record:
-            self.images_seen.append((kind, raw))
-        return None
+        return self._data_image(url, record)
 
     def _template(self, messages: list, add_generation_prompt: bool, continue_final_message: bool = False) -> list[str]:
         """The toy chat template's tokens: `<|role|>`, the text's pieces and the images' tokens, `<|end|>`."""

@@ -24,9 +24,6 @@ Tests script the replies, inject failures, and read back every request it got.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
 import json
 import re
 from collections import deque
@@ -34,9 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from PIL import Image
 
-from tests.loopback import LoopbackServer
+from tests.loopback import FakeModelServer
 
 SPECIAL = {"<fake_token_around_image>": 32000, "<image>": 32001, "<end_of_utterance>": 32002, "</s>": 2}
 _IMAGE = re.compile(r"!\[\]\(([^)]*)\)")
@@ -80,7 +76,7 @@ def tokenize(text: str) -> list[dict]:
     return tokens
 
 
-class FakeTGI:
+class FakeTGI(FakeModelServer):
     def __init__(
         self,
         model_id: str = "HuggingFaceM4/idefics-9b-instruct",
@@ -103,45 +99,20 @@ class FakeTGI:
         self.replies: deque[Reply] = deque()
         self.default_reply = Reply(["A", " red", " square", ".", "<end_of_utterance>"])
         self.failures: deque[Failure] = deque()
-        self.release = asyncio.Event()
         self.tokenize_gate: asyncio.Event | None = None  # when set to an Event, /tokenize answers once it is set
         self.prefill_logprob: Callable[[str], float] = lambda text: -1.0
         self.generate_requests: list[dict] = []
         self.generate_headers: list[dict[str, str]] = []
         self.tokenize_requests: list[dict] = []
         self.body_sizes: list[int] = []  # of every /generate_stream request, refused ones too
-        self.images_seen: list[tuple[str, bytes]] = []
         self.disconnects = 0
         self.streaming = 0
         self.most_streaming = 0
-        self._changed = asyncio.Condition()
-        self.server = LoopbackServer(
-            {"/info": self._info, "/tokenize": self._tokenize, "/generate_stream": self._generate_stream, "/generate": self._generate},
-            cancel_on_disconnect=True,
-        )
-
-    async def __aenter__(self) -> FakeTGI:
-        await self.server.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        self.release.set()
-        await self.server.__aexit__(*exc_info)
+        super().__init__({"/info": self._info, "/tokenize": self._tokenize, "/generate_stream": self._generate_stream, "/generate": self._generate})
 
     @property
     def url(self) -> str:
         return self.server.url("")
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        """Wait until `predicate()` holds; it is checked whenever the server records something."""
-        async with asyncio.timeout(timeout):
-            async with self._changed:
-                await self._changed.wait_for(predicate)
-
-    async def _record(self, change: Callable[[], None]) -> None:
-        async with self._changed:
-            change()
-            self._changed.notify_all()
 
     # -- routes ------------------------------------------------------------------------------
 
@@ -270,15 +241,7 @@ class FakeTGI:
     def _decode_image(self, uri: str) -> str | None:
         if not uri.startswith("data:"):
             return f"invalid image content: {uri[:40]}"  # the fake never fetches links
-        kind, _, data = uri[len("data:") :].partition(";base64,")
-        try:
-            raw = base64.b64decode(data, validate=True)
-            with Image.open(io.BytesIO(raw)) as image:
-                image.load()
-        except (binascii.Error, OSError) as exc:
-            return f"invalid image: {exc}"
-        self.images_seen.append((kind, raw))
-        return None
+        return self._data_image(uri)
 
     async def _open(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})

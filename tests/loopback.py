@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
+import io
 from collections.abc import Awaitable, Callable
+from typing import Self
 
 from aiohttp import web
+from PIL import Image
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -46,6 +52,50 @@ class LoopbackServer:
         if handler is None:
             return web.Response(status=404, text="not found")
         return await handler(request)
+
+
+class FakeModelServer:
+    """What the fake model servers share: their `LoopbackServer`, entered and left with them (leaving
+    sets `release`, so held replies end); `wait_for` whatever the routes `_record`; and the images of
+    the data: URIs they are sent, checked and kept in `images_seen`."""
+
+    def __init__(self, routes: dict[str, Handler]):
+        self.release = asyncio.Event()
+        self.images_seen: list[tuple[str, bytes]] = []  # (media type, bytes), in the order they came
+        self._changed = asyncio.Condition()
+        self.server = LoopbackServer(routes, cancel_on_disconnect=True)
+
+    async def __aenter__(self) -> Self:
+        await self.server.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.release.set()
+        await self.server.__aexit__(*exc_info)
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Wait until `predicate()` holds; it is checked whenever the server records something."""
+        async with asyncio.timeout(timeout):
+            async with self._changed:
+                await self._changed.wait_for(predicate)
+
+    async def _record(self, change: Callable[[], None]) -> None:
+        async with self._changed:
+            change()
+            self._changed.notify_all()
+
+    def _data_image(self, uri: str, record: bool = True) -> str | None:
+        """What is wrong with the image of a data: URI, if anything; with `record` it is kept in `images_seen`."""
+        kind, _, data = uri[len("data:") :].partition(";base64,")
+        try:
+            raw = base64.b64decode(data, validate=True)
+            with Image.open(io.BytesIO(raw)) as image:
+                image.load()
+        except (binascii.Error, OSError) as exc:
+            return f"invalid image: {exc}"
+        if record:
+            self.images_seen.append((kind, raw))
+        return None
 
 
 async def stream_oversized(request: web.Request, head: bytes, total: int, content_type: str, sent: Callable[[int], None]) -> web.StreamResponse:
