@@ -553,7 +553,7 @@ class OpenAIBackend(RemoteBackend):
             scored = chat.continued(continuation)
             body = {
                 "model": self.settings.model,
-                "messages": await asyncio.to_thread(chat_messages, within_payload(scored, self.settings.payload_limit)[0]),
+                "messages": await asyncio.to_thread(lambda: chat_messages(within_payload(scored, self.settings.payload_limit)[0])),
                 **continuing(scored),
                 "max_tokens": 1,
                 "temperature": 0,
