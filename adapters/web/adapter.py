@@ -154,7 +154,7 @@ class WebAdapter:
             timeout_s=settings.body_timeout_s,
             what_fits=f"at most {images.max_per_turn} images of {images.max_bytes / 2**20:.0f} MB each fit in one",
         )
-        largest = self.form_limits.max_bytes + images.max_bytes  # what read_form reserves for the largest message
+        largest = self.form_limits.reservation(self.form_limits.max_bytes)  # what read_form reserves for the largest message
         self.uploads = UploadBudget(max(settings.upload_memory_mb * 2**20, largest), _UPLOAD_WAIT_S)
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -62,6 +62,11 @@ class FormLimits:
     timeout_s: float
     what_fits: str
 
+    def reservation(self, body: int) -> int:
+        """What a form of `body` bytes may hold: its bytes, and one image more while that image's
+        chunks are joined."""
+        return body + min(body, self.max_image_bytes)
+
 
 class UploadBudget:
     """Bytes that uploads in flight may hold, shared by every request. Reservations are granted in
@@ -168,8 +173,7 @@ async def read_form(request: web.Request, limits: FormLimits, budget: UploadBudg
     if declared is not None and declared > limits.max_bytes:
         raise FormRefused(413, f"That message is {declared / 2**20:.1f} MB; {limits.what_fits}.")
     body = min(declared if declared is not None else limits.max_bytes, limits.max_bytes)
-    # What the form may hold: its bytes, and one image more while that image's chunks are joined.
-    reservation = await budget.reserve(body + min(body, limits.max_image_bytes))
+    reservation = await budget.reserve(limits.reservation(body))
     form = Form("", reservation)
     try:
         async with asyncio.timeout(limits.timeout_s):
