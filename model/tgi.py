@@ -436,9 +436,10 @@ class TGIBackend(RemoteBackend):
             async with self._tokenizing:
                 return await self._call(path, json.dumps(body).encode(), answer, deadline, timeout=None if path == "/generate" else self._quick_timeout())
 
-        async def weigh(prompt_ids: list, continuation: str) -> float:
+        async def weigh(items: list[PromptItem], prompt_ids: list, continuation: str) -> float:
             parameters = {"max_new_tokens": 1, "details": True, "decoder_input_details": True}
-            reply = await call("/generate", {"inputs": render_inputs(continued(self._items(request.prompt), continuation)), "parameters": parameters})
+            inputs = await asyncio.to_thread(lambda: render_inputs(continued(items, continuation)))
+            reply = await call("/generate", {"inputs": inputs, "parameters": parameters})
             prefill = reply.get("details", {}).get("prefill") if isinstance(reply, dict) else None
             if not isinstance(prefill, list) or not all(isinstance(token, dict) for token in prefill):
                 raise GenerationFailed("The model server's answer had no prefill details, so I couldn't weigh the labels. Please try again.")
@@ -449,11 +450,12 @@ class TGIBackend(RemoteBackend):
 
         try:
             async with asyncio.timeout_at(deadline):
-                tokens = await call("/tokenize", {"inputs": counted_text(self.render(request.prompt))})
+                items = self._items(request.prompt)
+                tokens = await call("/tokenize", {"inputs": counted_text(items)})
                 if not isinstance(tokens, list):
                     raise GenerationFailed("The model server's tokenizer gave an answer I couldn't read. Please try again.")
                 prompt_ids = [token.get("id") if isinstance(token, dict) else None for token in tokens]
-                return list(await asyncio.gather(*(weigh(prompt_ids, text) for text in request.continuations)))
+                return list(await asyncio.gather(*(weigh(items, prompt_ids, text) for text in request.continuations)))
         except TimeoutError:
             raise ModelTimeout.scoring(request) from None
 
