@@ -77,8 +77,9 @@ class Idefics3(Family):
         self.image_token_id = config.image_token_id
         # Besides the image tokens, the tile tokens and the global image's: generated, they would
         # only confuse the model; <image> itself would break the merge of the next prefill.
-        tiles = [token for token in tokenizer.get_vocab() if re.fullmatch(r"<row_\d+_col_\d+>", token)]
-        self.banned_tokens = tuple(token for token in (IMAGE_TOKEN, FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, *sorted(tiles)) if token in tokenizer.get_vocab())
+        vocab = tokenizer.get_vocab()
+        tiles = [token for token in vocab if re.fullmatch(r"<row_\d+_col_\d+>", token)]
+        self.banned_tokens = tuple(token for token in (IMAGE_TOKEN, FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, *sorted(tiles)) if token in vocab)
 
     @property
     def context_tokens(self) -> int:
