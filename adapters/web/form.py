@@ -176,19 +176,19 @@ async def read_form(request: web.Request, limits: FormLimits, budget: UploadBudg
     reservation = await budget.reserve(limits.reservation(body))
     form = Form("", reservation)
     try:
-        async with asyncio.timeout(limits.timeout_s):
-            await _read_parts(request, limits, form)
-        reservation.keep(sum(len(file.data or b"") for file in form.files))
-    except TimeoutError:
-        form.release()
-        raise FormRefused(408, f"That message took longer than {limits.timeout_s:g} s to arrive; please send it again.") from None
-    except (ValueError, HttpProcessingError):
-        form.release()
-        raise FormRefused(400, "That message's form is malformed (cut short, or not multipart as declared); please send it again from the chat page.") from None
-    except ConnectionError:  # the client went away mid-body: nobody reads the answer
-        form.release()
-        raise FormRefused(400, "That message was cut off before its end; please send it again.") from None
-    except BaseException:
+        try:
+            async with asyncio.timeout(limits.timeout_s):
+                await _read_parts(request, limits, form)
+            reservation.keep(sum(len(file.data or b"") for file in form.files))
+        except TimeoutError:
+            raise FormRefused(408, f"That message took longer than {limits.timeout_s:g} s to arrive; please send it again.") from None
+        except (ValueError, HttpProcessingError):
+            raise FormRefused(
+                400, "That message's form is malformed (cut short, or not multipart as declared); please send it again from the chat page."
+            ) from None
+        except ConnectionError:  # the client went away mid-body: nobody reads the answer
+            raise FormRefused(400, "That message was cut off before its end; please send it again.") from None
+    except BaseException:  # whatever ends the read, mapped or not, drops what the form holds, once
         form.release()
         raise
     return form
