@@ -50,8 +50,12 @@ class StreamingChoice:
         within `RECHECK_S`."""
         if not self.enabled:
             return False
-        if self._refused_at is None or time.time() - self._refused_at >= RECHECK_S:
+        if self._may_stream():
             self._refused_at = _refused_at(await self.values.get_value(SETTING))
+        return self._may_stream()
+
+    def _may_stream(self) -> bool:
+        """Not refused as far as this process knows, or refused `RECHECK_S` ago or more."""
         return self._refused_at is None or time.time() - self._refused_at >= RECHECK_S
 
     async def refused(self, error: str) -> None:
