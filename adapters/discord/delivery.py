@@ -182,7 +182,9 @@ def fitted(text: str, notes: tuple[str, ...], messages: int) -> tuple[str, tuple
     (the longest such beginning that fits) with the note `CUT` added."""
 
     def fits(candidate: str, with_notes: tuple[str, ...]) -> bool:
-        return len(split_message(format_final(Final(candidate, with_notes), note), MESSAGE_LIMIT)) <= messages
+        formatted = format_final(Final(candidate, with_notes), note)
+        # Text within the limit is one message: no need to split it to count.
+        return len(formatted) <= MESSAGE_LIMIT or len(split_message(formatted, MESSAGE_LIMIT)) <= messages
 
     if fits(text, notes):
         return text, notes
