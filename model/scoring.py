@@ -31,10 +31,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return length
 
 
-def continuation_rows(model, family, chat: Chat, continuations: Sequence[str]) -> tuple[Prompt, list[Row], list[int]]:
-    """The prompt (its images encoded), one row per continuation sharing those images, and where each
-    row's own tokens start. Only the reply changes, so every token after the prompt's common part
-    sees the images the prompt's last token sees."""
+def continuation_ids(model, family, chat: Chat, continuations: Sequence[str]) -> tuple[Prompt, list[list[int]], list[int]]:
+    """The prompt (its images encoded), each continuation's token ids (the whole chat with it), and
+    where each one's own tokens start. Only the reply changes, so every token after the prompt's
+    common part sees the images the prompt's last token sees."""
     prompt = family.prepare(model, chat)
     rows, starts = [], []
     for text in continuations:
@@ -42,8 +42,7 @@ def continuation_rows(model, family, chat: Chat, continuations: Sequence[str]) -
         start = _common_prefix(prompt.ids, ids)
         if start == len(ids):
             raise ValueError("every continuation must add at least one token")
-        mask = torch.cat([prompt.image_mask[:start], prompt.image_mask[-1:].expand(len(ids) - start, -1)])
-        rows.append(Row(owner=text, prompt=Prompt(ids, mask, prompt.images), max_new_tokens=0))
+        rows.append(ids)
         starts.append(start)
     return prompt, rows, starts
 
@@ -54,7 +53,7 @@ def score_continuations(
     """The log-likelihood of each continuation, then an end token, as the reply to `chat`; `family`
     (model/family.py) makes the model's input. The part all rows share is prefilled once; each row's
     own tokens then run on copies of its cache."""
-    prompt, rows, starts = continuation_rows(model, family, chat, continuations)
+    prompt, rows, starts = continuation_ids(model, family, chat, continuations)
     logits_processors = [make(list(prompt.ids)) for make in row_processors]
     shared = min(starts)
     common = Row(owner="prompt", prompt=Prompt(prompt.ids[:shared], prompt.image_mask[:shared], prompt.images), max_new_tokens=0)
@@ -62,11 +61,11 @@ def score_continuations(
     with torch.inference_mode():  # logits processors may change the scores in place, as in generate
         prefilled = Batch.prefill(model, [common], family, pad_id)
         assert prefilled.logits is not None
-        suffixes = [row.ids[shared:] for row in rows]
+        suffixes = [row[shared:] for row in rows]
         extended = prefilled.select([0] * len(rows)).extend(model, suffixes, pad_id)  # column j predicts suffix token j + 1
         first = prefilled.logits.repeat(len(rows), 1)  # predicts suffix token 0 (a copy per row: processors work in place)
         width = max(len(suffix) for suffix in suffixes)
-        ids = torch.tensor([row.ids + [pad_id] * (width - len(suffix)) for row, suffix in zip(rows, suffixes)], device=extended.device)
+        ids = torch.tensor([row + [pad_id] * (width - len(suffix)) for row, suffix in zip(rows, suffixes)], device=extended.device)
         scores = torch.zeros(len(rows), device=extended.device)
         for column in range(width + 1):  # suffix token `column`, or past a row's last one, its end
             step = first if column == 0 else extended[:, column - 1]
