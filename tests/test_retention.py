@@ -18,10 +18,13 @@ import asyncpg
 import pytest
 from PIL import Image
 
+from bot.core.retention import kept_images, prune
+from bot.images.attachments import ImageIntake
 from bot.state.postgres import PostgresStore
 from bot.state.store import SQLiteStore, Store, StoreError
 from ground.conversation import Author, ConversationKey, ImageRef, Turn
 from ground.images import ModelImage
+from tests.conftest import BOTH_FAMILIES, image_bytes, write_config
 from tests.test_cli import idefics_bot
 
 ANN, BOB = Author("U1", "Ann"), Author("U2", "Bob")
@@ -160,6 +163,47 @@ def test_the_prune_command_says_what_would_go_then_deletes_it(tmp_path):
     assert done.returncode == 0 and "Deleted 2 turns older than 90 days and 2 images" in done.stdout
     again = idefics_bot("prune", cwd=tmp_path)
     assert "Deleted 0 turns older than 90 days and 0 images" in again.stdout
+
+
+@BOTH_FAMILIES
+async def test_a_few_shot_image_stays_stored_as_the_model_prepared_it(tmp_path, tiny_checkpoint, backend):
+    """The intake stores a few-shot image at the model's image size (IDEFICS v1's square, Idefics3's
+    longest edge), not the 224-pixel default: a prune keeps that one past its grace, in the running
+    bot and in `idefics-bot prune`, which loads no model."""
+    example = tmp_path / "example.png"
+    example.write_bytes(image_bytes(size=(300, 200)))
+    state = tmp_path / "state" / "bot.sqlite3"
+    config = write_config(
+        tmp_path / "config.toml",
+        f"""
+[model]
+checkpoint = "{tiny_checkpoint}"
+[state]
+path = "{state}"
+[[tasks.few_shot]]
+image = "{example}"
+text = "A red rectangle."
+""",
+    )
+    store = await SQLiteStore.open(config.state.path)
+    try:
+        stored = await ImageIntake(config.images, store, backend).prepare(example.read_bytes(), example.name)
+        await store.put_image(stored)
+        await store.put_image(RED)  # nothing refers to it
+        await age(store, 2 * HOUR)
+    finally:
+        await store.close()
+    pruned = await asyncio.to_thread(idefics_bot, "prune", cwd=tmp_path)
+    assert pruned.returncode == 0, pruned.stderr
+    assert "and 1 images nothing refers to" in pruned.stdout
+    store = await SQLiteStore.open(config.state.path)
+    try:
+        assert await has(store, stored) and not await has(store, RED)
+        assert await kept_images(config, (backend.info,)) == {stored.digest}
+        await age(store, 2 * HOUR)
+        assert (await prune(config, store, (backend.info,))).images == 0 and await has(store, stored)
+    finally:
+        await store.close()
 
 
 @pytest.mark.parametrize("forgetting", ["reset", "forget", "prune"])

@@ -314,7 +314,7 @@ class Conversations:
     async def _kept_images(self) -> frozenset[str]:
         """The few-shot examples' images: the config refers to them, so they are never forgotten."""
         if self._kept is None:
-            self._kept = await kept_images(self.config)
+            self._kept = await kept_images(self.config, (self.intake.model.info,))
         return self._kept
 
     async def reset_channel(self, platform: str, channel: str) -> tuple[int, int]:

@@ -31,7 +31,7 @@ from ground.conversation import Author, ConversationKey, ImageRef, Turn
 from ground.files import FileTooLarge, NotARegularFile, read_regular_file
 from ground.images import ModelImage
 from model.instruct import render_instruct
-from model.service import Chat, ModelLoadError
+from model.service import Chat, ModelInfo, ModelLoadError
 
 EXIT_USAGE = 2
 # The adapter `idefics-bot chat` runs: a conversation in this terminal.
@@ -157,7 +157,7 @@ async def run_bot(config: Config, source: str, stop: asyncio.Event | None = None
             for adapter in adapters:
                 await adapter.start()
                 started.append(adapter)
-            pruning = asyncio.create_task(keep_pruned(config, runtime.store), name="prune")
+            pruning = asyncio.create_task(keep_pruned(config, runtime.store, runtime.model.info), name="prune")
             broken = await _until_stopped_or_broken(stop, started)
             grace = config.bot.shutdown_grace_s
             # Adapters close by then; the rest is kept for closing the state and ending the process.
@@ -274,6 +274,42 @@ async def ask(config: Config, images: list[str], question: str, task: str, label
 # -- prune -----------------------------------------------------------------------------------
 
 
+def possible_models(config: Config) -> list[ModelInfo]:
+    """How the models the bot may run with have their images prepared, for keeping the few-shot
+    images without loading one (`idefics-bot prune`): the local checkpoint's processor config when it
+    is a folder here, and every backend's known sizes (224, OpenAI's 512, TGI's longest edges), as a
+    checkpoint elsewhere or a server may be any of them. Keeping an extra digest or two costs nothing."""
+    from model.openai import IMAGE_SIDE
+    from model.tgi import _LONGEST_EDGE
+
+    name = config.model.checkpoint
+    models = [ModelInfo(name), ModelInfo(name, image_size=IMAGE_SIDE)]
+    models += [ModelInfo(name, image_longest_edge=edge) for edge in _LONGEST_EDGE.values()]
+    processor = _image_processor_config(Path(name))
+    size = processor.get("size")
+    if isinstance(size, dict) and isinstance(size.get("longest_edge"), int):  # Idefics3, SmolVLM
+        models.append(ModelInfo(name, image_longest_edge=size["longest_edge"]))
+    elif isinstance(size, dict) and isinstance(size.get("height"), int):  # IDEFICS v1
+        models.append(ModelInfo(name, image_size=size["height"]))
+    elif isinstance(processor.get("image_size"), int):
+        models.append(ModelInfo(name, image_size=processor["image_size"]))
+    return models
+
+
+def _image_processor_config(checkpoint: Path) -> dict:
+    """The image processor's saved settings in a checkpoint folder (empty if there are none here):
+    processor_config.json holds them under "image_processor", an older preprocessor_config.json alone."""
+    for file, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        try:
+            settings = json.loads((checkpoint / file).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        settings = settings.get(key) if key and isinstance(settings, dict) else settings
+        if isinstance(settings, dict):
+            return settings
+    return {}
+
+
 async def prune_state(config: Config, dry_run: bool) -> int:
     """Delete now what the state no longer keeps (see bot.core.retention), or say what would go."""
     from bot.core.retention import prune
@@ -281,7 +317,7 @@ async def prune_state(config: Config, dry_run: bool) -> int:
 
     store = await open_store(config)
     try:
-        gone = await prune(config, store, dry_run)
+        gone = await prune(config, store, possible_models(config), dry_run)
     finally:
         await store.close()
     days = config.state.retention_days
