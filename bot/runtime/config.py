@@ -27,12 +27,12 @@ MAX_CONFIG_BYTES = MiB
 
 # Secrets of the core's own sections that may come from the environment: (section, key) -> variable.
 # Adapters declare theirs in their settings model (`AdapterSettings.environment`). The model's
-# token comes from the variable of the backend in use (`_MODEL_TOKEN_FROM_ENV`).
+# token comes from the variable of the backend in use (`_MODEL_TOKEN_FROM_ENV`), else TGI_TOKEN.
 _SECRETS_FROM_ENV = {
     ("model", "token"): "TGI_TOKEN",
     ("state", "url"): "DATABASE_URL",
 }
-_MODEL_TOKEN_FROM_ENV = {"tgi": "TGI_TOKEN", "openai": "OPENAI_API_KEY"}
+_MODEL_TOKEN_FROM_ENV = {"openai": "OPENAI_API_KEY"}
 
 
 class Config(Settings):
@@ -108,9 +108,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             adapter_errors += [_describe(error, name, frozenset(getattr(model, "environment", {}))) for error in exc.errors()]
     model_section = data.get("model", {})
     backend = model_section.get("backend") if isinstance(model_section, dict) else None
-    for (section, key), env in _SECRETS_FROM_ENV.items():
-        if (section, key) == ("model", "token"):
-            env = _MODEL_TOKEN_FROM_ENV.get(str(backend), env)
+    model_token = _MODEL_TOKEN_FROM_ENV.get(str(backend), _SECRETS_FROM_ENV["model", "token"])
+    for (section, key), env in {**_SECRETS_FROM_ENV, ("model", "token"): model_token}.items():
         if environ.get(env) and isinstance(data.get(section, {}), dict) and not data.get(section, {}).get(key):
             data.setdefault(section, {})[key] = environ[env]
     try:
