@@ -262,12 +262,11 @@ class LocalBackend(ModelService):
             self._lock.notify()
         return await asyncio.wrap_future(done)
 
-    async def _one_off(self, work: Callable[[Any, Any], T], request: GenerationRequest | ScoreRequest, timed_out: Callable[[], ModelError]) -> T:
+    async def _one_off(self, work: Callable[[Any, Any], T], request: ScoreRequest, timed_out: Callable[[], ModelError]) -> T:
         """`work` run between steps, within the request's time limits (queue and work together), its
         failure told as a `ModelError`."""
-        limits = [limit for limit in (request.queue_timeout, request.timeout) if limit is not None]
         try:
-            async with asyncio.timeout(sum(limits) if limits else None):
+            async with asyncio.timeout(request.time_limit):
                 return await self.call_between_steps(work)
         except TimeoutError:
             raise timed_out() from None

@@ -540,8 +540,8 @@ class OpenAIBackend(RemoteBackend):
         self._check_open()
         if self._scores is False or self._counting != "server":
             raise ScoringUnavailable("This model server can't weigh labels.")
-        limits = [limit for limit in (request.queue_timeout, request.timeout) if limit is not None]
-        deadline = asyncio.get_running_loop().time() + sum(limits) if limits else None
+        limit = request.time_limit
+        deadline = None if limit is None else asyncio.get_running_loop().time() + limit
         chat = request.prompt
 
         async def answer(response: aiohttp.ClientResponse) -> object:

@@ -135,6 +135,12 @@ class ScoreRequest:
     timeout: float | None = None
     label: str = ""  # for logs only: which conversation asked
 
+    @property
+    def time_limit(self) -> float | None:
+        """The whole request's limit, queue and work together: the sum of those set, None if neither is."""
+        limits = [limit for limit in (self.queue_timeout, self.timeout) if limit is not None]
+        return sum(limits) if limits else None
+
 
 @dataclass(frozen=True)
 class Queued:

@@ -424,8 +424,8 @@ class TGIBackend(RemoteBackend):
         The tokens scored are those after the prompt's own (by /tokenize); were the two to differ
         earlier, the extra prompt tokens would add the same amount to every continuation."""
         self._check_open()
-        limits = [limit for limit in (request.queue_timeout, request.timeout) if limit is not None]
-        deadline = asyncio.get_running_loop().time() + sum(limits) if limits else None
+        limit = request.time_limit
+        deadline = None if limit is None else asyncio.get_running_loop().time() + limit
 
         async def answer(response: aiohttp.ClientResponse) -> object:
             async with response:
