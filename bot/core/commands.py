@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from bot.core.generation import Generation
 from bot.core.prompt import PromptTooLong, check_fits
 from bot.core.ranking import classify, named_label
-from bot.core.tasks import DEFAULT_MAX_NEW_TOKENS, FewShotPair, TaskError, TaskPrompt, build_task
+from bot.core.tasks import FewShotPair, TaskError, TaskPrompt, build_task, task_length
 from bot.core.turns import Conversations, unsaved
 from bot.images.attachments import ImageIntake
 from bot.images.intake import ImageRejected
@@ -183,7 +183,7 @@ class Commands:
     async def _label_named(self, request: TaskRequest, prompt: TaskPrompt, notes: list[str]) -> AsyncIterator[ReplyEvent]:
         """Classification on a model that can't weigh labels: the guide's free-generation form, and
         the label the model names, said to be approximate."""
-        length = self.config.tasks.max_new_tokens.get("classify_generate", DEFAULT_MAX_NEW_TOKENS["classify_generate"])
+        length = task_length("classify_generate", self.config.tasks.max_new_tokens)
         async for event in self.generation.stream(prompt.chat, length, f"{request.key} task=classify"):
             if isinstance(event, Partial):
                 continue  # the model's own words are not the answer

@@ -11,8 +11,9 @@ form, which may name no label at all, is `classify_generate`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from bot.core.prompt import chat_of, clean_text
 from ground.conversation import Author, ImageRef, Turn
@@ -31,6 +32,15 @@ DEFAULT_MAX_NEW_TOKENS = {
     "few_shot": 30,
 }
 DEFAULT_NUM_BEAMS = {"story": 2}
+
+
+Name = TypeVar("Name", bound=str)  # a task's name: a str, or the config's TaskName
+
+
+def task_length(task: Name, overrides: Mapping[Name, int] | None = None) -> int:
+    """The reply budget of `task`: `overrides`' ([tasks] max_new_tokens) if it names the task, else
+    the default."""
+    return overrides[task] if overrides and task in overrides else DEFAULT_MAX_NEW_TOKENS[task]
 
 
 class TaskError(ValueError):
@@ -93,13 +103,12 @@ def build_task(
         raise TaskError(f"Unknown task '{task}'. Choose one of: {', '.join(TASKS)}.")
     specials = tuple(special_tokens)
     question = clean_text(question, specials)
-    lengths = {**DEFAULT_MAX_NEW_TOKENS, **(max_new_tokens or {})}
     beams = {**DEFAULT_NUM_BEAMS, **(num_beams or {})}.get(task, 1)
     if task == "chat":
         if not question and not images:
             raise TaskError("Ask a question or give an image.")
         turn = Turn("user", (*((question,) if question else ()), *images), Author("user", "user"))
-        return TaskPrompt(chat_of([turn], system_prompt), lengths[task], beams)
+        return TaskPrompt(chat_of([turn], system_prompt), task_length(task, max_new_tokens), beams)
     if len(images) != 1:
         raise TaskError(f"The {task} task takes exactly one image ({len(images)} given).")
     image = images[0]
@@ -140,4 +149,4 @@ def build_task(
             messages += [Message("user", (example.image, "Describe this image.")), Message("assistant", (answer,))]
         items += ["User:", image, "Describe this image.\nAssistant:"]
         messages.append(Message("user", (image, "Describe this image.")))
-    return TaskPrompt(Chat(tuple(messages), cue, tuple(items)), lengths[task], beams)
+    return TaskPrompt(Chat(tuple(messages), cue, tuple(items)), task_length(task, max_new_tokens), beams)
