@@ -83,7 +83,7 @@ _END_TOKENS = (END_OF_UTTERANCE, "</s>")
 # processor settings, since the server's tokenizer is asked about text only. Too high rather than too low.
 _IMAGE_TOKENS = {"smolvlm": 17 * (64 + 2) + 4, "idefics3": 17 * (169 + 2) + 4, "idefics2": 5 * (64 + 2)}
 # The longest edge their processors scale images to (intake keeps no more than that).
-_LONGEST_EDGE = {"smolvlm": 2048, "idefics3": 1456, "idefics2": 980}
+LONGEST_EDGE = {"smolvlm": 2048, "idefics3": 1456, "idefics2": 980}
 
 
 def served_family(model_id: str) -> str | None:
@@ -298,7 +298,7 @@ class TGIBackend(RemoteBackend):
             context_tokens=min(max_total, max_input + self.settings.reply_tokens),
             max_request_bytes=self.settings.payload_limit,
             family=self._family or "idefics",
-            image_longest_edge=_LONGEST_EDGE.get(self._family or ""),
+            image_longest_edge=LONGEST_EDGE.get(self._family or ""),
         )
         self._max_stops = info.get("max_stop_sequences", self._max_stops)
         server_limit = info.get("max_concurrent_requests")

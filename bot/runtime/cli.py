@@ -280,11 +280,11 @@ def possible_models(config: Config) -> list[ModelInfo]:
     is a folder here, and every backend's known sizes (224, OpenAI's 512, TGI's longest edges), as a
     checkpoint elsewhere or a server may be any of them. Keeping an extra digest or two costs nothing."""
     from model.openai import IMAGE_SIDE
-    from model.tgi import _LONGEST_EDGE
+    from model.tgi import LONGEST_EDGE
 
     name = config.model.checkpoint
     models = [ModelInfo(name), ModelInfo(name, image_size=IMAGE_SIDE)]
-    models += [ModelInfo(name, image_longest_edge=edge) for edge in _LONGEST_EDGE.values()]
+    models += [ModelInfo(name, image_longest_edge=edge) for edge in LONGEST_EDGE.values()]
     processor = _image_processor_config(Path(name))
     size = processor.get("size")
     if isinstance(size, dict) and isinstance(size.get("longest_edge"), int):  # Idefics3, SmolVLM
