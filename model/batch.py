@@ -195,18 +195,27 @@ class PrefillForward:
     output: Any
 
 
-def prefill_forward(model, rows: Sequence[Row], family: PrefillInputs, pad_id: int, keep: int = 1) -> PrefillForward:
+def prefill_forward(
+    model, rows: Sequence[Row], family: PrefillInputs, pad_id: int, keep: int = 1, packed: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> PrefillForward:
     """One forward of the rows' tokens so far, left-padded, with a fresh cache; logits of the last
-    `keep` positions. `family` (model/family.py) gives the forward the rows' images in the model's own form."""
+    `keep` positions. `family` (model/family.py) gives the forward the rows' images in the model's own form.
+
+    `packed`, a 4D attention mask (rows, 1, tokens, tokens), additive in the model's dtype, and the
+    position ids (rows, tokens), lays out rows that each pack several sequences (model/scoring.py)
+    instead of causally: such a forward keeps no cache, since nothing decodes after it."""
     device = model.device
     longest = max(len(row.ids) for row in rows)
     ids = torch.tensor([[pad_id] * (longest - len(row.ids)) + row.ids for row in rows], device=device)
     lengths = torch.tensor([len(row.ids) for row in rows], device=device)
     attention_mask = (torch.arange(longest, device=device) >= longest - lengths[:, None]).long()
-    # generate's rule: positions count the row's own tokens; padding sits at 0.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     inputs, images = family.prefill_inputs(model, rows, ids)
-    output = _forward(model, attention_mask, position_ids, DynamicCache(config=model.config), keep, **inputs)
+    if packed is None:
+        # generate's rule: positions count the row's own tokens; padding sits at 0.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        output = _forward(model, attention_mask, position_ids, DynamicCache(config=model.config), keep, **inputs)
+    else:
+        output = _forward(model, *packed, None, keep, **inputs)
     return PrefillForward(ids, attention_mask, images, output)
 
 
@@ -280,20 +289,6 @@ class Batch:
         for row in self.rows:
             row.cached += 1
         self.logits = output.logits[:, -1].float()
-
-    def extend(self, model, suffixes: Sequence[list[int]], pad_id: int) -> torch.Tensor:
-        """Feed row i the tokens `suffixes[i]` after what it holds (right-padded: a row's padding comes
-        after its own tokens, so nothing of its own sees it) and return the logits of every fed
-        position, (rows, longest suffix, vocabulary). For scoring: the batch is spent afterwards."""
-        device = self.attention_mask.device
-        width = max(len(suffix) for suffix in suffixes)
-        ids = torch.tensor([suffix + [pad_id] * (width - len(suffix)) for suffix in suffixes], device=device)
-        lengths = torch.tensor([len(suffix) for suffix in suffixes], device=device)
-        own = (torch.arange(width, device=device) < lengths[:, None]).long()
-        attention_mask = torch.cat([self.attention_mask, own], dim=1)
-        position_ids = self.positions[:, None] + torch.arange(width, device=device)
-        output = _forward(model, attention_mask, position_ids, self.cache, width, input_ids=ids, **self.images.step_inputs(model, width))
-        return output.logits.float()
 
     @torch.inference_mode()
     def choose(self, banned: Sequence[int]) -> tuple[list[int], dict[int, Exception]]:
@@ -462,9 +457,9 @@ def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     return cache
 
 
-def _forward(model, attention_mask, position_ids, cache, keep: int = 1, **inputs):
-    """One forward of the language model, logits of the last `keep` positions; `inputs` are the
-    tokens (ids or embeddings) and the images in the family's form (precomputed states: the vision
-    encoder never runs here)."""
+def _forward(model, attention_mask, position_ids, cache: DynamicCache | None, keep: int = 1, **inputs):
+    """One forward of the language model, logits of the last `keep` positions, filling `cache` (None:
+    keeping no keys and values); `inputs` are the tokens (ids or embeddings) and the images in the
+    family's form (precomputed states: the vision encoder never runs here)."""
     with torch.inference_mode():
-        return model(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=keep, **inputs)
+        return model(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=cache is not None, logits_to_keep=keep, **inputs)
