@@ -3,7 +3,7 @@
 A `Batch` holds what the next forward of each row needs: the row's keys and values in a left-padded
 KV cache, the attention mask, the token to feed and its position, and what the row's images give
 its decoding steps (`RowImages`, which the model's family makes: for IDEFICS v1 the perceiver states,
-computed once per request by `encode_prompt`, with the image mask of its last prompt token; nothing
+computed once per request by the family's `encode`, with the image mask of its last prompt token; nothing
 for Idefics3, whose images live in the prompt's embeddings and so in the cache).
 Rows join by being prefilled as a batch of their own and `concatenate`d into the running one; they
 leave through `select`, which also trims padding nobody needs any more, so a finished row stops
@@ -118,46 +118,6 @@ def footprint(rows: Sequence[Row]) -> int:
     """Cache rows x tokens the rows may need together at most (padding included): every row padded to
     the longest peak. `select` trims padding as rows leave, so the cache never exceeds this."""
     return len(rows) * max((row.peak_tokens for row in rows), default=0)
-
-
-@dataclass(frozen=True)
-class ProcessedPrompt:
-    """A prompt through the processor (CPU work, done off the model's thread): token ids, which
-    images each token sees, and the images' pixels."""
-
-    ids: list[int]
-    image_mask: torch.Tensor  # (len(ids), images) bool
-    pixels: torch.Tensor | None  # (images, channels, height, width)
-
-
-def process_prompt(processor, items: list) -> ProcessedPrompt:
-    """Tokenize a prompt (text and PIL images) and turn its images into pixels."""
-    inputs = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False)
-    ids = inputs["input_ids"][0].tolist()
-    count = sum(not isinstance(item, str) for item in items)
-    if count == 0:
-        return ProcessedPrompt(ids, torch.zeros((len(ids), 0), dtype=torch.bool), None)
-    return ProcessedPrompt(ids, inputs["image_attention_mask"][0, :, :count].bool(), inputs["pixel_values"][0, :count])
-
-
-def encode_prompt(model, processed: ProcessedPrompt) -> Prompt:
-    """Run the prompt's images through the vision encoder and perceiver, once for the whole reply."""
-    image_mask = processed.image_mask.to(model.device)
-    if processed.pixels is None:
-        return Prompt(processed.ids, image_mask, None)
-    with torch.inference_mode():
-        states = model.model.vision_model(pixel_values=processed.pixels.to(model.device, model.dtype)).last_hidden_state
-        if model.config.use_resampler:
-            states = model.model.perceiver_resampler(states)
-    return Prompt(processed.ids, image_mask, states)
-
-
-def image_state_shape(config) -> tuple[int, int]:
-    """(states, hidden) of one image as the language model sees it: perceiver latents, or patches."""
-    vision = config.vision_config
-    if config.use_resampler:
-        return config.perceiver_config.resampler_n_latents, vision.embed_dim
-    return (vision.image_size // vision.patch_size) ** 2 + 1, vision.embed_dim
 
 
 class RowImages(Protocol):
