@@ -12,9 +12,9 @@ out of time) leave at once. Nobody waits for somebody else's long answer: greedy
 beam-search requests (one row per beam, `model.beams`) share the batch, and label scoring is a
 prefill-only request run between two steps (`model.scoring`). A newcomer whose prefill runs out of
 memory while others decode waits in front of the queue, under a lowered budget, for room. The event
-loop never runs the model: events go back through a `_Courier`, which wakes the loop for text at most
-every `stream_interval_s` (each wake-up hands the loop the GIL, which the worker then waits to get
-back), and a watchdog on the loop replaces a worker that stops making progress.
+loop never runs the model: events go back through a `_Courier`, which has the loop take text every
+`stream_interval_s` instead of waking it for every token (each wake-up hands the loop the GIL, which
+the worker then waits to get back), and a watchdog on the loop replaces a worker that stops making progress.
 """
 
 from __future__ import annotations
@@ -95,41 +95,37 @@ class BatchSettings:
 
 class _Courier:
     """Carries events from the worker thread to the askers' queues on the event loop, a batch at a
-    time: events other than text make it call the loop at once, text waits until `interval` has passed
-    since the last call (the worker `tick`s after every step)."""
+    time. Events other than text call the loop at once; the first text after a delivery sets a timer
+    on the loop, which takes whatever text has come by then, however busy the worker is."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, interval: float):
         self._loop = loop
         self._interval = interval
         self._lock = threading.Lock()
         self._parcels: list[tuple[asyncio.Queue, StreamEvent | BaseException]] = []
-        self._called = False  # a delivery is scheduled on the loop and has not taken the parcels yet
-        self._last_call = 0.0
+        self._timed = False  # the loop has (or will have) a timer for the text
+        self._called = False  # the loop will deliver at its next turn
 
     def send(self, events: asyncio.Queue, event: StreamEvent | BaseException) -> None:
-        """Put `event` into `events` on the loop: now, or with the next batch if it is text."""
+        """Put `event` into `events` on the loop: now, or within `interval` if it is text."""
+        text = isinstance(event, TextDelta)
         with self._lock:
             self._parcels.append((events, event))
-        if not isinstance(event, TextDelta):
-            self._call()
-
-    def tick(self, now: bool = False) -> None:
-        """Call the loop if text has waited long enough (or `now`, when nothing else would)."""
-        if self._parcels and (now or time.monotonic() - self._last_call >= self._interval):
-            self._call()
-
-    def _call(self) -> None:
-        with self._lock:
-            if self._called:
-                return
-            self._called = True
-            self._last_call = time.monotonic()
-        self._loop.call_soon_threadsafe(self._deliver)
+            if text:
+                on_its_way, self._timed = self._timed or self._called, True
+            else:
+                on_its_way, self._called = self._called, True
+        if on_its_way:
+            return
+        if text:
+            self._loop.call_soon_threadsafe(self._loop.call_later, self._interval, self._deliver)
+        else:
+            self._loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
         with self._lock:
             parcels, self._parcels = self._parcels, []
-            self._called = False
+            self._timed = self._called = False
         for events, event in parcels:
             events.put_nowait(event)
 
@@ -413,7 +409,6 @@ class LocalBackend(ModelService):
                     batch = self._join(batch, joining)
                 if batch is not None:
                     batch = self._step(batch)
-                self._courier.tick(now=batch is None)  # an idle worker leaves nothing behind
                 self._active = [] if batch is None else [row.owner for row in batch.rows]
 
     def _take_newcomers(self, batch: Batch | None, worker: int) -> list[Row] | None:
