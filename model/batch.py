@@ -3,7 +3,7 @@
 A `Batch` holds what the next forward of each row needs: the row's keys and values in a left-padded
 KV cache, the attention mask, the token to feed and its position, and what the row's images give
 its decoding steps (`RowImages`, which the model's family makes: for IDEFICS v1 the perceiver states,
-computed once per request by `encode_prompt`, with the image mask of its last prompt token; nothing
+computed once per request by the family's `encode`, with the image mask of its last prompt token; nothing
 for Idefics3, whose images live in the prompt's embeddings and so in the cache).
 Rows join by being prefilled as a batch of their own and `concatenate`d into the running one; they
 leave through `select`, which also trims padding nobody needs any more, so a finished row stops
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Protocol, cast
 
 import torch
@@ -74,12 +74,14 @@ class Row:
     cached: int = 0  # this row's tokens in the cache (its rightmost columns)
     generator: torch.Generator | None = None
     beams: BeamSearch | None = None
+    # Tokens after the prompt the row starts with (a scoring's continuations, packed: model/scoring.py).
+    said: InitVar[Sequence[int]] = ()
     _own_ids: list[int] = field(init=False, repr=False)  # `ids` of a row outside a search (it appends to them)
     _buffer: torch.Tensor | None = field(default=None, repr=False)  # `ids` as a tensor, filled on demand
     _filled: int = 0
 
-    def __post_init__(self) -> None:
-        self._own_ids = list(self.prompt.ids)
+    def __post_init__(self, said: Sequence[int]) -> None:
+        self._own_ids = [*self.prompt.ids, *said]
 
     @property
     def ids(self) -> list[int]:
@@ -128,46 +130,6 @@ def footprint(rows: Sequence[Row]) -> int:
     return len(rows) * max((row.peak_tokens for row in rows), default=0)
 
 
-@dataclass(frozen=True)
-class ProcessedPrompt:
-    """A prompt through the processor (CPU work, done off the model's thread): token ids, which
-    images each token sees, and the images' pixels."""
-
-    ids: list[int]
-    image_mask: torch.Tensor  # (len(ids), images) bool
-    pixels: torch.Tensor | None  # (images, channels, height, width)
-
-
-def process_prompt(processor, items: list) -> ProcessedPrompt:
-    """Tokenize a prompt (text and PIL images) and turn its images into pixels."""
-    inputs = processor(text=[items], return_tensors="pt", add_end_of_utterance_token=False)
-    ids = inputs["input_ids"][0].tolist()
-    count = sum(not isinstance(item, str) for item in items)
-    if count == 0:
-        return ProcessedPrompt(ids, torch.zeros((len(ids), 0), dtype=torch.bool), None)
-    return ProcessedPrompt(ids, inputs["image_attention_mask"][0, :, :count].bool(), inputs["pixel_values"][0, :count])
-
-
-def encode_prompt(model, processed: ProcessedPrompt) -> Prompt:
-    """Run the prompt's images through the vision encoder and perceiver, once for the whole reply."""
-    image_mask = processed.image_mask.to(model.device)
-    if processed.pixels is None:
-        return Prompt(processed.ids, image_mask, None)
-    with torch.inference_mode():
-        states = model.model.vision_model(pixel_values=processed.pixels.to(model.device, model.dtype)).last_hidden_state
-        if model.config.use_resampler:
-            states = model.model.perceiver_resampler(states)
-    return Prompt(processed.ids, image_mask, states)
-
-
-def image_state_shape(config) -> tuple[int, int]:
-    """(states, hidden) of one image as the language model sees it: perceiver latents, or patches."""
-    vision = config.vision_config
-    if config.use_resampler:
-        return config.perceiver_config.resampler_n_latents, vision.embed_dim
-    return (vision.image_size // vision.patch_size) ** 2 + 1, vision.embed_dim
-
-
 class RowImages(Protocol):
     """What a batch's rows need of their images when they are fed more tokens, in the model family's
     own form (model/family.py makes it at the prefill): rows leave and join through `select` and `concatenate`."""
@@ -203,18 +165,27 @@ class PrefillForward:
     output: Any
 
 
-def prefill_forward(model, rows: Sequence[Row], family: PrefillInputs, pad_id: int, keep: int = 1) -> PrefillForward:
+def prefill_forward(
+    model, rows: Sequence[Row], family: PrefillInputs, pad_id: int, keep: int = 1, packed: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> PrefillForward:
     """One forward of the rows' tokens so far, left-padded, with a fresh cache; logits of the last
-    `keep` positions. `family` (model/family.py) gives the forward the rows' images in the model's own form."""
+    `keep` positions. `family` (model/family.py) gives the forward the rows' images in the model's own form.
+
+    `packed`, a 4D attention mask (rows, 1, tokens, tokens), additive in the model's dtype, and the
+    position ids (rows, tokens), lays out rows that each pack several sequences (model/scoring.py)
+    instead of causally: such a forward keeps no cache, since nothing decodes after it."""
     device = model.device
     longest = max(len(row.ids) for row in rows)
     ids = torch.tensor([[pad_id] * (longest - len(row.ids)) + row.ids for row in rows], device=device)
     lengths = torch.tensor([len(row.ids) for row in rows], device=device)
     attention_mask = (torch.arange(longest, device=device) >= longest - lengths[:, None]).long()
-    # generate's rule: positions count the row's own tokens; padding sits at 0.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     inputs, images = family.prefill_inputs(model, rows, ids)
-    output = _forward(model, attention_mask, position_ids, DynamicCache(config=model.config), keep, **inputs)
+    if packed is None:
+        # generate's rule: positions count the row's own tokens; padding sits at 0.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        output = _forward(model, attention_mask, position_ids, DynamicCache(config=model.config), keep, **inputs)
+    else:
+        output = _forward(model, *packed, None, keep, **inputs)
     return PrefillForward(ids, attention_mask, images, output)
 
 
@@ -291,20 +262,6 @@ class Batch:
         for row in self.rows:
             row.cached += 1
         self.logits = output.logits[:, -1].float()
-
-    def extend(self, model, suffixes: Sequence[list[int]], pad_id: int) -> torch.Tensor:
-        """Feed row i the tokens `suffixes[i]` after what it holds (right-padded: a row's padding comes
-        after its own tokens, so nothing of its own sees it) and return the logits of every fed
-        position, (rows, longest suffix, vocabulary). For scoring: the batch is spent afterwards."""
-        device = self.attention_mask.device
-        width = max(len(suffix) for suffix in suffixes)
-        ids = torch.tensor([suffix + [pad_id] * (width - len(suffix)) for suffix in suffixes], device=device)
-        lengths = torch.tensor([len(suffix) for suffix in suffixes], device=device)
-        own = (torch.arange(width, device=device) < lengths[:, None]).long()
-        attention_mask = torch.cat([self.attention_mask, own], dim=1)
-        position_ids = self.positions[:, None] + torch.arange(width, device=device)
-        output = _forward(model, attention_mask, position_ids, self.cache, width, input_ids=ids, **self.images.step_inputs(model, width))
-        return output.logits.float()
 
     @torch.inference_mode()
     def choose(self, banned: Sequence[int]) -> tuple[list[int], dict[int, Exception]]:
@@ -537,9 +494,9 @@ def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     return cache
 
 
-def _forward(model, attention_mask, position_ids, cache, keep: int = 1, **inputs):
-    """One forward of the language model, logits of the last `keep` positions; `inputs` are the
-    tokens (ids or embeddings) and the images in the family's form (precomputed states: the vision
-    encoder never runs here)."""
+def _forward(model, attention_mask, position_ids, cache: DynamicCache | None, keep: int = 1, **inputs):
+    """One forward of the language model, logits of the last `keep` positions, filling `cache` (None:
+    keeping no keys and values); `inputs` are the tokens (ids or embeddings) and the images in the
+    family's form (precomputed states: the vision encoder never runs here)."""
     with torch.inference_mode():
-        return model(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=keep, **inputs)
+        return model(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=cache is not None, logits_to_keep=keep, **inputs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ground.images import ModelImage
@@ -30,6 +31,16 @@ SUPPORTED = {
         "HuggingFaceTB/SmolVLM-256M-Instruct, SmolVLM-500M-Instruct, SmolVLM-Instruct)"
     ),
 }
+
+
+@dataclass(frozen=True)
+class ProcessedPrompt:
+    """A prompt through the processor, before the model sees it: token ids, which images each token
+    sees, and the images' pixels (CPU work; the vision encoder then runs in `Family.encode`)."""
+
+    ids: list[int]
+    image_mask: torch.Tensor  # (len(ids), images) bool; IDEFICS v1 only (Idefics3: no columns)
+    pixels: dict[str, torch.Tensor]  # the processor's image tensors, as the family's vision encoder takes them; {} without images
 
 
 def supported_text() -> str:
@@ -79,8 +90,17 @@ class Family(abc.ABC):
         plain forward take it: for one-off work such as beam search and scoring."""
 
     @abc.abstractmethod
+    def process(self, chat: Chat) -> ProcessedPrompt:
+        """`chat` through the processor: tokens and pixels (CPU only: the model is not touched)."""
+
+    @abc.abstractmethod
+    def encode(self, model, processed: ProcessedPrompt) -> Prompt:
+        """The processed prompt's images through the vision encoder, once for the whole reply (on the
+        model's worker)."""
+
     def prepare(self, model, chat: Chat) -> Prompt:
-        """`chat` tokenized and its images through the vision encoder, once for the whole reply."""
+        """`chat` tokenized and its images encoded, in one call."""
+        return self.encode(model, self.process(chat))
 
     @abc.abstractmethod
     def prefill_inputs(self, model, rows: Sequence[Row], ids: torch.Tensor) -> tuple[dict[str, Any], RowImages]:

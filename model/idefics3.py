@@ -20,7 +20,7 @@ from PIL import Image
 
 from ground.images import ModelImage
 from model.batch import Prompt, Row
-from model.family import Family, pictures
+from model.family import Family, ProcessedPrompt, pictures
 from model.service import FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Chat, Message, Part
 
 GLOBAL_IMAGE_TOKEN = "<global-img>"
@@ -137,19 +137,23 @@ class Idefics3(Family):
 
     # -- the running batch ---------------------------------------------------------------------
 
-    def prepare(self, model, chat: Chat) -> Prompt:
+    def process(self, chat: Chat) -> ProcessedPrompt:
         inputs = self.model_inputs([chat])
         ids = inputs["input_ids"][0].tolist()
-        no_mask = torch.zeros((len(ids), 0), dtype=torch.bool)
-        if "pixel_values" not in inputs:
-            return Prompt(ids, no_mask, None)
+        pixels = {key: inputs[key] for key in ("pixel_values", "pixel_attention_mask") if key in inputs}
+        return ProcessedPrompt(ids, torch.zeros((len(ids), 0), dtype=torch.bool), pixels)
+
+    def encode(self, model, processed: ProcessedPrompt) -> Prompt:
+        ids = processed.ids
+        if not processed.pixels:
+            return Prompt(ids, processed.image_mask, None)
         with torch.inference_mode():
-            pixels = inputs["pixel_values"].to(model.device, model.dtype)
-            features = model.get_image_features(pixels, inputs["pixel_attention_mask"].to(model.device)).pooler_output
+            pixels = processed.pixels["pixel_values"].to(model.device, model.dtype)
+            features = model.get_image_features(pixels, processed.pixels["pixel_attention_mask"].to(model.device)).pooler_output
         features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features.flatten(0, -2)
         if features.shape[0] != ids.count(self.image_token_id):
             raise ValueError(f"{features.shape[0]} image embeddings for {ids.count(self.image_token_id)} image tokens")
-        return Prompt(ids, no_mask, features)
+        return Prompt(ids, processed.image_mask, features)
 
     def prefill_inputs(self, model, rows: Sequence[Row], ids: torch.Tensor) -> tuple[dict[str, Any], CachedImages]:
         # What Idefics3's forward does with pixels (`inputs_merger`), with each row's embeddings

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ground.images import ModelImage
-from model.batch import Prompt, Row, encode_prompt, image_state_shape, process_prompt
-from model.family import Family
+from model.batch import Prompt, Row
+from model.family import Family, ProcessedPrompt, pictures
 from model.instruct import render_instruct
 from model.markers import marked_text
 from model.pictures import decode
@@ -64,6 +64,29 @@ class PerceiverImages:
         return PerceiverImages(torch.cat([slotted(part.states) for part in parts]), torch.cat([slotted(part.mask) for part in parts]))
 
 
+def image_state_shape(config) -> tuple[int, int]:
+    """(states, hidden) of one image as the language model sees it: perceiver latents, or patches."""
+    vision = config.vision_config
+    if config.use_resampler:
+        return config.perceiver_config.resampler_n_latents, vision.embed_dim
+    return (vision.image_size // vision.patch_size) ** 2 + 1, vision.embed_dim
+
+
+def image_attention_mask(ids: torch.Tensor, image_id: int, end_id: int, images: int) -> torch.Tensor:
+    """Which image each token sees, (tokens, images) bool: the last <image> at or before it, none
+    before the first image or after an end of document (until the next image). The rule of IDEFICS'
+    processor (`image_attention_mask_for_packed_input_ids`), whose Python loop over every token
+    costs milliseconds per prompt; here it is a few tensor operations."""
+    positions = torch.arange(len(ids))
+    is_image = ids == image_id
+    seen = is_image.cumsum(0) - 1  # the index of the last image so far
+    last_image = torch.where(is_image, positions, -1).cummax(0).values
+    last_end = torch.where(ids == end_id, positions, -1).cummax(0).values
+    last_end_before = torch.cat([torch.tensor([-1]), last_end[:-1]])  # an end token still sees its image
+    seen = torch.where(last_end_before > last_image, -1, seen)
+    return seen[:, None] == torch.arange(images)
+
+
 def _image_arguments(model, states: torch.Tensor, token_images: torch.Tensor) -> dict[str, Any]:
     key = "perceiver_embeddings" if model.config.use_resampler else "image_encoder_embeddings"
     return {key: states.flatten(0, 1), "image_attention_mask": token_images}
@@ -79,6 +102,7 @@ class IdeficsV1(Family):
     def __init__(self, processor, config):
         super().__init__(processor, config)
         self._image_shape = image_state_shape(config)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     def render(self, chat: Chat) -> list[Part]:
         return render_instruct(chat)
@@ -91,8 +115,26 @@ class IdeficsV1(Family):
         prompts = [processor_items(self.render(chat)) for chat in chats]
         return self.processor(text=prompts, padding=True, return_tensors="pt", add_end_of_utterance_token=False)
 
-    def prepare(self, model, chat: Chat) -> Prompt:
-        return encode_prompt(model, process_prompt(self.processor, processor_items(self.render(chat))))
+    def process(self, chat: Chat) -> ProcessedPrompt:
+        # The processor's tokens and pixels, without its per-token Python loop for the image mask.
+        ids = self.token_ids(chat)
+        images = pictures(self.render(chat))
+        if not images:
+            return ProcessedPrompt(ids, torch.zeros((len(ids), 0), dtype=torch.bool), {})
+        mask = image_attention_mask(torch.tensor(ids), self.image_token_id, self.tokenizer.eos_token_id, len(images))
+        pixels = self.processor.image_processor(images, return_tensors="pt")
+        return ProcessedPrompt(ids, mask, {"pixel_values": pixels})
+
+    def encode(self, model, processed: ProcessedPrompt) -> Prompt:
+        # The vision encoder and perceiver, once for the whole reply.
+        image_mask = processed.image_mask.to(model.device)
+        if not processed.pixels:
+            return Prompt(processed.ids, image_mask, None)
+        with torch.inference_mode():
+            states = model.model.vision_model(pixel_values=processed.pixels["pixel_values"].to(model.device, model.dtype)).last_hidden_state
+            if model.config.use_resampler:
+                states = model.model.perceiver_resampler(states)
+        return Prompt(processed.ids, image_mask, states)
 
     def prefill_inputs(self, model, rows: Sequence[Row], ids: torch.Tensor) -> tuple[dict[str, Any], PerceiverImages]:
         longest = ids.shape[1]

@@ -12,8 +12,9 @@ out of time) leave at once. Nobody waits for somebody else's long answer: greedy
 beam-search requests (one row per beam, `model.beams`) share the batch, and label scoring is a
 prefill-only request run between two steps (`model.scoring`). A newcomer whose prefill runs out of
 memory while others decode waits in front of the queue, under a lowered budget, for room. The event
-loop never runs the model: tokens go back through `loop.call_soon_threadsafe`, and a watchdog on the
-loop replaces a worker that stops making progress.
+loop never runs the model: events go back through a `_Courier`, which wakes the loop for text at most
+every `stream_interval_s` (each wake-up hands the loop the GIL, which the worker then waits to get
+back), and a watchdog on the loop replaces a worker that stops making progress.
 """
 
 from __future__ import annotations
@@ -85,12 +86,59 @@ class BatchSettings:
     stall_timeout_s: float = 120.0
     # torch.set_num_threads for the process; None leaves torch's own choice.
     threads: int | None = None
+    # New text reaches the askers at most this often (Started, Finished and errors go at once). Every
+    # hand-over wakes the event loop and passes it the GIL, and the decoding worker then waits to get
+    # it back: per token, that is most of a small model's step on a busy CPU. Chat platforms show
+    # edits a second apart at best; 0 sends every token at once.
+    stream_interval_s: float = 0.02
+
+
+class _Courier:
+    """Carries events from the worker thread to the askers' queues on the event loop, a batch at a
+    time: events other than text make it call the loop at once, text waits until `interval` has passed
+    since the last call (the worker `tick`s after every step)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float):
+        self._loop = loop
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._parcels: list[tuple[asyncio.Queue, StreamEvent | BaseException]] = []
+        self._called = False  # a delivery is scheduled on the loop and has not taken the parcels yet
+        self._last_call = 0.0
+
+    def send(self, events: asyncio.Queue, event: StreamEvent | BaseException) -> None:
+        """Put `event` into `events` on the loop: now, or with the next batch if it is text."""
+        with self._lock:
+            self._parcels.append((events, event))
+        if not isinstance(event, TextDelta):
+            self._call()
+
+    def tick(self, now: bool = False) -> None:
+        """Call the loop if text has waited long enough (or `now`, when nothing else would)."""
+        if self._parcels and (now or time.monotonic() - self._last_call >= self._interval):
+            self._call()
+
+    def _call(self) -> None:
+        with self._lock:
+            if self._called:
+                return
+            self._called = True
+            self._last_call = time.monotonic()
+        self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            parcels, self._parcels = self._parcels, []
+            self._called = False
+        for events, event in parcels:
+            events.put_nowait(event)
 
 
 @dataclass(eq=False)
 class _Job:
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
+    courier: _Courier
     enqueued: float
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set on the loop: the worker drops the row at its next step
@@ -102,7 +150,7 @@ class _Job:
 
     def emit(self, event: StreamEvent | BaseException) -> None:
         """Hand an event to the asker; safe from the worker thread."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        self.courier.send(self.events, event)
 
     @property
     def open(self) -> bool:
@@ -177,6 +225,7 @@ class LocalBackend(ModelService):
             special_tokens=tuple(token for token in self.family.special_tokens if token not in SPECIAL_TOKENS),
             **self.family.image_preparation(),
         )
+        self._courier = _Courier(self._loop, self.batching.stream_interval_s)
         self._watchdog = asyncio.create_task(self._watch(), name="idefics-watchdog")
 
     async def close(self) -> None:
@@ -283,7 +332,7 @@ class LocalBackend(ModelService):
         if self._closed or self._watchdog is None:
             raise ModelUnavailable("The model is not running right now; please try again shortly.")
         loop = asyncio.get_running_loop()
-        job = _Job(request=request, loop=loop, enqueued=loop.time())
+        job = _Job(request=request, loop=loop, courier=self._courier, enqueued=loop.time())
         with self._lock:
             if len(self._pending) >= self.batching.max_queue:
                 raise ModelBusy("I'm busy with other requests right now; please try again in a moment.")
@@ -364,6 +413,7 @@ class LocalBackend(ModelService):
                     batch = self._join(batch, joining)
                 if batch is not None:
                     batch = self._step(batch)
+                self._courier.tick(now=batch is None)  # an idle worker leaves nothing behind
                 self._active = [] if batch is None else [row.owner for row in batch.rows]
 
     def _take_newcomers(self, batch: Batch | None, worker: int) -> list[Row] | None:

@@ -44,8 +44,6 @@ from model.remote import (
     compact,
     data_uri,
     data_uri_bytes,
-    error_payload,
-    retry_after,
     server_events,
 )
 from model.reply_text import visible_text
@@ -214,10 +212,9 @@ def is_context_refusal(message: str, kind: str) -> bool:
     return any(sign in text for sign in ("maximum context length", "exceed_context_size", "exceeds the available context size", "context_length_exceeded"))
 
 
-def server_error(status: int, payload: dict, model: str) -> ModelError | Retry:
-    """What an error answer means for the asker: an error, or a `Retry` when trying again is safe
-    (429 and 503 after their Retry-After; any other 5xx once)."""
-    message, kind = error_message(payload)
+def server_error(status: int, message: str, kind: str, model: str) -> ModelError | Retry:
+    """What an error answer (its `message` and type, by `error_message`) means for the asker: an
+    error, or a `Retry` when trying again is safe (429 and 503 after their Retry-After; any other 5xx once)."""
     if status in (401, 403):
         return ModelUnavailable(AUTH_REFUSED)
     if status == 413:
@@ -490,13 +487,13 @@ class OpenAIBackend(RemoteBackend):
             if chunk is None:
                 break
             if chunk.get("error"):
-                _, kind = error_message(chunk)
+                message, kind = error_message(chunk)
                 log.warning("openai.stream_error", extra={"request": request.label, "error_type": kind})
                 if not shown:
                     # The error's own status where it gives one (vLLM refuses some prompts only once streaming).
                     error = chunk.get("error")
                     code = error.get("code") if isinstance(error, dict) else None
-                    failure = server_error(code if isinstance(code, int) and 400 <= code < 600 else 500, chunk, self.settings.model)
+                    failure = server_error(code if isinstance(code, int) and 400 <= code < 600 else 500, message, kind, self.settings.model)
                     raise failure.failure if isinstance(failure, Retry) else failure
                 break
             try:
@@ -594,18 +591,11 @@ class OpenAIBackend(RemoteBackend):
 
     # -- helpers -----------------------------------------------------------------------------
 
-    async def _check_status(self, response: aiohttp.ClientResponse) -> None:
-        """Raise for a response that isn't 200: `Retry` when trying again is safe, else the asker's error."""
-        if response.status == 200:
-            return
-        payload = await error_payload(response)
-        message, kind = error_message(payload)
-        log.warning("openai.refused", extra={"status": response.status, "error_type": kind})
-        log.debug("openai.refused_detail", extra={"status": response.status, "error": message[:300]})
-        failure = server_error(response.status, payload, self.settings.model)
-        if isinstance(failure, Retry):
-            failure.wait = retry_after(response.headers.get("Retry-After")) if response.status in (429, 503) else None
-        raise failure
+    def _error_fields(self, payload: dict) -> tuple[str, str]:
+        return error_message(payload)
+
+    def _status_error(self, status: int, message: str, kind: str) -> ModelError | Retry:
+        return server_error(status, message, kind, self.settings.model)
 
     def _body(self, request: GenerationRequest) -> bytes:
         """The JSON body for `request`, within the payload budget. CPU-bound."""

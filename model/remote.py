@@ -1,11 +1,12 @@
 """What every remote backend shares: images as data URIs within a body budget, the line of requests
-waiting for a place at the server, retries that never show anything twice, server-sent events, and
-the HTTP session's lifecycle. `model.tgi` (text-generation-inference) and `model.openai` (any
-OpenAI-compatible server) build on it.
+waiting for a place at the server, retries that never show anything twice, error answers (each
+backend says what its server means by them), server-sent events, and the HTTP session's lifecycle.
+`model.tgi` (text-generation-inference) and `model.openai` (any OpenAI-compatible server) build on it.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import base64
 import functools
@@ -332,6 +333,28 @@ class RemoteBackend(ModelService):
         except BaseException:
             response.close()
             raise
+
+    @abc.abstractmethod
+    def _error_fields(self, payload: dict) -> tuple[str, str]:
+        """(message, type) of an error answer's JSON object, as this server writes them ("" if absent)."""
+
+    @abc.abstractmethod
+    def _status_error(self, status: int, message: str, kind: str) -> ModelError | Retry:
+        """What an error answer with HTTP `status` means for the asker, as this server means it: an
+        error, or a `Retry` (of the error the asker gets if retries run out) where trying again is safe."""
+
+    async def _check_status(self, response: aiohttp.ClientResponse) -> None:
+        """Raise for a response that isn't 200: `Retry` when trying again is safe (after the server's
+        Retry-After for 429 and 503), else the asker's error."""
+        if response.status == 200:
+            return
+        message, kind = self._error_fields(await error_payload(response))
+        log.warning(f"{self.source}.refused", extra={"status": response.status, "error_type": kind})
+        log.debug(f"{self.source}.refused_detail", extra={"status": response.status, "error": message[:300]})
+        failure = self._status_error(response.status, message, kind)
+        if isinstance(failure, Retry) and response.status in (429, 503):
+            failure.wait = retry_after(response.headers.get("Retry-After"))
+        raise failure
 
     def _retry_delay(self, retry: Retry, attempt: int, deadline: float | None) -> float:
         """How long to wait before retry number `attempt + 1`; raises the failure when retries, or the

@@ -1,24 +1,28 @@
 """Weighing continuations of one prompt by the model's likelihood, as one prefill-only request.
 
 The prompt's images go through the vision encoder once (the family's `prepare`), and every
-continuation becomes a row (the prompt with the continuation written after the start of its reply,
-`Chat.continued`, as if the model had written it there). The tokens all rows share are prefilled once; the rows' own tokens
-then go through the model together in one more forward, on copies of that cache: the cost of one
-newcomer's prefill in the running batch, not one per label. A continuation's score is the sum of the log probabilities of its
-tokens (from where its tokens stop matching the prompt's own) and of its ending there: the
-probability of an end token right after it. Without that end, a label whose tokens begin another's
-("dog" and "dog house") would always win.
+continuation is the prompt with it written after the start of its reply (`Chat.continued`, as if the
+model had written it there). All of them go through the language model in ONE forward of ONE row:
+the tokens they share, then each continuation's own tokens in turn, under "tree attention" (a 4D
+mask: the shared part is causal, each continuation's tokens see it and their own earlier tokens only,
+at the positions they would have right after it). So a scoring pauses the running batch for one
+newcomer's prefill, whatever the number of labels, and never copies the prompt's keys and values per
+label (on a 9B model, about half a gigabyte per label for a 1,000-token prompt); it keeps no cache at all.
+A continuation's score is the sum of the log probabilities of its tokens (from where its tokens stop
+matching the prompt's own) and of its ending there: the probability of an end token right after it.
+Without that end, a label whose tokens begin another's ("dog" and "dog house") would always win.
 The logits processors that shape generation shape these scores too, position by position: each
-factory of the backend's `row_processors` makes one for the prompt, applied to all its rows.
+factory of the backend's `row_processors` makes one for the prompt, applied to all its continuations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from itertools import accumulate
 
 import torch
 
-from model.batch import Batch, Prompt, Row
+from model.batch import Prompt, Row, prefill_forward
 from model.service import Chat
 
 
@@ -47,28 +51,56 @@ def continuation_ids(model, family, chat: Chat, continuations: Sequence[str]) ->
     return prompt, rows, starts
 
 
+def _tree_attention(prefix: int, lengths: Sequence[int], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention mask (1, 1, tokens, tokens), additive in `dtype`, and the position ids (1, tokens)
+    of one row holding a prefix and then suffixes of `lengths`: the prefix is causal, each suffix token
+    sees the whole prefix and its own suffix's earlier tokens, at the positions it would have right
+    after the prefix alone. Additive (0, or the dtype's least value), as the eager attention adds it to
+    its scores and sdpa takes it; `create_causal_mask` passes a 4D mask through as it is (flash
+    attention, which the loader never picks, would ignore it)."""
+    branch = torch.arange(len(lengths) + 1, device=device).repeat_interleave(torch.tensor([prefix, *lengths], device=device))  # 0: prefix
+    index = torch.arange(branch.shape[0], device=device)
+    sees = (index[None, :] <= index[:, None]) & ((branch[None, :] == 0) | (branch[None, :] == branch[:, None]))
+    mask = torch.zeros(sees.shape, dtype=dtype, device=device).masked_fill_(~sees, torch.finfo(dtype).min)
+    positions = torch.tensor([*range(prefix), *(prefix + step for length in lengths for step in range(length))], device=device)
+    return mask[None, None], positions[None]
+
+
 def score_continuations(
     model, family, chat: Chat, continuations: Sequence[str], *, end_ids: Collection[int], row_processors: Sequence[Callable] = ()
 ) -> list[float]:
     """The log-likelihood of each continuation, then an end token, as the reply to `chat`; `family`
-    (model/family.py) makes the model's input. The part all rows share is prefilled once; each row's
-    own tokens then run on copies of its cache."""
+    (model/family.py) makes the model's input. One forward of one row: the part all continuations
+    share, then each one's own tokens, which see only that part and themselves."""
     prompt, rows, starts = continuation_ids(model, family, chat, continuations)
     logits_processors = [make(list(prompt.ids)) for make in row_processors]
     shared = min(starts)
-    common = Row(owner="prompt", prompt=Prompt(prompt.ids[:shared], prompt.image_mask[:shared], prompt.images), max_new_tokens=0)
+    suffixes = [row[shared:] for row in rows]
+    lengths = [len(suffix) for suffix in suffixes]
+    # Its suffix tokens see the images the prefix's last token sees (`Row.image_mask`), as a reply's tokens do.
+    packed = Row(
+        owner="scoring",
+        prompt=Prompt(prompt.ids[:shared], prompt.image_mask[:shared], prompt.images),
+        max_new_tokens=0,
+        said=[token for suffix in suffixes for token in suffix],
+    )
     pad_id = family.tokenizer.pad_token_id
     with torch.inference_mode():  # logits processors may change the scores in place, as in generate
-        prefilled = Batch.prefill(model, [common], family, pad_id)
-        assert prefilled.logits is not None
-        suffixes = [row[shared:] for row in rows]
-        extended = prefilled.select([0] * len(rows)).extend(model, suffixes, pad_id)  # column j predicts suffix token j + 1
-        first = prefilled.logits.repeat(len(rows), 1)  # predicts suffix token 0 (a copy per row: processors work in place)
-        width = max(len(suffix) for suffix in suffixes)
-        ids = torch.tensor([row + [pad_id] * (width - len(suffix)) for row, suffix in zip(rows, suffixes)], device=extended.device)
-        scores = torch.zeros(len(rows), device=extended.device)
-        for column in range(width + 1):  # suffix token `column`, or past a row's last one, its end
-            step = first if column == 0 else extended[:, column - 1]
+        layout = _tree_attention(shared, lengths, model.dtype, model.device)
+        # The logits of the prefix's last position (each suffix's first token) and of every suffix token.
+        forward = prefill_forward(model, [packed], family, pad_id, keep=1 + sum(lengths), packed=layout)
+        logits = forward.output.logits[0].float()
+        device = logits.device
+        width = max(lengths)
+        offsets = [0, *accumulate(lengths)]
+        # Where the logits of suffix token `column` (past a row's last one, its end) sit, per column and row.
+        at = torch.tensor(
+            [[0 if column == 0 else offset + min(column, length) for offset, length in zip(offsets, lengths)] for column in range(width + 1)], device=device
+        )
+        ids = torch.tensor([row + [pad_id] * (width - length) for row, length in zip(rows, lengths)], device=device)
+        scores = torch.zeros(len(rows), device=device)
+        for column in range(width + 1):
+            step = logits[at[column]]  # a copy per row: processors work in place
             for logits_processor in logits_processors:
                 step = logits_processor(ids[:, : shared + column], step)
             log_probs = torch.log_softmax(step, dim=-1)

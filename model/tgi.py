@@ -38,8 +38,6 @@ from model.remote import (
     compact,
     data_uri,
     data_uri_bytes,
-    error_payload,
-    retry_after,
     server_events,
 )
 from model.reply_text import visible_text
@@ -198,20 +196,6 @@ def server_error(error_type: str, message: str, status: int | None = None) -> Mo
     return GenerationFailed(f"The model server answered with an error{code}. Please try again later.")
 
 
-async def _check_status(response: aiohttp.ClientResponse) -> None:
-    """Raise for a response that isn't 200: `Retry` when trying again is safe (429, 503), else the error."""
-    if response.status == 200:
-        return
-    payload = await error_payload(response)
-    error_type, message = str(payload.get("error_type", "")), str(payload.get("error", ""))
-    log.warning("tgi.refused", extra={"status": response.status, "error_type": error_type})
-    log.debug("tgi.refused_detail", extra={"status": response.status, "error": message})
-    failure = server_error(error_type, message, response.status)
-    if response.status in (429, 503):
-        raise Retry(failure, retry_after(response.headers.get("Retry-After")))
-    raise failure
-
-
 # -- the backend -----------------------------------------------------------------------------
 
 
@@ -227,6 +211,13 @@ class TGIBackend(RemoteBackend):
         self.info = ModelInfo(name=settings.url, max_request_bytes=settings.payload_limit)
         self._max_stops = 4  # TGI's default max_stop_sequences, until /info says otherwise
         self._family: str | None = None  # the served model's later family (None: IDEFICS v1), from /info
+
+    def _error_fields(self, payload: dict) -> tuple[str, str]:
+        return str(payload.get("error", "")), str(payload.get("error_type", ""))
+
+    def _status_error(self, status: int, message: str, kind: str) -> ModelError | Retry:
+        failure = server_error(kind, message, status)
+        return Retry(failure) if status in (429, 503) else failure
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -342,7 +333,7 @@ class TGIBackend(RemoteBackend):
 
         async def read(response: aiohttp.ClientResponse) -> int:
             async with response:
-                await _check_status(response)
+                await self._check_status(response)
                 tokens = await response.json(content_type=None)
             if not isinstance(tokens, list):
                 raise GenerationFailed("The model server's tokenizer gave an answer I couldn't read. Please try again.")
@@ -374,7 +365,7 @@ class TGIBackend(RemoteBackend):
             async with AsyncExitStack() as stack:  # however the iteration ends, the HTTP stream is closed
 
                 async def opened(response: aiohttp.ClientResponse) -> tuple[AsyncIterator[dict], dict | None]:
-                    await _check_status(response)
+                    await self._check_status(response)
                     events = server_events(response, self.source)
                     first = await anext(events, None)
                     if first is not None and first.get("error_type") == "overloaded":
@@ -429,7 +420,7 @@ class TGIBackend(RemoteBackend):
 
         async def answer(response: aiohttp.ClientResponse) -> object:
             async with response:
-                await _check_status(response)
+                await self._check_status(response)
                 return await response.json(content_type=None)
 
         async def call(path: str, body: dict) -> object:

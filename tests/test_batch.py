@@ -320,3 +320,26 @@ def test_a_beam_search_prefilled_again_mid_way_goes_on_from_its_beams(loaded):
         batch.decode(model)
         batch.choose(family.banned_ids)
     assert search.best() == beams_alone(loaded, name, 2, length, ends=False)
+
+
+@pytest.mark.parametrize("name", ["no image", "one image", "two images", "two images, long", "a link", "after an end"])
+def test_a_processed_prompt_is_what_the_processor_gives(loaded, name):
+    """`process` (the preparing thread's part: tokens, the image mask, pixels) gives exactly what the
+    family's processor gives for the prompt; IDEFICS v1's image mask without the processor's loop."""
+    _, family, _ = loaded
+    end = family.tokenizer.eos_token
+    prompts = {
+        **PROMPTS,
+        "a link": Chat((Message("user", ("https://example.com/cat.png", RED)),)),
+        "after an end": Chat((Message("user", (RED, f"first {end} second", BLUE, f"third {end} fourth")),)),
+    }
+    processed = family.process(prompts[name])
+    inputs = family.model_inputs([prompts[name]])
+    assert processed.ids == inputs["input_ids"][0].tolist()
+    if "image_attention_mask" in inputs:  # IDEFICS v1: the processor pads to at least one image
+        images = processed.image_mask.shape[1]
+        assert torch.equal(processed.image_mask, inputs["image_attention_mask"][0, :, :images].bool())
+        assert images == 0 or torch.equal(processed.pixels["pixel_values"], inputs["pixel_values"][0, :images])
+    else:
+        assert processed.pixels.keys() == {"pixel_values", "pixel_attention_mask"} & inputs.keys()
+        assert all(torch.equal(pixels, inputs[key]) for key, pixels in processed.pixels.items())

@@ -144,15 +144,16 @@ async def test_a_label_that_begins_another_does_not_always_win(runtime):
 
 
 @BOTH_FAMILIES
-async def test_scores_are_the_labels_then_their_end_with_the_image_encoded_once(runtime):
-    """The prefill-only request gives what a plain forward of each prompt + label (pixels and all) gives."""
+@pytest.mark.parametrize("labels", [["cat", "small dog", "a red bird"], ["dog", "dog house", "cat"]])  # the second: labels sharing tokens
+async def test_scores_are_the_labels_then_their_end_with_the_image_encoded_once(runtime, labels):
+    """The prefill-only request gives what a plain forward of each prompt + label (pixels and all)
+    gives: packed into one row, a label sees none of the others' tokens, even those equal to its own."""
     from model.local import LocalBackend
     from model.scoring import score_continuations
     from model.service import Chat, Message
 
     backend: LocalBackend = runtime.model
     family = backend.family
-    labels = ["cat", "small dog", "a red bird"]
     guide = ("Instruction: Classify the image.\n", model_image((200, 30, 30)), "Category: ")
     chat = Chat((Message("user", guide[:2]),), reply_start="Category: ", guide=guide)
 
@@ -181,3 +182,36 @@ async def test_scores_are_the_labels_then_their_end_with_the_image_encoded_once(
     scored, expected, calls = await backend.call_between_steps(both)
     assert calls == 2  # the vision encoder and the perceiver (connector), once each for the one image
     assert scored == pytest.approx(expected, abs=1e-4)
+
+
+@BOTH_FAMILIES
+async def test_scoring_is_one_forward_of_one_row(runtime):
+    """The labels share one forward of the language model, as one row (the prompt's part once, then
+    each label's tokens): no copy of the prompt's cache per label, nor a second forward."""
+    from model.local import LocalBackend
+    from model.scoring import score_continuations
+    from model.service import Chat, Message
+
+    backend: LocalBackend = runtime.model
+    labels = ["cat", "dog", "dog house", "a red bird", "tree"]
+    guide = ("Instruction: Classify the image.\n", model_image((30, 200, 30)), "Category: ")
+    chat = Chat((Message("user", guide[:2]),), reply_start="Category: ", guide=guide)
+
+    def scored(model, processor) -> tuple[list[float], list[int]]:
+        rows: list[int] = []
+        # IDEFICS v1's decoder (its vision tower runs on its own); Idefics3's text model (Llama).
+        language_model = getattr(model.model, "text_model", model.model)
+
+        def record(module, args, kwargs) -> None:
+            tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+            rows.append(tokens.shape[0])
+
+        hook = language_model.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            return score_continuations(model, backend.family, chat, labels, end_ids=backend._end_ids), rows
+        finally:
+            hook.remove()
+
+    scores, rows = await backend.call_between_steps(scored)
+    assert rows == [1]
+    assert len(scores) == len(labels) and all(score < 0 for score in scores)

@@ -585,3 +585,27 @@ async def test_work_between_steps_runs_on_the_worker_and_the_batch_goes_on(tiny_
         await service.close()
     assert thread.startswith("idefics-generate") and scored
     assert [results[0], *(finished for _, finished in results[1:])] == expected
+
+
+async def test_text_waits_for_the_stream_interval_and_nothing_is_lost(tiny_checkpoint, tokenizer):
+    """The worker hands text to the event loop at most every `stream_interval_s` (each hand-over costs
+    it the GIL): with an interval longer than the reply, the text arrives with the end, and it is the
+    reply's whole text, as with every token sent at once."""
+    script = no_end(tokenizer)
+    service = await scripted_backend(tiny_checkpoint, script, stream_interval_s=3600)
+    steps_seen = []
+    try:
+        events = []
+        async for event in service.stream(request(PROMPTS["no image"], 12)):
+            if isinstance(event, TextDelta) and not steps_seen:
+                steps_seen.append(script.steps[-1])  # how far the reply had got when its first text arrived
+            events.append(event)
+    finally:
+        await service.close()
+    every_token = await scripted_backend(tiny_checkpoint, no_end(tokenizer), stream_interval_s=0)
+    try:
+        expected = (await collect(every_token, request(PROMPTS["no image"], 12)))[1]
+    finally:
+        await every_token.close()
+    assert steps_seen == [12]  # the whole reply had been decoded: its text was held until the end
+    assert events[-1] == expected and "".join(event.text for event in events if isinstance(event, TextDelta)) == expected.text

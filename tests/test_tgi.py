@@ -8,6 +8,7 @@ import base64
 import hashlib
 import io
 import random
+from collections import Counter
 from contextlib import aclosing
 
 import pytest
@@ -16,9 +17,9 @@ from PIL import Image
 from bot.runtime.app import Runtime
 from bot.runtime.config import load_config
 from bot.settings import ConfigError
-from ground.conversation import Author, ConversationKey
+from ground.conversation import Author, ConversationKey, ImageRef
 from ground.images import ModelImage
-from ground.messages import Attachment, Final, IncomingMessage, Partial
+from ground.messages import Attachment, Final, IncomingMessage, Partial, TaskRequest
 from model.service import (
     Chat,
     Finished,
@@ -561,3 +562,31 @@ async def test_a_task_whose_images_are_too_large_is_told_to_send_fewer(fake):
     finally:
         await service.close()
     assert not fake.body_sizes
+
+
+async def test_an_answer_reads_each_of_its_stored_images_once(tmp_path, monkeypatch):
+    # SmolVLM's image cost depends on the image, and the server limits a request's size: an answer
+    # counts tokens and measures the request with the images themselves, then sends them.
+    served = FakeTGI(model_id="HuggingFaceTB/SmolVLM-Instruct", max_input_tokens=16383, max_total_tokens=16384)
+    async with served as fake, Runtime.open(tgi_config(tmp_path, fake)) as runtime:
+        store, key, reads = runtime.store, ConversationKey("test", "channel"), Counter[ImageRef]()
+        get_image = store.get_image
+
+        async def counted(ref: ImageRef) -> ModelImage:
+            reads[ref] += 1
+            return await get_image(ref)
+
+        monkeypatch.setattr(store, "get_image", counted)
+        per_answer = []
+        for answer in (
+            runtime.engine.reply(with_images("What is this?", range(1))),
+            runtime.engine.reply(with_images("And these?", range(1, 3))),
+            runtime.engine.run_task(TaskRequest("caption", key, Author("u1", "Ann"), last_image=True)),
+        ):
+            reads.clear()
+            events = [event async for event in answer]
+            assert isinstance(events[-1], Final) and events[-1].text == "A red square."
+            per_answer.append(dict(reads))
+        first, _, second, _ = await store.load_turns(key)
+        last = await store.last_image("test", "channel")
+    assert per_answer == [dict.fromkeys(first.images, 1), dict.fromkeys([*first.images, *second.images], 1), {last: 1}]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from bot.core.generation import Generation
+from bot.core.generation import Generation, LoadedImages
 from bot.core.prompt import PromptTooLong, check_fits
 from bot.core.ranking import classify, named_label
 from bot.core.tasks import FewShotPair, TaskError, TaskPrompt, build_task, task_length
@@ -119,6 +119,7 @@ class Commands:
     async def run_task(self, request: TaskRequest) -> AsyncIterator[ReplyEvent]:
         """Run a task on the given images (or, with `last_image`, the channel's last one)."""
         notes: list[str] = []
+        loaded: LoadedImages = {}
         try:
             refs, notes = await self.intake.take_in(request.key, request.attachments, "")
             if not refs and request.last_image:
@@ -140,7 +141,7 @@ class Commands:
             model = self.generation.model
             # A ranking reads each label after the prompt instead of a reply: the longest must fit.
             longest = prompt.chat.continued(max(prompt.labels, key=len)) if prompt.labels else prompt.chat
-            await check_fits(longest, self.generation.token_counter(), context_tokens=model.info.context_tokens, reserve_tokens=prompt.max_new_tokens)
+            await check_fits(longest, self.generation.token_counter(loaded), context_tokens=model.info.context_tokens, reserve_tokens=prompt.max_new_tokens)
         except (Refusal, TaskError, PromptTooLong) as refusal:
             self.metrics.error("too_long" if isinstance(refusal, PromptTooLong) else "input_refused")
             yield Final("", (*notes, str(refusal)))
@@ -157,14 +158,14 @@ class Commands:
             try:
                 ranking = await classify(
                     self.generation.model,
-                    await self.generation.model_prompt(prompt.chat),
+                    await self.generation.model_prompt(prompt.chat, loaded),
                     prompt.labels,
                     queue_timeout=self.config.model.queue_timeout_s,
                     timeout=self.config.model.generation_timeout_s,
                     label=f"{request.key} task=classify",
                 )
             except ScoringUnavailable:
-                async for event in self._label_named(request, prompt, notes):
+                async for event in self._label_named(request, prompt, notes, loaded):
                     yield event
                 return
             except ModelError as error:
@@ -173,18 +174,18 @@ class Commands:
                 return
             yield Final(ranking.answer(), tuple(notes))
             return
-        async for event in self.generation.stream(prompt.chat, prompt.max_new_tokens, f"{request.key} task={request.task}", prompt.num_beams):
+        async for event in self.generation.stream(prompt.chat, prompt.max_new_tokens, f"{request.key} task={request.task}", loaded, prompt.num_beams):
             if isinstance(event, Final):
                 event = Final(event.text, (*notes, *event.notes))
                 if not event.text and not event.notes:
                     event = Final("", ("The model gave an empty reply.",))
             yield event
 
-    async def _label_named(self, request: TaskRequest, prompt: TaskPrompt, notes: list[str]) -> AsyncIterator[ReplyEvent]:
+    async def _label_named(self, request: TaskRequest, prompt: TaskPrompt, notes: list[str], loaded: LoadedImages) -> AsyncIterator[ReplyEvent]:
         """Classification on a model that can't weigh labels: the guide's free-generation form, and
         the label the model names, said to be approximate."""
         length = task_length("classify_generate", self.config.tasks.max_new_tokens)
-        async for event in self.generation.stream(prompt.chat, length, f"{request.key} task=classify"):
+        async for event in self.generation.stream(prompt.chat, length, f"{request.key} task=classify", loaded):
             if isinstance(event, Partial):
                 continue  # the model's own words are not the answer
             if not isinstance(event, Final):

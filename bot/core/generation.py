@@ -18,6 +18,10 @@ from model.service import Chat, ContextTooLong, Finished, GenerationParams, Gene
 
 log = logging.getLogger(__name__)
 
+# One answer's stored images, by reference, loaded as its fitting and its prompt first need them:
+# the answer passes the same one to all of them, so each image is read from the store once.
+LoadedImages = dict[ImageRef, ModelImage]
+
 
 class Generation:
     """Streams the model's answers to prompts."""
@@ -36,7 +40,7 @@ class Generation:
             repetition_penalty=generation.repetition_penalty,
         )
 
-    async def model_prompt(self, chat: Chat, loaded: dict[ImageRef, ModelImage] | None = None) -> Chat:
+    async def model_prompt(self, chat: Chat, loaded: LoadedImages | None = None) -> Chat:
         """`chat` with its images loaded from the store (those already in `loaded` are reused, new ones added)."""
         loaded = {} if loaded is None else loaded
         for ref in dict.fromkeys(part for part in chat.images if isinstance(part, ImageRef)):
@@ -44,35 +48,34 @@ class Generation:
                 loaded[ref] = await self.store.get_image(ref)
         return chat.with_images(loaded)
 
-    def token_counter(self) -> Callable[[Chat], Awaitable[int]]:
-        """The model's token count, for one fit: with the images loaded (once) where an image's cost
-        depends on its size, else with the references standing for them."""
+    def token_counter(self, loaded: LoadedImages) -> Callable[[Chat], Awaitable[int]]:
+        """The model's token count, for one answer's fit: with the images taken from (and added to)
+        `loaded` where an image's cost depends on its size, else with the references standing for them."""
         if not self.model.info.image_cost_varies:
             return self.model.count_tokens
-        loaded: dict[ImageRef, ModelImage] = {}
 
         async def count(chat: Chat) -> int:
             return await self.model.count_tokens(await self.model_prompt(chat, loaded))
 
         return count
 
-    def sendable_check(self) -> Callable[[Chat], Awaitable[bool]] | None:
+    def sendable_check(self, loaded: LoadedImages) -> Callable[[Chat], Awaitable[bool]] | None:
         """For a model with a limit on the size of a request, a check that a prompt keeps within it
-        (the images of one fit are loaded once); None for a model without one."""
+        (its images taken from, and added to, `loaded`); None for a model without one."""
         limit = self.model.info.max_request_bytes
         if limit is None:
             return None
-        loaded: dict[ImageRef, ModelImage] = {}
 
         async def sendable(chat: Chat) -> bool:
             return await self.model.request_bytes(await self.model_prompt(chat, loaded)) <= limit
 
         return sendable
 
-    async def stream(self, chat: Chat, max_new_tokens: int, label: str, num_beams: int = 1) -> AsyncIterator[ReplyEvent]:
-        """Stream the model's answer to `chat`: Waiting and Partial events, then a Final. A beam
-        search answer has no Partials: it is shown whole, with the working status until then."""
-        prompt = await self.model_prompt(chat)
+    async def stream(self, chat: Chat, max_new_tokens: int, label: str, loaded: LoadedImages, num_beams: int = 1) -> AsyncIterator[ReplyEvent]:
+        """Stream the model's answer to `chat` (its images taken from, and added to, `loaded`): Waiting
+        and Partial events, then a Final. A beam search answer has no Partials: it is shown whole, with
+        the working status until then."""
+        prompt = await self.model_prompt(chat, loaded)
         request = GenerationRequest(
             prompt=prompt,
             params=replace(self.params, max_new_tokens=max_new_tokens, num_beams=num_beams),

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager, contextmanager
 
-from bot.core.generation import Generation
+from bot.core.generation import Generation, LoadedImages
 from bot.core.prompt import PromptTooLong, clean_text, fit
 from bot.core.retention import kept_images
 from bot.images.attachments import ImageIntake
@@ -231,17 +231,18 @@ class Conversations:
         take_back = replacing is None
         answer: str | None = None
         model, budget = self.generation.model, self.generation.params.max_new_tokens
+        loaded: LoadedImages = {}
         try:
             try:
                 fitted = await fit(
                     [*history, user_turn],
-                    self.generation.token_counter(),
+                    self.generation.token_counter(loaded),
                     context_tokens=model.info.context_tokens,
                     reserve_tokens=budget,
                     max_images=self.config.conversation.max_images,
                     system_prompt=self.config.conversation.system_prompt,
                     shared=shared,
-                    sendable=self.generation.sendable_check(),
+                    sendable=self.generation.sendable_check(loaded),
                     special_tokens=model.info.special_tokens,
                 )
             except PromptTooLong as too_long:
@@ -254,7 +255,7 @@ class Conversations:
                 return
             if stored is None:
                 stored = await self.store.add_turn(key, user_turn, answerer=self.store.process_id)
-            async for event in self.generation.stream(fitted.chat, budget, str(key)):
+            async for event in self.generation.stream(fitted.chat, budget, str(key), loaded):
                 if isinstance(event, Final):
                     answer, notes = event.text, [*notes, *event.notes]
                     break
