@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Protocol, cast
 
 import torch
@@ -71,16 +71,25 @@ class Row:
     max_new_tokens: int
     sampling: Sampling = field(default_factory=Sampling)
     processors: Sequence[LogitsProcessor] = ()
-    ids: list[int] = field(default_factory=list)
     cached: int = 0  # this row's tokens in the cache (its rightmost columns)
     generator: torch.Generator | None = None
     beams: BeamSearch | None = None
+    # Tokens after the prompt the row starts with (a scoring's continuations, packed: model/scoring.py).
+    said: InitVar[Sequence[int]] = ()
+    _own_ids: list[int] = field(init=False, repr=False)  # `ids` of a row outside a search (it appends to them)
     _buffer: torch.Tensor | None = field(default=None, repr=False)  # `ids` as a tensor, filled on demand
     _filled: int = 0
 
-    def __post_init__(self) -> None:
-        if not self.ids:
-            self.ids = list(self.prompt.ids)
+    def __post_init__(self, said: Sequence[int]) -> None:
+        self._own_ids = [*self.prompt.ids, *said]
+
+    @property
+    def ids(self) -> list[int]:
+        """The row's tokens so far, prompt and reply. A beam's are read from its search when asked
+        (for a prefill after the row waited): the search rewrites whole beams at its steps."""
+        if self.beams is not None and self.beams.started:
+            return self.beams.beam_ids(self.beams.rows.index(self))
+        return self._own_ids
 
     @property
     def images(self) -> int:
@@ -96,15 +105,16 @@ class Row:
         return len(self.prompt.ids) + self.max_new_tokens
 
     def tokens(self, device: torch.device) -> torch.Tensor:
-        """`ids` as a tensor on `device` (for repetition penalties and the row's processors), kept up to
-        date a few tokens at a time instead of converted whole at every step."""
+        """`ids` of a row outside a beam search as a tensor on `device` (for repetition penalties and the
+        row's processors), kept up to date a few tokens at a time instead of converted whole at every step."""
         if self._buffer is None or self._buffer.device != device:
             self._buffer = torch.empty(self.peak_tokens + 1, dtype=torch.long, device=device)
             self._filled = 0
-        if self._filled < len(self.ids):
-            self._buffer[self._filled : len(self.ids)] = torch.tensor(self.ids[self._filled :])
-            self._filled = len(self.ids)
-        return self._buffer[: len(self.ids)]
+        ids = self._own_ids
+        if self._filled < len(ids):
+            self._buffer[self._filled : len(ids)] = torch.tensor(ids[self._filled :])
+            self._filled = len(ids)
+        return self._buffer[: len(ids)]
 
     def image_mask(self) -> torch.Tensor:
         """The image mask of every token in `ids`: the prompt's, then the last prompt token's again for
@@ -181,7 +191,8 @@ def prefill_forward(
 
 class Batch:
     """Rows decoding together. Build with `prefill`, advance with `decode` and `choose`, shrink with
-    `select`, merge with `concatenate`. `logits` holds each row's next-token logits after a forward."""
+    `select`, merge with `concatenate` (a batch's rows never change: those make new batches).
+    `logits` holds each row's next-token logits after a forward."""
 
     def __init__(
         self,
@@ -200,6 +211,8 @@ class Batch:
         self.next_ids = next_ids
         self.images = images
         self.logits = logits
+        self._plan: _Plan | None = None  # what `choose` does with each row, worked out at its first call
+        self._banned: tuple[tuple[int, ...], torch.Tensor] | None = None  # the banned ids, and as an index
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -258,86 +271,74 @@ class Batch:
         processors raised, by index; those rows get no token and should leave the batch."""
         assert self.logits is not None, "choose follows a forward"
         scores = self.logits
-        searches: dict[BeamSearch, list[int]] = {}
-        for index, row in enumerate(self.rows):
-            if row.beams is not None:
-                searches.setdefault(row.beams, []).append(index)
-        for search, indices in searches.items():
-            indices.sort(key=lambda index: search.rows.index(self.rows[index]))
-        beam_logits = {search: scores[indices].clone() for search, indices in searches.items()}  # before anything shapes them
-        for index, row in enumerate(self.rows):
+        if self._plan is None:
+            self._plan = _Plan.of(self.rows, scores)
+        plan = self._plan
+        beam_logits = [scores.index_select(0, part.index) for part in plan.searches]  # before anything shapes them
+        for index in plan.penalized:
+            row = self.rows[index]
             penalty = row.sampling.repetition_penalty
-            if penalty != 1.0 and row.beams is None:
-                seen = row.tokens(scores.device)
-                picked = scores[index].gather(0, seen)
-                scores[index].scatter_(0, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
-        scores[:, list(banned)] = -float("inf")
+            seen = row.tokens(scores.device)
+            picked = scores[index].gather(0, seen)
+            scores[index].scatter_(0, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
+        scores.index_fill_(1, self._banned_index(banned, scores.device), -float("inf"))
         failed: dict[int, Exception] = {}
-        for index, row in enumerate(self.rows):
-            for processor in row.processors if row.beams is None else ():
+        for index in plan.processed:
+            row = self.rows[index]
+            for processor in row.processors:
                 try:
                     scores[index : index + 1] = processor(row.tokens(scores.device)[None], scores[index : index + 1])
                 except Exception as exc:  # a row's own processor fails that row only
                     failed[index] = exc
         tokens = scores.argmax(-1)
-        sampled = [index for index, row in enumerate(self.rows) if row.sampling.do_sample and row.beams is None]
-        if sampled:
-            tokens[sampled] = self._sample(scores[sampled], [self.rows[index] for index in sampled])
-        for search, indices in searches.items():
+        if plan.sampled is not None:
+            tokens[plan.sampled.index] = plan.sampled.draw(scores)
+        for part, logits in zip(plan.searches, beam_logits):
             try:
-                self._search(search, indices, beam_logits[search], tokens)
+                self._search(part, logits, tokens)
             except Exception as exc:  # a search that fails (a beam lost, a processor raising) fails its request
-                failed.update((index, exc) for index in indices)
+                failed.update((index, exc) for index in part.indices)
         self.next_ids = tokens
         self.logits = None
         chosen = tokens.tolist()
-        for index, (row, token) in enumerate(zip(self.rows, chosen)):
-            if index not in failed and row.beams is None:
-                row.ids.append(token)
+        for index in plan.own:
+            if index not in failed:
+                self.rows[index]._own_ids.append(chosen[index])
         return chosen, failed
 
-    def _search(self, search: BeamSearch, indices: list[int], logits: torch.Tensor, tokens: torch.Tensor) -> None:
-        """A step of `search`, whose beams are the rows at `indices` (in beam order): each beam row takes
-        its parent's cache and tokens, and its new token."""
-        if len(indices) != search.num_beams:
-            raise RuntimeError("a beam of this search left the batch")
-        parents, chosen = search.step(logits)
-        tokens[indices] = torch.tensor(chosen, device=tokens.device)
-        if parents != list(range(len(indices))):
-            target = torch.tensor(indices, device=self.attention_mask.device)
-            source = target[torch.tensor(parents, device=target.device)]
-            for keys, values in _tensors(self.cache):
-                keys[target.to(keys.device)] = keys[source.to(keys.device)]
-                values[target.to(values.device)] = values[source.to(values.device)]
-        for beam, index in enumerate(indices):
-            row = self.rows[index]
-            row.ids = search.beam_ids(beam)
-            row._filled = min(row._filled, len(row.prompt.ids))
+    def _banned_index(self, banned: Sequence[int], device: torch.device) -> torch.Tensor:
+        """`banned` as an index on `device`, made once for the ids the backend bans at every step."""
+        key = tuple(banned)
+        if self._banned is None or self._banned[0] != key:
+            self._banned = key, torch.tensor(key, dtype=torch.long, device=device)
+        return self._banned[1]
 
-    @staticmethod
-    def _sample(scores: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-        """Temperature, then top-k, then top-p (transformers' warpers, in generate's order), then one
-        draw per row from its own generator."""
-        device = scores.device
-        temperature = torch.tensor([row.sampling.temperature for row in rows], device=device)[:, None]
-        top_p = torch.tensor([row.sampling.top_p for row in rows], device=device)[:, None]
-        scores = scores / temperature
-        vocabulary = scores.shape[-1]
-        top_k = torch.tensor([min(row.sampling.top_k or vocabulary, vocabulary) for row in rows], device=device)[:, None]
-        kth = scores.sort(dim=-1, descending=True).values.gather(1, top_k - 1)
-        scores = scores.masked_fill(scores < kth, -float("inf"))
-        ordered, order = scores.sort(dim=-1)
-        drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
-        drop[:, -1] = False  # keep at least the likeliest token
-        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
-        probabilities = scores.softmax(-1)
-        draws = []
-        for index, row in enumerate(rows):
-            if row.generator is None:
-                row.generator = torch.Generator(device=device)
-                row.generator.manual_seed(row.sampling.seed if row.sampling.seed is not None else random.getrandbits(63))
-            draws.append(torch.multinomial(probabilities[index], 1, generator=row.generator))
-        return torch.cat(draws)
+    def _search(self, part: _SearchRows, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        """A step of a search whose beams are the rows `part.indices` (in beam order): each beam row
+        takes its parent's cache, and its new token."""
+        if len(part.indices) != part.search.num_beams:
+            raise RuntimeError("a beam of this search left the batch")
+        parents, chosen = part.search.step(logits)
+        tokens[part.index] = chosen
+        moves = [(part.indices[beam], part.indices[parent]) for beam, parent in enumerate(parents) if parent != beam]
+        if moves:
+            self._copy_rows(moves)
+
+    def _copy_rows(self, moves: list[tuple[int, int]]) -> None:
+        """Each (target, source) row of the cache takes the source's keys and values, as they were
+        before any of the moves."""
+        layers = _tensors(self.cache)
+        targets, sources = [target for target, _ in moves], [source for _, source in moves]
+        if not set(targets) & set(sources):  # the usual case: a row copy each, no index
+            for keys, values in layers:
+                for target, source in moves:
+                    keys[target].copy_(keys[source])
+                    values[target].copy_(values[source])
+            return
+        to, of = torch.tensor(targets, device=self.attention_mask.device), torch.tensor(sources, device=self.attention_mask.device)
+        for keys, values in layers:
+            keys[to.to(keys.device)] = keys[of.to(keys.device)]
+            values[to.to(values.device)] = values[of.to(values.device)]
 
     # -- joining and leaving -------------------------------------------------------------------
 
@@ -395,6 +396,82 @@ class Batch:
             next_ids=torch.cat([batch.next_ids for batch in batches]),
             images=batches[0].images.concatenate([batch.images for batch in batches[1:]]),
             logits=None if any(part is None for part in logits) else torch.cat(logits),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class _SearchRows:
+    """The rows of a beam search in a batch, in beam order, and as an index on the model's device."""
+
+    search: BeamSearch
+    indices: list[int]
+    index: torch.Tensor
+
+
+class _SampledRows:
+    """The sampled rows of a batch and their settings as tensors, made once: at each step, temperature,
+    then top-k, then top-p (transformers' warpers, in generate's order), then one draw per row from
+    its own generator."""
+
+    def __init__(self, rows: list[Row], indices: list[int], vocabulary: int, device: torch.device):
+        self.rows = rows
+        self.index = torch.tensor(indices, device=device)
+        self.temperature = torch.tensor([row.sampling.temperature for row in rows], device=device)[:, None]
+        self.top_p = torch.tensor([row.sampling.top_p for row in rows], device=device)[:, None]
+        top_k = [min(row.sampling.top_k or vocabulary, vocabulary) for row in rows]
+        self.top_k = torch.tensor(top_k, device=device)[:, None]
+        self.most = max(top_k)
+
+    def draw(self, scores: torch.Tensor) -> torch.Tensor:
+        """A token for each sampled row from the batch's processed `scores`.
+
+        Top-k needs only each row's k-th largest score, which a top-k selection finds without sorting
+        the vocabulary; top-p sorts the scores top-k left, as transformers' warper does (sorting once
+        for both would order tied scores differently, and so change some draws)."""
+        scores = scores.index_select(0, self.index) / self.temperature
+        kth = torch.topk(scores, self.most).values.gather(1, self.top_k - 1)
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+        ordered, order = scores.sort(dim=-1)
+        drop = ordered.softmax(-1).cumsum(-1) <= 1 - self.top_p
+        drop[:, -1] = False  # keep at least the likeliest token
+        probabilities = scores.masked_fill(drop.scatter(1, order, drop), -float("inf")).softmax(-1)
+        draws = []
+        for index, row in enumerate(self.rows):
+            if row.generator is None:
+                row.generator = torch.Generator(device=scores.device)
+                row.generator.manual_seed(row.sampling.seed if row.sampling.seed is not None else random.getrandbits(63))
+            draws.append(torch.multinomial(probabilities[index], 1, generator=row.generator))
+        return torch.cat(draws)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What `Batch.choose` does with each row, by index: worked out once per batch, whose rows never change."""
+
+    own: list[int]  # rows outside beam searches: they take the chosen token into their `ids`
+    penalized: list[int]  # of those, the rows with a repetition penalty
+    processed: list[int]  # and those with processors of their own
+    sampled: _SampledRows | None
+    searches: list[_SearchRows]
+
+    @classmethod
+    def of(cls, rows: list[Row], scores: torch.Tensor) -> _Plan:
+        own = [index for index, row in enumerate(rows) if row.beams is None]
+        sampled = [index for index in own if rows[index].sampling.do_sample]
+        beams: dict[BeamSearch, list[int]] = {}
+        for index, row in enumerate(rows):
+            if row.beams is not None:
+                beams.setdefault(row.beams, []).append(index)
+        searches = []
+        for search, indices in beams.items():
+            indices.sort(key=lambda index: search.rows.index(rows[index]))
+            searches.append(_SearchRows(search, indices, torch.tensor(indices, device=scores.device)))
+        return cls(
+            own=own,
+            penalized=[index for index in own if rows[index].sampling.repetition_penalty != 1.0],
+            processed=[index for index in own if rows[index].processors],
+            sampled=_SampledRows([rows[index] for index in sampled], sampled, scores.shape[-1], scores.device) if sampled else None,
+            searches=searches,
         )
 
 

@@ -56,8 +56,12 @@ class BeamSearch:
         self._running: torch.Tensor | None = None  # (beams, max_length) token ids, filled up to `length`
 
     def _ban(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores[:, self.banned_ids] = -float("inf")
-        return scores
+        return scores.index_fill_(1, self._banned, -float("inf"))
+
+    @property
+    def started(self) -> bool:
+        """Whether the search has taken a step (before that, every beam is the prompt)."""
+        return self._running is not None
 
     def _start(self, device: torch.device) -> None:
         self._running = torch.zeros((self.num_beams, self.max_length), dtype=torch.long, device=device)
@@ -68,12 +72,19 @@ class BeamSearch:
         self._finished_scores = torch.full((self.num_beams,), _FAR, device=device)
         self._finished_lengths = torch.zeros(self.num_beams, dtype=torch.long, device=device)
         self._is_finished = torch.zeros(self.num_beams, dtype=torch.bool, device=device)
-        self._improvable = torch.ones((), dtype=torch.bool, device=device)
+        self._worst_finished = torch.full((self.num_beams,), _FAR, device=device)  # what a running beam must beat
         self._top = torch.arange(self.candidates, device=device) < self.num_beams
+        self._end_ids = torch.tensor(self.end_ids, dtype=torch.long, device=device)
+        self._banned = torch.tensor(self.banned_ids, dtype=torch.long, device=device)
+        self._all_end = torch.ones(self.candidates, dtype=torch.bool, device=device)
+        self._in_place = list(range(self.num_beams))
 
-    def step(self, logits: torch.Tensor) -> tuple[list[int], list[int]]:
+    def step(self, logits: torch.Tensor) -> tuple[list[int], torch.Tensor]:
         """One step from the beams' next-token `logits` (beams, vocabulary), fp32: for each beam, the
-        beam it continues and its new token. Sets `done` when the search is over."""
+        beam it continues (on the host) and its new token (on the logits' device). Sets `done` when
+        the search is over; a search that is `done` takes no more steps."""
+        if self.done:
+            raise RuntimeError("this beam search is over: its rows should have left the batch")
         if self._running is None:
             self._start(logits.device)
         assert self._running is not None
@@ -85,22 +96,40 @@ class BeamSearch:
         vocabulary = log_probs.shape[-1]
         totals = (log_probs + self._scores[:, None]).reshape(-1)
         top_scores, top_indices = torch.topk(totals, k=self.candidates)
-        parents, tokens = top_indices // vocabulary, top_indices % vocabulary
-        candidates = self._running[parents]
-        candidates[:, length] = tokens
-        ends = torch.isin(tokens, torch.tensor(self.end_ids, device=tokens.device)) | (length + 1 >= self.max_length)
+        tokens = top_indices % vocabulary
+        ends = self._all_end if length + 1 >= self.max_length else torch.isin(tokens, self._end_ids)
 
         # The beams that go on: the best candidates that did not end.
-        going_on = top_scores + ends.to(torch.float32) * _FAR
+        going_on = torch.add(top_scores, ends, alpha=_FAR)
         chosen = torch.topk(going_on, k=beams)[1]
-        self._running = candidates[chosen]
         self._scores = going_on[chosen]
-        beam_parents = parents[chosen]
+        beam_parents = top_indices[chosen] // vocabulary
+        beam_tokens = tokens[chosen]
+        parents, ended = beam_parents.tolist(), ends.tolist()
+        # Only the top `beams` candidates may finish: when none of them ended, the merge would only
+        # shuffle placeholder entries the search never reads, so it is skipped.
+        if any(ended[:beams]):
+            self._finish(length, top_scores, top_indices // vocabulary, tokens, ends)
+        if parents != self._in_place:
+            self._running = self._running[beam_parents]
+        self._running[:, length] = beam_tokens
 
-        # The finished candidates: the best of those kept so far and those that ended now.
+        self.length = length + 1
+        # generate's stopping rule: go on while a running beam could still beat the worst finished one.
+        # (generate remembers that it could not; here the search is then done and takes no more steps.)
+        best_possible = self._scores[:1] / ((self.length - self.prompt_length) ** self.length_penalty)
+        improvable = bool(torch.any(best_possible > self._worst_finished))
+        self.done = not improvable or all(ended)
+        return parents, beam_tokens
+
+    def _finish(self, length: int, top_scores: torch.Tensor, parents: torch.Tensor, tokens: torch.Tensor, ends: torch.Tensor) -> None:
+        """Merge the top candidates that ended at this step into the finished ones, keeping the best."""
+        assert self._running is not None
+        beams = self.num_beams
+        candidates = self._running[parents]
+        candidates[:, length] = tokens
         ended_now = ends & self._top
         finished_scores = top_scores / ((length + 1 - self.prompt_length) ** self.length_penalty)
-        finished_scores += (~self._improvable).to(torch.float32) * _FAR
         finished_scores += (~ended_now) * _FAR
         merged_scores = torch.cat((self._finished_scores, finished_scores))
         best = torch.topk(merged_scores, k=beams)[1]
@@ -108,14 +137,7 @@ class BeamSearch:
         self._finished_scores = merged_scores[best]
         self._finished_lengths = torch.cat((self._finished_lengths, torch.full_like(tokens, length + 1)))[best]
         self._is_finished = torch.cat((self._is_finished, ended_now))[best]
-
-        self.length = length + 1
-        # generate's stopping rule: go on while a running beam could still beat the worst finished one.
-        best_possible = self._scores[:1] / ((self.length - self.prompt_length) ** self.length_penalty)
-        worst_finished = torch.where(self._is_finished, torch.min(self._finished_scores), _FAR)
-        self._improvable = self._improvable & torch.any(best_possible > worst_finished)
-        self.done = not bool(self._improvable & ~torch.all(ends))
-        return beam_parents.tolist(), self._running[:, length].tolist()
+        self._worst_finished = torch.where(self._is_finished, torch.min(self._finished_scores), _FAR)
 
     def beam_ids(self, beam: int) -> list[int]:
         """Beam `beam`'s tokens so far, prompt included."""

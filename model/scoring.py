@@ -82,7 +82,7 @@ def score_continuations(
         owner="scoring",
         prompt=Prompt(prompt.ids[:shared], prompt.image_mask[:shared], prompt.images),
         max_new_tokens=0,
-        ids=prompt.ids[:shared] + [token for suffix in suffixes for token in suffix],
+        said=[token for suffix in suffixes for token in suffix],
     )
     pad_id = family.tokenizer.pad_token_id
     with torch.inference_mode():  # logits processors may change the scores in place, as in generate

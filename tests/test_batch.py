@@ -295,6 +295,33 @@ def test_beam_rows_get_the_tokens_of_generate_with_beams_among_other_rows(loaded
         assert got == expected[: len(got)] and set(expected[len(got) :]) <= {family.tokenizer.pad_token_id}, name
 
 
+def test_a_beam_search_prefilled_again_mid_way_goes_on_from_its_beams(loaded):
+    """A search's rows that wait after an out of memory are prefilled again with their beams so far
+    (which the search rewrites at its steps, and which rows read from it only when asked), and the
+    reply is still generate's."""
+    from model.beams import BeamSearch
+
+    model, family, no_end = loaded
+    name, length = "one image", LENGTHS["one image"] + 9
+    prompt = encoded(model, family, name)
+    search = BeamSearch(prompt.ids, 2, length, end_ids=sorted(family.end_ids), banned_ids=family.banned_ids, processors=[no_end])
+    search.rows = [Row(name, prompt, length, beams=search) for _ in range(2)]
+    batch = Batch.prefill(model, search.rows, family, family.tokenizer.pad_token_id)
+    batch.choose(family.banned_ids)
+    for _ in range(5):
+        batch.decode(model)
+        batch.choose(family.banned_ids)
+    assert [len(row.ids) - len(prompt.ids) for row in search.rows] == [6, 6]
+    for row in search.rows:
+        row.cached = 0  # what the backend's put-back does
+    batch = Batch.prefill(model, search.rows, family, family.tokenizer.pad_token_id)
+    batch.choose(family.banned_ids)
+    while not search.done:
+        batch.decode(model)
+        batch.choose(family.banned_ids)
+    assert search.best() == beams_alone(loaded, name, 2, length, ends=False)
+
+
 @pytest.mark.parametrize("name", ["no image", "one image", "two images", "two images, long", "a link", "after an end"])
 def test_a_processed_prompt_is_what_the_processor_gives(loaded, name):
     """`process` (the preparing thread's part: tokens, the image mask, pixels) gives exactly what the
