@@ -80,9 +80,10 @@ class Family(abc.ABC):
         """Tokens `chat` takes in the context, images at their real cost (on the event loop)."""
         return len(self._counting(self.processed_text(chat), add_special_tokens=False).input_ids)
 
-    def token_ids(self, chat: Chat) -> list[int]:
-        """The token ids of `chat`, as the processor makes them (on the model's worker)."""
-        return self.tokenizer(self.processed_text(chat), add_special_tokens=False).input_ids
+    def token_ids(self, chats: Sequence[Chat]) -> list[list[int]]:
+        """The token ids of each chat, as the processor makes them, in one call of the tokenizer (on
+        the model's worker)."""
+        return self.tokenizer([self.processed_text(chat) for chat in chats], add_special_tokens=False).input_ids
 
     @abc.abstractmethod
     def model_inputs(self, chats: Sequence[Chat]) -> Any:

@@ -117,7 +117,7 @@ class IdeficsV1(Family):
 
     def process(self, chat: Chat) -> ProcessedPrompt:
         # The processor's tokens and pixels, without its per-token Python loop for the image mask.
-        ids = self.token_ids(chat)
+        ids = self.token_ids([chat])[0]
         images = pictures(self.render(chat))
         if not images:
             return ProcessedPrompt(ids, torch.zeros((len(ids), 0), dtype=torch.bool), {})

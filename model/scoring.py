@@ -41,8 +41,7 @@ def continuation_ids(model, family, chat: Chat, continuations: Sequence[str]) ->
     common part sees the images the prompt's last token sees."""
     prompt = family.prepare(model, chat)
     rows, starts = [], []
-    for text in continuations:
-        ids = family.token_ids(chat.continued(text))
+    for ids in family.token_ids([chat.continued(text) for text in continuations]):
         start = _common_prefix(prompt.ids, ids)
         if start == len(ids):
             raise ValueError("every continuation must add at least one token")
