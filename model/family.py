@@ -2,7 +2,8 @@
 
 The running batch (model/batch.py) and its scheduler (model/local.py) are the same for every family;
 a `Family` says how a `Chat` becomes this model's input (its prompt format, its token count, its
-images through the processor and vision encoder, once per request) and how a batch's rows carry
+images through the processor and vision encoder, once per image while the backend's `ImageCache`
+keeps it) and how a batch's rows carry
 their images through the prefill and the decoding steps (`RowImages`, which rows take along as they
 leave and join). The checkpoint's config says which family it is (`model_type`).
 """
@@ -13,9 +14,10 @@ import abc
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from ground.images import ModelImage
+from model.image_cache import ImageCache
 from model.service import END_OF_UTTERANCE, Chat, Part
 
 if TYPE_CHECKING:  # the bot imports the list of families without loading torch
@@ -36,11 +38,16 @@ SUPPORTED = {
 @dataclass(frozen=True)
 class ProcessedPrompt:
     """A prompt through the processor, before the model sees it: token ids, which images each token
-    sees, and the images' pixels (CPU work; the vision encoder then runs in `Family.encode`)."""
+    sees, and the pixels of the images the image cache doesn't hold (CPU work; the vision encoder
+    then runs in `Family.encode`)."""
 
     ids: list[int]
     image_mask: torch.Tensor  # (len(ids), images) bool; IDEFICS v1 only (Idefics3: no columns)
-    pixels: dict[str, torch.Tensor]  # the processor's image tensors, as the family's vision encoder takes them; {} without images
+    images: tuple[ModelImage, ...]  # the prompt's images, in order (an image posted twice is there twice)
+    new: tuple[ModelImage, ...]  # those not in the image cache, each once, in order: whose pixels `pixels` holds
+    # The processor's tensors for `new`, as the family's vision encoder takes them (Idefics3: and
+    # "tiles", each image's count of them); {} without new images.
+    pixels: dict[str, torch.Tensor]
 
 
 def supported_text() -> str:
@@ -56,8 +63,10 @@ class Family(abc.ABC):
     # Tokens a reply must never contain: generating one would break the image merge of later steps.
     banned_tokens: tuple[str, ...]
 
-    def __init__(self, processor, config):
+    def __init__(self, processor, config, image_cache: ImageCache | None = None):
+        """`image_cache` keeps encoded images between prompts (none by default)."""
         self.processor = processor
+        self.image_cache = ImageCache() if image_cache is None else image_cache
         self.tokenizer = processor.tokenizer
         self.config = config
         # Tokens are counted on the event loop while the worker tokenizes prompts, and a fast
@@ -92,15 +101,43 @@ class Family(abc.ABC):
 
     @abc.abstractmethod
     def process(self, chat: Chat) -> ProcessedPrompt:
-        """`chat` through the processor: tokens and pixels (CPU only: the model is not touched)."""
+        """`chat` through the processor: tokens, and pixels for the images the image cache doesn't
+        hold (CPU only: the model is not touched)."""
 
     @abc.abstractmethod
+    def encode_images(self, model, processed: ProcessedPrompt) -> list[torch.Tensor]:
+        """The states of `processed.new` through the vision encoder, one tensor per image, each as
+        `Prompt.images` takes it concatenated with the others (on the model's worker)."""
+
+    def new_images(self, images: Sequence[ModelImage]) -> tuple[ModelImage, ...]:
+        """The images of `images` that the image cache doesn't hold, each once, in order."""
+        return tuple(dict.fromkeys(image for image in images if image.digest not in self.image_cache))
+
     def encode(self, model, processed: ProcessedPrompt) -> Prompt:
-        """The processed prompt's images through the vision encoder, once for the whole reply (on the
-        model's worker)."""
+        """The processed prompt with its images' states: from the image cache, and for the new images
+        from the vision encoder (kept in the cache for the prompts that come back with them)."""
+        import torch  # here: the bot imports this module without loading torch
+
+        from model.batch import Prompt
+
+        image_mask = processed.image_mask.to(model.device)
+        if not processed.images:
+            return Prompt(processed.ids, image_mask, None)
+        # The cached states are taken first: keeping the new ones may evict them.
+        states = {image.digest: self.image_cache.get(image.digest) for image in processed.images if image not in processed.new}
+        if processed.new:
+            with torch.inference_mode():
+                encoded = self.encode_images(model, processed)
+            for image, image_states in zip(processed.new, encoded, strict=True):
+                states[image.digest] = image_states
+                self.image_cache.put(image.digest, image_states)
+        parts = [states[image.digest] for image in processed.images]
+        if any(part is None for part in parts):
+            raise RuntimeError("An image left the image cache between `process` and `encode`: prepare the prompt with `prepare`.")
+        return Prompt(processed.ids, image_mask, torch.cat(cast("list[torch.Tensor]", parts)))
 
     def prepare(self, model, chat: Chat) -> Prompt:
-        """`chat` tokenized and its images encoded, in one call."""
+        """`chat` tokenized and its images encoded (those the image cache holds taken from it), in one call."""
         return self.encode(model, self.process(chat))
 
     @abc.abstractmethod
@@ -140,5 +177,3 @@ def pictures(chat_parts: Sequence[Part]) -> list:
     from model.pictures import decode
 
     return [decode(part) for part in chat_parts if isinstance(part, ModelImage)]
-
-

@@ -21,6 +21,8 @@ from PIL import Image
 from ground.images import ModelImage
 from model.batch import Prompt, Row
 from model.family import Family, ProcessedPrompt, pictures
+from model.image_cache import ImageCache
+from model.pictures import decode
 from model.service import FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Chat, Message, Part
 
 GLOBAL_IMAGE_TOKEN = "<global-img>"
@@ -71,8 +73,8 @@ class Idefics3(Family):
     name = "idefics3"
     model_class = "Idefics3ForConditionalGeneration"
 
-    def __init__(self, processor, config):
-        super().__init__(processor, config)
+    def __init__(self, processor, config, image_cache: ImageCache | None = None):
+        super().__init__(processor, config, image_cache)
         tokenizer = self.tokenizer
         self.image_token_id = config.image_token_id
         # Besides the image tokens, the tile tokens and the global image's: generated, they would
@@ -138,22 +140,36 @@ class Idefics3(Family):
     # -- the running batch ---------------------------------------------------------------------
 
     def process(self, chat: Chat) -> ProcessedPrompt:
-        inputs = self.model_inputs([chat])
-        ids = inputs["input_ids"][0].tolist()
-        pixels = {key: inputs[key] for key in ("pixel_values", "pixel_attention_mask") if key in inputs}
-        return ProcessedPrompt(ids, torch.zeros((len(ids), 0), dtype=torch.bool), pixels)
+        # The tokens from the text alone (`processed_text` writes each image's tile tokens as the
+        # processor does), the pixels only for the images not encoded yet.
+        ids = self.token_ids([chat])[0]
+        images = tuple(part for part in _images(chat) if isinstance(part, ModelImage))
+        no_mask = torch.zeros((len(ids), 0), dtype=torch.bool)
+        new = self.new_images(images)
+        if not new:
+            return ProcessedPrompt(ids, no_mask, images, new, {})
+        inputs = self.processor.image_processor(images=[[decode(image) for image in new]], return_tensors="pt", return_row_col_info=True)
+        # Each new image's tiles (and the global image), one after the other, as the processor
+        # lays out one prompt's images; and how many tiles each has, to split what they become.
+        tiles = torch.tensor([rows * columns + 1 for rows, columns in zip(inputs["rows"][0], inputs["cols"][0], strict=True)])
+        pixels = {"pixel_values": inputs["pixel_values"], "pixel_attention_mask": inputs["pixel_attention_mask"], "tiles": tiles}
+        return ProcessedPrompt(ids, no_mask, images, new, pixels)
+
+    def encode_images(self, model, processed: ProcessedPrompt) -> list[torch.Tensor]:
+        pixels = processed.pixels["pixel_values"].to(model.device, model.dtype)
+        features = model.get_image_features(pixels, processed.pixels["pixel_attention_mask"].to(model.device)).pooler_output
+        features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features.flatten(0, -2)
+        tokens = (processed.pixels["tiles"] * self.processor.image_seq_len).tolist()
+        if features.shape[0] != sum(tokens):
+            raise ValueError(f"{features.shape[0]} image embeddings for {sum(tokens)} image tokens")
+        return [image.clone() for image in features.split(tokens)]
 
     def encode(self, model, processed: ProcessedPrompt) -> Prompt:
-        ids = processed.ids
-        if not processed.pixels:
-            return Prompt(ids, processed.image_mask, None)
-        with torch.inference_mode():
-            pixels = processed.pixels["pixel_values"].to(model.device, model.dtype)
-            features = model.get_image_features(pixels, processed.pixels["pixel_attention_mask"].to(model.device)).pooler_output
-        features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features.flatten(0, -2)
-        if features.shape[0] != ids.count(self.image_token_id):
-            raise ValueError(f"{features.shape[0]} image embeddings for {ids.count(self.image_token_id)} image tokens")
-        return Prompt(ids, processed.image_mask, features)
+        prompt = super().encode(model, processed)
+        expected, found = processed.ids.count(self.image_token_id), 0 if prompt.images is None else prompt.images.shape[0]
+        if found != expected:
+            raise ValueError(f"{found} image embeddings for {expected} image tokens")
+        return prompt
 
     def prefill_inputs(self, model, rows: Sequence[Row], ids: torch.Tensor) -> tuple[dict[str, Any], CachedImages]:
         # What Idefics3's forward does with pixels (`inputs_merger`), with each row's embeddings

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from ground.images import ModelImage
-from model.batch import Prompt, Row
-from model.family import Family, ProcessedPrompt, pictures
+from model.batch import Row
+from model.family import Family, ProcessedPrompt
+from model.image_cache import ImageCache
 from model.instruct import render_instruct
 from model.markers import marked_text
 from model.pictures import decode
@@ -99,8 +100,8 @@ class IdeficsV1(Family):
     model_class = "IdeficsForVisionText2Text"
     banned_tokens = (IMAGE_TOKEN, FAKE_IMAGE_TOKEN)
 
-    def __init__(self, processor, config):
-        super().__init__(processor, config)
+    def __init__(self, processor, config, image_cache: ImageCache | None = None):
+        super().__init__(processor, config, image_cache)
         self._image_shape = image_state_shape(config)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
@@ -116,25 +117,24 @@ class IdeficsV1(Family):
         return self.processor(text=prompts, padding=True, return_tensors="pt", add_end_of_utterance_token=False)
 
     def process(self, chat: Chat) -> ProcessedPrompt:
-        # The processor's tokens and pixels, without its per-token Python loop for the image mask.
+        # The processor's tokens and pixels, without its per-token Python loop for the image mask,
+        # and pixels only for the images not encoded yet.
         ids = self.token_ids([chat])[0]
-        images = pictures(self.render(chat))
+        images = tuple(part for part in self.render(chat) if isinstance(part, ModelImage))
         if not images:
-            return ProcessedPrompt(ids, torch.zeros((len(ids), 0), dtype=torch.bool), {})
+            return ProcessedPrompt(ids, torch.zeros((len(ids), 0), dtype=torch.bool), (), (), {})
         mask = image_attention_mask(torch.tensor(ids), self.image_token_id, self.tokenizer.eos_token_id, len(images))
-        pixels = self.processor.image_processor(images, return_tensors="pt")
-        return ProcessedPrompt(ids, mask, {"pixel_values": pixels})
+        new = self.new_images(images)
+        pixels = {"pixel_values": self.processor.image_processor([decode(image) for image in new], return_tensors="pt")} if new else {}
+        return ProcessedPrompt(ids, mask, images, new, pixels)
 
-    def encode(self, model, processed: ProcessedPrompt) -> Prompt:
-        # The vision encoder and perceiver, once for the whole reply.
-        image_mask = processed.image_mask.to(model.device)
-        if not processed.pixels:
-            return Prompt(processed.ids, image_mask, None)
-        with torch.inference_mode():
-            states = model.model.vision_model(pixel_values=processed.pixels["pixel_values"].to(model.device, model.dtype)).last_hidden_state
-            if model.config.use_resampler:
-                states = model.model.perceiver_resampler(states)
-        return Prompt(processed.ids, image_mask, states)
+    def encode_images(self, model, processed: ProcessedPrompt) -> list[torch.Tensor]:
+        # The vision encoder and perceiver: (1, states, hidden) per image, each its own copy, so
+        # that what the image cache keeps of one image is that image's bytes alone.
+        states = model.model.vision_model(pixel_values=processed.pixels["pixel_values"].to(model.device, model.dtype)).last_hidden_state
+        if model.config.use_resampler:
+            states = model.model.perceiver_resampler(states)
+        return [image.clone() for image in states.split(1)]
 
     def prefill_inputs(self, model, rows: Sequence[Row], ids: torch.Tensor) -> tuple[dict[str, Any], PerceiverImages]:
         longest = ids.shape[1]
