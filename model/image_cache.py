@@ -30,6 +30,10 @@ class ImageCache:
     def __len__(self) -> int:
         return len(self._states)
 
+    def digests(self) -> list[str]:
+        """The digests of the images kept, the least recently used first."""
+        return list(self._states)
+
     def get(self, digest: str) -> torch.Tensor | None:
         """The image's states, now the most recently used; None if they are not kept."""
         states = self._states.get(digest)
