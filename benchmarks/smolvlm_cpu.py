@@ -7,9 +7,11 @@ saved and loaded through `from_pretrained` like the real one, and served by the 
 answers one question about a 640 x 480 photo (cut into 4 x 3 tiles of 512 px and the global image:
 about 850 image tokens), with a reply of fixed length. Prints the time to the first token (prefill:
 the vision encoder on 13 tiles, and the prompt) and the decoding speed, for one request and for
-four text questions at once.
+four text questions at once. `--case follow-up` times the first token of a follow-up question in the
+same conversation (the photo comes back with the history): with the photo in the image cache, and,
+for comparison, the same conversation about a photo the backend has not seen.
 
-    python benchmarks/smolvlm_cpu.py [--threads 1] [--tokens 48]
+    python benchmarks/smolvlm_cpu.py [--threads 1] [--tokens 48] [--case follow-up]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import hashlib
 import io
+import os
 import sys
 import tempfile
 import time
@@ -82,10 +85,34 @@ async def answer(service: LocalBackend, request: GenerationRequest) -> float:
     return time.perf_counter() - started
 
 
+def conversation(image: ModelImage) -> tuple[Chat, Chat]:
+    """A question about `image`, and a follow-up in the same conversation (the history, photo and all)."""
+    question = Chat((Message("user", (image, "What is in this image?")),))
+    return question, Chat((*question.messages, Message("assistant", ("A field of grey noise.",)), Message("user", ("Is there a pattern in it?",))))
+
+
+async def first_token(service: LocalBackend, chat: Chat) -> float:
+    return await answer(service, GenerationRequest(chat, GenerationParams(max_new_tokens=1)))
+
+
+async def follow_up(service: LocalBackend) -> None:
+    await first_token(service, conversation(photo())[0])  # warm-up, another photo
+    question, again = conversation(photo())
+    first = await first_token(service, question)
+    cached = await first_token(service, again)
+    unseen = await first_token(service, conversation(photo())[1])
+    threads = torch.get_num_threads()
+    print(f"first question about a photo: first token after {first:.1f} s")
+    print(f"follow-up about the same photo (image cache): first token after {cached:.1f} s")
+    print(f"the same follow-up about a photo not seen before: first token after {unseen:.1f} s")
+    print(f"(torch threads: {threads}; float32; random weights at SmolVLM-256M's size; load average {os.getloadavg()[0]:.2f})")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--case", choices=["question", "follow-up"], default="question")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as directory:
@@ -94,6 +121,9 @@ async def main() -> None:
         try:
             no_end = NoEarlyEnd(sorted(service.family.end_ids))
             service.row_processors.append(lambda prompt_ids: no_end)
+            if args.case == "follow-up":
+                await follow_up(service)
+                return
             question = Chat((Message("user", (photo(), "What is in this image?")),))
             print(f"prompt: {await service.count_tokens(question)} tokens")
             # The first token needs the prefill (vision encoder on every tile, then the prompt); the rest decode.

@@ -97,7 +97,8 @@ class BatchSettings:
     # used first out, 0 keeps none. They live beside the model, in its dtype. One image: IDEFICS v1's
     # 64 perceiver latents x 1,280 in 16 bits, 160 KB; a 640 x 480 photo on Idefics3-8B, 13 tiles x 169
     # x 4,096 in 16 bits, 18 MB; on SmolVLM-256M, 13 x 64 x 576 in fp32, 1.9 MB. So 256 MB holds the
-    # photos of a busy hour's conversations (1,600 / 14 / 130 of those) at a small part of a GPU's memory.
+    # photos of many conversations at once (1,600 / 14 / 130 of those), a small part of a GPU's memory
+    # beside the KV cache (about 8 GB by default for the 9B model).
     image_cache_bytes: int = 256 * 2**20
 
 

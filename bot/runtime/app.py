@@ -59,6 +59,7 @@ async def open_model(config: Config) -> ModelService:
             max_queue=settings.max_queue,
             stall_timeout_s=settings.stall_timeout_s,
             threads=settings.threads,
+            image_cache_bytes=settings.image_cache_mb * 2**20,
         ),
     )
 
