@@ -164,13 +164,16 @@ async def measure(family: str, args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = write_tiny_checkpoint(directory, family=family)
         rows = args.max_batch_size or BatchSettings().max_batch_size
-        settings = BatchSettings(max_batch_size=rows, threads=args.threads or None)
+        # The image cache off: these prompts come back with the same images, which real new questions
+        # don't; every image is encoded as a new photo's would be, and as `generate` alone does.
+        settings = BatchSettings(max_batch_size=rows, threads=args.threads or None, image_cache_bytes=0)
         service = await LocalBackend.open(CheckpointSettings(str(checkpoint)), settings)
         import torch
 
         name = "Idefics3 (SmolVLM layout)" if family == "idefics3" else "IDEFICS v1"
         print(f"tiny {name}, fp32, {os.cpu_count()} CPU cores, torch threads: {torch.get_num_threads()} "
-              f"({'set with --threads' if args.threads else 'torch default'}), max_batch_size {rows}, max_batch_tokens {settings.max_batch_tokens}, "
+              f"({'set with --threads' if args.threads else 'torch default'}), max_batch_size {rows}, "
+              f"max_batch_tokens {settings.max_batch_tokens}, image cache off, "
               f"load average {os.getloadavg()[0]:.1f} (other processes on the machine make every figure noisier)", flush=True)
         no_end = NoEarlyEnd(sorted(service.family.end_ids))
         service.row_processors.append(lambda prompt_ids: no_end)

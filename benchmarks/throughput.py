@@ -36,7 +36,8 @@ async def main() -> None:
 
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = write_tiny_checkpoint(directory)
-        service = await LocalBackend.open(CheckpointSettings(str(checkpoint)), BatchSettings(max_batch_size=args.requests))
+        # The image cache off: every round's images are encoded anew, in both modes.
+        service = await LocalBackend.open(CheckpointSettings(str(checkpoint)), BatchSettings(max_batch_size=args.requests, image_cache_bytes=0))
         tokenizer = service._tokenizer
         no_end = NoEarlyEnd([tokenizer.convert_tokens_to_ids("<end_of_utterance>"), tokenizer.eos_token_id])
         service.row_processors.append(lambda prompt_ids: no_end)
