@@ -124,7 +124,8 @@ class Family(abc.ABC):
         if not processed.images:
             return Prompt(processed.ids, image_mask, None)
         # The cached states are taken first: keeping the new ones may evict them.
-        states = {image.digest: self.image_cache.get(image.digest) for image in processed.images if image not in processed.new}
+        new = {image.digest for image in processed.new}
+        states = {image.digest: self.image_cache.get(image.digest) for image in processed.images if image.digest not in new}
         if processed.new:
             with torch.inference_mode():
                 encoded = self.encode_images(model, processed)

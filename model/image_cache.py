@@ -27,9 +27,6 @@ class ImageCache:
     def __contains__(self, digest: str) -> bool:
         return digest in self._states
 
-    def __len__(self) -> int:
-        return len(self._states)
-
     def digests(self) -> list[str]:
         """The digests of the images kept, the least recently used first."""
         return list(self._states)
