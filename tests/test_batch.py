@@ -67,6 +67,19 @@ def alone(loaded, name: str, sampling: Sampling | None = None) -> list[int]:
     return output[0, inputs["input_ids"].shape[1] :].tolist()
 
 
+def one_step(model, family, batch: Batch | None, joining: list[Row], advance) -> Batch | None:
+    """A step as the backend takes it: `joining` prefilled and merged in, then one decoding step;
+    `advance` chooses each row's token and keeps the rows that go on."""
+    if joining:
+        joined = advance(Batch.prefill(model, joining, family, family.tokenizer.pad_token_id))
+        parts = [part for part in (batch, joined) if part is not None]
+        batch = Batch.concatenate(parts) if parts else None
+    if batch is not None:
+        batch.decode(model)
+        batch = advance(batch)
+    return batch
+
+
 def run(loaded, arrivals: list[tuple], max_rows: int, leave: dict[int, int] | None = None) -> dict[int, list[int]]:
     """Schedule `arrivals` (step, prompt name, sampling) through one running batch as the backend does:
     before each step, rows that arrived and fit join (prefilled, then merged); after each step, rows
@@ -91,13 +104,7 @@ def run(loaded, arrivals: list[tuple], max_rows: int, leave: dict[int, int] | No
             row = Row(number, prompt, LENGTHS[name], sampling or Sampling(), [no_end])
             replies[number] = row
             joining.append(row)
-        if joining:
-            joined = advance(Batch.prefill(model, joining, family, family.tokenizer.pad_token_id))
-            parts = [part for part in (batch, joined) if part is not None]
-            batch = Batch.concatenate(parts) if parts else None
-        if batch is not None:
-            batch.decode(model)
-            batch = advance(batch)
+        batch = one_step(model, family, batch, joining, advance)
         step += 1
     return {number: row.ids[len(row.prompt.ids) :] for number, row in replies.items()}
 
@@ -280,13 +287,7 @@ def test_beam_rows_get_the_tokens_of_generate_with_beams_among_other_rows(loaded
                 joining += search.rows
             else:
                 joining.append(Row(name, prompt, LENGTHS[name], Sampling(), [no_end]))
-        if joining:
-            joined = advance(Batch.prefill(model, joining, family, family.tokenizer.pad_token_id))
-            parts = [part for part in (batch, joined) if part is not None]
-            batch = Batch.concatenate(parts) if parts else None
-        if batch is not None:
-            batch.decode(model)
-            batch = advance(batch)
+        batch = one_step(model, family, batch, joining, advance)
         step += 1
     for name, search in searches.items():
         assert search.done
