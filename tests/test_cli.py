@@ -10,6 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -30,6 +32,30 @@ def environment(env: dict | None = None) -> dict:
 
 def idefics_bot(*args: str, cwd: Path, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*COMMAND, *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=300, env=environment(env))
+
+
+@asynccontextmanager
+async def web_chat_process(directory: Path, checkpoint: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, list[str]]]:
+    """`idefics-bot run` in `directory` (with its config.toml) until it says where its web chat is:
+    the process, the chat's address and the lines it said. Afterwards it is stopped with SIGTERM and
+    must exit with 0, without a traceback."""
+    bot = await asyncio.create_subprocess_exec(*COMMAND, "run", "--model", str(checkpoint), cwd=directory, env=environment(), stderr=asyncio.subprocess.PIPE)
+    try:
+        said: list[str] = []
+        async with asyncio.timeout(120):
+            while not (said and said[-1].startswith("Web chat: ")):
+                line = await bot.stderr.readline()
+                assert line, f"the bot ended before serving the page: {said}"
+                said.append(line.decode().strip())
+        yield bot, said[-1].removeprefix("Web chat: "), said
+        bot.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            assert await bot.wait() == 0
+        assert "Traceback" not in (await bot.stderr.read()).decode()
+    finally:
+        if bot.returncode is None:
+            bot.kill()
+            await bot.wait()
 
 
 def assert_no_traceback(result: subprocess.CompletedProcess) -> None:
@@ -93,29 +119,11 @@ def test_run_without_any_platform_says_what_to_configure(tmp_path):
 
 async def test_run_with_nothing_configured_serves_the_web_chat_and_says_how_to_add_platforms(tmp_path, tiny_checkpoint):
     (tmp_path / "config.toml").write_text("[web]\nport = 0\n")  # the default port 8080 may be taken on a test machine
-    bot = await asyncio.create_subprocess_exec(
-        *COMMAND, "run", "--model", str(tiny_checkpoint), cwd=tmp_path, env=environment(), stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        said = []
-        async with asyncio.timeout(120):
-            while not (said and said[-1].startswith("Web chat: ")):
-                line = await bot.stderr.readline()
-                assert line, f"the bot ended before serving the page: {said}"
-                said.append(line.decode().strip())
-        url = said[-1].removeprefix("Web chat: ")
+    async with web_chat_process(tmp_path, tiny_checkpoint) as (_, url, said):
         assert url.startswith("http://127.0.0.1:")
         assert "DISCORD_TOKEN" in "\n".join(said) and "SLACK_BOT_TOKEN" in "\n".join(said)
         async with aiohttp.ClientSession() as client, client.get(url) as page:
             assert page.status == 200 and "<title>IDEFICS</title>" in await page.text()
-        bot.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(60):
-            assert await bot.wait() == 0
-        assert "Traceback" not in (await bot.stderr.read()).decode()
-    finally:
-        if bot.returncode is None:
-            bot.kill()
-            await bot.wait()
 
 
 def test_config_errors_name_the_key(tmp_path):

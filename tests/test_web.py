@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,7 +22,7 @@ from bot.settings import ConfigError
 from tests.conftest import BOTH_FAMILIES, image_bytes, write_config
 from tests.loopback import LoopbackServer
 from tests.model_tap import ModelTap
-from tests.test_cli import COMMAND, environment
+from tests.test_cli import web_chat_process
 from tests.web_chat import TOKEN, web_bot, web_config
 
 
@@ -428,17 +427,7 @@ port = 0
 upload_memory_mb = {budget_mb}
 """
     )
-    bot = await asyncio.create_subprocess_exec(
-        *COMMAND, "run", "--model", str(tiny_checkpoint), cwd=tmp_path, env=environment(), stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        said: list[str] = []
-        async with asyncio.timeout(120):
-            while not (said and said[-1].startswith("Web chat: ")):
-                line = await bot.stderr.readline()
-                assert line, f"the bot ended before serving the page: {said}"
-                said.append(line.decode().strip())
-        url = said[-1].removeprefix("Web chat: ")
+    async with web_chat_process(tmp_path, tiny_checkpoint) as (bot, url, _):
         picture = image_bytes()
         maximal = picture + b"\0" * (20 * 2**20 - len(picture))  # a valid PNG, padded to exactly the limit
         async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True), timeout=aiohttp.ClientTimeout(total=240)) as client:
@@ -464,14 +453,6 @@ upload_memory_mb = {budget_mb}
         assert all(body["type"] == "final" and not body["notes"] for status, body in answers if status == 200), answers
         assert peak_mb < budget_mb + margin_mb
         assert kept_mb < margin_mb
-        bot.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(60):
-            assert await bot.wait() == 0
-        assert "Traceback" not in (await bot.stderr.read()).decode()
-    finally:
-        if bot.returncode is None:
-            bot.kill()
-            await bot.wait()
 
 
 async def test_a_message_waiting_for_the_model_holds_no_upload_memory_it_does_not_need(tmp_path, tiny_checkpoint, tap: ModelTap):
