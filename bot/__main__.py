@@ -4,4 +4,5 @@ import sys
 
 from bot.runtime.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # also imported by a process the prompt process starts (multiprocessing)
+    sys.exit(main())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
 import torch
@@ -139,21 +139,23 @@ class Idefics3(Family):
 
     # -- the running batch ---------------------------------------------------------------------
 
-    def process(self, chat: Chat) -> ProcessedPrompt:
+    def process(self, chat: Chat, cached: Container[str]) -> ProcessedPrompt:
         # The tokens from the text alone (`processed_text` writes each image's tile tokens as the
         # processor does), the pixels only for the images not encoded yet.
         ids = self.token_ids([chat])[0]
         images = tuple(part for part in _images(chat) if isinstance(part, ModelImage))
+        digests = tuple(image.digest for image in images)
         no_mask = torch.zeros((len(ids), 0), dtype=torch.bool)
-        new = self.new_images(images)
+        new = self.new_images(images, cached)
         if not new:
-            return ProcessedPrompt(ids, no_mask, images, new, {})
+            return ProcessedPrompt(ids, no_mask, digests, (), {})
         inputs = self.processor.image_processor(images=[[decode(image) for image in new]], return_tensors="pt", return_row_col_info=True)
         # Each new image's tiles (and the global image), one after the other, as the processor
         # lays out one prompt's images; and how many tiles each has, to split what they become.
         tiles = torch.tensor([rows * columns + 1 for rows, columns in zip(inputs["rows"][0], inputs["cols"][0], strict=True)])
-        pixels = {"pixel_values": inputs["pixel_values"], "pixel_attention_mask": inputs["pixel_attention_mask"], "tiles": tiles}
-        return ProcessedPrompt(ids, no_mask, images, new, pixels)
+        # The mask as bool, not the processor's int64: an eighth of the bytes to carry from the prompt process.
+        pixels = {"pixel_values": inputs["pixel_values"], "pixel_attention_mask": inputs["pixel_attention_mask"].bool(), "tiles": tiles}
+        return ProcessedPrompt(ids, no_mask, digests, tuple(image.digest for image in new), pixels)
 
     def encode_images(self, model, processed: ProcessedPrompt) -> list[torch.Tensor]:
         pixels = processed.pixels["pixel_values"].to(model.device, model.dtype)

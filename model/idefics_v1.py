@@ -3,7 +3,7 @@ perceiver states that every decoding step attends to through the gated cross-att
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -116,7 +116,7 @@ class IdeficsV1(Family):
         prompts = [processor_items(self.render(chat)) for chat in chats]
         return self.processor(text=prompts, padding=True, return_tensors="pt", add_end_of_utterance_token=False)
 
-    def process(self, chat: Chat) -> ProcessedPrompt:
+    def process(self, chat: Chat, cached: Container[str]) -> ProcessedPrompt:
         # The processor's tokens and pixels, without its per-token Python loop for the image mask,
         # and pixels only for the images not encoded yet.
         ids = self.token_ids([chat])[0]
@@ -124,9 +124,9 @@ class IdeficsV1(Family):
         if not images:
             return ProcessedPrompt(ids, torch.zeros((len(ids), 0), dtype=torch.bool), (), (), {})
         mask = image_attention_mask(torch.tensor(ids), self.image_token_id, self.tokenizer.eos_token_id, len(images))
-        new = self.new_images(images)
+        new = self.new_images(images, cached)
         pixels = {"pixel_values": self.processor.image_processor([decode(image) for image in new], return_tensors="pt")} if new else {}
-        return ProcessedPrompt(ids, mask, images, new, pixels)
+        return ProcessedPrompt(ids, mask, tuple(image.digest for image in images), tuple(image.digest for image in new), pixels)
 
     def encode_images(self, model, processed: ProcessedPrompt) -> list[torch.Tensor]:
         # The vision encoder and perceiver: (1, states, hidden) per image, each its own copy, so

@@ -3,7 +3,9 @@
 A conversation sends its whole history every turn, so a photo posted once comes back with every
 follow-up question; what the vision encoder (and perceiver or connector) made of it the first time
 is kept here, within a budget of bytes, and the least recently used image goes first. Only the
-model's worker thread touches it (it prepares every prompt), so it takes no lock.
+model's worker thread changes it (it encodes every prompt), so it takes no lock: the event loop only
+asks whether it holds an image (one dict lookup, atomic under the GIL), to spare the prompt process
+work, and the worker copes with an image gone by then (`ImageEvicted`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class ImageCache:
         self.used_bytes = 0
         self._states: OrderedDict[str, torch.Tensor] = OrderedDict()
 
-    def __contains__(self, digest: str) -> bool:
+    def __contains__(self, digest: object) -> bool:
         return digest in self._states
 
     def digests(self) -> list[str]:

@@ -20,25 +20,29 @@ the worker then waits to get back), and a watchdog on the loop replaces a worker
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import torch
 from transformers import LogitsProcessor
 
-from model.batch import Batch, Row, Sampling, footprint
+from ground.images import ModelImage
+from model.batch import Batch, Prompt, Row, Sampling, footprint
 from model.beams import BeamSearch, beam_reply
 from model.families import family_for
-from model.family import Family
+from model.family import Family, ImageEvicted, ProcessedPrompt
 from model.image_cache import ImageCache
 from model.loading import CheckpointSettings, load_checkpoint
-from model.scoring import score_continuations
+from model.prompt_process import PromptProcess
+from model.scoring import ProcessedScoring, score_continuations, score_processed
 from model.service import (
     SPECIAL_TOKENS,
     Chat,
@@ -63,6 +67,8 @@ from model.streamer import ReplyStream
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+_FAILED = "Sorry, the model could not answer this one (it hit an internal error). Please try again."
 
 # Makes a row's own transformers LogitsProcessor from its prompt's token ids (a hook for tests and
 # experiments); it is then called at each step with the row's tokens so far, as in a solo `generate`.
@@ -100,6 +106,10 @@ class BatchSettings:
     # photos of many conversations at once (1,600 / 14 / 130 of those), a small part of a GPU's memory
     # beside the KV cache (about 8 GB by default for the 9B model).
     image_cache_bytes: int = 256 * 2**20
+    # Prompts with new images, and scorings, are processed (template, tokens, the image processor's
+    # pixels) in a process of their own while the batch decodes (model/prompt_process.py); False:
+    # on the model's worker, between two steps.
+    prompt_process: bool = True
 
 
 class _Courier:
@@ -148,6 +158,8 @@ class _Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set on the loop: the worker drops the row at its next step
     started: bool = False
+    # The prompt through the prompt process (None: the worker processes it); dropped once encoded.
+    processed: ProcessedPrompt | None = None
     # The prompt, encoded by the worker: one row, or one per beam; kept if put back in the queue.
     rows: list[Row] = field(default_factory=list)
     reply: ReplyStream | None = None  # a streamed reply's text so far (a beam search's arrives whole)
@@ -189,6 +201,8 @@ class LocalBackend(ModelService):
         self._answered_since_oom = 0
         self._last_progress = time.monotonic()  # written by the worker at every forward
         self._closed = False
+        self._requests = 0  # requests being answered (counted on the event loop)
+        self.prompt_process: PromptProcess | None = None  # started by `open`, if the settings ask for it
         self.batch_sizes: list[int] = []  # rows decoding together after every merge; for tests and benchmarks
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -231,6 +245,8 @@ class LocalBackend(ModelService):
             **self.family.image_preparation(),
         )
         self._courier = _Courier(self._loop, self.batching.stream_interval_s)
+        if self.batching.prompt_process:
+            self.prompt_process = await PromptProcess.open(self.family)
         self._watchdog = asyncio.create_task(self._watch(), name="idefics-watchdog")
 
     async def close(self) -> None:
@@ -239,6 +255,8 @@ class LocalBackend(ModelService):
         self._closed = True
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self.prompt_process is not None:
+            self.prompt_process.close()
         gone = ModelUnavailable("The bot is shutting down; your request was not answered.")
         with self._lock:
             waiting = list(self._pending)
@@ -273,35 +291,58 @@ class LocalBackend(ModelService):
         return self.family.count_tokens(prompt)
 
     async def score(self, request: ScoreRequest) -> list[float]:
-        # A prefill-only request: the image encoded once, all continuations in one forward pass, between
-        # two steps of the running batch (the pause of one newcomer's prefill).
-        def weigh(model, processor) -> list[float]:
-            return score_continuations(model, self.family, request.prompt, request.continuations, end_ids=self._end_ids, row_processors=self.row_processors)
+        # A prefill-only request: processed in the prompt process (the template, every continuation's
+        # tokens, the image's pixels), then, between two steps of the running batch, the image
+        # encoded once and all continuations in one forward pass (the pause of one newcomer's prefill).
+        try:
+            async with asyncio.timeout(request.time_limit):
+                with self._in_flight() as apart:
+                    processed = None
+                    if apart is not None:
+                        processed = await apart.process_scoring(request.prompt, request.continuations, self.family.cached_images(request.prompt))
+                    return await self.call_between_steps(partial(self._weigh, request, processed))
+        except TimeoutError:
+            raise ModelTimeout.scoring(request) from None
+        except ModelError:
+            raise
+        except Exception as exc:
+            log.exception("request.failed", extra={"request": request.label})
+            detail = "it ran out of memory" if _is_out_of_memory(exc) else "it hit an internal error"
+            raise GenerationFailed(f"Sorry, the model could not answer this one ({detail}). Please try again.") from None
 
-        return await self._one_off(weigh, request, lambda: ModelTimeout.scoring(request))
+    def _weigh(self, request: ScoreRequest, processed: ProcessedScoring | None, model, processor) -> list[float]:
+        """`request`'s scores, on the worker: from what the prompt process made of it, unless an
+        image it took as cached has left the cache since (or it made nothing)."""
+        options: dict[str, Any] = {"end_ids": self._end_ids, "row_processors": self.row_processors}
+        if processed is not None:
+            with contextlib.suppress(ImageEvicted):
+                return score_processed(model, self.family, processed, **options)
+        return score_continuations(model, self.family, request.prompt, request.continuations, **options)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
-        job = self._submit(request)
-        loop = job.loop
-        deadline = None if request.queue_timeout is None else loop.time() + request.queue_timeout
-        started = False
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        event = await job.events.get()
-                except TimeoutError:
-                    raise ModelTimeout.after(request, started) from None
-                if isinstance(event, BaseException):
-                    raise event
-                if isinstance(event, Started):
-                    started = True
-                    deadline = None if request.timeout is None else loop.time() + request.timeout
-                yield event
-                if isinstance(event, Finished):
-                    return
-        finally:
-            self._cancel(job)
+        self._check_room()
+        with self._in_flight() as apart:
+            job = self._submit(request, await self._processed_apart(request, apart))
+            loop = job.loop
+            deadline = None if request.queue_timeout is None else loop.time() + request.queue_timeout
+            started = False
+            try:
+                while True:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            event = await job.events.get()
+                    except TimeoutError:
+                        raise ModelTimeout.after(request, started) from None
+                    if isinstance(event, BaseException):
+                        raise event
+                    if isinstance(event, Started):
+                        started = True
+                        deadline = None if request.timeout is None else loop.time() + request.timeout
+                    yield event
+                    if isinstance(event, Finished):
+                        return
+            finally:
+                self._cancel(job)
 
     async def call_between_steps(self, work: Callable[[Any, Any], T]) -> T:
         """Run `work(model, processor)` on the worker thread between two decoding steps and return its
@@ -316,31 +357,48 @@ class LocalBackend(ModelService):
             self._lock.notify()
         return await asyncio.wrap_future(done)
 
-    async def _one_off(self, work: Callable[[Any, Any], T], request: ScoreRequest, timed_out: Callable[[], ModelError]) -> T:
-        """`work` run between steps, within the request's time limits (queue and work together), its
-        failure told as a `ModelError`."""
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[PromptProcess | None]:
+        """Counts a request (on the event loop) while it is answered, and gives the prompt process if
+        it should process the request: when others are in flight, who would otherwise pause for it.
+        Alone, the worker is quicker (no trip there and back)."""
+        apart = self.prompt_process if self._requests else None
+        self._requests += 1
         try:
-            async with asyncio.timeout(request.time_limit):
-                return await self.call_between_steps(work)
+            yield apart
+        finally:
+            self._requests -= 1
+
+    async def _processed_apart(self, request: GenerationRequest, apart: PromptProcess | None) -> ProcessedPrompt | None:
+        """The prompt through `apart`, the prompt process, if it has images to process (text alone
+        costs the worker less than the trip); None: the worker processes it."""
+        chat = request.prompt
+        cached = self.family.cached_images(chat)
+        if apart is None or all(not isinstance(image, ModelImage) or image.digest in cached for image in chat.images):
+            return None
+        try:
+            async with asyncio.timeout(request.queue_timeout):
+                return await apart.process(chat, cached)
         except TimeoutError:
-            raise timed_out() from None
-        except ModelError:
-            raise
-        except Exception as exc:
+            raise ModelTimeout.after(request, False) from None
+        except Exception:
             log.exception("request.failed", extra={"request": request.label})
-            detail = "it ran out of memory" if _is_out_of_memory(exc) else "it hit an internal error"
-            raise GenerationFailed(f"Sorry, the model could not answer this one ({detail}). Please try again.") from None
+            raise GenerationFailed(_FAILED) from None
 
     # -- the queue (event loop side) ---------------------------------------------------------
 
-    def _submit(self, request: GenerationRequest) -> _Job:
+    def _check_room(self) -> None:
+        """Refuse a request the queue can't take now."""
         if self._closed or self._watchdog is None:
             raise ModelUnavailable("The model is not running right now; please try again shortly.")
+        if len(self._pending) >= self.batching.max_queue:
+            raise ModelBusy("I'm busy with other requests right now; please try again in a moment.")
+
+    def _submit(self, request: GenerationRequest, processed: ProcessedPrompt | None) -> _Job:
         loop = asyncio.get_running_loop()
-        job = _Job(request=request, loop=loop, courier=self._courier, enqueued=loop.time())
+        job = _Job(request=request, loop=loop, courier=self._courier, enqueued=loop.time(), processed=processed)
         with self._lock:
-            if len(self._pending) >= self.batching.max_queue:
-                raise ModelBusy("I'm busy with other requests right now; please try again in a moment.")
+            self._check_room()
             self._pending.append(job)
             position = len(self._pending)
             self._lock.notify()
@@ -467,14 +525,14 @@ class LocalBackend(ModelService):
     def _encode(self, job: _Job) -> bool:
         """Tokenize `job`'s prompt and run its images through the vision encoder; a bad prompt fails alone."""
         try:
-            prompt = self.family.prepare(self._model, job.request.prompt)
+            prompt = self._prepare(job)
         except Exception:
             log.exception("request.failed", extra={"request": job.request.label})
             with self._lock:
                 if job in self._pending:
                     self._pending.remove(job)
             self._loop.call_soon_threadsafe(self._announce_positions)
-            self._fail([job], GenerationFailed("Sorry, the model could not answer this one (it hit an internal error). Please try again."))
+            self._fail([job], GenerationFailed(_FAILED))
             return False
         params = job.request.params
         processors = [make(prompt.ids) for make in self.row_processors]
@@ -495,6 +553,15 @@ class LocalBackend(ModelService):
         job.rows = [Row(owner=job, prompt=prompt, max_new_tokens=params.max_new_tokens, sampling=sampling, processors=processors)]
         job.reply = ReplyStream(job.emit, self._decode, self._end_ids, params.max_new_tokens, job.request.stop_strings, self._byte_ids)
         return True
+
+    def _prepare(self, job: _Job) -> Prompt:
+        """`job`'s prompt encoded: from what the prompt process made of it, unless an image it took
+        as cached has left the cache since (or it made nothing), else processed here."""
+        processed, job.processed = job.processed, None
+        if processed is not None:
+            with contextlib.suppress(ImageEvicted):
+                return self.family.encode(self._model, processed)
+        return self.family.prepare(self._model, job.request.prompt)
 
     def _join(self, batch: Batch | None, rows: list[Row]) -> Batch | None:
         """Prefill `rows`, give each its first token, and merge those still going into `batch`."""
@@ -533,7 +600,7 @@ class LocalBackend(ModelService):
             job = row.owner
             if index in failed:
                 log.error("request.failed", exc_info=failed[index], extra={"request": job.request.label})
-                self._fail([job], GenerationFailed("Sorry, the model could not answer this one (it hit an internal error). Please try again."))
+                self._fail([job], GenerationFailed(_FAILED))
             elif not job.open:
                 continue
             elif row.beams is not None:
@@ -576,7 +643,7 @@ class LocalBackend(ModelService):
             if _one_request(rows):
                 job = rows[0].owner
                 log.exception("request.failed", extra={"request": job.request.label})
-                self._fail([job], GenerationFailed("Sorry, the model could not answer this one (it hit an internal error). Please try again."))
+                self._fail([job], GenerationFailed(_FAILED))
                 return None
             log.warning("batch.split", extra={"size": len(rows), "error": type(exc).__name__})
             halves = work.split() if isinstance(work, Batch) else (work[: len(work) // 2], work[len(work) // 2 :])

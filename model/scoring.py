@@ -1,6 +1,6 @@
 """Weighing continuations of one prompt by the model's likelihood, as one prefill-only request.
 
-The prompt's images go through the vision encoder once (the family's `prepare`), and every
+The prompt's images go through the vision encoder once (the family's `encode`), and every
 continuation is the prompt with it written after the start of its reply (`Chat.continued`, as if the
 model had written it there). All of them go through the language model in ONE forward of ONE row:
 the tokens they share, then each continuation's own tokens in turn, under "tree attention" (a 4D
@@ -17,12 +17,14 @@ factory of the backend's `row_processors` makes one for the prompt, applied to a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Container, Sequence
+from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
 
 from model.batch import Prompt, Row, prefill_forward
+from model.family import ProcessedPrompt
 from model.service import Chat
 
 
@@ -35,11 +37,21 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return length
 
 
-def continuation_ids(model, family, chat: Chat, continuations: Sequence[str]) -> tuple[Prompt, list[list[int]], list[int]]:
-    """The prompt (its images encoded), each continuation's token ids (the whole chat with it), and
-    where each one's own tokens start. Only the reply changes, so every token after the prompt's
-    common part sees the images the prompt's last token sees."""
-    prompt = family.prepare(model, chat)
+@dataclass(frozen=True)
+class ProcessedScoring:
+    """A scoring through the processor (CPU work: the prompt process's, or the worker's): the prompt,
+    each continuation's token ids (the whole chat with it), and where each one's own tokens start."""
+
+    prompt: ProcessedPrompt
+    rows: list[list[int]]
+    starts: list[int]
+
+
+def process_scoring(family, chat: Chat, continuations: Sequence[str], cached: Container[str]) -> ProcessedScoring:
+    """`chat` and each continuation of it tokenized, and the pixels of the images whose digests are not
+    in `cached`. Only the reply changes, so every token after the prompt's common part sees the images
+    the prompt's last token sees."""
+    prompt = family.process(chat, cached)
     rows, starts = [], []
     for ids in family.token_ids([chat.continued(text) for text in continuations]):
         start = _common_prefix(prompt.ids, ids)
@@ -47,7 +59,7 @@ def continuation_ids(model, family, chat: Chat, continuations: Sequence[str]) ->
             raise ValueError("every continuation must add at least one token")
         rows.append(ids)
         starts.append(start)
-    return prompt, rows, starts
+    return ProcessedScoring(prompt, rows, starts)
 
 
 def _tree_attention(prefix: int, lengths: Sequence[int], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,9 +81,16 @@ def score_continuations(
     model, family, chat: Chat, continuations: Sequence[str], *, end_ids: Collection[int], row_processors: Sequence[Callable] = ()
 ) -> list[float]:
     """The log-likelihood of each continuation, then an end token, as the reply to `chat`; `family`
-    (model/family.py) makes the model's input. One forward of one row: the part all continuations
-    share, then each one's own tokens, which see only that part and themselves."""
-    prompt, rows, starts = continuation_ids(model, family, chat, continuations)
+    (model/family.py) makes the model's input. Processed here and now: see `score_processed`."""
+    processed = process_scoring(family, chat, continuations, family.image_cache)
+    return score_processed(model, family, processed, end_ids=end_ids, row_processors=row_processors)
+
+
+def score_processed(model, family, processed: ProcessedScoring, *, end_ids: Collection[int], row_processors: Sequence[Callable] = ()) -> list[float]:
+    """The log-likelihood of each processed continuation, then an end token. One forward of one row:
+    the part all continuations share, then each one's own tokens, which see only that part and
+    themselves. Raises `ImageEvicted` if an image processed as cached has left the image cache."""
+    prompt, rows, starts = family.encode(model, processed.prompt), processed.rows, processed.starts
     logits_processors = [make(list(prompt.ids)) for make in row_processors]
     shared = min(starts)
     suffixes = [row[shared:] for row in rows]
@@ -92,20 +111,24 @@ def score_continuations(
         device = logits.device
         width = max(lengths)
         offsets = [0, *accumulate(lengths)]
-        # Where the logits of suffix token `column` (past a row's last one, its end) sit, per column and row.
+        columns = range(width + 1)
+        # Per column (a suffix's token, then past its last one its end) and row: where the logits that
+        # predict it sit, the token, and whether it counts (from where the row's tokens stop matching
+        # the prompt's) or is the row's end.
         at = torch.tensor(
-            [[0 if column == 0 else offset + min(column, length) for offset, length in zip(offsets, lengths)] for column in range(width + 1)], device=device
+            [[0 if column == 0 else offset + min(column, length) for offset, length in zip(offsets, lengths)] for column in columns], device=device
         )
-        ids = torch.tensor([row + [pad_id] * (width - length) for row, length in zip(rows, lengths)], device=device)
-        scores = torch.zeros(len(rows), device=device)
-        for column in range(width + 1):
-            step = logits[at[column]]  # a copy per row: processors work in place
-            for logits_processor in logits_processors:
-                step = logits_processor(ids[:, : shared + column], step)
-            log_probs = torch.log_softmax(step, dim=-1)
-            for index, (suffix, start) in enumerate(zip(suffixes, starts)):
-                if column == len(suffix):
-                    scores[index] += log_probs[index, list(end_ids)].logsumexp(-1)
-                elif start - shared <= column < len(suffix):
-                    scores[index] += log_probs[index, suffix[column]]
+        targets = torch.tensor([[suffix[column] if column < len(suffix) else 0 for suffix in suffixes] for column in columns], device=device)
+        counted = torch.tensor([[start - shared <= column < len(suffix) for suffix, start in zip(suffixes, starts)] for column in columns], device=device)
+        ends = torch.tensor([[column == len(suffix) for suffix in suffixes] for column in columns], device=device)
+        steps = logits[at]  # (columns, rows, vocabulary): a copy, as processors work in place
+        if logits_processors:
+            ids = torch.tensor([row + [pad_id] * (width - length) for row, length in zip(rows, lengths)], device=device)
+            for column in columns:
+                for logits_processor in logits_processors:
+                    steps[column] = logits_processor(ids[:, : shared + column], steps[column])
+        log_probs = torch.log_softmax(steps, dim=-1)
+        said = log_probs.gather(-1, targets[..., None])[..., 0]
+        ended = log_probs[..., sorted(end_ids)].logsumexp(-1)
+        scores = torch.where(counted, said, 0).sum(0) + torch.where(ends, ended, 0).sum(0)
     return torch.nan_to_num(scores, nan=-torch.inf).tolist()  # a processor may rule out every token

@@ -8,6 +8,7 @@ here knows about transformers, so the bot runs unchanged on the local backend or
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
@@ -295,7 +296,9 @@ class ModelService(abc.ABC):
 
     async def generate(self, request: GenerationRequest) -> Finished:
         """Run `request` to the end and return the finished reply."""
-        async for event in self.stream(request):
-            if isinstance(event, Finished):
-                return event
+        # Closed on the way out, not when collected: the backend knows at once that it has ended.
+        async with contextlib.aclosing(self.stream(request)) as stream:
+            async for event in stream:
+                if isinstance(event, Finished):
+                    return event
         raise GenerationFailed("The model ended without a reply.")

@@ -94,7 +94,7 @@ def test_a_prompt_mixing_cached_and_new_images_gets_generates_tokens(loaded, ima
     family.prepare(model, asking(RED))
     chat = asking(*images)
     new = list(dict.fromkeys(image for image in images if image != RED))
-    assert family.process(chat).new == tuple(new)
+    assert family.process(chat, family.image_cache).new == tuple(image.digest for image in new)
     with encoder_runs(model) as runs:
         reply = batched(loaded, family, chat)
     assert len(runs) == 1  # the new images only, together

@@ -79,6 +79,11 @@ def request(prompt, max_new_tokens=16, **kwargs) -> GenerationRequest:
     return GenerationRequest(prompt=chat, params=GenerationParams(max_new_tokens=max_new_tokens), **kwargs)
 
 
+async def drain(stream) -> None:
+    async for _ in stream:
+        pass
+
+
 async def collect(service, req) -> tuple[list, Finished]:
     events = [event async for event in service.stream(req)]
     return events, events[-1]
@@ -180,7 +185,11 @@ async def test_time_limits_end_with_clear_errors(tiny_checkpoint, tokenizer):
     ends = (tokenizer.convert_tokens_to_ids("<end_of_utterance>"), tokenizer.eos_token_id)
     service = await scripted_backend(tiny_checkpoint, Script(ban=ends), max_batch_size=1)
     try:
-        slow = asyncio.create_task(collect(service, request(PROMPTS["one image"], 1500, timeout=0.3)))
+        # The slow one runs before the other arrives (its image is processed first, in the prompt process).
+        slow_stream = service.stream(request(PROMPTS["one image"], 1500, timeout=0.3))
+        while not isinstance(await anext(slow_stream), Started):
+            pass
+        slow = asyncio.create_task(drain(slow_stream))
         waiting = asyncio.create_task(collect(service, request(PROMPTS["no image"], 4, queue_timeout=0.2)))
         with pytest.raises(ModelTimeout, match=r"waited more than 0.2 s in the queue"):
             await waiting
