@@ -49,6 +49,7 @@ class ModelConfig(Section):
     max_batch_tokens: int = Field(16384, ge=64)  # KV cache rows x tokens of the running batch, at most
     threads: int | None = Field(None, ge=1, le=1024)  # torch.set_num_threads; unset: torch's own choice
     image_cache_mb: int = Field(256, ge=0)  # encoded images kept between requests (local backend); 0: none
+    prompt_process: bool = True  # prompts processed in a process of their own while others decode (local backend)
     max_queue: int = Field(64, ge=1)
     queue_timeout_s: float = Field(120.0, gt=0)
     generation_timeout_s: float = Field(300.0, gt=0)

@@ -60,6 +60,7 @@ async def open_model(config: Config) -> ModelService:
             stall_timeout_s=settings.stall_timeout_s,
             threads=settings.threads,
             image_cache_bytes=settings.image_cache_mb * 2**20,
+            prompt_process=settings.prompt_process,
         ),
     )
 
