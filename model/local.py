@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -319,7 +319,7 @@ class LocalBackend(ModelService):
                 return score_processed(model, self.family, processed, **options)
         return score_continuations(model, self.family, request.prompt, request.continuations, **options)
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         self._check_room()
         with self._in_flight() as apart:
             job = self._submit(request, await self._processed_apart(request, apart))

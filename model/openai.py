@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -441,7 +441,7 @@ class OpenAIBackend(RemoteBackend):
     async def request_bytes(self, prompt: Chat) -> int:
         return (await asyncio.to_thread(within_payload, prompt, self.settings.payload_limit))[1]
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         self._check_open()
         body = await asyncio.to_thread(self._body, request)
         loop = asyncio.get_running_loop()

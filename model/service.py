@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
@@ -281,9 +281,10 @@ class ModelService(abc.ABC):
         return 0
 
     @abc.abstractmethod
-    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
-        """Submit `request` and yield its events. Leaving the iteration early (or cancelling the task
-        that iterates) cancels the request and frees its place. Raises a `ModelError` on failure."""
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
+        """Submit `request` and yield its events. Closing the generator (`aclose`, or leaving it to be
+        collected) or cancelling the task that iterates cancels the request and frees its place.
+        Raises a `ModelError` on failure."""
 
     def health(self) -> dict[str, bool]:
         """Named checks for /healthz, each True when fine (e.g. "loaded", "worker_alive")."""

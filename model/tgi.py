@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
 from typing import TypeVar, cast
@@ -352,7 +352,7 @@ class TGIBackend(RemoteBackend):
     async def request_bytes(self, prompt: Chat) -> int:
         return (await asyncio.to_thread(within_payload, self._items(prompt), self.settings.payload_limit))[1]
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         self._check_open()
         body = await asyncio.to_thread(self._body, request)
         loop = asyncio.get_running_loop()
