@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -201,7 +201,6 @@ class LocalBackend(ModelService):
         self._answered_since_oom = 0
         self._last_progress = time.monotonic()  # written by the worker at every forward
         self._closed = False
-        self._requests = 0  # requests being answered (counted on the event loop)
         self.prompt_process: PromptProcess | None = None  # started by `open`, if the settings ask for it
         self.batch_sizes: list[int] = []  # rows decoding together after every merge; for tests and benchmarks
 
@@ -296,11 +295,10 @@ class LocalBackend(ModelService):
         # encoded once and all continuations in one forward pass (the pause of one newcomer's prefill).
         try:
             async with asyncio.timeout(request.time_limit):
-                with self._in_flight() as apart:
-                    processed = None
-                    if apart is not None:
-                        processed = await apart.process_scoring(request.prompt, request.continuations, self.family.cached_images(request.prompt))
-                    return await self.call_between_steps(partial(self._weigh, request, processed))
+                processed, apart = None, self._apart()
+                if apart is not None:
+                    processed = await apart.process_scoring(request.prompt, request.continuations, self.family.cached_images(request.prompt))
+                return await self.call_between_steps(partial(self._weigh, request, processed))
         except TimeoutError:
             raise ModelTimeout.scoring(request) from None
         except ModelError:
@@ -321,28 +319,27 @@ class LocalBackend(ModelService):
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         self._check_room()
-        with self._in_flight() as apart:
-            job = self._submit(request, await self._processed_apart(request, apart))
-            loop = job.loop
-            deadline = None if request.queue_timeout is None else loop.time() + request.queue_timeout
-            started = False
-            try:
-                while True:
-                    try:
-                        async with asyncio.timeout_at(deadline):
-                            event = await job.events.get()
-                    except TimeoutError:
-                        raise ModelTimeout.after(request, started) from None
-                    if isinstance(event, BaseException):
-                        raise event
-                    if isinstance(event, Started):
-                        started = True
-                        deadline = None if request.timeout is None else loop.time() + request.timeout
-                    yield event
-                    if isinstance(event, Finished):
-                        return
-            finally:
-                self._cancel(job)
+        job = self._submit(request, await self._processed_apart(request))
+        loop = job.loop
+        deadline = None if request.queue_timeout is None else loop.time() + request.queue_timeout
+        started = False
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        event = await job.events.get()
+                except TimeoutError:
+                    raise ModelTimeout.after(request, started) from None
+                if isinstance(event, BaseException):
+                    raise event
+                if isinstance(event, Started):
+                    started = True
+                    deadline = None if request.timeout is None else loop.time() + request.timeout
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            self._cancel(job)
 
     async def call_between_steps(self, work: Callable[[Any, Any], T]) -> T:
         """Run `work(model, processor)` on the worker thread between two decoding steps and return its
@@ -357,22 +354,16 @@ class LocalBackend(ModelService):
             self._lock.notify()
         return await asyncio.wrap_future(done)
 
-    @contextlib.contextmanager
-    def _in_flight(self) -> Iterator[PromptProcess | None]:
-        """Counts a request (on the event loop) while it is answered, and gives the prompt process if
-        it should process the request: when others are in flight, who would otherwise pause for it.
-        Alone, the worker is quicker (no trip there and back)."""
-        apart = self.prompt_process if self._requests else None
-        self._requests += 1
-        try:
-            yield apart
-        finally:
-            self._requests -= 1
+    def _apart(self) -> PromptProcess | None:
+        """The prompt process, if a newcomer should be processed there now: while the batch decodes
+        others' replies, which would otherwise pause for it. Otherwise the worker is quicker: no trip
+        there and back, and newcomers that arrive together are processed and prefilled together."""
+        return self.prompt_process if any(job.open for job in self._active) else None
 
-    async def _processed_apart(self, request: GenerationRequest, apart: PromptProcess | None) -> ProcessedPrompt | None:
-        """The prompt through `apart`, the prompt process, if it has images to process (text alone
-        costs the worker less than the trip); None: the worker processes it."""
-        chat = request.prompt
+    async def _processed_apart(self, request: GenerationRequest) -> ProcessedPrompt | None:
+        """The prompt through the prompt process, if the batch is decoding and the prompt has images
+        to process (text alone costs the worker less than the trip); None: the worker processes it."""
+        chat, apart = request.prompt, self._apart()
         cached = self.family.cached_images(chat)
         if apart is None or all(not isinstance(image, ModelImage) or image.digest in cached for image in chat.images):
             return None
@@ -503,12 +494,12 @@ class LocalBackend(ModelService):
                     break
                 self._pending.popleft()
             joining.extend(job.rows)
+            self._active = [*self._active, job]  # before Started: from then on the loop sees it decoding
             if not job.started:
                 job.started = True
                 job.emit(Started(batch_size=len(together)))
         if joining:
             self._loop.call_soon_threadsafe(self._announce_positions)
-            self._active = [*self._active, *dict.fromkeys(row.owner for row in joining)]
         return joining
 
     def _run_between_steps(self) -> None:
