@@ -10,7 +10,9 @@ cache rows x tokens, and at most `max_batch_size` rows), prefills them and merge
 step, rows that ended (an end token, a stop string, their own max_new_tokens, their asker gone or
 out of time) leave at once. Nobody waits for somebody else's long answer: greedy, sampled and
 beam-search requests (one row per beam, `model.beams`) share the batch, and label scoring is a
-prefill-only request run between two steps (`model.scoring`). A newcomer whose prefill runs out of
+prefill-only request run between two steps (`model.scoring`). While the batch decodes, a newcomer's
+prompt is processed (template, tokens, the image processor) in the prompt process
+(`model.prompt_process`), so that the batch pauses only for its vision encoder and prefill. A newcomer whose prefill runs out of
 memory while others decode waits in front of the queue, under a lowered budget, for room. The event
 loop never runs the model: events go back through a `_Courier`, which has the loop take text every
 `stream_interval_s` instead of waking it for every token (each wake-up hands the loop the GIL, which
