@@ -358,9 +358,11 @@ class LocalBackend(ModelService):
 
     def _apart(self) -> PromptProcess | None:
         """The prompt process, if a newcomer should be processed there now: while the batch decodes
-        others' replies, which would otherwise pause for it. Otherwise the worker is quicker: no trip
-        there and back, and newcomers that arrive together are processed and prefilled together."""
-        return self.prompt_process if any(job.open for job in self._active) else None
+        others' replies, which would otherwise pause for it, and the process is free. Otherwise the
+        worker is quicker: no trip there and back, newcomers that arrive together are processed and
+        prefilled together, and a burst is not processed one by one in a queue of its own."""
+        process = self.prompt_process
+        return process if process is not None and process.idle and any(job.open for job in self._active) else None
 
     async def _processed_apart(self, request: GenerationRequest) -> ProcessedPrompt | None:
         """The prompt through the prompt process, if the batch is decoding and the prompt has images

@@ -92,6 +92,7 @@ class PromptProcess:
         self._restart: asyncio.Task | None = None
         self._closed = False
         self.processed = 0  # prompts and scorings it has processed; for tests and benchmarks
+        self._working = 0  # calls under way
 
     @classmethod
     async def open(cls, family: Family, timeout: float = 60.0) -> PromptProcess:
@@ -123,6 +124,11 @@ class PromptProcess:
         return self.pid is not None
 
     @property
+    def idle(self) -> bool:
+        """Whether it is up and has nothing to do: a prompt sent now is processed at once."""
+        return self.pid is not None and not self._working
+
+    @property
     def pid(self) -> int | None:
         """The process's id while prompts are processed there (None: on the model's worker)."""
         return None if self._closed else self._pid
@@ -140,6 +146,7 @@ class PromptProcess:
         executor = self._executor
         if self.pid is None or executor is None:
             return None
+        self._working += 1
         try:
             done: Future = executor.submit(work, *args)
             result = await asyncio.wrap_future(done)
@@ -151,6 +158,8 @@ class PromptProcess:
                 executor.shutdown(wait=False, cancel_futures=True)
                 self._restart = asyncio.get_running_loop().create_task(self._start(60.0))
             return None
+        finally:
+            self._working -= 1
         self.processed += 1
         return result
 

@@ -120,14 +120,15 @@ async def test_an_image_that_left_the_cache_after_processing_is_processed_again(
     alone = [(await service.generate(question)).text for question in (blue, both)]
     states = [family.image_cache.get(image.digest) for image in (RED, GREEN, BLUE)]
     assert all(image is not None and image.shape == states[0].shape for image in states)  # IDEFICS v1: one size
-    # A cache of one image, RED's. BLUE's question, processed first, evicts RED on the worker after
-    # the next question was processed with RED as cached: RED must be processed again.
+    # A cache of one image, RED's. The question about RED and GREEN goes to the prompt process, with
+    # RED as cached; BLUE's, sent while the process is busy, is processed on the worker and encoded
+    # first, evicting RED: RED must be processed again.
     family.image_cache = ImageCache(family.image_cache.used_bytes // 3)
     await service.call_between_steps(lambda model, _: family.prepare(model, asking(RED)))
     assert family.image_cache.digests() == [RED.digest]
     long = await running(service)
-    answers = await asyncio.gather(service.generate(blue), service.generate(both))
+    answers = await asyncio.gather(service.generate(both), service.generate(blue))
     await long.aclose()
-    assert prompt_process.processed == 2
-    assert [answer.text for answer in answers] == alone
+    assert prompt_process.processed == 1
+    assert [answer.text for answer in answers] == alone[::-1]
     assert family.image_cache.digests() == [GREEN.digest]
