@@ -53,7 +53,7 @@ def process_scoring(family, chat: Chat, continuations: Sequence[str], cached: Co
     the prompt's last token sees."""
     prompt = family.process(chat, cached)
     rows, starts = [], []
-    for ids in family.token_ids([chat.continued(text) for text in continuations]):
+    for ids in family.continuation_ids(chat, continuations):
         start = _common_prefix(prompt.ids, ids)
         if start == len(ids):
             raise ValueError("every continuation must add at least one token")

@@ -18,7 +18,7 @@ from model.image_cache import ImageCache
 from model.loading import CheckpointSettings
 from model.local import BatchSettings, LocalBackend
 from model.scoring import process_scoring
-from model.service import GenerationParams, GenerationRequest, ScoreRequest, Started, StreamEvent
+from model.service import Chat, GenerationParams, GenerationRequest, Message, ScoreRequest, Started, StreamEvent
 from tests.conftest import BOTH_FAMILIES
 from tests.test_batch import NoEnd
 from tests.test_image_cache import GREEN, asking
@@ -132,3 +132,27 @@ async def test_an_image_that_left_the_cache_after_processing_is_processed_again(
     assert prompt_process.processed == 1
     assert [answer.text for answer in answers] == alone[::-1]
     assert family.image_cache.digests() == [GREEN.digest]
+
+
+@BOTH_FAMILIES
+@pytest.mark.parametrize(
+    "chat",
+    [
+        asking(RED),
+        Chat((Message("user", ("Instruction: classify", RED, "Category:")),), guide=("Instruction: classify", RED, "Category:")),
+        Chat((Message("user", ("hi",)), Message("assistant", ("hello, what can I do?",)), Message("user", ("what is", BLUE, "?")))),
+    ],
+    ids=["question", "guide", "history"],
+)
+def test_continuations_are_tokenized_from_their_last_shared_added_token_as_whole(service, chat):
+    family = service.family
+    labels = ["cat", " dog", "dog house", "a red square, 2 of them", "!"]
+    continued = [chat.continued(label) for label in labels]
+    assert family.continuation_ids(chat, labels) == family.token_ids(continued)
+    # What it relies on, so that it takes the short way: the tokenizer starts afresh at an added token.
+    texts = [family.processed_text(chat) for chat in continued]
+    shared = os.path.commonprefix(texts)  # noqa: RUF071 (characters)
+    cut = max(shared.rfind(token) for token in family.special_tokens)
+    assert cut > 0
+    head = family.tokenizer(shared[:cut], add_special_tokens=False).input_ids
+    assert all(head + family.tokenizer(text[cut:], add_special_tokens=False).input_ids == whole for text, whole in zip(texts, family.token_ids(continued)))
