@@ -13,7 +13,7 @@ Targets on a 2-core CPU with the tiny checkpoint, with the shipped batch setting
 B p90 at most 3x, C at least 5x, D and E at most 1.5x. Runs on the tiny checkpoint of each family
 (IDEFICS v1, and Idefics3 in SmolVLM's layout, whose images are cut into tiles) and prints both.
 
-    python benchmarks/mixed_load.py [--threads 1] [--max-batch-size N] [--cases ABCDE] [--seed 0] [--family idefics3]
+    python benchmarks/mixed_load.py [--threads 1] [--max-batch-size N] [--cases ABCDE] [--seed 0] [--family idefics3] [--no-prompt-process]
 """
 
 from __future__ import annotations
@@ -151,6 +151,7 @@ async def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=None, help=f"a ceiling on rows (default: the bot's, {BatchSettings().max_batch_size})")
     parser.add_argument("--cases", default="ABCDE", help="which cases to run, e.g. DE")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-prompt-process", action="store_true", help="process every prompt on the model's worker, as before the prompt process")
     parser.add_argument("--family", choices=FAMILIES, action="append", help="only this family (repeatable; default: both)")
     args = parser.parse_args()
     for family in args.family or FAMILIES:
@@ -166,14 +167,14 @@ async def measure(family: str, args: argparse.Namespace) -> None:
         rows = args.max_batch_size or BatchSettings().max_batch_size
         # The image cache off: these prompts come back with the same images, which real new questions
         # don't; every image is encoded as a new photo's would be, and as `generate` alone does.
-        settings = BatchSettings(max_batch_size=rows, threads=args.threads or None, image_cache_bytes=0)
+        settings = BatchSettings(max_batch_size=rows, threads=args.threads or None, image_cache_bytes=0, prompt_process=not args.no_prompt_process)
         service = await LocalBackend.open(CheckpointSettings(str(checkpoint)), settings)
         import torch
 
         name = "Idefics3 (SmolVLM layout)" if family == "idefics3" else "IDEFICS v1"
         print(f"tiny {name}, fp32, {os.cpu_count()} CPU cores, torch threads: {torch.get_num_threads()} "
               f"({'set with --threads' if args.threads else 'torch default'}), max_batch_size {rows}, "
-              f"max_batch_tokens {settings.max_batch_tokens}, image cache off, "
+              f"max_batch_tokens {settings.max_batch_tokens}, image cache off, prompt process {'on' if settings.prompt_process else 'off'}, "
               f"load average {os.getloadavg()[0]:.1f} (other processes on the machine make every figure noisier)", flush=True)
         no_end = NoEarlyEnd(sorted(service.family.end_ids))
         service.row_processors.append(lambda prompt_ids: no_end)
