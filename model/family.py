@@ -124,12 +124,11 @@ class Family(abc.ABC):
         texts = [self.processed_text(chat.continued(text)) for text in continuations]
         shared = os.path.commonprefix(texts)  # noqa: RUF071 (characters, not path components)
         cut = max((shared.rfind(token) for token in self._added_tokens), default=-1)
-        if cut <= 0:
-            return self.tokenizer(texts, add_special_tokens=False).input_ids
-        head, *tails = self.tokenizer([shared[:cut], texts[0], *(text[cut:] for text in texts)], add_special_tokens=False).input_ids
-        if head + tails[1] != tails[0]:
-            return self.tokenizer(texts, add_special_tokens=False).input_ids
-        return [head + tail for tail in tails[1:]]
+        if cut > 0:
+            first, head, *tails = self.tokenizer([texts[0], shared[:cut], *(text[cut:] for text in texts)], add_special_tokens=False).input_ids
+            if head + tails[0] == first:
+                return [head + tail for tail in tails]
+        return self.tokenizer(texts, add_special_tokens=False).input_ids
 
     @abc.abstractmethod
     def model_inputs(self, chats: Sequence[Chat]) -> Any:

@@ -48,6 +48,8 @@ _PRELOAD = [
     "transformers.tokenization_utils_fast",
 ]
 
+_START_TIMEOUT_S = 60.0  # for the process to start and answer; past it, the worker processes everything
+
 _family: Family | None = None  # in the prompt process: its own family, built from the backend's processor
 
 
@@ -95,7 +97,7 @@ class PromptProcess:
         self._working = 0  # calls under way
 
     @classmethod
-    async def open(cls, family: Family, timeout: float = 60.0) -> PromptProcess:
+    async def open(cls, family: Family, timeout: float = _START_TIMEOUT_S) -> PromptProcess:
         """A prompt process, started and ready within `timeout` seconds; if it can't start, prompts
         are processed on the model's worker as before (and the reason is logged)."""
         process = cls(family)
@@ -156,7 +158,7 @@ class PromptProcess:
                 log.warning("prompt_process.died", extra={"pid": self._pid})
                 self._pid = None
                 executor.shutdown(wait=False, cancel_futures=True)
-                self._restart = asyncio.get_running_loop().create_task(self._start(60.0))
+                self._restart = asyncio.get_running_loop().create_task(self._start(_START_TIMEOUT_S))
             return None
         finally:
             self._working -= 1
