@@ -29,6 +29,26 @@ GLOBAL_IMAGE_TOKEN = "<global-img>"
 _IMAGE_PLACE = re.compile(re.escape(IMAGE_TOKEN))
 
 
+class TileVision(torch.nn.Module):
+    """Idefics3's tiles to one embedding per <image> token: the vision encoder on each tile's patches
+    that hold pixels, then the connector (pixel shuffle and projection). What the model's
+    `get_image_features` does for one prompt's tiles, which are never padding images."""
+
+    def __init__(self, vision_model: torch.nn.Module, connector: torch.nn.Module, patch_size: int):
+        super().__init__()
+        self.vision_model = vision_model
+        self.connector = connector
+        self.patch_size = patch_size
+
+    def forward(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> torch.Tensor:
+        """(1, tiles, channels, height, width) pixels and their (1, tiles, height, width) mask of real
+        pixels (not padding) to (tiles x image_seq_len, hidden) embeddings."""
+        size = self.patch_size
+        patches = pixel_attention_mask.flatten(0, 1).unfold(1, size, size).unfold(2, size, size)
+        states = self.vision_model(pixel_values=pixel_values.flatten(0, 1), patch_attention_mask=patches.any(-1).any(-1)).last_hidden_state
+        return self.connector(states).flatten(0, -2)
+
+
 class CachedImages:
     """Idefics3 rows need nothing of their images after the prefill: the cache holds them."""
 
@@ -157,10 +177,14 @@ class Idefics3(Family):
         pixels = {"pixel_values": inputs["pixel_values"], "pixel_attention_mask": inputs["pixel_attention_mask"].bool(), "tiles": tiles}
         return ProcessedPrompt(ids, no_mask, digests, tuple(image.digest for image in new), pixels)
 
-    def encode_images(self, model, processed: ProcessedPrompt) -> list[torch.Tensor]:
-        pixels = processed.pixels["pixel_values"].to(model.device, model.dtype)
-        features = model.get_image_features(pixels, processed.pixels["pixel_attention_mask"].to(model.device)).pooler_output
-        features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features.flatten(0, -2)
+    def vision(self, model) -> TileVision:
+        inner = model.model
+        return TileVision(inner.vision_model, inner.connector, model.config.vision_config.patch_size)
+
+    def encode_images(self, vision: torch.nn.Module, processed: ProcessedPrompt) -> list[torch.Tensor]:
+        weights = next(vision.parameters())
+        pixels = processed.pixels["pixel_values"].to(weights.device, weights.dtype)
+        features = vision(pixels, processed.pixels["pixel_attention_mask"].to(weights.device))
         tokens = (processed.pixels["tiles"] * self.processor.image_seq_len).tolist()
         if features.shape[0] != sum(tokens):
             raise ValueError(f"{features.shape[0]} image embeddings for {sum(tokens)} image tokens")

@@ -65,6 +65,20 @@ class PerceiverImages:
         return PerceiverImages(torch.cat([slotted(part.states) for part in parts]), torch.cat([slotted(part.mask) for part in parts]))
 
 
+class PerceiverVision(torch.nn.Module):
+    """IDEFICS v1's pixels to the states its cross-attention reads: the vision encoder, then the
+    perceiver's latents (if the config uses the perceiver)."""
+
+    def __init__(self, vision_model: torch.nn.Module, perceiver: torch.nn.Module | None):
+        super().__init__()
+        self.vision_model = vision_model
+        self.perceiver = perceiver
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        states = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        return states if self.perceiver is None else self.perceiver(states)
+
+
 def image_state_shape(config) -> tuple[int, int]:
     """(states, hidden) of one image as the language model sees it: perceiver latents, or patches."""
     vision = config.vision_config
@@ -128,12 +142,15 @@ class IdeficsV1(Family):
         pixels = {"pixel_values": self.processor.image_processor([decode(image) for image in new], return_tensors="pt")} if new else {}
         return ProcessedPrompt(ids, mask, tuple(image.digest for image in images), tuple(image.digest for image in new), pixels)
 
-    def encode_images(self, model, processed: ProcessedPrompt) -> list[torch.Tensor]:
-        # The vision encoder and perceiver: (1, states, hidden) per image, each its own copy, so
-        # that what the image cache keeps of one image is that image's bytes alone.
-        states = model.model.vision_model(pixel_values=processed.pixels["pixel_values"].to(model.device, model.dtype)).last_hidden_state
-        if model.config.use_resampler:
-            states = model.model.perceiver_resampler(states)
+    def vision(self, model) -> PerceiverVision:
+        inner = model.model
+        return PerceiverVision(inner.vision_model, inner.perceiver_resampler if model.config.use_resampler else None)
+
+    def encode_images(self, vision: torch.nn.Module, processed: ProcessedPrompt) -> list[torch.Tensor]:
+        # (1, states, hidden) per image, each its own copy, so that what the image cache keeps of
+        # one image is that image's bytes alone.
+        weights = next(vision.parameters())
+        states = vision(processed.pixels["pixel_values"].to(weights.device, weights.dtype))
         return [image.clone() for image in states.split(1)]
 
     def prefill_inputs(self, model, rows: Sequence[Row], ids: torch.Tensor) -> tuple[dict[str, Any], PerceiverImages]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -109,8 +110,9 @@ class BatchSettings:
     # beside the KV cache (about 8 GB by default for the 9B model).
     image_cache_bytes: int = 256 * 2**20
     # Prompts with new images, and scorings, are processed (template, tokens, the image processor's
-    # pixels) in a process of their own while the batch decodes (model/prompt_process.py); False:
-    # on the model's worker, between two steps.
+    # pixels) in a process of their own while the batch decodes (model/prompt_process.py), and on a
+    # CPU with cores `threads` leaves free their images encoded there too; False: on the model's
+    # worker, between two steps.
     prompt_process: bool = True
 
 
@@ -247,8 +249,18 @@ class LocalBackend(ModelService):
         )
         self._courier = _Courier(self._loop, self.batching.stream_interval_s)
         if self.batching.prompt_process:
-            self.prompt_process = await PromptProcess.open(self.family)
+            self.prompt_process = await PromptProcess.open(self.family, *self._vision_apart())
         self._watchdog = asyncio.create_task(self._watch(), name="idefics-watchdog")
+
+    def _vision_apart(self) -> tuple[torch.nn.Module | None, int]:
+        """The vision part for the prompt process to run too, and its threads: those of a model on
+        the CPU (not quantized: its weights copy as they are) with cores its worker's torch threads
+        leave free. None: the worker encodes images."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        spare, model = cores - torch.get_num_threads(), self._model
+        if model.device.type != "cpu" or getattr(model, "hf_quantizer", None) is not None or spare < 1:
+            return None, 1
+        return self.family.vision(model), spare
 
     async def close(self) -> None:
         if self._closed:

@@ -14,22 +14,33 @@ model's threads or memory, which forking the bot itself would make). It gets the
 and config (pickled) and builds its own `Family`. Whatever it can't do (not started, or died) the
 worker does as before: the calls return None, and a process that died is replaced. A prompt the
 processor rejects raises its error to the caller, as it would on the worker.
+
+A model on the CPU with a core its worker doesn't use also has its new images encoded here: the
+process gets a copy of the model's vision part (`Family.vision`: the vision encoder and perceiver or
+connector; SmolVLM-256M's is about 370 MB in float32) and runs it on the spare cores, so a new photo
+no longer stops everyone's replies while the vision encoder works through its tiles (seconds on a
+CPU, for SmolVLM). On a GPU the vision part stays with the model, where it is fast.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import io
 import logging
 import multiprocessing
 import os
 from collections.abc import Callable, Container, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from model.family import Family, ProcessedPrompt
 from model.scoring import ProcessedScoring, process_scoring
 from model.service import Chat
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +54,8 @@ _PRELOAD = [
     "transformers.models.idefics.image_processing_idefics",
     "transformers.models.idefics3.processing_idefics3",
     "transformers.models.idefics3.image_processing_idefics3",
+    "transformers.models.idefics.modeling_idefics",  # what a copy of the vision part unpickles into
+    "transformers.models.idefics3.modeling_idefics3",
     "transformers.models.llama.tokenization_llama_fast",
     "transformers.models.gpt2.tokenization_gpt2_fast",
     "transformers.tokenization_utils_fast",
@@ -50,7 +63,10 @@ _PRELOAD = [
 
 _START_TIMEOUT_S = 60.0  # for the process to start and answer; past it, the worker processes everything
 
-_family: Family | None = None  # in the prompt process: its own family, built from the backend's processor
+# In the prompt process: its own family, built from the backend's processor, and its own copy of
+# the model's vision part (`Family.vision`) if it encodes images too.
+_family: Family | None = None
+_vision: torch.nn.Module | None = None
 
 
 def _start(processor, config) -> None:
@@ -65,14 +81,44 @@ def _start(processor, config) -> None:
     _family = family_for(processor, config)
 
 
+def _take_vision(saved: bytes, threads: int) -> None:
+    import torch
+
+    global _vision
+    torch.set_num_threads(threads)
+    # Not weights only: a whole module, pickled by the backend that started this process.
+    _vision = torch.load(io.BytesIO(saved), weights_only=False)
+
+
+def _encoded(processed: ProcessedPrompt) -> ProcessedPrompt:
+    """`processed` with its new images through this process's vision part, if it has one."""
+    import torch
+
+    if _vision is None or not processed.new:
+        return processed
+    assert _family is not None
+    with torch.inference_mode():
+        states = _family.encode_images(_vision, processed)
+    return dataclasses.replace(processed, pixels={}, states=tuple(states))
+
+
 def _process(chat: Chat, cached: Container[str]) -> ProcessedPrompt:
     assert _family is not None
-    return _family.process(chat, cached)
+    return _encoded(_family.process(chat, cached))
 
 
 def _process_scoring(chat: Chat, continuations: Sequence[str], cached: Container[str]) -> ProcessedScoring:
     assert _family is not None
-    return process_scoring(_family, chat, continuations, cached)
+    scoring = process_scoring(_family, chat, continuations, cached)
+    return dataclasses.replace(scoring, prompt=_encoded(scoring.prompt))
+
+
+def _saved(vision: torch.nn.Module) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(vision, buffer)
+    return buffer.getvalue()
 
 
 def _context():
@@ -87,8 +133,11 @@ def _context():
 class PromptProcess:
     """Processes prompts for `family` in a process of its own. Started by `await PromptProcess.open(family)`."""
 
-    def __init__(self, family: Family):
+    def __init__(self, family: Family, vision: torch.nn.Module | None = None, threads: int = 1):
         self.family = family
+        self._vision = vision  # the model's own modules; the process gets a copy at every start
+        self._threads = threads
+        self.encodes = False  # whether it runs the vision part too (up, with its copy)
         self._executor: ProcessPoolExecutor | None = None
         self._pid: int | None = None  # while it is up
         self._restart: asyncio.Task | None = None
@@ -97,27 +146,43 @@ class PromptProcess:
         self._working = 0  # calls under way
 
     @classmethod
-    async def open(cls, family: Family, timeout: float = _START_TIMEOUT_S) -> PromptProcess:
+    async def open(cls, family: Family, vision: torch.nn.Module | None = None, threads: int = 1, timeout: float = _START_TIMEOUT_S) -> PromptProcess:
         """A prompt process, started and ready within `timeout` seconds; if it can't start, prompts
-        are processed on the model's worker as before (and the reason is logged)."""
-        process = cls(family)
+        are processed on the model's worker as before (and the reason is logged). With `vision`
+        (`Family.vision` of a model on the CPU), it encodes new images too, on `threads` threads, with
+        a copy of those weights; if the copy fails, it only processes."""
+        process = cls(family, vision, threads)
         await process._start(timeout)
         return process
 
     async def _start(self, timeout: float) -> None:
-        self._executor = ProcessPoolExecutor(1, mp_context=_context(), initializer=_start, initargs=(self.family.processor, self.family.config))
+        self._executor = executor = ProcessPoolExecutor(1, mp_context=_context(), initializer=_start, initargs=(self.family.processor, self.family.config))
         try:
-            pid = await asyncio.wait_for(asyncio.wrap_future(self._executor.submit(os.getpid)), timeout)
+            pid = await asyncio.wait_for(asyncio.wrap_future(executor.submit(os.getpid)), timeout)
         except Exception as exc:  # a platform without processes, a processor that doesn't pickle, ...
             log.warning("prompt_process.unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
             return
+        self.encodes = self._vision is not None and await self._copy_vision(executor, self._vision, timeout)
         if self._closed:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            executor.shutdown(wait=False, cancel_futures=True)
             return
         self._pid = pid
-        log.info("prompt_process.started", extra={"pid": pid})
+        log.info("prompt_process.started", extra={"pid": pid, "encodes_images": self.encodes})
+
+    async def _copy_vision(self, executor: ProcessPoolExecutor, vision: torch.nn.Module, timeout: float) -> bool:
+        """Hand the process its copy of the vision part (pickled off the event loop: hundreds of
+        megabytes for SmolVLM's). Whether it has it; if not, no later process gets one (the copy
+        could be what killed it) and the worker encodes images."""
+        try:
+            saved = await asyncio.to_thread(_saved, vision)
+            await asyncio.wait_for(asyncio.wrap_future(executor.submit(_take_vision, saved, self._threads)), timeout)
+        except Exception as exc:  # a module that doesn't pickle, no memory for the copy, ...
+            log.warning("prompt_process.no_vision", extra={"error": f"{type(exc).__name__}: {exc}"})
+            self._vision = None
+            return False
+        return True
 
     async def ready(self) -> bool:
         """Whether prompts are processed in the process, once a restart under way has ended."""
