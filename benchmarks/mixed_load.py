@@ -204,9 +204,11 @@ async def measure(family: str, args: argparse.Namespace) -> None:
         import torch
 
         name = "Idefics3 (SmolVLM layout)" if family == "idefics3" else "IDEFICS v1"
+        apart = service.prompt_process
+        where = "off" if apart is None else "on, encoding images on the spare core" if apart.encodes else "on"
         print(f"tiny {name}, fp32, {os.cpu_count()} CPU cores, torch threads: {torch.get_num_threads()} "
               f"({'set with --threads' if args.threads else 'torch default'}), max_batch_size {rows}, "
-              f"max_batch_tokens {settings.max_batch_tokens}, image cache off, prompt process {'on' if settings.prompt_process else 'off'}, "
+              f"max_batch_tokens {settings.max_batch_tokens}, image cache off, prompt process {where}, "
               f"load average {os.getloadavg()[0]:.1f} (other processes on the machine make every figure noisier)", flush=True)
         no_end = NoEarlyEnd(sorted(service.family.end_ids))
         service.row_processors.append(lambda prompt_ids: no_end)

@@ -1,11 +1,12 @@
 """The worker-side time of one 10-label scoring (mixed_load's classification prompt) on the tiny checkpoint of each family.
 
 A scoring is processed (the template, every label's tokens, the image processor: `process_scoring`),
-then weighed (the vision encoder and one forward: `score_processed`). While others decode, the prompt
-process does the first part beside the batch, and the batch pauses for the second alone; a scoring
-that comes alone has the worker do both. Both parts are timed on the model's worker through
-`LocalBackend.call_between_steps` (not the queue or the event loop). Prints the medians of --repeats
-runs, after one warm-up, per family.
+its image encoded (the vision encoder and what follows it: `Family.encode_images`), then weighed
+(one forward: `score_processed`). While others decode, the prompt process does the processing
+beside the batch, and the encoding too where the model runs on the CPU with a core to spare; the
+batch pauses for the rest. A scoring that comes alone has the worker do all of it. The three parts are
+timed on the model's worker through `LocalBackend.call_between_steps` (not the queue or the event
+loop). Prints the medians of --repeats runs, after one warm-up, per family.
 
     python benchmarks/scoring.py [--threads 1] [--repeats 20] [--family idefics3]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import statistics
 import sys
@@ -32,22 +34,28 @@ from model.scoring import process_scoring, score_processed
 from model.tiny import FAMILIES, write_tiny_checkpoint
 
 
-async def worker_times(service: LocalBackend, repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds of each of `repeats` scorings of one classification on the worker: processing it, and
-    weighing it (the batch's pause when the prompt process did the processing)."""
+async def worker_times(service: LocalBackend, repeats: int) -> list[tuple[float, float, float]]:
+    """Seconds of each of `repeats` scorings of one classification on the worker: processing it,
+    encoding its image, and weighing it."""
     request = classify_request(0)
     family = service.family
 
-    def weigh(model, processor) -> tuple[float, float]:
+    def weigh(model, processor) -> tuple[float, float, float]:
         started = time.perf_counter()
         processed = process_scoring(family, request.prompt, request.continuations, family.image_cache)
-        weighed = time.perf_counter()
-        score_processed(model, family, processed, end_ids=family.end_ids, row_processors=service.row_processors)
-        return weighed - started, time.perf_counter() - weighed
+        processed_at = time.perf_counter()
+        states = tuple(family.encode_images(family.vision(model), processed.prompt))
+        encoded = dataclasses.replace(processed, prompt=dataclasses.replace(processed.prompt, pixels={}, states=states))
+        encoded_at = time.perf_counter()
+        score_processed(model, family, encoded, end_ids=family.end_ids, row_processors=service.row_processors)
+        return processed_at - started, encoded_at - processed_at, time.perf_counter() - encoded_at
 
     await service.call_between_steps(weigh)  # warm-up
-    times = [await service.call_between_steps(weigh) for _ in range(repeats)]
-    return [processing for processing, _ in times], [weighing for _, weighing in times]
+    return [await service.call_between_steps(weigh) for _ in range(repeats)]
+
+
+def ms(seconds: list[float]) -> str:
+    return f"{statistics.median(seconds) * 1000:.1f} ms"
 
 
 async def main() -> None:
@@ -62,16 +70,16 @@ async def main() -> None:
             # The image cache off: each run classifies the same image, and the pause that matters is a new photo's.
             service = await LocalBackend.open(CheckpointSettings(str(checkpoint)), BatchSettings(threads=args.threads or None, image_cache_bytes=0))
             try:
-                processing, weighing = await worker_times(service, args.repeats)
+                times = await worker_times(service, args.repeats)
             finally:
                 await service.close()
-        whole = [first + second for first, second in zip(processing, weighing)]
         print(
-            f"tiny {family}: one 10-label scoring, median {statistics.median(whole) * 1000:.1f} ms on the worker alone; "
-            f"beside others, the batch pauses {statistics.median(weighing) * 1000:.1f} ms (vision encoder and forward; max "
-            f"{max(weighing) * 1000:.1f}) while the prompt process does the other {statistics.median(processing) * 1000:.1f} ms "
-            f"(template, tokens, image processor); over {args.repeats}, image cache off, torch threads {args.threads or 'default'}, "
-            f"load average {os.getloadavg()[0]:.2f}"
+            f"tiny {family}: one 10-label scoring, median {ms([sum(run) for run in times])} on the worker alone; beside others, "
+            f"the batch pauses {ms([encoding + forward for _, encoding, forward in times])} (vision encoder and forward) while the "
+            f"prompt process does the other {ms([processing for processing, _, _ in times])} (template, tokens, image processor), "
+            f"or, on a CPU with a core to spare, {ms([forward for _, _, forward in times])} (the forward) while the prompt process "
+            f"does {ms([processing + encoding for processing, encoding, _ in times])}; "
+            f"over {args.repeats}, image cache off, torch threads {args.threads or 'default'}, load average {os.getloadavg()[0]:.2f}"
         )
 
 

@@ -9,9 +9,12 @@ about 850 image tokens), with a reply of fixed length. Prints the time to the fi
 the vision encoder on 13 tiles, and the prompt) and the decoding speed, for one request and for
 four text questions at once. `--case follow-up` times the first token of a follow-up question in the
 same conversation (the photo comes back with the history): with the photo in the image cache, and,
-for comparison, the same conversation about a photo the backend has not seen.
+for comparison, the same conversation about a photo the backend has not seen. `--case beside` asks
+about a photo while another reply streams, and prints that reply's longest silence and the photo's
+first token: with the vision encoder on the model's worker (the prompt process off), and run by the
+prompt process on the core the worker leaves free (`--threads 1` on a 2-core machine).
 
-    python benchmarks/smolvlm_cpu.py [--threads 1] [--tokens 48] [--case follow-up]
+    python benchmarks/smolvlm_cpu.py [--threads 1] [--tokens 48] [--case follow-up|beside]
 """
 
 from __future__ import annotations
@@ -20,16 +23,19 @@ import argparse
 import asyncio
 import hashlib
 import io
+import itertools
 import os
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from PIL import Image
+from transformers import LogitsProcessor
 
 from ground.images import ModelImage
 from model.loading import CheckpointSettings
@@ -108,15 +114,73 @@ async def follow_up(service: LocalBackend) -> None:
     print(f"(torch threads: {threads}; float32; random weights at SmolVLM-256M's size; load average {os.getloadavg()[0]:.2f})")
 
 
+class StepClock(LogitsProcessor):
+    """Notes when the rows it is given to choose their next token (the moments of decoding steps),
+    and sets `decoding` on `loop` at the 8th."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.moments: list[float] = []
+        self.decoding = asyncio.Event()
+        self._loop = loop
+
+    def __call__(self, input_ids, scores):
+        self.moments.append(time.perf_counter())
+        if len(self.moments) == 8:
+            self._loop.call_soon_threadsafe(self.decoding.set)
+        return scores
+
+
+async def beside_a_reply(service: LocalBackend, clock: StepClock) -> tuple[float, float]:
+    """A photo question arriving while a text reply decodes: the seconds to the photo's first token,
+    and the reply's longest pause between two decoding steps meanwhile (the clock's, not its text:
+    random weights write bytes that are not always UTF-8, which the stream holds back)."""
+    reply = service.stream(GenerationRequest(Chat((Message("user", ("Tell me a long story.",)),)), GenerationParams(max_new_tokens=4000)))
+    await anext(reply)  # queued; what it streams from here on waits in its queue, unread
+    await clock.decoding.wait()
+    asked = time.perf_counter()
+    waited = await first_token(service, conversation(photo())[0])
+    await reply.aclose()
+    moments = [asked, *(moment for moment in clock.moments if asked < moment < asked + waited), asked + waited]
+    return waited, max(later - earlier for earlier, later in itertools.pairwise(moments))
+
+
+async def beside(checkpoint: Path, threads: int) -> None:
+    """`beside_a_reply` with the prompt process off and on."""
+    for apart in (False, True):
+        settings = BatchSettings(threads=threads, stall_timeout_s=3600, prompt_process=apart)
+        service = await LocalBackend.open(CheckpointSettings(str(checkpoint), dtype="float32"), settings)
+        try:
+            await first_token(service, Chat((Message("user", ("Hello!",)),)))  # warm-up
+            no_end, clock = NoEarlyEnd(sorted(service.family.end_ids)), StepClock(asyncio.get_running_loop())
+            service.row_processors += [partial(_same, no_end), partial(_same, clock)]
+            waited, silence = await beside_a_reply(service, clock)
+            where = "the prompt process, on the spare core" if service.prompt_process and service.prompt_process.encodes else "the model's worker"
+        finally:
+            await service.close()
+        print(
+            f"vision encoder on {where}: a photo question beside a decoding reply gets its first token after {waited:.1f} s; "
+            f"the reply's longest pause between two tokens meanwhile {silence:.2f} s"
+        )
+    print(f"(torch threads: {threads}; float32; random weights at SmolVLM-256M's size; load average {os.getloadavg()[0]:.2f})")
+
+
+def _same(processor: LogitsProcessor, prompt_ids: list[int]) -> LogitsProcessor:
+    """A row processor factory that gives every row `processor`."""
+    return processor
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=48)
-    parser.add_argument("--case", choices=["question", "follow-up"], default="question")
+    parser.add_argument("--case", choices=["question", "follow-up", "beside"], default="question")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = write_smolvlm_256m(Path(directory))
+        if args.case == "beside":
+            await beside(checkpoint, args.threads)
+            return
         service = await LocalBackend.open(CheckpointSettings(str(checkpoint), dtype="float32"), BatchSettings(threads=args.threads, stall_timeout_s=3600))
         try:
             no_end = NoEarlyEnd(sorted(service.family.end_ids))
