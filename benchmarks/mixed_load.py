@@ -206,7 +206,7 @@ async def measure(family: str, args: argparse.Namespace) -> None:
 
         name = "Idefics3 (SmolVLM layout)" if family == "idefics3" else "IDEFICS v1"
         apart = service.prompt_process
-        where = "off" if apart is None else "on, encoding images on the spare core" if apart.encodes else "on"
+        where = "off" if apart is None else "unavailable" if apart.pid is None else "on, encoding images on the spare core" if apart.encodes else "on"
         print(
             f"tiny {name}, fp32, {os.cpu_count()} CPU cores, torch threads: {torch.get_num_threads()} "
             f"({'set with --threads' if args.threads else 'torch default'}), max_batch_size {rows}, "

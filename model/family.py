@@ -75,6 +75,12 @@ class ImageEvicted(LookupError):
     """An image processed as cached left the image cache before `Family.encode`: process the prompt again."""
 
 
+def floating_weights(vision: torch.nn.Module) -> torch.Tensor:
+    """A floating-point weight of `vision` (`Family.vision`): its device and dtype are where it runs
+    and what it computes in (a quantized layer's weights are packed integers)."""
+    return next(weights for weights in vision.parameters() if weights.is_floating_point())
+
+
 def supported_text() -> str:
     """The supported families in one sentence, for refusals."""
     return "idefics-bot serves " + " and ".join(SUPPORTED.values()) + "."

@@ -20,7 +20,7 @@ from PIL import Image
 
 from ground.images import ModelImage
 from model.batch import Prompt, Row
-from model.family import Family, ProcessedPrompt, pictures
+from model.family import Family, ProcessedPrompt, floating_weights, pictures
 from model.image_cache import ImageCache
 from model.pictures import decode
 from model.service import FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Chat, Message, Part
@@ -182,7 +182,7 @@ class Idefics3(Family):
         return TileVision(inner.vision_model, inner.connector, model.config.vision_config.patch_size)
 
     def encode_images(self, vision: torch.nn.Module, processed: ProcessedPrompt) -> list[torch.Tensor]:
-        weights = next(vision.parameters())
+        weights = floating_weights(vision)
         pixels = processed.pixels["pixel_values"].to(weights.device, weights.dtype)
         features = vision(pixels, processed.pixels["pixel_attention_mask"].to(weights.device))
         tokens = (processed.pixels["tiles"] * self.processor.image_seq_len).tolist()

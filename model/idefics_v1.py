@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ground.images import ModelImage
 from model.batch import Row
-from model.family import Family, ProcessedPrompt
+from model.family import Family, ProcessedPrompt, floating_weights
 from model.image_cache import ImageCache
 from model.instruct import render_instruct
 from model.markers import marked_text
@@ -149,7 +149,7 @@ class IdeficsV1(Family):
     def encode_images(self, vision: torch.nn.Module, processed: ProcessedPrompt) -> list[torch.Tensor]:
         # (1, states, hidden) per image, each its own copy, so that what the image cache keeps of
         # one image is that image's bytes alone.
-        weights = next(vision.parameters())
+        weights = floating_weights(vision)
         states = vision(processed.pixels["pixel_values"].to(weights.device, weights.dtype))
         return [image.clone() for image in states.split(1)]
 
