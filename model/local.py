@@ -71,7 +71,12 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_FAILED = "Sorry, the model could not answer this one (it hit an internal error). Please try again."
+
+def _could_not_answer(out_of_memory: bool = False) -> GenerationFailed:
+    """What the asker of a request the model could not answer is told."""
+    detail = "it ran out of memory" if out_of_memory else "it hit an internal error"
+    return GenerationFailed(f"Sorry, the model could not answer this one ({detail}). Please try again.")
+
 
 # Makes a row's own transformers LogitsProcessor from its prompt's token ids (a hook for tests and
 # experiments); it is then called at each step with the row's tokens so far, as in a solo `generate`.
@@ -319,8 +324,7 @@ class LocalBackend(ModelService):
             raise
         except Exception as exc:
             log.exception("request.failed", extra={"request": request.label})
-            detail = "it ran out of memory" if _is_out_of_memory(exc) else "it hit an internal error"
-            raise GenerationFailed(f"Sorry, the model could not answer this one ({detail}). Please try again.") from None
+            raise _could_not_answer(_is_out_of_memory(exc)) from None
 
     def _weigh(self, request: ScoreRequest, processed: ProcessedScoring | None, model, processor) -> list[float]:
         """`request`'s scores, on the worker: from what the prompt process made of it, unless an
@@ -390,7 +394,7 @@ class LocalBackend(ModelService):
             raise ModelTimeout.after(request, False) from None
         except Exception:
             log.exception("request.failed", extra={"request": request.label})
-            raise GenerationFailed(_FAILED) from None
+            raise _could_not_answer() from None
 
     # -- the queue (event loop side) ---------------------------------------------------------
 
@@ -539,7 +543,7 @@ class LocalBackend(ModelService):
                 if job in self._pending:
                     self._pending.remove(job)
             self._loop.call_soon_threadsafe(self._announce_positions)
-            self._fail([job], GenerationFailed(_FAILED))
+            self._fail([job], _could_not_answer())
             return False
         params = job.request.params
         processors = [make(prompt.ids) for make in self.row_processors]
@@ -607,7 +611,7 @@ class LocalBackend(ModelService):
             job = row.owner
             if index in failed:
                 log.error("request.failed", exc_info=failed[index], extra={"request": job.request.label})
-                self._fail([job], GenerationFailed(_FAILED))
+                self._fail([job], _could_not_answer())
             elif not job.open:
                 continue
             elif row.beams is not None:
@@ -650,7 +654,7 @@ class LocalBackend(ModelService):
             if _one_request(rows):
                 job = rows[0].owner
                 log.exception("request.failed", extra={"request": job.request.label})
-                self._fail([job], GenerationFailed(_FAILED))
+                self._fail([job], _could_not_answer())
                 return None
             log.warning("batch.split", extra={"size": len(rows), "error": type(exc).__name__})
             halves = work.split() if isinstance(work, Batch) else (work[: len(work) // 2], work[len(work) // 2 :])
@@ -668,7 +672,7 @@ class LocalBackend(ModelService):
         if _one_request(rows) and not waiting_for_room:
             job = rows[0].owner
             log.error("request.out_of_memory", extra={"request": job.request.label, "tokens": footprint(rows)})
-            self._fail([job], GenerationFailed("Sorry, the model could not answer this one (it ran out of memory). Please try again."))
+            self._fail([job], _could_not_answer(out_of_memory=True))
             return None
         everything = [*running.rows, *rows] if waiting_for_room and running is not None else rows
         self._token_budget = max(1, min(self._token_budget, footprint(everything)) // 2)
