@@ -137,7 +137,6 @@ class PromptProcess:
         self.family = family
         self._vision = vision  # the model's own modules; the process gets a copy at every start
         self._threads = threads
-        self.encodes = False  # whether it runs the vision part too (up, with its copy)
         self._executor: ProcessPoolExecutor | None = None
         self._pid: int | None = None  # while it is up
         self._restart: asyncio.Task | None = None
@@ -164,25 +163,24 @@ class PromptProcess:
             executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
             return
-        self.encodes = self._vision is not None and await self._copy_vision(executor, self._vision, timeout)
+        if self._vision is not None:
+            await self._copy_vision(executor, self._vision, timeout)
         if self._closed:
             executor.shutdown(wait=False, cancel_futures=True)
             return
         self._pid = pid
         log.info("prompt_process.started", extra={"pid": pid, "encodes_images": self.encodes})
 
-    async def _copy_vision(self, executor: ProcessPoolExecutor, vision: torch.nn.Module, timeout: float) -> bool:
+    async def _copy_vision(self, executor: ProcessPoolExecutor, vision: torch.nn.Module, timeout: float) -> None:
         """Hand the process its copy of the vision part (pickled off the event loop: hundreds of
-        megabytes for SmolVLM's). Whether it has it; if not, no later process gets one (the copy
-        could be what killed it) and the worker encodes images."""
+        megabytes for SmolVLM's). If that fails, no later process gets one (the copy could be what
+        killed it) and the worker encodes images."""
         try:
             saved = await asyncio.to_thread(_saved, vision)
             await asyncio.wait_for(asyncio.wrap_future(executor.submit(_take_vision, saved, self._threads)), timeout)
         except Exception as exc:  # a module that doesn't pickle, no memory for the copy, ...
             log.warning("prompt_process.no_vision", extra={"error": f"{type(exc).__name__}: {exc}"})
             self._vision = None
-            return False
-        return True
 
     async def ready(self) -> bool:
         """Whether prompts are processed in the process, once a restart under way has ended."""
@@ -194,6 +192,11 @@ class PromptProcess:
     def idle(self) -> bool:
         """Whether it is up and has nothing to do: a prompt sent now is processed at once."""
         return self.pid is not None and not self._working
+
+    @property
+    def encodes(self) -> bool:
+        """Whether it is up and encodes new images too, with its copy of the vision part."""
+        return self.pid is not None and self._vision is not None
 
     @property
     def pid(self) -> int | None:
